@@ -179,6 +179,9 @@ def read_volume(
     except InputError:
         raise
     except RuntimeError as err:
+        zero = _header_zero_size(p)
+        if zero:
+            raise InputError(f"{p}: image has a zero-size axis ({zero})") from None
         first = str(err).strip().splitlines()
         detail = next((line for line in first if "ERROR" in line or "Exception" in line), "")
         detail = detail.split(":")[-1].strip() if detail else "unreadable or truncated image file"
@@ -216,6 +219,22 @@ def read_volume(
         bad = int((~np.isfinite(vol.array)).sum())
         raise InputError(f"{p}: {bad} voxels are NaN or Inf")
     return vol
+
+
+def _header_zero_size(path: Path) -> str:
+    """For text headers (NRRD, MHA/MHD), the size field when one of its entries is 0, else ''."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("latin-1", "replace")
+    except OSError:
+        return ""
+    for line in head.splitlines():
+        key, _, value = line.partition(":") if ":" in line else line.partition("=")
+        if key.strip().lower() in ("sizes", "dimsize"):
+            numbers = value.split()
+            if any(n == "0" for n in numbers):
+                return f"{key.strip()} {' '.join(numbers)}"
+    return ""
 
 
 def _all_channels_equal(image) -> bool:

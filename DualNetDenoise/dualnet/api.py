@@ -1,0 +1,194 @@
+"""One entry point for denoising a volume: used by the CLI, the Slicer modules and scripts.
+
+``denoise_volume`` takes a :class:`~dualnet.io.Volume` (array (z, y, x) or (y, x) plus
+geometry) and returns a new Volume on the same grid; the input is never modified.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .io import Volume
+from .progress import CancelToken, ProgressFn, check_cancel, report
+
+MODALITIES = ("mri", "ct", "us")
+MODALITY_NAMES = {"mri": "MRI (Rician)", "ct": "CT (Poisson-Gaussian low dose)", "us": "ultrasound (speckle)"}
+NETWORK_METHODS = ("dualnet",)
+
+
+def classical_methods() -> tuple:
+    """Names of the classical baselines (``dualnet.baselines.METHODS``)."""
+    from .baselines import METHODS
+
+    return tuple(METHODS)
+
+
+def all_methods() -> tuple:
+    return NETWORK_METHODS + classical_methods()
+
+
+@dataclass
+class DenoiseResult:
+    """Output of :func:`denoise_volume`.
+
+    Attributes:
+        volume: denoised image, float32, same grid (shape, spacing, origin, direction) as the input.
+        uncertainty: per-voxel standard deviation of Monte Carlo dropout passes (same units as
+            the image) when requested, else None.
+        info: provenance: method, modality, noise level, model card summary, device, seconds.
+    """
+
+    volume: Volume
+    uncertainty: Optional[Volume] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_modality(modality: str) -> str:
+    m = str(modality).lower()
+    aliases = {"mr": "mri", "ultrasound": "us", "u/s": "us"}
+    m = aliases.get(m, m)
+    if m not in MODALITIES:
+        raise InputError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    return m
+
+
+def validate_input(volume: Volume) -> np.ndarray:
+    """Check a volume is a finite scalar 2D/3D image and return it as float32 (a copy)."""
+    arr = np.asarray(volume.array)
+    src = volume.path or "input volume"
+    if arr.ndim not in (2, 3):
+        raise InputError(f"{src}: a scalar 2D or 3D image is needed, got shape {arr.shape}")
+    if arr.size == 0 or min(arr.shape) == 0:
+        raise InputError(f"{src}: image has a zero-size axis {arr.shape}")
+    out = arr.astype(np.float32, copy=True)
+    if not np.isfinite(out).all():
+        raise InputError(f"{src}: {int((~np.isfinite(out)).sum())} voxels are NaN or Inf")
+    return out
+
+
+def denoise_volume(
+    volume: Volume,
+    *,
+    method: str = "dualnet",
+    modality: str = "mri",
+    sigma: Optional[float] = None,
+    model: Optional[Union[str, Path]] = None,
+    device: str = "auto",
+    tta: bool = False,
+    uncertainty: bool = False,
+    mc_samples: int = 8,
+    tile: Optional[int] = None,
+    seed: int = 0,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+) -> DenoiseResult:
+    """Denoise one volume with DUAL-NET or a classical baseline.
+
+    Args:
+        volume: input image; array (z, y, x) or (y, x), intensities as in the file (MRI
+            arbitrary units, CT Hounsfield units, ultrasound grey levels).
+        method: ``"dualnet"`` or one of :func:`classical_methods`.
+        modality: ``"mri"``, ``"ct"`` or ``"us"``; selects the noise model, transform and model.
+        sigma: noise level for classical methods in image units (None: estimated).
+        model: DUAL-NET model file (.safetensors with its .json card); None: the shipped model
+            for the modality.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"`` (network only).
+        tta: x8 flip/rotation test-time augmentation (network only).
+        uncertainty: also return a Monte Carlo dropout standard-deviation map (network only).
+        mc_samples: number of dropout passes for the uncertainty map.
+        tile: tile edge in voxels for sliding-window inference (None: chosen from memory).
+        progress: ``progress(fraction, message)`` callback.
+        cancel: token checked between slices / tiles.
+
+    Returns:
+        A :class:`DenoiseResult`; the input volume is not modified.
+    """
+    modality = check_modality(modality)
+    method = str(method).lower()
+    arr = validate_input(volume)
+    check_cancel(cancel)
+    start = time.perf_counter()
+    info: Dict[str, Any] = {"method": method, "modality": modality, "input_shape_zyx": list(arr.shape)}
+    unc_volume = None
+    if method == "dualnet":
+        out, unc, net_info = _denoise_network(
+            arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel
+        )
+        info.update(net_info)
+        if unc is not None:
+            unc_volume = volume.with_array(unc.astype(np.float32))
+    else:
+        from . import baselines
+
+        if method not in baselines.METHODS:
+            raise InputError(f"unknown method {method!r}; choose one of {', '.join(all_methods())}")
+        if tta or uncertainty:
+            raise InputError(f"--tta and --uncertainty apply to the network only, not to {method}")
+        if sigma is None:
+            sigma = _estimate_sigma(arr, modality)
+            info["sigma_estimated"] = True
+        info["sigma"] = float(sigma)
+        out = baselines.denoise(
+            arr, method, modality, sigma=sigma, spacing_zyx=volume.spacing_zyx, progress=progress, cancel=cancel
+        )
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    report(progress, 1.0, "done")
+    return DenoiseResult(volume.with_array(np.asarray(out, dtype=np.float32)), unc_volume, info)
+
+
+def _estimate_sigma(arr: np.ndarray, modality: str) -> float:
+    """Absolute noise standard deviation in image units, as the classical methods expect."""
+    from .estimate import estimate_noise
+
+    est = estimate_noise(arr, modality)
+    return float(getattr(est, "sigma", est))
+
+
+def resolve_model_path(model: Optional[Union[str, Path]], modality: str) -> Path:
+    """The model file to use: ``model`` if given, else the shipped default for ``modality``."""
+    from . import modelfile
+
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise ModelError(f"{path}: model file not found")
+        return path
+    path = Path(modelfile.default_model_path(modality))
+    if not path.exists():
+        raise ModelError(
+            f"no shipped DUAL-NET model for modality {modality!r} yet ({path.name} missing); "
+            "pass --model PATH or use a classical method such as --method bm4d"
+        )
+    return path
+
+
+def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel):
+    from . import inference, modelfile
+
+    path = resolve_model_path(model, modality)
+    report(progress, 0.0, f"loading model {path.name}")
+    net, card = modelfile.load_model(path, device="cpu")
+    card_modality = card.get("modality")
+    info: Dict[str, Any] = {"model": str(path), "model_version": card.get("version"), "model_modality": card_modality}
+    if card_modality and card_modality != modality:
+        info["warning"] = f"model trained for {card_modality}, applied to {modality}"
+    res = inference.denoise_array(
+        arr,
+        net,
+        card,
+        device=device,
+        tile=tile,
+        tta=tta,
+        mc_samples=mc_samples if uncertainty else 0,
+        seed=seed,
+        progress=progress,
+        cancel=cancel,
+    )
+    info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
+    return res.denoised, (res.uncertainty if uncertainty else None), info

@@ -1,0 +1,331 @@
+"""The ``dualnet`` command: denoise, degrade, dice, estimate, demo, train, finetune, evaluate.
+
+Every sub-command reads volumes with their geometry, writes outputs atomically and never over an
+input, prints one line ``dualnet: error: ...`` and exits non-zero on bad input.
+Exit codes: 0 success, 1 unexpected failure, 2 bad input or model, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import CancelledError, DualNetError
+from .io import Volume, check_output_path, read_volume, write_volume
+from .progress import ProgressFn
+
+LEVEL_HELP = (
+    "noise level: MRI = Rician sigma as a fraction of the clean maximum (0.05 = 5%%); "
+    "CT = dose fraction of the full dose (0.25 = 25%%); US = number of looks L of the Gamma speckle (4)"
+)
+
+
+# ----------------------------------------------------------------------------- progress
+class ProgressPrinter:
+    """A ``ProgressFn`` that drives a tqdm bar, JSON lines, or nothing."""
+
+    def __init__(self, desc: str, mode: str = "bar") -> None:
+        self.mode = mode
+        self.bar = None
+        self.desc = desc
+        self.last_message = ""
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=desc, unit="‰", leave=False, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        if self.mode == "json":
+            print("DUALNET_PROGRESS " + json.dumps({"task": self.desc, "fraction": round(fraction, 4), "message": message}),
+                  flush=True)
+        elif self.bar is not None:
+            self.bar.n = int(round(fraction * 1000))
+            if message and message != self.last_message:
+                self.bar.set_postfix_str(message[:40], refresh=False)
+                self.last_message = message
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_mode(args) -> str:
+    if getattr(args, "progress_json", False):
+        return "json"
+    if getattr(args, "quiet", False):
+        return "none"
+    return "bar"
+
+
+def _info(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr if getattr(args, "progress_json", False) else sys.stdout)
+
+
+# ----------------------------------------------------------------------------- denoise
+def _parse_sigma(text: str):
+    if text in (None, "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sigma must be 'auto' or a number, got {text!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"--sigma must be positive, got {text!r}")
+    return value
+
+
+def cmd_denoise(args) -> int:
+    from .api import denoise_volume
+
+    inputs = [args.input]
+    out = check_output_path(args.output, inputs, args.force)
+    extra = [p for p in (args.uncertainty,) if p]
+    for path in extra:
+        check_output_path(path, inputs + [out], False)
+    volume = read_volume(args.input, frame=args.frame)
+    bar = ProgressPrinter(f"denoise ({args.method})", _progress_mode(args))
+    try:
+        result = denoise_volume(
+            volume,
+            method=args.method,
+            modality=args.modality,
+            sigma=args.sigma,
+            model=args.model,
+            device=args.device,
+            tta=args.tta,
+            uncertainty=bool(args.uncertainty),
+            mc_samples=args.mc_samples,
+            tile=args.tile,
+            seed=args.seed,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    dtype = volume.array.dtype if args.dtype == "input" else np.float32
+    write_volume(result.volume, out, inputs=inputs, force=args.force, dtype=dtype)
+    if args.uncertainty and result.uncertainty is not None:
+        write_volume(result.uncertainty, args.uncertainty, inputs=inputs + [out])
+    _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
+    if args.info_json:
+        Path(args.info_json).write_text(json.dumps(result.info, indent=2, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------- degrade
+def _parse_triplet(text: str) -> tuple:
+    parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    if len(parts) not in (1, 2, 3) or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected factors >= 1 like '2,1,1' (z,y,x), got {text!r}")
+    return tuple(parts)
+
+
+def cmd_degrade(args) -> int:
+    from .degrade import degrade_volume
+    from .noise import DEFAULT_LEVELS
+
+    out = check_output_path(args.output, [args.clean], args.force)
+    if args.clean_lr:
+        check_output_path(args.clean_lr, [args.clean, out])
+    volume = read_volume(args.clean, frame=args.frame)
+    level = DEFAULT_LEVELS[args.modality] if args.level is None else args.level
+    noisy, clean_lr = degrade_volume(
+        volume, args.modality, level, lr_factor=args.lr_factor, anisotropy=args.anisotropy, seed=args.seed
+    )
+    write_volume(noisy, out, inputs=[args.clean], force=args.force)
+    if args.clean_lr:
+        write_volume(clean_lr, args.clean_lr, inputs=[args.clean, out])
+    _info(args, f"wrote {out}: {args.modality} level {level}, low-resolution factor {args.lr_factor}, "
+                f"spacing {tuple(round(s, 3) for s in noisy.spacing)} mm (x, y, z)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- dice
+def cmd_dice(args) -> int:
+    from .metrics import dice_per_label
+
+    a = read_volume(args.a, check_finite=False)
+    b = read_volume(args.b, check_finite=False)
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    scores = dice_per_label(a, b, labels=labels)
+    rows = [(int(k), float(v)) for k, v in sorted(scores.items())]
+    for label, value in rows:
+        print(f"label {label}: Dice {value:.4f}")
+    if args.csv:
+        out = check_output_path_csv(args.csv, [args.a, args.b])
+        tmp = out.with_name(f".{out.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["label", "dice"])
+            writer.writerows(rows)
+        tmp.replace(out)
+    return 0
+
+
+def check_output_path_csv(path: str, inputs: Sequence[str]) -> Path:
+    from .errors import InputError
+    from .io import same_path
+
+    out = Path(path)
+    if any(same_path(out, p) for p in inputs):
+        raise InputError(f"{out}: output path is an input file")
+    if not out.parent.exists():
+        raise InputError(f"{out}: output folder {out.parent} does not exist")
+    return out
+
+
+# ----------------------------------------------------------------------------- estimate
+def cmd_estimate(args) -> int:
+    from .estimate import estimate_noise
+
+    volume = read_volume(args.input, frame=args.frame)
+    est = estimate_noise(volume.array.astype(np.float32), args.modality)
+    fields = est.__dict__ if hasattr(est, "__dict__") else {"sigma": float(est)}
+    print(json.dumps({k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in fields.items()}))
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), methods=args.methods, level=args.level, progress_mode=_progress_mode(args))
+    print(report)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dualnet",
+        description="Denoise low-resolution MRI, CT and ultrasound volumes with DUAL-NET or classical baselines. "
+        "Volumes are read and written with SimpleITK (NRRD, NIfTI, MHA, DICOM folders, PNG) keeping "
+        "spacing (mm), origin (mm, LPS) and direction.",
+    )
+    parser.add_argument("--version", action="version", version=f"dualnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, progress_json: bool = True):
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+        if progress_json:
+            p.add_argument("--progress-json", action="store_true",
+                           help="print machine-readable 'DUALNET_PROGRESS {json}' lines instead of a bar")
+
+    p = sub.add_parser("denoise", help="denoise a volume or 2D image",
+                       description="Denoise INPUT and write OUTPUT on the same grid (float32 by default).")
+    p.add_argument("input", help="input image: NRRD, NIfTI, MHA, PNG file or a DICOM series folder")
+    p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha, .png ...); never the input")
+    p.add_argument("--method", default="dualnet",
+                   help="dualnet (default, shipped model for the modality) or a classical baseline: "
+                        "bm4d, bm3d (slice-wise), nlm, gaussian, median, diffusion")
+    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"],
+                   help="noise physics: mri = Rician magnitude, ct = Poisson-Gaussian low dose (HU), "
+                        "us = multiplicative speckle (default mri)")
+    p.add_argument("--model", help="DUAL-NET model file (.safetensors with its .json card); default: shipped model")
+    p.add_argument("--sigma", type=_parse_sigma, default=None,
+                   help="noise standard deviation in image units for classical methods, or 'auto' (estimated)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="network device; auto = CUDA, then MPS, then CPU")
+    p.add_argument("--uncertainty", metavar="PATH",
+                   help="also write the Monte Carlo dropout standard deviation map (image units)")
+    p.add_argument("--mc-samples", type=int, default=8, help="dropout passes for --uncertainty (default 8)")
+    p.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation (8x slower)")
+    p.add_argument("--tile", type=int, help="sliding-window tile edge in voxels (default: from free memory)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (dropout passes)")
+    p.add_argument("--dtype", choices=["float32", "input"], default="float32",
+                   help="output pixel type: float32 (default) or the input's type (rounded and clipped)")
+    p.add_argument("--frame", type=int, help="for a 4D input, the volume index (0-based) to denoise")
+    p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as INPUT")
+    p.add_argument("--info-json", metavar="PATH", help="write the run's provenance (method, model, seconds) as JSON")
+    common(p)
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("degrade", help="simulate a low-resolution noisy acquisition of a clean volume",
+                       description="Blur (anti-alias), downsample by --lr-factor and add modality noise.")
+    p.add_argument("clean", help="clean input volume")
+    p.add_argument("output", help="noisy low-resolution output volume")
+    p.add_argument("--modality", required=True, choices=["mri", "ct", "us"])
+    p.add_argument("--level", type=float, help=LEVEL_HELP + " (default: 0.05 / 0.25 / 4)")
+    p.add_argument("--lr-factor", type=float, default=2.0,
+                   help="downsampling factor of the low-resolution grid (default 2; 1 = noise only)")
+    p.add_argument("--anisotropy", type=_parse_triplet, default=(1.0, 1.0, 1.0),
+                   help="extra per-axis factors z,y,x multiplied into --lr-factor, e.g. 2,1,1 for thick slices")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the noise")
+    p.add_argument("--clean-lr", metavar="PATH", help="also write the clean low-resolution reference")
+    p.add_argument("--frame", type=int, help="for a 4D input, the volume index (0-based)")
+    p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as CLEAN")
+    common(p, progress_json=False)
+    p.set_defaults(func=cmd_degrade)
+
+    p = sub.add_parser("dice", help="per-label Dice between two label maps on the same grid")
+    p.add_argument("a", help="reference label map")
+    p.add_argument("b", help="test label map (same shape, spacing, origin and direction)")
+    p.add_argument("--labels", help="comma-separated labels (default: all non-zero labels in either)")
+    p.add_argument("--csv", help="write label,dice rows to this CSV file")
+    p.set_defaults(func=cmd_dice)
+
+    p = sub.add_parser("estimate", help="estimate the noise level of a volume (JSON)")
+    p.add_argument("input")
+    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"])
+    p.add_argument("--frame", type=int)
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("demo", help="degrade the bundled sample scan, denoise it, write results and a PNG")
+    p.add_argument("--out", default="out/demo", help="output folder (created)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: dualnet if a shipped model exists, and bm4d)")
+    p.add_argument("--level", type=float, default=0.05, help="Rician sigma as a fraction of the maximum")
+    common(p, progress_json=False)
+    p.set_defaults(func=cmd_demo)
+
+    _add_optional_parsers(sub)
+    return parser
+
+
+def _add_optional_parsers(sub) -> None:
+    """Sub-commands that live in their own modules (training, evaluation)."""
+    try:
+        from .training.cli import add_train_parsers
+
+        add_train_parsers(sub)
+    except ImportError:
+        pass
+    try:
+        from .evaluate import add_evaluate_parser
+
+        add_evaluate_parser(sub)
+    except ImportError:
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CancelledError, KeyboardInterrupt):
+        print("dualnet: cancelled; no output written", file=sys.stderr)
+        return 130
+    except DualNetError as err:
+        print(f"dualnet: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("dualnet: error: out of memory; try a smaller --tile or another --device", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

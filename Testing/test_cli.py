@@ -1,0 +1,158 @@
+"""The ``dualnet`` command line: outputs keep geometry; bad input fails with one line and no output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dualnet.cli import main
+from dualnet.io import Volume, read_volume, write_volume
+
+REPO = Path(__file__).resolve().parents[1]
+OBLIQUE = (0.9950042, -0.0998334, 0.0, 0.0998334, 0.9950042, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.fixture()
+def small_mri(tmp_path, mri_crop) -> Path:
+    """A real 40x64x64 T1 crop with anisotropic spacing and an oblique direction."""
+    vol = Volume(mri_crop.astype(np.int16), (1.0, 1.1, 2.0), (12.0, -30.0, 7.5), OBLIQUE)
+    return write_volume(vol, tmp_path / "t1.nrrd")
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("dualnet: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_help_explains_units():
+    out = subprocess.run([sys.executable, "-m", "dualnet", "degrade", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "DualNetDenoise")}, check=True).stdout
+    assert "fraction of the clean maximum" in out and "dose fraction" in out and "looks" in out
+    out = subprocess.run([sys.executable, "-m", "dualnet", "denoise", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "DualNetDenoise")}, check=True).stdout
+    assert "bm4d" in out and "image units" in out
+
+
+def test_degrade_then_denoise_keeps_geometry(tmp_path, small_mri, capsys):
+    noisy = tmp_path / "noisy.nii.gz"
+    clean_lr = tmp_path / "clean_lr.nii.gz"
+    code, out, err = _run(["degrade", small_mri, noisy, "--modality", "mri", "--level", "0.05", "--lr-factor", "2",
+                           "--seed", "3", "--clean-lr", clean_lr, "-q"], capsys)
+    assert code == 0, err
+    src = read_volume(small_mri)
+    lr = read_volume(noisy)
+    assert lr.array.shape == (20, 32, 32)
+    np.testing.assert_allclose(lr.spacing, (2.0, 2.2, 4.0), rtol=1e-5)
+    np.testing.assert_allclose(lr.direction, src.direction, atol=1e-6)
+    out_path = tmp_path / "den.nrrd"
+    code, out, err = _run(["denoise", noisy, out_path, "--method", "gaussian", "--modality", "mri", "-q"], capsys)
+    assert code == 0, err
+    den = read_volume(out_path)
+    assert den.array.dtype == np.float32 and den.array.shape == lr.array.shape
+    np.testing.assert_allclose(den.origin, lr.origin, atol=1e-4)
+    np.testing.assert_allclose(den.spacing, lr.spacing, rtol=1e-5)
+    ref = read_volume(clean_lr).array
+    assert np.abs(den.array - ref).mean() < np.abs(lr.array - ref).mean()
+
+
+def test_denoise_input_dtype(tmp_path, small_mri, capsys):
+    out_path = tmp_path / "den.nii.gz"
+    code, _, err = _run(["denoise", small_mri, out_path, "--method", "median", "--dtype", "input", "-q"], capsys)
+    assert code == 0, err
+    assert read_volume(out_path).array.dtype == np.int16
+
+
+def test_png_in_png_out(tmp_path, us_image, capsys):
+    src = write_volume(us_image.with_array(us_image.array[:128, :128]), tmp_path / "us.png")
+    out_path = tmp_path / "us_den.png"
+    code, _, err = _run(["denoise", src, out_path, "--method", "gaussian", "--modality", "us", "-q"], capsys)
+    assert code == 0, err
+    assert read_volume(out_path).array.shape == (128, 128)
+
+
+def _assert_failed_cleanly(code, err, folder: Path, before: set, name: str):
+    assert code != 0
+    line = _one_error_line(err)
+    assert name in line
+    assert set(os.listdir(folder)) == before, "partial output left behind"
+
+
+@pytest.mark.parametrize("content", [b"", b"GARBAGE" * 100])
+def test_denoise_rejects_bad_files(tmp_path, capsys, content):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(content)
+    before = set(os.listdir(tmp_path))
+    code, _, err = _run(["denoise", bad, tmp_path / "out.nii.gz", "--method", "gaussian"], capsys)
+    _assert_failed_cleanly(code, err, tmp_path, before, "scan.nii.gz")
+
+
+def test_denoise_rejects_nan_vector_4d_zero(tmp_path, capsys, shared_data):
+    vol = Volume(np.ones((4, 5, 6), np.float32))
+    vol.array[0, 0, 0] = np.nan
+    nan = write_volume(vol, tmp_path / "nan.nrrd")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image([6, 5, 4], sitk.sitkVectorFloat32, 2), str(tmp_path / "vec.nrrd"))
+    (tmp_path / "zero.nrrd").write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 0 3\nencoding: raw\n\n")
+    before = set(os.listdir(tmp_path))
+    for name, word in [("nan.nrrd", "NaN"), ("vec.nrrd", "vector"), ("zero.nrrd", "zero-size")]:
+        code, _, err = _run(["denoise", tmp_path / name, tmp_path / "out.nrrd", "--method", "gaussian"], capsys)
+        _assert_failed_cleanly(code, err, tmp_path, before, name)
+        assert word in err
+    epi = shared_data / "real_noise" / "epi_5reps.nii.gz"
+    code, _, err = _run(["denoise", epi, tmp_path / "out.nrrd", "--method", "gaussian"], capsys)
+    _assert_failed_cleanly(code, err, tmp_path, before, "epi_5reps.nii.gz")
+    assert "4D" in err
+
+
+def test_output_equal_to_input_refused(tmp_path, small_mri, capsys):
+    before_bytes = small_mri.read_bytes()
+    before = set(os.listdir(tmp_path))
+    code, _, err = _run(["denoise", small_mri, small_mri, "--method", "gaussian"], capsys)
+    _assert_failed_cleanly(code, err, tmp_path, before, "t1.nrrd")
+    assert small_mri.read_bytes() == before_bytes
+    code, _, err = _run(["degrade", small_mri, small_mri, "--modality", "mri"], capsys)
+    _assert_failed_cleanly(code, err, tmp_path, before, "t1.nrrd")
+
+
+def test_dice_geometry_mismatch_and_values(tmp_path, capsys):
+    a = np.zeros((6, 8, 8), np.uint8)
+    a[1:4, 2:6, 2:6] = 1
+    a[4:6, :, :2] = 2
+    b = a.copy()
+    b[1, 2:6, 2:6] = 0  # label 1 loses 16 of 48 voxels
+    pa = write_volume(Volume(a, (1, 1, 2)), tmp_path / "a.nrrd")
+    pb = write_volume(Volume(b, (1, 1, 2)), tmp_path / "b.nrrd")
+    code, out, err = _run(["dice", pa, pb, "--csv", tmp_path / "d.csv"], capsys)
+    assert code == 0, err
+    assert "label 1: Dice 0.8000" in out and "label 2: Dice 1.0000" in out
+    assert (tmp_path / "d.csv").read_text().splitlines()[0] == "label,dice"
+    pc = write_volume(Volume(b, (1, 1, 2.5)), tmp_path / "c.nrrd")
+    before = set(os.listdir(tmp_path))
+    code, _, err = _run(["dice", pa, pc], capsys)
+    _assert_failed_cleanly(code, err, tmp_path, before, "c.nrrd")
+
+
+def test_dualnet_without_model_says_so(tmp_path, small_mri, capsys, monkeypatch):
+    from dualnet import modelfile
+
+    monkeypatch.setattr(modelfile, "default_model_path", lambda modality: tmp_path / "none.safetensors")
+    before = set(os.listdir(tmp_path))
+    code, _, err = _run(["denoise", small_mri, tmp_path / "o.nrrd", "--modality", "ct"], capsys)
+    assert code == 2
+    assert "no shipped DUAL-NET model" in _one_error_line(err)
+    assert set(os.listdir(tmp_path)) == before
+    code, _, err = _run(["denoise", small_mri, tmp_path / "o.nrrd", "--model", tmp_path / "missing.safetensors"], capsys)
+    assert code == 2 and "missing.safetensors" in _one_error_line(err)
