@@ -39,9 +39,11 @@ def _one_error_line(err: str) -> str:
 def test_help_explains_units():
     out = subprocess.run([sys.executable, "-m", "dualnet", "degrade", "--help"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "DualNetDenoise")}, check=True).stdout
+    out = " ".join(out.split())
     assert "fraction of the clean maximum" in out and "dose fraction" in out and "looks" in out
     out = subprocess.run([sys.executable, "-m", "dualnet", "denoise", "--help"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "DualNetDenoise")}, check=True).stdout
+    out = " ".join(out.split())
     assert "bm4d" in out and "image units" in out
 
 

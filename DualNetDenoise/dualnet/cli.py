@@ -152,12 +152,16 @@ def cmd_degrade(args) -> int:
 
 # ----------------------------------------------------------------------------- dice
 def cmd_dice(args) -> int:
+    from .errors import InputError
     from .metrics import dice_per_label
 
     a = read_volume(args.a, check_finite=False)
     b = read_volume(args.b, check_finite=False)
     labels = [int(x) for x in args.labels.split(",")] if args.labels else None
-    scores = dice_per_label(a, b, labels=labels)
+    try:
+        scores = dice_per_label(a, b, labels=labels)
+    except InputError as err:
+        raise InputError(f"{args.a} vs {args.b}: {err}") from None
     rows = [(int(k), float(v)) for k, v in sorted(scores.items())]
     for label, value in rows:
         print(f"label {label}: Dice {value:.4f}")
@@ -256,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="noisy low-resolution output volume")
     p.add_argument("--modality", required=True, choices=["mri", "ct", "us"])
     p.add_argument("--level", type=float, help=LEVEL_HELP + " (default: 0.05 / 0.25 / 4)")
-    p.add_argument("--lr-factor", type=float, default=2.0,
+    p.add_argument("--lr-factor", type=int, default=2,
                    help="downsampling factor of the low-resolution grid (default 2; 1 = noise only)")
     p.add_argument("--anisotropy", type=_parse_triplet, default=(1.0, 1.0, 1.0),
                    help="extra per-axis factors z,y,x multiplied into --lr-factor, e.g. 2,1,1 for thick slices")

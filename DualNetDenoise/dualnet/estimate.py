@@ -1,0 +1,338 @@
+"""Blind noise-level estimation for each modality model of :mod:`dualnet.noise`.
+
+Arrays are numpy, (z, y, x) or (y, x), intensities in file units (MRI a.u., CT HU, US 0..255).
+The building block is the finest diagonal Haar wavelet subband (HH in 2D, HHH in 3D,
+orthonormal so white noise keeps its std; it cancels constant and linear trends along each
+axis), combined with the median absolute deviation (Donoho: ``sigma = MAD / 0.6745``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .noise import CT_FULL_DOSE_PHOTONS, CT_OFFSET_HU, MODALITIES
+
+_MAD_TO_SIGMA = 1.0 / 0.6744897501960817
+#: HU below which CT voxels are treated as padding outside the field of view (air is -1000).
+CT_PADDING_HU = -1100.0
+
+
+def _as_array(x: np.ndarray) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim not in (2, 3):
+        raise InputError(f"noise estimation needs a 2D or 3D array, got shape {a.shape}")
+    if a.size == 0 or not np.isfinite(a).all():
+        raise InputError("noise estimation needs a non-empty array of finite values")
+    return a
+
+
+def haar_blocks(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Finest Haar decomposition on non-overlapping 2^ndim blocks.
+
+    Returns ``(mean, detail)``: the block mean and the orthonormal diagonal detail coefficient
+    (noise std preserved for white noise), both of shape ``floor(shape / 2)``. Odd trailing
+    rows/columns/slices are dropped.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    a = a[tuple(slice(0, (n // 2) * 2) for n in a.shape)]
+    mean = a
+    det = a
+    for axis in range(a.ndim):
+        even = [slice(None)] * a.ndim
+        odd = [slice(None)] * a.ndim
+        even[axis] = slice(0, None, 2)
+        odd[axis] = slice(1, None, 2)
+        mean = 0.5 * (mean[tuple(even)] + mean[tuple(odd)])
+        det = (det[tuple(even)] - det[tuple(odd)]) / np.sqrt(2.0)
+    return mean, det
+
+
+def _block_mask(mask: Optional[np.ndarray], shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+    """Blocks entirely inside ``mask`` (shape of the Haar subbands)."""
+    if mask is None:
+        return None
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != shape:
+        raise InputError(f"mask shape {m.shape} differs from image shape {shape}")
+    m = m[tuple(slice(0, (n // 2) * 2) for n in m.shape)]
+    for axis in range(m.ndim):
+        even = [slice(None)] * m.ndim
+        odd = [slice(None)] * m.ndim
+        even[axis] = slice(0, None, 2)
+        odd[axis] = slice(1, None, 2)
+        m = m[tuple(even)] & m[tuple(odd)]
+    return m
+
+
+def sigma_gaussian_mad(x: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Additive white Gaussian noise sigma by the wavelet MAD rule (Donoho), same units as ``x``.
+
+    Args:
+        x: image, (z, y, x) or (y, x).
+        mask: optional boolean array, same shape; only 2^ndim blocks fully inside are used.
+    """
+    a = _as_array(x)
+    _, det = haar_blocks(a)
+    bm = _block_mask(mask, a.shape)
+    d = det[bm] if bm is not None else det.ravel()
+    if d.size < 16:
+        raise InputError("too few voxels to estimate the noise level")
+    return float(np.median(np.abs(d)) * _MAD_TO_SIGMA)
+
+
+def _hist_mode(values: np.ndarray, hi: float, bins: int = 200) -> float:
+    """Location of the highest peak of a lightly smoothed histogram of ``values`` in [0, hi]."""
+    from scipy.ndimage import gaussian_filter1d
+
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, hi))
+    h = gaussian_filter1d(hist.astype(np.float64), 2.0)
+    k = int(np.argmax(h[1:])) + 1  # skip the first bin: exact zeros (masked / clipped voxels)
+    width = edges[1] - edges[0]
+    if 0 < k < bins - 1:  # parabolic refinement
+        den = h[k - 1] - 2 * h[k] + h[k + 1]
+        off = 0.5 * (h[k - 1] - h[k + 1]) / den if den != 0 else 0.0
+    else:
+        off = 0.0
+    return float(edges[0] + (k + 0.5 + np.clip(off, -0.5, 0.5)) * width)
+
+
+def sigma_rician_background(x: np.ndarray, *, min_fraction: float = 0.02) -> float:
+    """Rician sigma from the background of a magnitude image (Rayleigh mode = sigma).
+
+    The background (no signal) of a magnitude MR image is Rayleigh distributed with mode
+    ``sigma``. The mode of the low-intensity histogram is found in two passes (coarse below
+    the Otsu threshold, then fine in [0, 4 mode]) and refined by the Rayleigh maximum-likelihood
+    estimate on the voxels below ``2 sigma`` (truncated at that bound). Same units as ``x``.
+
+    Raises:
+        InputError: fewer than ``min_fraction`` of the voxels look like background, or more
+            than 5 % of the voxels are exactly 0 (a masked background is not Rayleigh noise).
+    """
+    from skimage.filters import threshold_otsu
+
+    a = _as_array(x).ravel()
+    if np.mean(a == 0) > 0.05:
+        # Rician magnitudes are never exactly 0: a zeroed background was masked in processing.
+        raise InputError("background is masked (many exact zeros); no Rayleigh background to measure")
+    a = a[a > 0]  # the odd exact zero is a clipped voxel, not a Rayleigh sample
+    if a.size < 1000:
+        raise InputError("too few non-zero voxels to estimate a Rician background")
+    t = float(threshold_otsu(a))
+    low = a[a < t]
+    if low.size < min_fraction * a.size:
+        raise InputError("image has too little background to estimate the Rician sigma")
+    mode = _hist_mode(low, t, bins=256)
+    mode = _hist_mode(low[low < 4 * mode], 4 * mode, bins=200)
+    # Truncated Rayleigh ML on [0, c s]: solve E[r^2 | r < c s] = mean(r^2) by fixed point.
+    s = mode
+    c = 2.0
+    for _ in range(20):
+        r = low[low < c * s]
+        if r.size < 100:
+            break
+        m2 = float(np.mean(r**2))
+        # E[r^2 | r < c s] = 2 s^2 * g(c) with g(c) = 1 - (c^2/2) e^{-c^2/2} / (1 - e^{-c^2/2})
+        e = np.exp(-0.5 * c * c)
+        g = 1.0 - 0.5 * c * c * e / (1.0 - e)
+        s_new = np.sqrt(m2 / (2.0 * g))
+        if abs(s_new - s) < 1e-4 * s:
+            s = s_new
+            break
+        s = s_new
+    bg_fraction = float(np.mean(a < 3.0 * s))
+    if bg_fraction < min_fraction:
+        raise InputError("image has too little background to estimate the Rician sigma")
+    return float(s)
+
+
+def poisson_gaussian_fit(
+    x: np.ndarray, *, mask: Optional[np.ndarray] = None, n_bins: int = 40, min_count: int = 200
+) -> Tuple[float, float]:
+    """Fit ``var = gain * mean + sigma^2`` to local (mean, variance) pairs (Foi-style).
+
+    Local means are 2^ndim block means; local variances are robust (MAD) variances of the
+    orthonormal diagonal Haar detail pooled over quantile bins of the block mean; the affine
+    model is fitted by weighted least squares (weights ``n / var^2``), constrained to
+    ``gain >= 0`` and ``sigma^2 >= 0``.
+
+    Args:
+        x: image in a domain where the noise is Poisson-Gaussian (CT: ``HU + 1000``).
+        mask: optional boolean array of voxels to use.
+        n_bins: number of intensity bins.
+        min_count: fewest blocks per bin.
+
+    Returns:
+        ``(gain, sigma)`` in the units of ``x`` (gain per count, sigma absolute).
+    """
+    a = _as_array(x)
+    mean, det = haar_blocks(a)
+    bm = _block_mask(mask, a.shape)
+    if bm is not None:
+        mean, det = mean[bm], det[bm]
+    mean, det = mean.ravel(), det.ravel()
+    if mean.size < 2 * min_count:
+        raise InputError("too few voxels to fit a Poisson-Gaussian noise model")
+    order = np.argsort(mean, kind="stable")
+    nb = int(max(2, min(n_bins, mean.size // min_count)))
+    groups = np.array_split(order, nb)
+    mu, var, cnt = [], [], []
+    for idx in groups:
+        d = det[idx]
+        m = mean[idx]
+        mu.append(float(np.mean(m)))
+        var.append(float((np.median(np.abs(d)) * _MAD_TO_SIGMA) ** 2))
+        cnt.append(idx.size)
+    mu_a, var_a, n_a = np.array(mu), np.array(var), np.array(cnt, dtype=np.float64)
+    w = n_a / np.maximum(var_a, 1e-12) ** 2
+    gain, s2 = _wls_affine(mu_a, var_a, w)
+    # One reweighting pass with the fitted variances (less sensitive to noisy bins).
+    fitted = np.maximum(gain * mu_a + s2, 1e-12)
+    gain, s2 = _wls_affine(mu_a, var_a, n_a / fitted**2)
+    return float(gain), float(np.sqrt(s2))
+
+
+def _wls_affine(xv: np.ndarray, yv: np.ndarray, w: np.ndarray) -> Tuple[float, float]:
+    """Weighted least squares ``y = a x + b`` with ``a, b >= 0``."""
+    W = np.sum(w)
+    mx, my = np.sum(w * xv) / W, np.sum(w * yv) / W
+    sxx = np.sum(w * (xv - mx) ** 2)
+    a = np.sum(w * (xv - mx) * (yv - my)) / sxx if sxx > 0 else 0.0
+    b = my - a * mx
+    if a < 0:  # no signal dependence: pure Gaussian
+        return 0.0, max(float(my), 0.0)
+    if b < 0:  # no signal-independent part: pure Poisson through the origin
+        sxx0 = np.sum(w * xv**2)
+        return (float(np.sum(w * xv * yv) / sxx0) if sxx0 > 0 else 0.0), 0.0
+    return float(a), float(b)
+
+
+@functools.lru_cache(maxsize=4)
+def _log_mad_table(ndim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo table (fixed seed) of the MAD-based std of the Haar detail of ``ln Gamma(L, 1/L)``
+    against ``L``: log-Gamma noise is skewed, so ``MAD / 0.6745`` differs from ``sqrt(psi'(L))``."""
+    looks = np.geomspace(0.5, 128.0, 40)
+    rng = np.random.default_rng(12345)
+    n = 2**ndim
+    vals = np.empty_like(looks)
+    signs = np.array([np.prod([1 if (k >> b) & 1 == 0 else -1 for b in range(ndim)]) for k in range(n)])
+    for i, L in enumerate(looks):
+        g = np.log(rng.gamma(L, 1.0 / L, size=(200000, n)))
+        d = (g @ signs) / np.sqrt(n)
+        vals[i] = np.median(np.abs(d)) * _MAD_TO_SIGMA
+    return looks, vals  # vals decreases with looks
+
+
+def speckle_looks(x: np.ndarray, *, mask: Optional[np.ndarray] = None, floor: Optional[float] = None) -> float:
+    """Number of looks ``L`` of multiplicative Gamma speckle (``y = x n``, ``n ~ Gamma(L, 1/L)``).
+
+    The robust std of the diagonal Haar detail of ``ln y`` is matched against a Monte-Carlo
+    table of the same statistic for pure log-Gamma noise. Blocks containing voxels at or below
+    ``floor`` (default 1 % of the 99th percentile) are ignored. Texture of the underlying image
+    adds to the measured std, so ``L`` is biased low on strongly textured images. The result
+    is clamped to [0.5, 128] (the table range; 128 means "no measurable speckle").
+    """
+    a = _as_array(x)
+    fl = float(floor) if floor is not None else 0.01 * float(np.percentile(a, 99))
+    valid = a > fl if mask is None else (np.asarray(mask, dtype=bool) & (a > fl))
+    _, det = haar_blocks(np.log(np.maximum(a, max(fl, 1e-12))))
+    bm = _block_mask(valid, a.shape)
+    d = det[bm]
+    if d.size < 100:
+        raise InputError("too few non-zero pixels to estimate speckle looks")
+    s = float(np.median(np.abs(d)) * _MAD_TO_SIGMA)
+    looks, vals = _log_mad_table(a.ndim)
+    # interp needs increasing x: vals decrease with looks.
+    return float(np.exp(np.interp(s, vals[::-1], np.log(looks[::-1]))))
+
+
+@dataclass
+class NoiseEstimate:
+    """Result of :func:`estimate_noise`.
+
+    Attributes:
+        modality: ``"mri"``, ``"ct"`` or ``"us"``.
+        level: the level in :func:`dualnet.noise.add_noise` units (MRI sigma / clean-max
+            estimate, CT dose fraction, US looks).
+        sigma: absolute noise size: MRI Rician sigma (a.u.), CT noise std at water (HU),
+            US relative std of the speckle ``1 / sqrt(L)`` (unitless).
+        method: how it was estimated.
+        params: model parameters (e.g. CT ``gain``, ``electronic_sigma`` in HU; MRI ``peak``).
+    """
+
+    modality: str
+    level: float
+    sigma: float
+    method: str
+    params: Dict[str, float] = field(default_factory=dict)
+
+    def __float__(self) -> float:
+        return float(self.level)
+
+
+def _robust_peak(a: np.ndarray, sigma: float) -> float:
+    """Estimate of the clean maximum from a noisy image: ``max(x) - 2 sigma``.
+
+    The brightest noisy voxel overshoots the clean maximum by about two noise stds on brain
+    MRI (measured 4-8 % error on the ADNI T1 at 2-10 % noise); never below half the max.
+    """
+    top = float(np.max(a))
+    return float(max(top - 2.0 * sigma, 0.5 * top))
+
+
+def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] = None) -> NoiseEstimate:
+    """Estimate the noise level of a noisy image for ``modality``.
+
+    - MRI: Rician sigma from the background (:func:`sigma_rician_background`) when there is
+      enough background, else wavelet MAD on the voxels above the Otsu threshold (high SNR,
+      where Rician ~ Gaussian). ``level = sigma / peak`` with ``peak`` the max of a 3-voxel
+      ``max(x) - 2 sigma`` (an estimate of the clean maximum that add_noise uses). The
+      background estimate is rejected (MAD used instead) when it exceeds twice the
+      foreground MAD estimate (no real background, e.g. a crop inside the brain).
+    - CT (HU): :func:`poisson_gaussian_fit` on ``HU + 1000`` (voxels below
+      :data:`CT_PADDING_HU` left out); ``level = 1000 / (gain * N_full)``
+      (dose fraction of the :mod:`dualnet.noise` model), ``sigma`` = std at water.
+    - US: :func:`speckle_looks`; ``level = L``, ``sigma = 1 / sqrt(L)``.
+
+    ``float(result)`` gives the level. Arrays (z, y, x) or (y, x).
+    """
+    m = str(modality).lower()
+    if m not in MODALITIES:
+        raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+    a = _as_array(x)
+    if m == "mri":
+        from skimage.filters import threshold_otsu
+
+        fg = a > threshold_otsu(a)
+        s_mad = sigma_gaussian_mad(a, mask=fg if mask is None else (fg & np.asarray(mask, bool)))
+        try:
+            s = sigma_rician_background(a)
+            method = "rician-background"
+            if s > 2.0 * s_mad:
+                s, method = s_mad, "wavelet-mad-foreground"
+        except InputError:
+            s, method = s_mad, "wavelet-mad-foreground"
+        peak = _robust_peak(a, s)
+        level = s / peak if peak > 0 else float("nan")
+        return NoiseEstimate("mri", float(level), float(s), method, {"peak": peak})
+    if m == "ct":
+        fov = a > CT_PADDING_HU  # leave out-of-field padding (-1024 .. -3024 fill values) out
+        if mask is not None:
+            fov &= np.asarray(mask, dtype=bool)
+        gain, s = poisson_gaussian_fit(a + CT_OFFSET_HU, mask=fov if not fov.all() else None)
+        if gain <= 0:
+            sig = s
+            dose = float("inf")
+        else:
+            sig = float(np.sqrt(gain * CT_OFFSET_HU + s**2))
+            dose = CT_OFFSET_HU / (gain * CT_FULL_DOSE_PHOTONS)
+        return NoiseEstimate(
+            "ct", float(dose), sig, "poisson-gaussian-fit",
+            {"gain": float(gain), "electronic_sigma": float(s)},
+        )
+    L = speckle_looks(a, mask=mask)
+    return NoiseEstimate("us", L, float(1.0 / np.sqrt(L)), "log-haar-mad", {"looks": L})

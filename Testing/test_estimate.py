@@ -1,0 +1,94 @@
+"""Noise estimation recovers the simulated parameters on real scans (MRI, CT, US)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualnet import estimate, noise
+from dualnet.errors import InputError
+
+
+def test_wavelet_mad_gaussian_sigma(mri_crop):
+    s = 0.06 * float(mri_crop.max())
+    noisy = mri_crop + s * np.random.default_rng(0).standard_normal(mri_crop.shape)
+    # the real scan's own noise and texture add a little (measured +7 %)
+    assert estimate.sigma_gaussian_mad(noisy) == pytest.approx(s, rel=0.12)
+    # the clean real crop itself is much quieter than the added noise
+    assert estimate.sigma_gaussian_mad(mri_crop) < 0.5 * s
+    # 2D works too
+    assert estimate.sigma_gaussian_mad(noisy[20]) == pytest.approx(s, rel=0.15)
+
+
+@pytest.mark.parametrize("level", [0.02, 0.05])
+def test_rician_background_sigma_on_real_head(mri_volume, level):
+    head = mri_volume.array[::2, ::2, ::2].astype(np.float32)  # keeps the zero background
+    noisy = noise.add_noise(head, "mri", level, 1)
+    s_true = level * float(head.max())
+    s = estimate.sigma_rician_background(noisy)
+    assert s == pytest.approx(s_true, rel=0.10)
+    est = estimate.estimate_noise(noisy, "mri")
+    assert est.method == "rician-background"
+    assert est.sigma == pytest.approx(s_true, rel=0.10)
+    # the clean max is estimated as max(noisy) - 2 sigma: looser than sigma (measured +8..16 %)
+    assert est.level == pytest.approx(level, rel=0.22)
+    assert float(est) == est.level
+
+
+def test_rician_without_background_falls_back_to_mad(mri_crop):
+    noisy = noise.add_noise(mri_crop, "mri", 0.05, 2)  # crop inside the brain: no background
+    est = estimate.estimate_noise(noisy, "mri")
+    assert est.method == "wavelet-mad-foreground"
+    assert est.sigma == pytest.approx(0.05 * mri_crop.max(), rel=0.15)
+    assert est.level == pytest.approx(0.05, rel=0.2)
+
+
+@pytest.mark.parametrize("dose", [0.1, 0.25, 0.5])
+def test_poisson_gaussian_fit_recovers_ct_dose(ct_volume, dose):
+    from scipy.ndimage import gaussian_filter
+
+    # Smooth the real CT so its own (correlated) scanner noise does not add to the fit.
+    clean = gaussian_filter(ct_volume.array.astype(np.float32), 1.0)
+    noisy = noise.add_noise(clean, "ct", dose, 3)
+    gain_true, sigma_true = noise.ct_noise_parameters(dose)
+    gain, sigma = estimate.poisson_gaussian_fit(noisy + noise.CT_OFFSET_HU)
+    assert gain == pytest.approx(gain_true, rel=0.08)
+    assert sigma == pytest.approx(sigma_true, rel=0.15)
+    est = estimate.estimate_noise(noisy, "ct")
+    assert est.level == pytest.approx(dose, rel=0.10)
+    assert est.sigma == pytest.approx(np.sqrt(gain_true * 1000 + sigma_true**2), rel=0.08)
+
+
+def test_ct_estimate_on_raw_scan_orders_doses(ct_volume):
+    clean = ct_volume.array.astype(np.float32)
+    levels = [estimate.estimate_noise(noise.add_noise(clean, "ct", d, 4), "ct").level for d in (0.1, 0.25, 0.5)]
+    # The raw scan's own noise adds to the simulated noise: estimates are low but ordered.
+    assert levels[0] < levels[1] < levels[2]
+    assert 0.05 < levels[0] <= 0.11 and levels[2] <= 0.5
+
+
+@pytest.mark.parametrize("looks,tol", [(1.0, 0.4), (4.0, 0.15), (10.0, 0.15)])
+def test_speckle_looks_on_real_ultrasound(us_image, looks, tol):
+    noisy = noise.add_noise(us_image.array.astype(np.float32), "us", looks, 5)
+    est = estimate.estimate_noise(noisy, "us")
+    assert est.level == pytest.approx(looks, rel=tol)
+    assert est.sigma == pytest.approx(1 / np.sqrt(est.level))
+
+
+def test_estimate_errors():
+    with pytest.raises(InputError, match="modality"):
+        estimate.estimate_noise(np.zeros((8, 8)), "xray")
+    with pytest.raises(InputError):
+        estimate.sigma_gaussian_mad(np.zeros(10))
+    with pytest.raises(InputError, match="NaN|finite"):
+        estimate.sigma_gaussian_mad(np.full((8, 8), np.nan))
+
+
+def test_masked_background_is_not_taken_for_noise(mri_volume):
+    # The real scan's background was zeroed in processing: the estimate must come from the
+    # foreground (the scan's own noise, about 30 a.u.), not from the few non-zero dark voxels.
+    head = mri_volume.array[::2, ::2, ::2].astype(np.float32)
+    with pytest.raises(InputError, match="masked"):
+        estimate.sigma_rician_background(head)
+    est = estimate.estimate_noise(head, "mri")
+    assert est.method == "wavelet-mad-foreground" and 10 < est.sigma < 80

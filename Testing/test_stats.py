@@ -1,0 +1,103 @@
+"""Tests of dualnet.stats: paired tests equal scipy, Holm by hand, CI coverage, d_z."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from dualnet import stats
+from dualnet.errors import InputError
+
+# Fixed samples: PSNR-like values of two methods on 10 cases.
+A = np.array([30.1, 31.4, 29.8, 32.0, 30.7, 31.1, 29.5, 30.9, 31.8, 30.2])
+B = np.array([29.6, 30.9, 29.9, 31.2, 30.1, 30.8, 29.0, 30.1, 31.0, 30.0])
+
+
+def test_paired_t_matches_scipy():
+    res = stats.paired_test(A, B, normality="t")
+    ref = sps.ttest_rel(A, B)
+    assert res.test == "paired t"
+    assert res.statistic == pytest.approx(ref.statistic)
+    assert res.p == pytest.approx(ref.pvalue)
+    d = A - B
+    assert res.mean_diff == pytest.approx(d.mean())
+    assert res.d_z == pytest.approx(d.mean() / d.std(ddof=1))
+    half = sps.t.ppf(0.975, 9) * d.std(ddof=1) / np.sqrt(10)
+    assert (res.ci_low, res.ci_high) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert res.n == 10
+    assert res.normality_p == pytest.approx(sps.shapiro(d).pvalue)
+
+
+def test_wilcoxon_matches_scipy():
+    res = stats.paired_test(A, B, normality="wilcoxon")
+    ref = sps.wilcoxon(A, B)
+    assert res.test == "wilcoxon"
+    assert res.statistic == pytest.approx(ref.statistic)
+    assert res.p == pytest.approx(ref.pvalue)
+    assert res.ci_low <= res.mean_diff <= res.ci_high
+    again = stats.paired_test(A, B, normality="wilcoxon")  # fixed bootstrap seed
+    assert (again.ci_low, again.ci_high) == (res.ci_low, res.ci_high)
+
+
+def test_shapiro_picks_the_test():
+    rng = np.random.default_rng(1)
+    b = rng.normal(0, 1, 20)
+    normal = stats.paired_test(b + rng.normal(0.5, 1, 20), b)
+    assert normal.normality_p >= 0.05 and normal.test == "paired t"
+    skew = b.copy()
+    skew_a = b + np.r_[np.full(17, 0.1), [8.0, 9.0, 12.0]]  # heavy outliers -> not normal
+    res = stats.paired_test(skew_a, skew)
+    assert res.normality_p < 0.05 and res.test == "wilcoxon"
+    assert res.p == pytest.approx(sps.wilcoxon(skew_a, skew).pvalue)
+
+
+def test_nan_pairs_dropped_and_errors():
+    a = np.r_[A, np.nan]
+    b = np.r_[B, 1.0]
+    assert stats.paired_test(a, b, normality="t").n == 10
+    with pytest.raises(InputError):
+        stats.paired_test([1.0], [2.0])
+    with pytest.raises(InputError):
+        stats.paired_test([1.0, 2.0], [1.0])
+    same = stats.paired_test(A, A)
+    assert same.p == 1.0 and same.mean_diff == 0.0
+
+
+def test_holm_hand_example():
+    # Hand-worked (Holm 1979 step-down), m = 4:
+    # sorted p: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> 0.06 monotone)
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert stats.holm_bonferroni(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1, NaN kept and not counted
+    adj = stats.holm_bonferroni([0.5, np.nan, 0.6])
+    assert adj[0] == pytest.approx(1.0) and np.isnan(adj[1]) and adj[2] == pytest.approx(1.0)
+    assert stats.holm_bonferroni([]) == []
+
+
+def test_ci_coverage_simulation():
+    rng = np.random.default_rng(2024)
+    true = 0.7
+    hits = 0
+    trials = 400
+    for _ in range(trials):
+        b = rng.normal(30, 2, 12)
+        a = b + rng.normal(true, 1.0, 12)
+        res = stats.paired_test(a, b, normality="t")
+        hits += res.ci_low <= true <= res.ci_high
+    assert 0.92 <= hits / trials <= 0.98
+
+
+def test_compare_methods_holm_and_direction():
+    rng = np.random.default_rng(3)
+    base = rng.normal(30, 1, 8)
+    table = {"noisy": base, "gaussian": base + 1 + rng.normal(0, 0.2, 8), "nlm": base + 0.05 + rng.normal(0, 0.2, 8)}
+    res = stats.compare_methods(table, "noisy")
+    assert [r.method for r in res] == ["gaussian", "nlm"]
+    assert all(r.reference == "noisy" for r in res)
+    assert res[0].mean_diff > 0.5
+    assert [r.p_holm for r in res] == pytest.approx(stats.holm_bonferroni([r.p for r in res]))
+    flipped = stats.compare_methods(table, "noisy", reference_first=True)
+    assert flipped[0].mean_diff == pytest.approx(-res[0].mean_diff)
+    with pytest.raises(InputError):
+        stats.compare_methods(table, "bm4d")
