@@ -205,9 +205,8 @@ def read_volume(
             raise InputError(f"{p}: frame {frame} out of range 0..{size[3] - 1}")
         image = sitk.Extract(image, size[:3] + (0,), (0, 0, 0, frame))
         dim = 3
-    if dim == 3 and size[2] == 1 and allow_2d:
-        image = sitk.Extract(image, size[:2] + (0,), (0, 0, 0))
-        dim = 2
+    # A one-slice 3D file stays 3D (shape (1, y, x)): squeezing it would drop the through-plane
+    # spacing and the oblique direction. 2D formats (PNG, TIFF) are read as 2D by SimpleITK.
     if dim not in (2, 3):
         raise InputError(f"{p}: {dim}D image; a 2D or 3D scalar image is needed")
     if dim == 2 and not allow_2d:

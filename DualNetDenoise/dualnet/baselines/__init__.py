@@ -110,6 +110,9 @@ def _transform(a: np.ndarray, modality: str, sigma: Optional[float], stabilize: 
 
 # ---------------------------------------------------------------- Gaussian-domain methods
 
+_BM4D_MIN_AXIS = 8
+
+
 def _bm4d(z: np.ndarray, s: float, spacing, opts, progress, cancel) -> np.ndarray:
     if z.ndim == 2:
         return _bm3d(z, s, spacing, opts, progress, cancel)
@@ -117,9 +120,16 @@ def _bm4d(z: np.ndarray, s: float, spacing, opts, progress, cancel) -> np.ndarra
     check_cancel(cancel)
     report(progress, 0.0, "BM4D (one pass, no intermediate progress)")
     stage = bm4d.BM4DStages.HARD_THRESHOLDING if opts.get("stage") == "hard" else bm4d.BM4DStages.ALL_STAGES
-    out = bm4d.bm4d(z.astype(np.float32), s, profile=opts.get("profile", "np"), stage_arg=stage)
+    # BM4D needs every axis at least as long as its block (8 voxels in the default profiles): thin
+    # slabs are mirrored to that length and cropped back afterwards.
+    pad = [(0, max(0, _BM4D_MIN_AXIS - n)) for n in z.shape]
+    zp = np.pad(z, pad, mode="symmetric") if any(p for _, p in pad) else z
+    while any(n < _BM4D_MIN_AXIS for n in zp.shape):  # axes shorter than half the block
+        zp = np.pad(zp, [(0, max(0, _BM4D_MIN_AXIS - n)) for n in zp.shape], mode="symmetric")
+    out = bm4d.bm4d(zp.astype(np.float32), s, profile=opts.get("profile", "np"), stage_arg=stage)
     check_cancel(cancel)
-    return np.asarray(out, dtype=np.float64).reshape(z.shape)
+    out = np.asarray(out, dtype=np.float64).reshape(zp.shape)
+    return out[tuple(slice(0, n) for n in z.shape)]
 
 
 def _bm3d(z: np.ndarray, s: float, spacing, opts, progress, cancel) -> np.ndarray:

@@ -1,0 +1,53 @@
+#!/usr/bin/env python-real
+"""Slicer CLI module: BM4D baseline with the modality's variance-stabilising transform.
+
+Command line (parsed from BM4DDenoiseCLI.xml): ``[--modality mri] [--sigma 0] INPUT OUTPUT``;
+sigma 0 means "estimate from the image". bm4d (non-commercial licence) is imported lazily by
+the core, which says so clearly when it is missing.
+"""
+
+import os
+import sys
+
+def _add_core_to_path():
+    """Make ``dualnet`` and ``DualNetDenoiseLib`` importable (source tree or installed extension)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, os.pardir, "DualNetDenoise"),  # source checkout
+                      os.path.join(here, os.pardir, "qt-scripted-modules"),  # installed extension
+                      here):
+        candidate = os.path.normpath(candidate)
+        if os.path.isdir(os.path.join(candidate, "dualnet")) and candidate not in sys.path:
+            sys.path.insert(0, candidate)
+            return
+
+
+_add_core_to_path()
+XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
+
+
+def main(argv=None) -> int:
+    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args
+
+    args = parse_cli_args(XML, argv, prog="BM4DDenoiseCLI")
+    from dualnet.errors import DualNetError
+    from dualnet.io import check_output_path, read_volume, write_volume
+    from dualnet import api
+
+    progress = FilterProgress("BM4D denoise", f"BM4D on {os.path.basename(args.inputVolume)}")
+    progress.start()
+    try:
+        check_output_path(args.outputVolume, [args.inputVolume])
+        volume = read_volume(args.inputVolume)
+        result = api.denoise_volume(volume, method="bm4d", modality=args.modality,
+                                    sigma=args.sigma if args.sigma > 0 else None, progress=progress)
+        write_volume(result.volume, args.outputVolume, inputs=[args.inputVolume])
+    except DualNetError as err:
+        print(f"BM4DDenoiseCLI: {err}", file=sys.stderr, flush=True)
+        return 1
+    progress(1.0)
+    progress.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env python-real
+"""Slicer CLI module: per-label Dice of two label maps, written as a CSV table.
+
+Command line (parsed from DiceAssessmentCLI.xml):
+``[--outputTable dice.csv] [--labels 1,2] [--returnparameterfile FILE] LABEL_A LABEL_B``.
+The mean Dice goes to Slicer's return-parameter file (output parameter ``meanDice``).
+"""
+
+import os
+import sys
+
+def _add_core_to_path():
+    """Make ``dualnet`` and ``DualNetDenoiseLib`` importable (source tree or installed extension)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, os.pardir, "DualNetDenoise"),  # source checkout
+                      os.path.join(here, os.pardir, "qt-scripted-modules"),  # installed extension
+                      here):
+        candidate = os.path.normpath(candidate)
+        if os.path.isdir(os.path.join(candidate, "dualnet")) and candidate not in sys.path:
+            sys.path.insert(0, candidate)
+            return
+
+
+_add_core_to_path()
+XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
+
+
+def main(argv=None) -> int:
+    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args, write_return_parameters
+
+    args = parse_cli_args(XML, argv, prog="DiceAssessmentCLI")
+    from dualnet.errors import DualNetError, InputError
+    from dualnet.io import atomic_write_bytes, read_volume
+    from dualnet.metrics import dice_per_label
+
+    progress = FilterProgress("Dice assessment", "per-label Dice")
+    progress.start()
+    try:
+        labels = None
+        if args.labels and args.labels.strip():
+            try:
+                labels = [int(x) for x in args.labels.replace(";", ",").split(",") if x.strip()]
+            except ValueError:
+                raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        a = read_volume(args.labelA)
+        progress(0.3)
+        b = read_volume(args.labelB)
+        progress(0.6)
+        dice = dice_per_label(a, b, labels=labels)
+        rows = ["label,dice,voxels_a,voxels_b"]
+        for lab in sorted(dice):
+            rows.append(f"{lab},{dice[lab]:.6f},{int((a.array == lab).sum())},{int((b.array == lab).sum())}")
+        mean = sum(dice.values()) / len(dice) if dice else float("nan")
+        if args.outputTable:
+            atomic_write_bytes(args.outputTable, ("\n".join(rows) + "\n").encode("utf-8"))
+        print("\n".join(rows), flush=True)
+        write_return_parameters(args.returnparameterfile, {"meanDice": f"{mean:.6f}"})
+    except DualNetError as err:
+        print(f"DiceAssessmentCLI: {err}", file=sys.stderr, flush=True)
+        return 1
+    progress(1.0)
+    progress.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""Denoise and Dice logic on MRML nodes: no widgets, no dialogs, no Qt.
+
+``DualNetDenoiseLogic`` in the module file adds Slicer's parameter node and a ``QTimer`` on top
+of :class:`DenoiseLogicBase`; everything that touches voxels or geometry is here, so it runs
+in a panel, in a batch script and in pytest with the ``slicer-core`` wheel.
+
+Rules kept here:
+* the input node is never modified or overwritten; the output node takes the input's
+  IJK-to-RAS matrix bit for bit;
+* the output is named ``"<input> denoised (<method>)"`` and carries provenance attributes
+  ``DualNet.method``, ``DualNet.model``, ``DualNet.parameters`` (JSON), ``DualNet.version``;
+* heavy work is the core's (``dualnet``), run in-process or in a child process
+  (``worker.py``) whose progress lines are polled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import nodes
+from .process import ProcessRunner, python_executable
+
+ProgressCallback = Callable[[float, str], None]
+
+METHOD_LABELS = {
+    "dualnet": "DUAL-NET (deep network)",
+    "bm4d": "BM4D (non-commercial licence)",
+    "bm3d": "BM3D slice-wise (non-commercial licence)",
+    "nlm": "Non-local means",
+    "gaussian": "Gaussian smoothing",
+    "median": "Median filter",
+    "diffusion": "Anisotropic diffusion",
+}
+
+ATTR_METHOD = "DualNet.method"
+ATTR_MODEL = "DualNet.model"
+ATTR_PARAMETERS = "DualNet.parameters"
+ATTR_VERSION = "DualNet.version"
+ATTR_SOURCE = "DualNet.sourceNodeID"
+
+
+def available_methods() -> List[str]:
+    """The core's method names (``dualnet`` first, then ``dualnet.baselines.METHODS``)."""
+    try:
+        from dualnet.baselines import METHODS
+
+        return ["dualnet"] + [m for m in METHODS if m != "dualnet"]
+    except ImportError:
+        return list(METHOD_LABELS)
+
+
+def output_name(input_name: str, method: str) -> str:
+    return f"{input_name} denoised ({method})"
+
+
+def uncertainty_name(input_name: str, method: str) -> str:
+    return f"{input_name} uncertainty ({method})"
+
+
+def core_version() -> str:
+    try:
+        import dualnet
+
+        return str(getattr(dualnet, "__version__", "unknown"))
+    except ImportError:
+        return "unavailable"
+
+
+class DenoiseJob:
+    """A denoising run in a child process; call :meth:`poll` (e.g. from a ``QTimer``) until done.
+
+    Attributes:
+        done: the run ended (success, error or cancel).
+        error: one-line message when it failed or was cancelled, else None.
+        outputVolume, uncertaintyVolume: nodes filled in when it succeeded.
+    """
+
+    def __init__(self, logic: "DenoiseLogicBase", runner: ProcessRunner, workdir: str, job: dict, finish: Callable,
+                 onFinished: Optional[Callable[["DenoiseJob"], None]] = None) -> None:
+        self.logic = logic
+        self.runner = runner
+        self.workdir = workdir
+        self.job = job
+        self._finish = finish
+        self.onFinished = onFinished
+        self.done = False
+        self.error: Optional[str] = None
+        self.outputVolume = None
+        self.uncertaintyVolume = None
+        self.info: Dict[str, Any] = {}
+        self.discardOnFailure = None
+
+    def poll(self) -> bool:
+        """Dispatch progress; load the results into the nodes when the child ended. True when done."""
+        if self.done:
+            return True
+        code = self.runner.poll()
+        if code is None:
+            return False
+        try:
+            if code == 0 and not self.runner.cancelled:
+                self._finish(self)
+            else:
+                self.error = self.runner.failure_message()
+        except Exception as err:  # loading the results failed: report, never leave a half state
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.done = True
+            if self.error and self.discardOnFailure is not None and self.discardOnFailure.GetScene() is not None:
+                self.discardOnFailure.GetScene().RemoveNode(self.discardOnFailure)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.onFinished:
+                self.onFinished(self)
+        return True
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> "DenoiseJob":
+        start = time.monotonic()
+        while not self.poll():
+            if timeout is not None and time.monotonic() - start > timeout:
+                self.cancel()
+                self.poll()
+                raise TimeoutError(f"denoising did not finish within {timeout} s")
+            time.sleep(interval)
+        return self
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+
+class DenoiseLogicBase:
+    """Denoising and Dice on MRML nodes.
+
+    Args:
+        popen: process factory for child processes (``subprocess.Popen`` by default).
+        pythonExecutable: interpreter for ``worker.py`` (``PythonSlicer`` inside Slicer).
+        interactive: may ask the user (dependency installs); False in batch and tests.
+    """
+
+    def __init__(self, popen=None, pythonExecutable: Optional[str] = None, interactive: bool = False) -> None:
+        import subprocess
+
+        self.popen = popen or subprocess.Popen
+        self.pythonExecutable = pythonExecutable
+        self.interactive = interactive
+        self.workerScript = str(Path(__file__).resolve().parent / "worker.py")
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _scene(node):
+        scene = node.GetScene() if node is not None else None
+        if scene is None:
+            raise ValueError("the input volume is not in a MRML scene")
+        return scene
+
+    def _prepareOutput(self, inputVolume, outputVolume, name: str):
+        """The output node (created when None) and whether it was created here."""
+        scene = self._scene(inputVolume)
+        if outputVolume is not None and (outputVolume is inputVolume or outputVolume.GetID() == inputVolume.GetID()):
+            raise ValueError("the output volume must differ from the input volume (inputs are never overwritten)")
+        if outputVolume is None:
+            return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name), True
+        return outputVolume, False
+
+    @staticmethod
+    def _parameters(modality, method, noiseLevel, model, device, tta, uncertainty) -> Dict[str, Any]:
+        if method not in METHOD_LABELS and method not in available_methods():
+            raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
+        if modality not in ("mri", "ct", "us"):
+            raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
+        if method != "dualnet":  # test-time augmentation and MC-dropout uncertainty are network-only
+            tta, uncertainty = False, False
+        sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
+        return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
+                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty)}
+
+    def _store(self, inputVolume, outputVolume, ijkToRAS, array, params, info, uncertaintyArray=None, uncertaintyVolume=None):
+        """Write the result arrays into nodes with the input's geometry, and the provenance attributes."""
+        nodes.update_node_from_array(outputVolume, array, ijkToRAS)
+        self._ensureDisplay(outputVolume, inputVolume)
+        model = info.get("model") or params.get("model") or ("shipped default" if params["method"] == "dualnet" else "")
+        outputVolume.SetAttribute(ATTR_METHOD, params["method"])
+        outputVolume.SetAttribute(ATTR_MODEL, str(model))
+        outputVolume.SetAttribute(ATTR_PARAMETERS, json.dumps({**params, "info": _jsonable(info)}, sort_keys=True))
+        outputVolume.SetAttribute(ATTR_VERSION, core_version())
+        outputVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
+        if uncertaintyArray is not None:
+            if uncertaintyVolume is None:
+                uncertaintyVolume = self._scene(inputVolume).AddNewNodeByClass(
+                    "vtkMRMLScalarVolumeNode", uncertainty_name(inputVolume.GetName(), params["method"]))
+            nodes.update_node_from_array(uncertaintyVolume, uncertaintyArray, ijkToRAS)
+            self._ensureDisplay(uncertaintyVolume, None)
+            uncertaintyVolume.SetAttribute(ATTR_METHOD, params["method"])
+            uncertaintyVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
+        return uncertaintyVolume
+
+    @staticmethod
+    def _ensureDisplay(node, like) -> None:
+        """Create display nodes and copy the input's window/level when possible (harmless without a GUI)."""
+        try:
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            src = like.GetDisplayNode() if like is not None else None
+            dst = node.GetDisplayNode()
+            if src is not None and dst is not None and hasattr(src, "GetWindow"):
+                dst.SetAutoWindowLevel(False)
+                dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+        except Exception:
+            pass
+
+    @staticmethod
+    def _expand(array: np.ndarray, shape) -> np.ndarray:
+        arr = np.asarray(array)
+        if arr.shape != tuple(shape):
+            if arr.ndim == 2 and tuple(shape)[0] == 1 and arr.shape == tuple(shape)[1:]:
+                arr = arr[np.newaxis]
+            else:
+                raise ValueError(f"the core returned shape {arr.shape}, expected {tuple(shape)}")
+        return arr
+
+    # -- denoising -----------------------------------------------------------------------------
+    def process(
+        self,
+        inputVolume,
+        outputVolume=None,
+        modality: str = "mri",
+        method: str = "dualnet",
+        noiseLevel: Optional[float] = None,
+        model: Optional[str] = None,
+        device: str = "auto",
+        tta: bool = False,
+        uncertainty: bool = False,
+        uncertaintyVolume=None,
+        waitForCompletion: bool = True,
+        progressCallback: Optional[ProgressCallback] = None,
+        inProcess: Optional[bool] = None,
+        onFinished: Optional[Callable[[DenoiseJob], None]] = None,
+        cancel=None,
+    ):
+        """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
+
+        Args:
+            noiseLevel: absolute noise sigma in the volume's units; None or <= 0 = estimate.
+            model: model file path; None = shipped model for the modality.
+            waitForCompletion: block until done (batch scripts, tests). When False the run is
+                started in a child process and a :class:`DenoiseJob` is returned to poll.
+            inProcess: run the core in this process (default when ``waitForCompletion``);
+                False runs ``worker.py`` in a child process even when waiting.
+            cancel: ``dualnet.progress.CancelToken`` for in-process runs.
+
+        Returns:
+            The output node (waiting) or the :class:`DenoiseJob` (not waiting).
+        """
+        if inputVolume is None:
+            raise ValueError("no input volume")
+        params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty)
+        if uncertaintyVolume is not None and uncertaintyVolume.GetID() in (
+                inputVolume.GetID(), outputVolume.GetID() if outputVolume is not None else None):
+            raise ValueError("the uncertainty volume must differ from the input and output volumes")
+        if inProcess is None:
+            inProcess = waitForCompletion
+        if inProcess and not waitForCompletion:
+            raise ValueError("an in-process run always waits for completion")
+        ijkToRAS = nodes.get_ijk_to_ras(inputVolume)
+        shape = nodes.array_from_node(inputVolume, copy=False).shape
+        outputVolume, created = self._prepareOutput(inputVolume, outputVolume, output_name(inputVolume.GetName(), method))
+        if inProcess:
+            from .worker import run_denoise
+
+            try:
+                volume = nodes.volume_from_node(inputVolume)
+                t0 = time.time()
+                out, unc, info = run_denoise(volume, progress=progressCallback, cancel=cancel, **params)
+                info.setdefault("seconds", round(time.time() - t0, 3))
+                self.lastUncertaintyVolume = self._store(
+                    inputVolume, outputVolume, ijkToRAS, self._expand(out.array, shape), params, info,
+                    self._expand(unc.array, shape) if unc is not None else None, uncertaintyVolume)
+            except BaseException:
+                if created:  # no empty "denoised" node left behind by a failed run
+                    self._scene(inputVolume).RemoveNode(outputVolume)
+                raise
+            self.lastInfo = info
+            return outputVolume
+        job = self.startJob(inputVolume, outputVolume, params, ijkToRAS, shape, uncertaintyVolume, progressCallback,
+                            onFinished, removeOutputOnFailure=created)
+        if waitForCompletion:
+            job.wait()
+            if job.error:
+                from dualnet.errors import DualNetError
+
+                raise DualNetError(job.error)
+            return outputVolume
+        return job
+
+    def startJob(self, inputVolume, outputVolume, params, ijkToRAS, shape, uncertaintyVolume=None,
+                 progressCallback=None, onFinished=None, removeOutputOnFailure=False) -> DenoiseJob:
+        """Write the input to a temporary file and start ``worker.py`` on it.
+
+        ``removeOutputOnFailure``: remove ``outputVolume`` from the scene when the run fails or is
+        cancelled (used when the logic created that node itself).
+        """
+        from dualnet.io import write_volume
+
+        workdir = tempfile.mkdtemp(prefix="DualNet-")
+        volume = nodes.volume_from_node(inputVolume)
+        inPath = os.path.join(workdir, "input.nrrd")
+        write_volume(volume, inPath)
+        job = {**params, "input": inPath, "output": os.path.join(workdir, "output.nrrd"),
+               "uncertainty_output": os.path.join(workdir, "uncertainty.nrrd") if params["uncertainty"] else None,
+               "info_output": os.path.join(workdir, "info.json")}
+        jobPath = os.path.join(workdir, "job.json")
+        Path(jobPath).write_text(json.dumps(job), encoding="utf-8")
+
+        def onProgress(payload):
+            if progressCallback:
+                progressCallback(float(payload.get("fraction", 0.0)), str(payload.get("message", "")))
+
+        def finish(j: DenoiseJob):
+            from dualnet.io import read_volume
+
+            out = read_volume(j.job["output"], check_finite=False)
+            unc = None
+            if j.job.get("uncertainty_output") and os.path.exists(j.job["uncertainty_output"]):
+                unc = self._expand(read_volume(j.job["uncertainty_output"], check_finite=False).array, shape)
+            info = json.loads(Path(j.job["info_output"]).read_text(encoding="utf-8")) if os.path.exists(j.job["info_output"]) else {}
+            j.info = info
+            j.outputVolume = outputVolume
+            j.uncertaintyVolume = self._store(inputVolume, outputVolume, ijkToRAS, self._expand(out.array, shape),
+                                              params, info, unc, uncertaintyVolume)
+
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        exe = self.pythonExecutable or python_executable()
+        runner = ProcessRunner([exe, self.workerScript, jobPath], on_progress=onProgress, popen=self.popen, env=env)
+        runner.start()
+        result = DenoiseJob(self, runner, workdir, job, finish, onFinished)
+        if removeOutputOnFailure:
+            result.discardOnFailure = outputVolume
+        return result
+
+    # -- Dice ----------------------------------------------------------------------------------
+    @staticmethod
+    def _labelmapFromSegmentation(segmentationNode, segmentIds: Sequence[str], referenceVolume):
+        import slicer
+        import vtk
+
+        scene = segmentationNode.GetScene()
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DualNet Dice temporary")
+        ids = vtk.vtkStringArray()
+        for s in segmentIds:
+            ids.InsertNextValue(s)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, referenceVolume)
+        if not ok:
+            scene.RemoveNode(labelmap)
+            raise ValueError(f"cannot export segments of '{segmentationNode.GetName()}' to a labelmap")
+        return labelmap
+
+    @staticmethod
+    def segmentNames(segmentationNode) -> Dict[str, str]:
+        """Segment ID -> name of a segmentation node, in segment order."""
+        seg = segmentationNode.GetSegmentation()
+        return {seg.GetNthSegmentID(i): seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
+
+    def computeDice(self, nodeA, nodeB, tableNode=None, referenceVolume=None):
+        """Per-label Dice between two segmentations or two labelmap volumes, into a table node.
+
+        Segmentation nodes are matched by segment *name* (segments only in one of them are
+        reported with Dice 0) and rasterised on ``referenceVolume`` (default: the first
+        segmentation's reference geometry). Labelmap volumes are compared label by label; their
+        geometry must agree (the core raises otherwise).
+
+        Returns:
+            The ``vtkMRMLTableNode`` with columns Label, Segment, Dice, Voxels A, Voxels B.
+        """
+        if nodeA is None or nodeB is None:
+            raise ValueError("two segmentations or labelmaps are needed for Dice")
+        scene = self._scene(nodeA)
+        temporary = []
+        # labelmap export also adds display and colour-table nodes: remove everything it added
+        existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        try:
+            names: Dict[int, str] = {}
+            if nodeA.IsA("vtkMRMLSegmentationNode") or nodeB.IsA("vtkMRMLSegmentationNode"):
+                if not (nodeA.IsA("vtkMRMLSegmentationNode") and nodeB.IsA("vtkMRMLSegmentationNode")):
+                    raise ValueError("compare two segmentations or two labelmap volumes, not one of each")
+                segA, segB = self.segmentNames(nodeA), self.segmentNames(nodeB)
+                order = list(dict.fromkeys(list(segA.values()) + list(segB.values())))
+                byNameA = {v: k for k, v in segA.items()}
+                byNameB = {v: k for k, v in segB.items()}
+                if referenceVolume is None:
+                    referenceVolume = nodeA.GetNodeReference(nodeA.GetReferenceImageGeometryReferenceRole()) \
+                        if hasattr(nodeA, "GetReferenceImageGeometryReferenceRole") else None
+                arrays = []
+                for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
+                    present = [n for n in order if n in byName]
+                    lm = self._labelmapFromSegmentation(node, [byName[n] for n in present], referenceVolume)
+                    temporary.append(lm)
+                    raw = nodes.array_from_node(lm)
+                    labels = np.zeros(raw.shape, dtype=np.int32)
+                    for k, n in enumerate(present, start=1):  # exported values follow the id order
+                        labels[raw == k] = order.index(n) + 1
+                    arrays.append((labels, nodes.get_ijk_to_ras(lm)))
+                if referenceVolume is None and arrays[0][0].shape != arrays[1][0].shape:
+                    raise ValueError("segmentations have different extents; choose a reference volume")
+                names = {i + 1: n for i, n in enumerate(order)}
+                volA = self._volume(arrays[0])
+                volB = self._volume(arrays[1])
+                labelList = list(names)
+            else:
+                volA = nodes.volume_from_node(nodeA, squeeze_2d=False)
+                volB = nodes.volume_from_node(nodeB, squeeze_2d=False)
+                labelList = None
+            dice = _dice_per_label(volA, volB, labelList)
+            counts = {lab: (int((volA.array == lab).sum()), int((volB.array == lab).sum())) for lab in dice}
+        finally:
+            for n in temporary:
+                scene.RemoveNode(n)
+            added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+            for n in added:
+                if n is not None and n.GetID() not in existing:
+                    scene.RemoveNode(n)
+        if tableNode is None:
+            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", f"Dice {nodeA.GetName()} vs {nodeB.GetName()}")
+        _fill_table(tableNode, [(lab, names.get(lab, str(lab)), dice[lab], *counts[lab]) for lab in sorted(dice)])
+        tableNode.SetAttribute("DualNet.diceInputs", json.dumps([nodeA.GetName(), nodeB.GetName()]))
+        return tableNode
+
+    @staticmethod
+    def _volume(arrayAndMatrix):
+        from dualnet.io import Volume
+
+        arr, m = arrayAndMatrix
+        spacing, origin, direction = nodes.itk_geometry_from_ijk_to_ras(m)
+        return Volume(arr, spacing, origin, direction)
+
+
+def _dice_per_label(a, b, labels):
+    """``dualnet.metrics.dice_per_label`` (geometry checked by the core)."""
+    from dualnet.metrics import dice_per_label
+
+    result = dice_per_label(a, b, labels=labels)
+    return {int(k): float(v) for k, v in result.items()}
+
+
+def _fill_table(tableNode, rows) -> None:
+    import vtk
+
+    table = tableNode.GetTable()
+    was = tableNode.StartModify()
+    try:
+        table.Initialize()
+        columns = [vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkIntArray()]
+        for col, name in zip(columns, ("Label", "Segment", "Dice", "Voxels A", "Voxels B")):
+            col.SetName(name)
+            table.AddColumn(col)
+        table.SetNumberOfRows(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate(row):
+                table.SetValue(r, c, vtk.vtkVariant(value if c != 1 else str(value)))
+        table.Modified()
+    finally:
+        tableNode.EndModify(was)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,205 @@
+"""Model store: shipped models plus a per-user models folder with a JSON index.
+
+A model is a ``.safetensors`` file with a JSON *card* beside it (same stem, ``.json``), as the
+core's ``dualnet.modelfile.save_model`` writes. Shipped models live in ``dualnet/weights`` (read
+only); imported or trained models are copied into the user folder and listed in
+``models.json`` there. Nothing here loads torch: the card is read as JSON only, and the core
+checks the weights when it loads them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+INDEX_NAME = "models.json"
+INDEX_VERSION = 1
+MODEL_SUFFIX = ".safetensors"
+
+
+def default_user_models_dir() -> Path:
+    """``$DUALNET_MODELS_DIR``, else the platform's per-user data folder ``.../DualNet/models``."""
+    env = os.environ.get("DUALNET_MODELS_DIR")
+    if env:
+        return Path(env)
+    home = Path.home()
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("APPDATA", home / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", home / ".local" / "share"))
+    return base / "DualNet" / "models"
+
+
+def shipped_models_dir() -> Path:
+    """The core's weights folder (``dualnet/weights`` beside this Lib)."""
+    return Path(__file__).resolve().parents[1] / "dualnet" / "weights"
+
+
+def card_path(model_path: Path) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def read_card(model_path: Path) -> Dict:
+    """The JSON card beside a model file ({} when missing or unreadable)."""
+    p = card_path(model_path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str
+    modality: Optional[str] = None
+    shipped: bool = False
+    added: Optional[str] = None
+    source: Optional[str] = None
+    card: Dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        tag = "shipped" if self.shipped else "user"
+        mod = f", {self.modality.upper()}" if self.modality else ""
+        return f"{self.name} ({tag}{mod})"
+
+
+class ModelStore:
+    """Shipped models plus a per-user folder.
+
+    Args:
+        user_dir: per-user models folder (created on first write).
+        shipped_dir: read-only folder with shipped models and cards.
+    """
+
+    def __init__(self, user_dir: Optional[Path] = None, shipped_dir: Optional[Path] = None) -> None:
+        self.user_dir = Path(user_dir) if user_dir is not None else default_user_models_dir()
+        self.shipped_dir = Path(shipped_dir) if shipped_dir is not None else shipped_models_dir()
+
+    # -- index ---------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.user_dir / INDEX_NAME
+
+    def _read_index(self) -> List[dict]:
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        models = data.get("models", []) if isinstance(data, dict) else []
+        return [m for m in models if isinstance(m, dict) and "name" in m and "path" in m]
+
+    def _write_index(self, models: List[dict]) -> None:
+        self.user_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, "models": models}, indent=1), encoding="utf-8")
+        os.replace(tmp, self.index_path)
+
+    # -- queries -------------------------------------------------------------------------
+    def shipped_models(self) -> List[ModelEntry]:
+        if not self.shipped_dir.is_dir():
+            return []
+        out = []
+        for f in sorted(self.shipped_dir.glob("*" + MODEL_SUFFIX)):
+            card = read_card(f)
+            out.append(ModelEntry(card.get("name", f.stem), str(f), card.get("modality"), True, None, "shipped", card))
+        return out
+
+    def user_models(self) -> List[ModelEntry]:
+        out = []
+        for m in self._read_index():
+            path = Path(m["path"])
+            if not path.is_absolute():
+                path = self.user_dir / path
+            if not path.exists():
+                continue  # deleted behind our back: hide it, keep the index as is
+            card = read_card(path)
+            out.append(ModelEntry(m["name"], str(path), m.get("modality") or card.get("modality"), False,
+                                  m.get("added"), m.get("source"), card))
+        return out
+
+    def list_models(self, modality: Optional[str] = None) -> List[ModelEntry]:
+        """Shipped then user models, optionally only those for ``modality`` (or without one)."""
+        models = self.shipped_models() + self.user_models()
+        if modality:
+            models = [m for m in models if not m.modality or m.modality == modality]
+        return models
+
+    def find(self, name: str) -> Optional[ModelEntry]:
+        return next((m for m in self.list_models() if m.name == name), None)
+
+    # -- changes -------------------------------------------------------------------------
+    def import_model(self, model_path, name: Optional[str] = None, *, copy: bool = True, source: str = "imported") -> ModelEntry:
+        """Add a model (and its card) to the user folder and the index.
+
+        Raises:
+            FileNotFoundError: the model file or its JSON card is missing.
+            ValueError: the file is not a ``.safetensors`` model or the name is taken.
+        """
+        src = Path(model_path)
+        if src.suffix != MODEL_SUFFIX:
+            raise ValueError(f"{src}: not a {MODEL_SUFFIX} model file")
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such model file")
+        if not card_path(src).is_file():
+            raise FileNotFoundError(f"{card_path(src)}: model card missing (the .json beside the weights)")
+        card = read_card(src)
+        name = name or card.get("name") or src.stem
+        if self.find(name) is not None:
+            raise ValueError(f"a model named '{name}' already exists; choose another name")
+        self.user_dir.mkdir(parents=True, exist_ok=True)
+        if copy and src.resolve().parent != self.user_dir.resolve():
+            dst = self.user_dir / f"{_safe(name)}{MODEL_SUFFIX}"
+            shutil.copy2(src, dst)
+            shutil.copy2(card_path(src), card_path(dst))
+        else:
+            dst = src
+        entry = ModelEntry(name, str(dst), card.get("modality"), False,
+                           datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), source, card)
+        models = self._read_index()
+        rec = {k: v for k, v in asdict(entry).items() if k not in ("card", "shipped")}
+        try:
+            rec["path"] = str(Path(dst).resolve().relative_to(self.user_dir.resolve()))
+        except ValueError:
+            pass
+        models.append(rec)
+        self._write_index(models)
+        return entry
+
+    def remove_model(self, name: str, delete_files: bool = True) -> bool:
+        """Remove a user model from the index (and its files when they are in the user folder)."""
+        models = self._read_index()
+        keep = [m for m in models if m["name"] != name]
+        if len(keep) == len(models):
+            return False
+        if delete_files:
+            for m in models:
+                if m["name"] == name:
+                    path = Path(m["path"]) if Path(m["path"]).is_absolute() else self.user_dir / m["path"]
+                    if path.resolve().parent == self.user_dir.resolve():
+                        for f in (path, card_path(path)):
+                            if f.exists():
+                                f.unlink()
+        self._write_index(keep)
+        return True
+
+    def clear_user_models(self) -> int:
+        """Remove every user model; returns how many were removed. Shipped models stay."""
+        names = [m["name"] for m in self._read_index()]
+        for n in names:
+            self.remove_model(n)
+        return len(names)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"

@@ -1,0 +1,128 @@
+"""Compute-device selection and memory queries for inference (torch imported lazily).
+
+``resolve_device("auto")`` picks CUDA, then Apple MPS, then CPU. Memory figures are in bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op thread count and return it.
+
+    ``threads`` None means ``$DUALNET_NUM_THREADS`` if set, else every usable core. On a
+    machine shared with other busy processes one thread can be much faster than many
+    (oversubscription); set the environment variable then.
+    """
+    import torch
+
+    if threads is None:
+        env = os.environ.get("DUALNET_NUM_THREADS", "").strip()
+        threads = int(env) if env.isdigit() and int(env) > 0 else cpu_count()
+    threads = max(1, int(threads))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str = "auto") -> "Any":
+    """``torch.device`` for ``"auto" | "cpu" | "cuda" | "cuda:N" | "mps"``.
+
+    ``auto`` prefers CUDA, then MPS, then CPU. Asking for a device that is not available
+    raises :class:`InputError` with a one-line message.
+    """
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} requested but CUDA is not available")
+        return torch.device(name)
+    if name == "mps":
+        if not mps_available():
+            raise InputError("device 'mps' requested but Apple MPS is not available")
+        return torch.device("mps")
+    raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+
+
+def available_memory(device: "Any") -> int:
+    """Free memory in bytes usable on ``device`` (CUDA: free VRAM; else free system RAM)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return system_available_memory()
+
+
+def system_available_memory() -> int:
+    """Available system RAM in bytes (psutil if installed, else sysconf / /proc/meminfo)."""
+    try:
+        import psutil  # type: ignore
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * 1024 ** 3  # unknown: assume 4 GiB
+
+
+def autocast_dtype(device: "Any") -> Optional["Any"]:
+    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (full fp32) elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def describe(device: "Any") -> str:
+    """Human-readable device name, e.g. ``"cuda (NVIDIA H200)"`` or ``"cpu (16 threads)"``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type

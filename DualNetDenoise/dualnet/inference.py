@@ -1,0 +1,426 @@
+"""Network inference on whole volumes: normalisation, sliding-window tiling, TTA, MC dropout.
+
+Arrays are numpy, (z, y, x) for volumes and (y, x) for 2D images, intensities in the file's
+units (MRI arbitrary units, CT in HU, US 0..255). A 2D model runs slice by slice (axial
+slices, z) with 2D tiles over (y, x); a 3D model runs on 3D tiles. Overlapping tiles are
+blended with a Gaussian weight (sigma = 1/8 of the tile side), so seams vanish and the result
+depends only weakly on the tile size (max abs difference typically < 1e-2 of the intensity
+range for trained models; see ``Testing/test_inference.py`` for the checked bound).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .progress import CancelToken, ProgressFn, check_cancel, report
+
+TileArg = Union[None, int, Sequence[int]]
+
+MIN_TILE = 16
+MAX_TILE_2D = 512
+MAX_TILE_3D_CPU = 96
+MAX_TILE_3D_GPU = 192
+
+
+@dataclass
+class InferenceResult:
+    """Output of :func:`denoise_array`; every array has the input's shape, float32.
+
+    Attributes:
+        denoised: denoised image in the input's intensity units.
+        uncertainty: per-voxel std over MC-dropout passes (input units), or None.
+        sigma_map: estimated noise std per voxel (input units), or None for baselines.
+        alpha_map: confidence of the blind-spot estimate in [0, 1], or None.
+        info: device, tile, seconds, passes, normalisation, fallbacks.
+    """
+
+    denoised: np.ndarray
+    uncertainty: Optional[np.ndarray]
+    sigma_map: Optional[np.ndarray]
+    alpha_map: Optional[np.ndarray]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+def normalise(array: np.ndarray, spec: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, float]]:
+    """Map intensities to the network's input scale: ``(x - offset) / scale``.
+
+    ``spec`` is a model card's ``normalisation``: ``percentile`` (offset = p_low-th percentile,
+    scale = p_high-th minus p_low-th, computed on this array), ``hu_window`` (fixed HU values
+    ``hu_low``/``hu_high``), ``fixed`` (``low``/``high``) or ``zscore`` (mean / std). No
+    clipping, so :func:`denormalise` inverts exactly. Returns the float32 array and
+    ``{"offset", "scale"}`` in input units.
+    """
+    x = np.asarray(array)
+    method = spec.get("method")
+    if method == "percentile":
+        lo, hi = np.percentile(x, [float(spec["p_low"]), float(spec["p_high"])])
+        offset, scale = float(lo), float(hi - lo)
+    elif method == "hu_window":
+        offset, scale = float(spec["hu_low"]), float(spec["hu_high"]) - float(spec["hu_low"])
+    elif method == "fixed":
+        offset, scale = float(spec["low"]), float(spec["high"]) - float(spec["low"])
+    elif method == "zscore":
+        offset, scale = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+    else:
+        raise ModelError(f"unknown normalisation method {method!r} in model card")
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0  # constant image: only shift
+    out = x.astype(np.float32, copy=True)  # in place from here: one float32 copy at most
+    out -= np.float32(offset)
+    out /= np.float32(scale)
+    return out, {"offset": offset, "scale": scale}
+
+
+def denormalise(array: np.ndarray, params: Dict[str, float]) -> np.ndarray:
+    """Inverse of :func:`normalise` (float32, input units; exact up to float32 rounding)."""
+    out = np.asarray(array, dtype=np.float32).copy()
+    out *= np.float32(params["scale"])
+    out += np.float32(params["offset"])
+    return out
+
+
+# ----------------------------------------------------------------------------- tiling
+
+def gaussian_weight(shape: Sequence[int], sigma_scale: float = 0.125,
+                    floor: float = 1e-3) -> np.ndarray:
+    """Separable Gaussian blending weight over a tile, peak 1 at the centre, >= ``floor``.
+
+    Axes of length 1 get weight 1.
+    """
+    w = np.ones(tuple(shape), dtype=np.float32)
+    for axis, n in enumerate(shape):
+        if n <= 1:
+            continue
+        c = (n - 1) / 2.0
+        s = max(sigma_scale * n, 1e-6)
+        g = np.exp(-0.5 * ((np.arange(n) - c) / s) ** 2).astype(np.float32)
+        g = np.maximum(g / g.max(), floor)
+        shape1 = [1] * len(shape)
+        shape1[axis] = n
+        w = w * g.reshape(shape1)
+    return w
+
+
+def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
+    """Start indices of windows of length ``tile`` covering ``[0, size)`` with ``overlap``."""
+    if tile >= size:
+        return [0]
+    step = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, size - tile + 1, step))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+def _tiles(shape: Sequence[int], tile: Sequence[int], overlap: float
+           ) -> List[Tuple[slice, ...]]:
+    axes = [tile_starts(s, t, overlap if t > 1 else 0.0) for s, t in zip(shape, tile)]
+    return [tuple(slice(a, a + t) for a, t in zip(start, tile))
+            for start in itertools.product(*axes)]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _model_dims(model: Any, card: Optional[Dict[str, Any]]) -> Tuple[int, Dict[str, Any]]:
+    arch = dict(getattr(model, "config", {}) or {})
+    if card and isinstance(card.get("architecture"), dict):
+        arch = {**card["architecture"], **arch}
+    dim = int(arch.get("dim", 2))
+    if dim not in (2, 3):
+        raise ModelError(f"model dim must be 2 or 3, got {dim}")
+    return dim, arch
+
+
+def bytes_per_voxel(arch: Dict[str, Any]) -> float:
+    """Rough peak activation memory (bytes) per input voxel of one forward pass, no grad."""
+    from .models import PRESETS
+
+    dim = int(arch.get("dim", 2))
+    kind = arch.get("kind", "dualnet")
+    cfg = PRESETS.get(arch.get("preset", "tiny"), PRESETS["tiny"])
+    if kind == "dncnn":
+        floats = 4 * {"tiny": 16, "small": 48, "base": 64}.get(arch.get("preset"), 64)
+    elif kind == "n2v":
+        floats = 12 * cfg["width"]
+    else:
+        layers, growth = cfg["rdb"]
+        neb_w = cfg["neb"][0] if arch.get("use_neb", True) else 0
+        floats = neb_w * (4 * dim + 8) + 6 * cfg["width"] + 2 * layers * growth
+        if arch.get("sr"):
+            floats += 8 * 2 ** dim * cfg["width"]
+    return 4.0 * floats * 1.5  # float32, safety margin
+
+
+def auto_tile(arch: Dict[str, Any], device: Any, shape: Sequence[int]) -> Tuple[int, int]:
+    """(tile side in voxels, tiles per batch) fitting the free memory of ``device``.
+
+    Uses a quarter of free RAM on CPU and 60 % of free VRAM on CUDA. 2D tiles are capped at
+    512, 3D tiles at 96 (CPU) / 192 (GPU); sides are multiples of 16.
+    """
+    from .device import available_memory
+
+    dim = int(arch.get("dim", 2))
+    dev_type = getattr(device, "type", str(device))
+    budget = available_memory(device) * (0.6 if dev_type == "cuda" else 0.25)
+    bpv = bytes_per_voxel(arch)
+    cap = MAX_TILE_2D if dim == 2 else (MAX_TILE_3D_GPU if dev_type == "cuda" else MAX_TILE_3D_CPU)
+    side = int((budget / bpv) ** (1.0 / dim))
+    side = max(MIN_TILE, min(cap, side // 16 * 16))
+    batch = max(1, min(16 if dim == 2 else 4, int(budget // (bpv * side ** dim))))
+    return side, batch
+
+
+# ----------------------------------------------------------------------------- TTA
+
+def tta_transforms(n: int) -> List[Tuple[int, bool]]:
+    """The first ``n`` in-plane dihedral transforms as (quarter turns k, flip x)."""
+    all8 = [(k, f) for f in (False, True) for k in range(4)]
+    return all8[:n]
+
+
+def apply_tta(x: Any, k: int, flip: bool) -> Any:
+    """Flip the last (x) axis if asked, then rotate by ``k`` quarter turns in (y, x)."""
+    if flip:
+        x = x.flip(-1)
+    return x.rot90(k, (-2, -1)) if k % 4 else x
+
+
+def invert_tta(y: Any, k: int, flip: bool) -> Any:
+    """Exact inverse of :func:`apply_tta`."""
+    if k % 4:
+        y = y.rot90(-k, (-2, -1))
+    return y.flip(-1) if flip else y
+
+
+# ----------------------------------------------------------------------------- main
+
+def denoise_array(
+    array: np.ndarray,
+    model: Any,
+    card: Optional[Dict[str, Any]],
+    *,
+    device: str = "auto",
+    tile: TileArg = None,
+    overlap: float = 0.25,
+    tta: bool = False,
+    mc_samples: int = 0,
+    seed: int = 0,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+) -> InferenceResult:
+    """Denoise a 2D (y, x) image or a 3D (z, y, x) volume with a DUAL-NET / baseline model.
+
+    Args:
+        array: intensities in file units (CT in HU); NaN/inf are rejected.
+        model: a network from :mod:`dualnet.models` (moved to the chosen device).
+        card: its model card (``normalisation`` is used; None means zscore).
+        device: ``"auto" | "cpu" | "cuda" | "mps"``; CUDA runs under autocast (bf16/fp16) and
+            on out-of-memory retries with halved tiles, then falls back to the CPU.
+        tile: tile side in voxels (int, or per-axis sequence of 2 ints (y, x) for 2D models /
+            3 ints (z, y, x) for 3D), None = chosen from free memory.
+        overlap: fraction of a tile shared with its neighbour, in [0, 0.9].
+        tta: average the 8 in-plane flips/rotations (exactly inverted).
+        mc_samples: number of Monte-Carlo dropout passes for ``uncertainty`` (0 = none). The
+            denoised image itself always comes from the deterministic (eval) model.
+        seed: seeds the dropout masks, so results are reproducible.
+        progress / cancel: see :mod:`dualnet.progress`; checked between batches of tiles.
+    """
+    import torch
+
+    from .device import autocast_dtype, configure_cpu_threads, describe, resolve_device
+
+    t0 = time.perf_counter()
+    arr = np.asarray(array)
+    if arr.ndim not in (2, 3) or min(arr.shape) < 1:
+        raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"expected a real-valued array, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError("input contains NaN or infinite voxels")
+    if not 0.0 <= overlap <= 0.9:
+        raise InputError(f"overlap must be in [0, 0.9], got {overlap}")
+    if mc_samples < 0:
+        raise InputError(f"mc_samples must be >= 0, got {mc_samples}")
+    dim, arch = _model_dims(model, card)
+    vol = arr[None] if arr.ndim == 2 else arr
+    if dim == 3 and arr.ndim == 2:
+        raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
+    spec = (card or {}).get("normalisation") or {"method": "zscore"}
+    xn, norm_params = normalise(vol, spec)
+
+    dev = resolve_device(device)
+    threads = configure_cpu_threads() if dev.type == "cpu" else None
+    tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
+    info: Dict[str, Any] = dict(
+        device=dev.type, device_name=describe(dev), mode="2d-slicewise" if dim == 2 else "3d",
+        overlap=overlap, tta=8 if tta else 1, mc_samples=int(mc_samples),
+        passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
+        fallback=None, oom_retries=0, threads=threads,
+        amp=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
+
+    was_training = model.training
+    try:
+        while True:
+            try:
+                model.to(dev)
+                outputs = _run(xn, model, dim, dev, tile_shape, batch, overlap, tta,
+                               int(mc_samples), seed, progress, cancel)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if dev.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                info["oom_retries"] += 1
+                smaller = tuple(max(1 if (dim == 2 and i == 0) else MIN_TILE, t // 2)
+                                for i, t in enumerate(tile_shape))
+                if batch > 1:
+                    batch = max(1, batch // 2)
+                elif smaller != tile_shape:
+                    tile_shape = smaller
+                else:
+                    dev = torch.device("cpu")
+                    info.update(device="cpu", device_name=describe(dev), fallback="cpu",
+                                amp=None, threads=configure_cpu_threads())
+                    tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
+                    report(progress, 0.0, "warning: GPU out of memory, continuing on the CPU")
+                    continue
+                report(progress, 0.0, f"warning: GPU out of memory, retrying with tiles "
+                                      f"{tile_shape} x{batch}")
+    finally:
+        model.train(was_training)
+
+    squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
+    scale = norm_params["scale"]
+    denoised = squeeze(denormalise(outputs["out"], norm_params))
+    unc = outputs.get("unc")
+    sigma = outputs.get("sigma")
+    alpha = outputs.get("alpha")
+    info.update(tile=tuple(int(t) for t in (tile_shape[1:] if dim == 2 else tile_shape)),
+                batch=batch, seconds=time.perf_counter() - t0)
+    report(progress, 1.0, "done")
+    return InferenceResult(
+        denoised=denoised,
+        uncertainty=None if unc is None else squeeze((unc * scale).astype(np.float32)),
+        sigma_map=None if sigma is None else squeeze((sigma * scale).astype(np.float32)),
+        alpha_map=None if alpha is None else squeeze(alpha.astype(np.float32)),
+        info=info)
+
+
+def balanced_tile(size: int, max_tile: int, overlap: float, multiple: int = 16) -> int:
+    """Smallest tile side (multiple of ``multiple``, <= ``max_tile``) needing no more tiles
+    along an axis of ``size`` voxels than ``max_tile`` would, so little work is repeated."""
+    if size <= max_tile:
+        return size
+    step = max(1, int(round(max_tile * (1.0 - overlap))))
+    n = math.ceil((size - max_tile) / step) + 1
+    side = math.ceil(size / (n - (n - 1) * overlap))
+    side = min(max_tile, math.ceil(side / multiple) * multiple)
+    while side < max_tile and len(tile_starts(size, side, overlap)) > n:
+        side += multiple
+    return side
+
+
+def _tile_shape(tile: TileArg, dim: int, arch: Dict[str, Any], dev: Any,
+                shape: Sequence[int], overlap: float = 0.25) -> Tuple[Tuple[int, ...], int]:
+    """Tile (tz, ty, tx) clipped to the volume (tz = 1 for 2D models) and tiles per batch."""
+    if tile is None:
+        side, batch = auto_tile(arch, dev, shape)
+        spatial = list(shape[1:]) if dim == 2 else list(shape)
+        sides = [balanced_tile(s, side, overlap) for s in spatial]
+    else:
+        sides = [int(tile)] * dim if np.isscalar(tile) else [int(t) for t in tile]
+        if len(sides) != dim or min(sides) < 1:
+            raise InputError(f"tile must be a positive int or {dim} ints, got {tile!r}")
+        batch = None
+    full = ([1] + sides) if dim == 2 else sides
+    clipped = tuple(min(t, s) for t, s in zip(full, shape))
+    if batch is None:
+        from .device import available_memory
+
+        per = bytes_per_voxel(arch) * float(np.prod(clipped))
+        budget = available_memory(dev) * (0.6 if getattr(dev, "type", "") == "cuda" else 0.25)
+        batch = max(1, min(16 if dim == 2 else 4, int(budget // max(per, 1.0))))
+    return clipped, batch
+
+
+def _batches(items: List[Any], size: int) -> Iterator[List[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _run(xn: np.ndarray, model: Any, dim: int, dev: Any, tile_shape: Tuple[int, ...],
+         batch: int, overlap: float, tta: bool, mc_samples: int, seed: int,
+         progress: Optional[ProgressFn], cancel: Optional[CancelToken]) -> Dict[str, np.ndarray]:
+    """Tiled passes over the normalised (z, y, x) volume; returns normalised-unit maps."""
+    import torch
+
+    from .device import autocast_dtype
+    from .models import enable_mc_dropout
+
+    shape = xn.shape
+    tiles = _tiles(shape, tile_shape, overlap)
+    weight = gaussian_weight(tile_shape)
+    acc: Dict[str, np.ndarray] = {"out": np.zeros(shape, np.float32)}
+    wsum = np.zeros(shape, np.float32)
+    amp = autocast_dtype(dev)
+    transforms = tta_transforms(8 if tta else 1)
+    gen_seed = int(seed)
+    n_batches = max(1, math.ceil(len(tiles) / batch))
+    w_t = torch.from_numpy(weight)
+
+    def forward(x: Any) -> Dict[str, Any]:
+        if amp is not None:
+            with torch.autocast(device_type="cuda", dtype=amp):
+                res = model(x)
+        else:
+            res = model(x)
+        return {k: (v.float() if v is not None else None) for k, v in res.items()
+                if k in ("out", "sigma", "alpha")}
+
+    with torch.inference_mode(), torch.random.fork_rng(
+            devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(gen_seed)
+        for b, group in enumerate(_batches(tiles, batch)):
+            check_cancel(cancel)
+            x = torch.from_numpy(np.stack([xn[s] for s in group]))[:, None].to(dev)
+            if dim == 2:
+                x = x[:, :, 0]  # (B, 1, 1, ty, tx) -> (B, 1, ty, tx)
+            model.eval()
+            sums: Dict[str, Any] = {}
+            for k, flip in transforms:
+                res = forward(apply_tta(x, k, flip))
+                for key, val in res.items():
+                    if val is None:
+                        continue
+                    val = invert_tta(val, k, flip)
+                    sums[key] = val if key not in sums else sums[key] + val
+            preds = {key: v / len(transforms) for key, v in sums.items()}
+            if mc_samples:
+                enable_mc_dropout(model)
+                mc = torch.stack([forward(x)["out"] for _ in range(mc_samples)])
+                preds["unc"] = mc.std(0, unbiased=mc_samples > 1) if mc_samples > 1 else \
+                    torch.zeros_like(mc[0])
+                model.eval()
+            for key, val in preds.items():
+                val = val.detach().to("cpu")
+                if dim == 2:
+                    val = val[:, :, None]
+                val = (val[:, 0] * w_t).numpy()
+                if key not in acc:
+                    acc[key] = np.zeros(shape, np.float32)
+                for i, s in enumerate(group):
+                    acc[key][s] += val[i]
+            for s in group:
+                wsum[s] += weight
+            report(progress, (b + 1) / n_batches * 0.99,
+                   f"denoising: batch {b + 1}/{n_batches} ({len(tiles)} tiles)")
+    return {key: val / wsum for key, val in acc.items()}

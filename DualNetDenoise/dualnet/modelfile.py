@@ -1,0 +1,264 @@
+"""Model files: weights as ``.safetensors`` plus a JSON model card beside them.
+
+``model.safetensors`` + ``model.json`` (same stem). The card holds everything needed to rebuild
+and use the network (architecture, intensity normalisation) plus provenance (training data,
+steps, metrics, version) and the SHA-256 of the weights file, checked on every load. Loading
+never unpickles arbitrary objects: safetensors, or ``torch.load(weights_only=True)`` for ``.pt``
+checkpoints. Every problem raises :class:`dualnet.errors.ModelError` with one line naming the
+file.
+
+Card keys (``format_version`` 1)::
+
+    format_version: 1
+    architecture: {kind: dualnet|dncnn|n2v, preset, dim, in_channels, sr, use_neb,
+                   use_nonlocal, dropout}
+    modality: mri|ct|us
+    normalisation: {method: percentile, p_low: 0.5, p_high: 99.5}       (per-volume, MRI/US)
+                 | {method: hu_window, hu_low: -1000, hu_high: 1000}      (fixed, CT in HU)
+                 | {method: fixed, low, high} | {method: zscore}
+    training: {data, steps, ...}   version: str   metrics: {...}
+    weights: file name   sha256: hex digest of the weights file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+from .errors import InputError, ModelError
+from .io import atomic_write_bytes
+
+PathLike = Union[str, os.PathLike]
+
+FORMAT_VERSION = 1
+MODALITIES = ("mri", "ct", "us")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+#: Normalisation methods and the keys each needs (see :func:`dualnet.inference.normalise`).
+NORMALISATIONS: Dict[str, Tuple[str, ...]] = {
+    "percentile": ("p_low", "p_high"),
+    "hu_window": ("hu_low", "hu_high"),
+    "fixed": ("low", "high"),
+    "zscore": (),
+}
+ARCH_KEYS = ("kind", "preset", "dim", "sr", "use_neb", "use_nonlocal", "dropout")
+
+
+def card_path(weights_path: PathLike) -> Path:
+    """The JSON card beside a weights file (same stem, ``.json``)."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validate_normalisation(norm: Any, where: str = "card") -> Dict[str, Any]:
+    """Check a card's ``normalisation`` dict; ModelError naming ``where`` if invalid."""
+    if not isinstance(norm, dict) or norm.get("method") not in NORMALISATIONS:
+        raise ModelError(f"{where}: normalisation must be a dict with method one of "
+                         f"{sorted(NORMALISATIONS)}, got {norm!r}")
+    for key in NORMALISATIONS[norm["method"]]:
+        if not isinstance(norm.get(key), (int, float)) or isinstance(norm.get(key), bool):
+            raise ModelError(f"{where}: normalisation {norm['method']!r} needs a number {key!r}")
+    method = norm["method"]
+    if method != "zscore":
+        lo, hi = (float(norm[k]) for k in NORMALISATIONS[method])
+        if not hi > lo:
+            raise ModelError(f"{where}: normalisation {method!r} needs low < high, got {lo}, {hi}")
+    return norm
+
+
+def save_model(path: PathLike, model: Any, card: Dict[str, Any]) -> Path:
+    """Write ``model``'s weights to ``path`` (``.safetensors``) and its card beside it.
+
+    ``card`` needs ``modality`` and ``normalisation``; ``training``, ``metrics``, ``version``
+    default to empty / ``"0.0.0"``. ``architecture`` is taken from ``model.config`` (a
+    different one in ``card`` is an error). Both files are written atomically. Returns the
+    weights path.
+    """
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: model files are saved as .safetensors")
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "kind" not in config:
+        raise ModelError(f"{path}: model has no architecture config (build it with dualnet.models)")
+    arch = dict(config)
+    given = card.get("architecture")
+    if given is not None and any(given[k] != arch.get(k) for k in given
+                                 if k in ARCH_KEYS + ("in_channels",)):
+        raise ModelError(f"{path}: card architecture {given} differs from the model's {arch}")
+    modality = card.get("modality")
+    if modality not in MODALITIES:
+        raise ModelError(f"{path}: card modality must be one of {MODALITIES}, got {modality!r}")
+    validate_normalisation(card.get("normalisation"), str(path))
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    data = st_save(state, metadata={"format": "pt", "dualnet_kind": arch["kind"]})
+    out = dict(card)
+    out.update(format_version=FORMAT_VERSION, architecture=arch,
+               training=card.get("training", {}), metrics=card.get("metrics", {}),
+               version=str(card.get("version", "0.0.0")), weights=path.name,
+               parameters=sum(int(v.numel()) for v in model.parameters()),
+               sha256=hashlib.sha256(data).hexdigest())
+    try:
+        text = json.dumps(out, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{card_path(path)}: card is not JSON-serialisable ({err})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(card_path(path), (text + "\n").encode("utf-8"))
+    return path
+
+
+def read_card(path: PathLike) -> Dict[str, Any]:
+    """Read and check the JSON card of a weights file (or the card itself)."""
+    cpath = card_path(path)
+    if not cpath.is_file():
+        raise ModelError(f"{cpath}: model card missing (expected beside {Path(path).name})")
+    try:
+        card = json.loads(cpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{cpath}: unreadable model card ({type(err).__name__}: {err})") from None
+    _check_card(card, cpath)
+    return card
+
+
+def _check_card(card: Any, where: Path) -> None:
+    if not isinstance(card, dict):
+        raise ModelError(f"{where}: model card is not a JSON object")
+    version = card.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ModelError(f"{where}: unsupported card format_version {version!r} "
+                         f"(this DualNet reads 1..{FORMAT_VERSION})")
+    arch = card.get("architecture")
+    if not isinstance(arch, dict) or any(k not in arch for k in ("kind", "dim")):
+        raise ModelError(f"{where}: card architecture missing or incomplete")
+    if card.get("modality") not in MODALITIES:
+        raise ModelError(f"{where}: card modality must be one of {MODALITIES}")
+    validate_normalisation(card.get("normalisation"), str(where))
+
+
+def _build(arch: Dict[str, Any], where: Path) -> Any:
+    from .models import build_from_config
+
+    try:
+        return build_from_config(arch)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelError(f"{where}: invalid architecture in card ({err})") from None
+
+
+def _load_pt(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any] | None]:
+    """State dict (and embedded card, if any) from a .pt checkpoint, weights_only=True."""
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"{path}: not a safe weights-only torch checkpoint ({msg})") from None
+    embedded = None
+    if isinstance(obj, dict):
+        if isinstance(obj.get("card"), dict):
+            embedded = obj["card"]
+        for key in ("state_dict", "model", "model_state"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: checkpoint does not contain a state dict of tensors")
+    return obj, embedded
+
+
+def load_model(path: PathLike, device: Any = "cpu") -> Tuple[Any, Dict[str, Any]]:
+    """Load a model and its card; returns ``(model in eval mode on device, card)``.
+
+    ``path`` is the ``.safetensors`` (or ``.pt``/``.pth``) weights file or its ``.json`` card.
+    Checks: card present and valid, SHA-256 of the weights equals the card's, architecture
+    built from the card accepts the weights exactly (``strict=True``). A ``.pt`` checkpoint
+    without a card beside it may carry one under the key ``"card"`` (no hash check then).
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        weights = None
+        for suffix in WEIGHT_SUFFIXES:
+            if path.with_suffix(suffix).is_file():
+                weights = path.with_suffix(suffix)
+                break
+        if weights is None:
+            raise ModelError(f"{path}: no weights file beside the card")
+        path = weights
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: not a model file (expected {', '.join(WEIGHT_SUFFIXES)})")
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+
+    if path.suffix == ".safetensors":
+        card = read_card(path)
+        _verify_hash(path, card)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(f"{path}: corrupt safetensors file ({err})") from None
+    else:
+        state, embedded = _load_pt(path)
+        if card_path(path).is_file():
+            card = read_card(path)
+            _verify_hash(path, card)
+        elif embedded is not None:
+            card = embedded
+            _check_card(card, path)
+        else:
+            raise ModelError(f"{card_path(path)}: model card missing (expected beside {path.name})")
+
+    model = _build(card["architecture"], card_path(path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ModelError(f"{path}: weights do not match the card's architecture ({first})") from None
+    try:
+        model = model.to(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ModelError(f"{path}: cannot move model to {device} ({err})") from None
+    model.eval()
+    return model, card
+
+
+def _verify_hash(path: Path, card: Dict[str, Any]) -> None:
+    expected = card.get("sha256")
+    if not isinstance(expected, str):
+        raise ModelError(f"{card_path(path)}: card has no sha256 of the weights")
+    actual = sha256_file(path)
+    if actual.lower() != expected.lower():
+        raise ModelError(f"{path}: SHA-256 mismatch with its card (file corrupt or tampered)")
+
+
+def default_model_path(modality: str) -> Path:
+    """Where the shipped model for ``modality`` lives: ``dualnet/weights/dualnet_{modality}.safetensors``.
+
+    The file may not exist yet; see :func:`require_default_model`.
+    """
+    if modality not in MODALITIES:
+        raise InputError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    return Path(__file__).resolve().parent / "weights" / f"dualnet_{modality}.safetensors"
+
+
+def require_default_model(modality: str) -> Path:
+    """:func:`default_model_path` if the file exists, else ModelError."""
+    path = default_model_path(modality)
+    if not path.is_file():
+        raise ModelError(f"no shipped model for modality {modality} yet (expected {path})")
+    return path

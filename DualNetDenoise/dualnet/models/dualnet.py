@@ -1,0 +1,243 @@
+"""DUAL-NET: a blind-spot noise-estimation branch (NEB) + a structure-restoration branch (SRB).
+
+Input ``x`` is (N, C, H, W) (``dim=2``) or (N, C, D, H, W) (``dim=3``), intensity-normalised
+(roughly zero mean, unit scale). ``forward`` returns a dict:
+
+- ``out``   (N, 1, *S) denoised image, same spatial size as ``x`` (any size, odd included),
+- ``sigma`` (N, 1, *S) per-voxel noise standard deviation in normalised units (> 0, softplus),
+- ``alpha`` (N, 1, *S) per-voxel confidence of the blind estimate in [0, 1] (sigmoid),
+- ``blind`` (N, 1, *S) blind-spot estimate: voxel ``v`` never depends on input voxel ``v``,
+- ``sr``    (N, 1, *(2S)) x2 super-resolved output, only when built with ``sr=True``
+  (research only: not validated for clinical-looking output).
+
+With ``use_neb=False`` the values of ``sigma``, ``alpha`` and ``blind`` are ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import (CausalConv, CausalSpatialAttention, NoiseModulatedAttention,
+                     ResidualDenseBlock, SqueezeExcite, WindowAttention, avg_pool_nd, conv,
+                     conv_nd, conv_transpose_nd, crop_to, pad_to_multiple, shift_down,
+                     voxel_shuffle)
+
+#: Architecture presets. ``width``: SRB channels at full resolution (doubled per level up to
+#: ``max_width``); ``levels``: number of x2 downsamplings; ``rdb``: (layers, growth) of each
+#: residual dense block, ``blocks``: RDBs per scale; ``neb``: (width, depth) of the blind-spot
+#: branch; ``heads``: attention heads at the bottleneck.
+PRESETS: Dict[str, dict] = {
+    "tiny": dict(width=16, levels=2, max_width=64, rdb=(2, 8), blocks=1, neb=(8, 3), heads=2),
+    "small": dict(width=32, levels=3, max_width=128, rdb=(4, 16), blocks=1, neb=(24, 5),
+                  heads=4),
+    "base": dict(width=64, levels=4, max_width=512, rdb=(4, 52), blocks=2, neb=(64, 8),
+                 heads=8),
+}
+
+
+def preset_config(preset: str) -> dict:
+    """The hyper-parameters of a preset; ``ValueError`` for an unknown name."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+class BlindSpotBranch(nn.Module):
+    """Shared causal ('upward-looking') conv stack applied to 2*dim reoriented copies.
+
+    Each copy is a transpose/flip of the input so that a different half-space is 'up'. After
+    the stack, a one-voxel shift makes each copy's receptive field a strict half-space, and the
+    union of the 2*dim strict half-spaces is everything but the centre voxel (Laine et al.
+    2019). The copies are re-oriented back and fused with 1x1 convs only, so the property holds
+    exactly, at training and at inference. Zero padding inside keeps borders blind too.
+    """
+
+    def __init__(self, dim: int, cin: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.dim = dim
+        layers: List[nn.Module] = [CausalConv(dim, cin, width, 3), nn.LeakyReLU(0.2)]
+        for i in range(depth - 1):
+            layers += [CausalConv(dim, width, width, 3, dilation=2 ** ((i + 1) % 4)),
+                       nn.LeakyReLU(0.2)]
+        self.stack = nn.Sequential(*layers)
+        self.attn = CausalSpatialAttention(dim)
+        copies = 2 * dim
+        self.fuse = nn.Sequential(conv(dim, copies * width, 2 * width, 1), nn.LeakyReLU(0.2),
+                                  conv(dim, 2 * width, width, 1), nn.LeakyReLU(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for axis in range(2, 2 + self.dim):
+            t = x.transpose(2, axis) if axis != 2 else x
+            both = torch.cat([t, t.flip(2)], 0)  # 'down' and 'up' share one batch
+            y = shift_down(self.attn(self.stack(both)))
+            n = x.shape[0]
+            y_down, y_up = y[:n], y[n:].flip(2)
+            for yy in (y_down, y_up):
+                outs.append(yy.transpose(2, axis) if axis != 2 else yy)
+        return self.fuse(torch.cat(outs, 1))
+
+
+class NoiseEstimationBranch(nn.Module):
+    """NEB: blind-spot features -> sigma (softplus), noise-modulated attention, blind, alpha."""
+
+    def __init__(self, dim: int, cin: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.features = BlindSpotBranch(dim, cin, width, depth)
+        self.sigma_head = conv(dim, width, 1, 1)
+        self.attn = NoiseModulatedAttention(dim, width)
+        self.blind_head = conv(dim, width, cin, 1)
+        self.alpha_head = conv(dim, width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        f = self.features(x)
+        sigma = F.softplus(self.sigma_head(f)) + 1e-4
+        f = self.attn(f, torch.log(sigma))
+        return {"blind": self.blind_head(f), "sigma": sigma,
+                "alpha": torch.sigmoid(self.alpha_head(f))}
+
+
+class GuidedSkipGate(nn.Module):
+    """Cross-attention gate on a skip connection.
+
+    ``skip * sigmoid(Ws skip + Wd up + Wg [alpha, log sigma])``: the decoder signal and the
+    NEB reliability maps decide which encoder features pass (unreliable ones are suppressed).
+    """
+
+    def __init__(self, dim: int, channels: int, guide_channels: int) -> None:
+        super().__init__()
+        self.ws = conv(dim, channels, channels, 1)
+        self.wd = conv(dim, channels, channels, 1, bias=False)
+        self.wg = conv(dim, guide_channels, channels, 1, bias=False) if guide_channels else None
+
+    def forward(self, skip: torch.Tensor, up: torch.Tensor,
+                guide: Optional[torch.Tensor]) -> torch.Tensor:
+        g = self.ws(skip) + self.wd(up)
+        if self.wg is not None and guide is not None:
+            g = g + self.wg(guide)
+        return skip * torch.sigmoid(g)
+
+
+class StructureRestorationBranch(nn.Module):
+    """SRB: residual UNet with RDBs per scale, SE + windowed MHSA bottleneck, gated skips."""
+
+    def __init__(self, dim: int, cin: int, cfg: dict, *, guide_channels: int,
+                 use_nonlocal: bool, dropout: float) -> None:
+        super().__init__()
+        self.dim, self.levels = dim, cfg["levels"]
+        layers, growth = cfg["rdb"]
+        widths = [min(cfg["width"] * 2 ** i, cfg["max_width"]) for i in range(self.levels + 1)]
+        self.widths = widths
+        self.inc = conv(dim, cin, widths[0], 3)
+
+        def blocks(c: int) -> nn.Module:
+            return nn.Sequential(*[ResidualDenseBlock(dim, c, growth, layers)
+                                   for _ in range(cfg["blocks"])])
+
+        self.enc = nn.ModuleList(blocks(widths[i]) for i in range(self.levels))
+        self.down = nn.ModuleList(conv_nd(dim)(widths[i], widths[i + 1], 2, stride=2)
+                                  for i in range(self.levels))
+        wb = widths[-1]
+        self.bottleneck = blocks(wb)
+        self.se = SqueezeExcite(dim, wb)
+        self.nonlocal_attn = (WindowAttention(dim, wb, cfg["heads"], 4, dropout)
+                              if use_nonlocal else None)
+        self.up = nn.ModuleList(conv_transpose_nd(dim)(widths[i + 1], widths[i], 2, stride=2)
+                                for i in range(self.levels))
+        self.gates = nn.ModuleList(GuidedSkipGate(dim, widths[i], guide_channels)
+                                   for i in range(self.levels))
+        self.merge = nn.ModuleList(conv(dim, 2 * widths[i], widths[i], 1)
+                                   for i in range(self.levels))
+        self.dec = nn.ModuleList(blocks(widths[i]) for i in range(self.levels))
+        self.drop = nn.Dropout(dropout)
+        self.act = nn.LeakyReLU(0.2)
+        self.noise_head = conv(dim, widths[0], 1, 3)
+
+    @property
+    def stride(self) -> int:
+        """Spatial sizes must be a multiple of this (the caller pads)."""
+        return 2 ** self.levels
+
+    def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor]
+                ) -> Dict[str, torch.Tensor]:
+        h = self.act(self.inc(x))
+        skips = []
+        for enc, down in zip(self.enc, self.down):
+            h = enc(h)
+            skips.append(h)
+            h = self.act(down(h))
+        h = self.se(self.bottleneck(h))
+        if self.nonlocal_attn is not None:
+            h = self.nonlocal_attn(h)
+        h = self.drop(h)
+        for i in reversed(range(self.levels)):
+            h = self.act(self.up[i](h))
+            g = avg_pool_nd(guide, 2 ** i) if (guide is not None and i) else guide
+            skip = self.gates[i](skips[i], h, g)
+            h = self.drop(self.dec[i](self.act(self.merge[i](torch.cat([h, skip], 1)))))
+        return {"noise": self.noise_head(h), "features": h}
+
+
+class SRHead(nn.Module):
+    """x2 super-resolution head (research only): conv -> pixel/voxel shuffle -> conv.
+
+    Adds a learned correction to a linearly upsampled denoised image.
+    """
+
+    def __init__(self, dim: int, width: int, cout: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.expand = conv(dim, width, width * 2 ** dim, 3)
+        self.refine = nn.Sequential(nn.LeakyReLU(0.2), conv(dim, width, width, 3),
+                                    nn.LeakyReLU(0.2), conv(dim, width, cout, 3))
+
+    def forward(self, features: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        mode = "bilinear" if self.dim == 2 else "trilinear"
+        base = F.interpolate(out, scale_factor=2, mode=mode, align_corners=False)
+        return base + self.refine(voxel_shuffle(self.expand(features), 2))
+
+
+class DualNet(nn.Module):
+    """DUAL-NET denoiser (see module docstring for the forward contract)."""
+
+    def __init__(self, preset: str = "tiny", dim: int = 2, *, in_channels: int = 1,
+                 sr: bool = False, use_neb: bool = True, use_nonlocal: bool = True,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        conv_nd(dim)  # validates dim
+        cfg = preset_config(preset)
+        self.dim, self.in_channels = dim, in_channels
+        self.config = dict(kind="dualnet", preset=preset, dim=dim, in_channels=in_channels,
+                           sr=bool(sr), use_neb=bool(use_neb), use_nonlocal=bool(use_nonlocal),
+                           dropout=float(dropout))
+        nw, nd = cfg["neb"]
+        self.neb = NoiseEstimationBranch(dim, in_channels, nw, nd) if use_neb else None
+        srb_in = in_channels + (in_channels + 1 if use_neb else 0)  # x, blind, log sigma
+        self.srb = StructureRestorationBranch(dim, srb_in, cfg, guide_channels=2 if use_neb else 0,
+                                              use_nonlocal=use_nonlocal, dropout=dropout)
+        self.sr_head = SRHead(dim, self.srb.widths[0], in_channels) if sr else None
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        if x.dim() != self.dim + 2:
+            raise ValueError(f"expected a {self.dim + 2}-D tensor (N, C, *spatial), got {tuple(x.shape)}")
+        result: Dict[str, Optional[torch.Tensor]] = {"sigma": None, "alpha": None, "blind": None}
+        guide = None
+        srb_in = x
+        if self.neb is not None:
+            neb = self.neb(x)  # unpadded: padding would put copies of border voxels in view
+            result.update(neb)
+            log_sigma = torch.log(neb["sigma"])
+            guide = torch.cat([neb["alpha"], log_sigma], 1)
+            srb_in = torch.cat([x, neb["blind"], log_sigma], 1)
+        padded, sizes = pad_to_multiple(srb_in, self.srb.stride)
+        if guide is not None:
+            guide, _ = pad_to_multiple(guide, self.srb.stride)
+        srb = self.srb(padded, guide)
+        result["out"] = x - crop_to(srb["noise"], sizes)
+        if self.sr_head is not None:
+            result["sr"] = self.sr_head(crop_to(srb["features"], sizes), result["out"])
+        return result

@@ -1,0 +1,166 @@
+"""``dualnet train`` / ``dualnet finetune`` sub-commands (also ``python -m dualnet.training.cli``).
+
+Exit codes: 0 success, 2 bad input / model / config, 130 cancelled (Ctrl-C, SIGTERM); the
+message of a cancelled run names the checkpoint to ``--resume`` from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import CancelledError, DualNetError
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def add_train_parsers(subparsers) -> None:
+    """Add ``train`` and ``finetune`` to an ``argparse`` sub-parser collection."""
+    p = subparsers.add_parser("train", help="supervised pretraining on synthetic degradations of clean scans",
+                              description="Train DUAL-NET (or the DnCNN / Noise2Void baselines) from a TOML config.")
+    p.add_argument("--config", required=True,
+                   help="TOML config file, or the name of a shipped one: pretrain_mri | pretrain_ct | pretrain_us "
+                        "(also just mri | ct | us)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data-dir", default=None, help="base folder of relative data paths "
+                   "(default: config data_dir, $DUALNET_SHARED_DATA or ../shared/data)")
+    p.add_argument("--workers", type=int, default=None, help="data-generation worker processes")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--export", default=None, help="also write the final model here (.safetensors + card), e.g. "
+                   "DualNetDenoise/dualnet/weights/dualnet_mri.safetensors for a shipped model")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget: the run and its cosine schedule are shortened to fit (0 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--progress-json", action="store_true", help="print DUALNET_PROGRESS {json} lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_main)
+
+    f = subparsers.add_parser("finetune", help="self-supervised fine-tuning on real noisy scans",
+                              description="Noise2Void/Noise2Self fine-tuning of a trained model on real scans.")
+    f.add_argument("inputs", nargs="+", metavar="INPUT", help="noisy scans (files, DICOM folders, PNG frame folders)")
+    f.add_argument("--model", required=True, help="base model (.safetensors with its JSON card)")
+    f.add_argument("--out", required=True, help="fine-tuned model (.safetensors)")
+    f.add_argument("--config", default=None, help="TOML config (default: dualnet/configs/finetune.toml)")
+    f.add_argument("--steps", type=int, default=None)
+    f.add_argument("--device", default=None)
+    f.add_argument("--frame", type=int, default=None, help="4D inputs: volume index along the 4th axis")
+    f.add_argument("--run-dir", default=None, help="folder for checkpoint/log (default <out stem>_run)")
+    f.add_argument("--resume", action="store_true")
+    f.add_argument("--progress-json", action="store_true")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=finetune_main)
+
+
+def resolve_config(name: str) -> Path:
+    """A config path: an existing file, else a shipped config by name (``mri`` -> pretrain_mri.toml)."""
+    from .config import config_dir
+
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (config_dir() / name, config_dir() / f"{name}.toml", config_dir() / f"pretrain_{name}.toml"):
+        if cand.is_file():
+            return cand
+    return p  # load_config reports the missing file
+
+
+def _progress(args):
+    if args.progress_json or args.quiet:
+        return None, False
+    return None, sys.stderr.isatty()
+
+
+def _print_cancel(err: CancelledError) -> int:
+    print(f"dualnet: {err}", file=sys.stderr, flush=True)
+    return 130
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Run ``dualnet train``; returns the exit code."""
+    from .config import load_config
+    from .trainer import pretrain
+
+    try:
+        config_path = resolve_config(args.config)
+        cfg = load_config(config_path, steps=args.steps, device=args.device,
+                          num_workers=getattr(args, "workers", None), batch_size=getattr(args, "batch_size", None),
+                          time_budget_s=getattr(args, "time_budget", None), seed=getattr(args, "seed", None))
+        out = Path(args.out) if args.out else Path("runs") / config_path.stem
+        _, bar = _progress(args)
+        res = pretrain(cfg, out_dir=out, resume=bool(args.resume), data_dir=getattr(args, "data_dir", None),
+                       progress_json=bool(args.progress_json), show_bar=bar, command=_command_line(),
+                       export_path=getattr(args, "export", None),
+                       progress=None if (args.quiet or bar or args.progress_json) else _line_progress())
+    except CancelledError as err:
+        return _print_cancel(err)
+    except KeyboardInterrupt:
+        print("dualnet: training interrupted", file=sys.stderr)
+        return 130
+    except DualNetError as err:
+        print(f"dualnet: error: {err}", file=sys.stderr)
+        return 2
+    msg = (f"trained {res.steps} steps in {res.seconds:.0f} s; loss {res.first_loss:.4g} -> {res.last_loss:.4g}; "
+           f"val PSNR {res.val_psnr if res.val_psnr is None else round(res.val_psnr, 2)} dB, "
+           f"SSIM {res.val_ssim if res.val_ssim is None else round(res.val_ssim, 4)}; model {res.model_path}")
+    if res.model_path is not None:
+        print(msg, file=sys.stderr if args.progress_json else sys.stdout, flush=True)
+    return 0
+
+
+def finetune_main(args: argparse.Namespace) -> int:
+    """Run ``dualnet finetune``; returns the exit code."""
+    from .config import TrainConfig, config_dir, load_config
+    from .trainer import finetune
+
+    try:
+        cfg = load_config(resolve_config(args.config) if args.config else config_dir() / "finetune.toml",
+                          steps=args.steps, device=args.device)
+        _, bar = _progress(args)
+        res = finetune(list(args.inputs), args.model, args.out, cfg, resume=bool(args.resume),
+                       out_dir=args.run_dir, progress_json=bool(args.progress_json), show_bar=bar,
+                       command=_command_line(), frame=args.frame,
+                       progress=None if (args.quiet or bar or args.progress_json) else _line_progress())
+    except CancelledError as err:
+        return _print_cancel(err)
+    except KeyboardInterrupt:
+        print("dualnet: fine-tuning interrupted", file=sys.stderr)
+        return 130
+    except DualNetError as err:
+        print(f"dualnet: error: {err}", file=sys.stderr)
+        return 2
+    if res.model_path is not None:
+        print(f"fine-tuned {res.steps} steps in {res.seconds:.0f} s; self-supervised val loss "
+              f"{res.val_loss}; model {res.model_path}", file=sys.stderr if args.progress_json else sys.stdout)
+    return 0
+
+
+def _line_progress():
+    """Plain progress lines (non-tty): at most one per call, on stdout."""
+    def fn(fraction: float, message: str) -> None:
+        print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
+
+    return fn
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m dualnet.training.cli train|finetune ...``."""
+    parser = argparse.ArgumentParser(prog="dualnet-train", description="DualNet training")
+    sub = parser.add_subparsers(dest="command")
+    add_train_parsers(sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

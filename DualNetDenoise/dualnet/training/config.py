@@ -1,0 +1,294 @@
+"""Training configuration: one dataclass holding every hyperparameter, read from / written to TOML.
+
+A :class:`TrainConfig` is loaded from a TOML file (``TrainConfig.from_toml``), can be overridden
+from the command line, and is saved beside every checkpoint as ``config.toml`` together with a
+``config_version`` field so that old run folders stay readable.
+
+Units: ``patch_size`` is the edge of a LOW-RESOLUTION training patch in voxels (the clean
+high-resolution crop is ``patch_size * lr_factor`` voxels per axis before degradation);
+``lr`` is the peak AdamW learning rate; ``levels`` are noise levels in the units of
+``dualnet.noise.add_noise`` (MRI sigma as a fraction of the clean maximum, CT dose fraction,
+US number of looks); ``steps``, ``warmup_steps``, ``checkpoint_every``, ``val_every`` count
+optimiser steps; ``patience`` counts validation rounds.
+
+Data sources are files (NIfTI/NRRD/MHA/PNG or DICOM folders) or folders of PNG frames, given
+relative to ``data_dir``. The train/validation split is made per FILE (patient / case level),
+never per slice: each source has ``split = "train"`` or ``"val"``; when no source is marked
+``"val"`` the last ``val_fraction`` of the files (sorted by name) is held out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ..errors import InputError
+
+#: Bumped whenever a field changes meaning; written into every saved config.
+CONFIG_VERSION = 1
+
+MODALITIES = ("mri", "ct", "us")
+MODELS = ("dualnet", "dncnn", "n2v")
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass
+class DataSource:
+    """One training / validation source.
+
+    Attributes:
+        path: file, DICOM folder or folder of PNG frames; relative paths are resolved
+            against ``TrainConfig.data_dir``.
+        split: ``"train"`` or ``"val"`` (the split is per source = per case / patient).
+        frame: for a 4D file, the volume index along the 4th axis (0-based).
+        crop: optional crop in array order, ``[z0, z1, y0, y1, x0, x1]`` (3D) or
+            ``[y0, y1, x0, x1]`` (2D), half-open voxel ranges.
+        frames: for a folder of PNG frames, the inclusive range ``[first, last]`` of the frame
+            NUMBER parsed from the file name (e.g. ``0150.png`` -> 150); contiguous blocks keep
+            neighbouring (correlated) frames on the same side of the split.
+        licence: licence of the data (copied into the model card); filled from the shared
+            data README when empty.
+    """
+
+    path: str
+    split: str = "train"
+    frame: Optional[int] = None
+    crop: Optional[List[int]] = None
+    frames: Optional[List[int]] = None
+    licence: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of synthetic pretraining and self-supervised fine-tuning."""
+
+    config_version: int = CONFIG_VERSION
+    stage: str = "pretrain"  #: "pretrain" (supervised, synthetic noise) | "finetune" (self-supervised)
+    model: str = "dualnet"  #: "dualnet" | "dncnn" (supervised residual) | "n2v" (masked, self-supervised)
+    modality: str = "mri"
+    preset: str = "tiny"  #: model size preset "tiny" | "small" | "base"
+    dim: int = 2  #: 2 = slice-wise model (N,C,H,W); 3 = volumetric model (N,C,D,H,W)
+    sr: bool = False  #: train the super-resolution head too (target: clean HR patch)
+    use_neb: bool = True
+    use_nonlocal: bool = True
+    dropout: float = 0.1
+    # data / patches
+    patch_size: int = 64  #: LR patch edge in voxels
+    batch_size: int = 16
+    slice_axes: List[int] = field(default_factory=lambda: [0])  #: 2D models: array axes slices are cut along
+    min_foreground: float = 0.15  #: reject patches with less than this fraction of voxels above 5 % of scale
+    levels: List[float] = field(default_factory=list)  #: [low, high] noise level range; empty = noise.LEVEL_RANGES
+    lr_factor: int = 2  #: down-sampling factor of the simulated low-resolution acquisition (1 = denoise only)
+    anisotropy: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  #: extra (z,y,x) down-sampling of degrade()
+    slab_degrade: bool = True  #: 2D models on 3D images: degrade a 3-LR-slice slab in 3D, keep the middle slice
+    blur_fwhm: float = 0.0  #: PSF FWHM in LR voxels passed to degrade(); 0 = degrade's default
+    augment_flip: bool = True
+    augment_rot90: bool = True
+    elastic_prob: float = 0.25  #: probability of a light elastic deformation of the clean crop
+    elastic_alpha: float = 2.0  #: elastic displacement amplitude in voxels
+    intensity_jitter: float = 0.1  #: random +-fraction on the normalisation scale (robust to scale estimate)
+    val_fraction: float = 0.2  #: files held out when no source is marked split="val"
+    val_patches: int = 24  #: fixed validation patches (pre-generated with seed + 12345)
+    data_dir: str = ""  #: base folder of relative data paths; "" = $DUALNET_SHARED_DATA or ../shared/data
+    data: List[DataSource] = field(default_factory=list)
+    # optimisation
+    steps: int = 1000
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.02  #: cosine schedule floor as a fraction of lr
+    grad_clip: float = 1.0  #: max global gradient norm; 0 = off
+    amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
+    # losses
+    lambda_l1: float = 1.0
+    lambda_ssim: float = 0.2
+    lambda_edge: float = 0.1
+    lambda_neb: float = 0.05  #: NEB noise-std calibration (Gaussian KL, see losses.neb_kl)
+    lambda_blind: float = 0.5  #: supervision of the blind-spot branch (pretraining)
+    lambda_sr: float = 1.0  #: SR head (Charbonnier + structure consistency)
+    lambda_consistency: float = 0.1  #: self-supervised: alpha-weighted |out - blind|
+    lambda_tv: float = 0.0  #: weak total variation on the output
+    lambda_anchor: float = 0.0  #: fine-tuning: L1 to the frozen base model's output (keeps pretrained behaviour)
+    neb_loss: str = "kl"  #: "kl" (known simulated std) | "nll" (residual NLL, no std needed)
+    mask_ratio: float = 0.2  #: fraction of voxels masked for Noise2Void / Noise2Self
+    mask_radius: int = 2  #: neighbour replacement radius (voxels)
+    ss_loss: str = "l2"  #: masked self-supervised loss "l2" | "l1"
+    # run control
+    seed: int = 0
+    device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    num_workers: int = 0  #: data-generation worker processes per rank
+    checkpoint_every: int = 200
+    val_every: int = 100
+    log_every: int = 10
+    patience: int = 0  #: early stop after this many validation rounds without SSIM gain; 0 = off
+    export_best: bool = True  #: export the weights of the best validation SSIM (else the last)
+    threads: int = 0  #: torch CPU threads; 0 = torch default
+    time_budget_s: float = 0.0  #: wall-clock budget; > 0: after 50 steps the run (and cosine) is shortened to fit
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Check values; raise :class:`InputError` naming the first bad field."""
+        if self.config_version > CONFIG_VERSION:
+            raise InputError(f"config_version {self.config_version} is newer than this dualnet ({CONFIG_VERSION})")
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {STAGES}"),
+            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (self.modality in MODALITIES, f"modality must be one of {MODALITIES}"),
+            (self.dim in (2, 3), "dim must be 2 or 3"),
+            (self.patch_size >= 8, "patch_size must be >= 8"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.lr_factor >= 1, "lr_factor must be >= 1"),
+            (not self.sr or (self.lr_factor == 2 and self.model == "dualnet"), "sr = true needs model = 'dualnet' and lr_factor = 2 (x2 SR head)"),
+            (0.0 < self.mask_ratio < 1.0, "mask_ratio must be in (0, 1)"),
+            (self.neb_loss in ("kl", "nll"), "neb_loss must be 'kl' or 'nll'"),
+            (self.ss_loss in ("l1", "l2"), "ss_loss must be 'l1' or 'l2'"),
+            (len(self.levels) in (0, 2), "levels must be [] or [low, high]"),
+            (all(a in (0, 1, 2) for a in self.slice_axes) and len(self.slice_axes) > 0, "slice_axes must be in 0..2"),
+            (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(f"training config: {msg}")
+        for src in self.data:
+            if src.split not in ("train", "val"):
+                raise InputError(f"training config: data source {src.path}: split must be 'train' or 'val'")
+        return self
+
+    # ------------------------------------------------------------------ dict / TOML
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (JSON / TOML serialisable; ``None`` values dropped)."""
+        return _drop_none(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a dict (unknown keys -> InputError naming them)."""
+        raw = dict(raw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise InputError(f"{source}: unknown training option(s): {', '.join(unknown)}")
+        data = raw.pop("data", [])
+        src_names = {f.name for f in dataclasses.fields(DataSource)}
+        sources = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                item = {"path": item}
+            bad = sorted(set(item) - src_names)
+            if bad or "path" not in item:
+                raise InputError(f"{source}: data source #{i + 1}: unknown key(s) {bad} or missing 'path'")
+            sources.append(DataSource(**item))
+        try:
+            cfg = cls(**raw, data=sources)
+        except TypeError as err:
+            raise InputError(f"{source}: {err}") from None
+        # normalise types coming from TOML / JSON
+        cfg.levels = [float(v) for v in cfg.levels]
+        cfg.anisotropy = [float(v) for v in cfg.anisotropy]
+        cfg.slice_axes = [int(v) for v in cfg.slice_axes]
+        return cfg.validate()
+
+    @classmethod
+    def from_toml(cls, path: Union[str, os.PathLike]) -> "TrainConfig":
+        """Read a TOML config file; errors name the file."""
+        p = Path(path)
+        try:
+            with open(p, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise InputError(f"{p}: no such config file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"{p}: invalid TOML ({err})") from None
+        return cls.from_dict(raw, source=str(p))
+
+    def to_toml(self) -> str:
+        """TOML text of this config (scalars first, then ``[[data]]`` tables)."""
+        return dumps_toml(self.to_dict())
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write ``to_toml()`` atomically to ``path``."""
+        from ..io import atomic_write_bytes
+
+        return atomic_write_bytes(path, self.to_toml().encode("utf-8"))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v in (float("inf"), float("-inf")):
+            return "inf" if v > 0 else "-inf"
+        text = repr(v)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(d: Dict[str, Any]) -> str:
+    """Minimal TOML writer: top-level scalars and lists, plus arrays of flat tables.
+
+    Enough for :class:`TrainConfig` (tomllib reads it back to the same dict).
+    """
+    lines: List[str] = [f"# dualnet training config (config_version {d.get('config_version', CONFIG_VERSION)})"]
+    tables: List[tuple] = []
+    for key, value in d.items():
+        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            tables.append((key, value))
+        elif isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in tables:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            lines.append("")
+            lines.append(f"[[{key}]]" if isinstance(value, list) else f"[{key}]")
+            for k, v in item.items():
+                lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def load_config(path: Optional[Union[str, os.PathLike]] = None, **overrides: Any) -> TrainConfig:
+    """Config from ``path`` (or defaults) with keyword overrides (``None`` overrides ignored)."""
+    cfg = TrainConfig.from_toml(path) if path else TrainConfig()
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.replace(**changes) if changes else cfg.validate()
+
+
+def default_data_dir() -> Path:
+    """``$DUALNET_SHARED_DATA`` or ``<repo>/../shared/data`` (the real scans beside the checkout)."""
+    env = os.environ.get("DUALNET_SHARED_DATA")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[3]
+    return repo.parent / "shared" / "data"
+
+
+def config_dir() -> Path:
+    """Folder of the shipped TOML configs (``dualnet/configs``)."""
+    return Path(__file__).resolve().parents[1] / "configs"

@@ -1,0 +1,617 @@
+"""Training data: clean sources, intensity normalisation, on-the-fly degradation, patches.
+
+Arrays are numpy in (z, y, x) order for volumes and (y, x) for 2D images; batches handed to the
+network are float32 (N, C, [D,] H, W) with C = 1.
+
+Normalisation (defined ONCE here, recorded in the model card under ``"normalisation"`` in the
+format of :mod:`dualnet.modelfile`, and inverted exactly by :func:`denormalise`): an affine map
+``y = (x - low) / (high - low)`` with
+
+* CT: ``{"method": "hu_window", "hu_low": -1000, "hu_high": 1000}`` (fixed HU scaling: air -> 0,
+  water -> 0.5, no clipping);
+* US: ``{"method": "fixed", "low": 0, "high": 255}`` (8-bit B-mode grey levels -> 0..1);
+* MRI: ``{"method": "percentile", "p_low": 0.5, "p_high": 99.5}``: ``low``/``high`` are those
+  percentiles of the image (robust percentile scaling). At inference they are taken from the
+  noisy input; training jitters the scale by ``intensity_jitter`` so the network does not depend
+  on the exact estimate.
+
+Training pairs are made per mini-batch: a clean high-resolution crop is augmented (flips,
+90-degree rotations, light elastic deformation), degraded with :func:`dualnet.degrade.degrade`
+at a random level in the modality's range (noisy LR + clean LR + clean HR), and the simulated
+per-voxel noise standard deviation (:func:`dualnet.noise.noise_std_map`) is returned for NEB
+calibration. Every batch is a deterministic function of ``(seed, rank, step)``, so training
+resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen,
+whatever the number of data workers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import InputError
+
+ArrayLike = Union[np.ndarray, "Volume"]  # noqa: F821
+
+#: Normalised intensity above which a voxel counts as foreground when sampling patches.
+FOREGROUND_THRESHOLD = 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation
+# ---------------------------------------------------------------------------------------------
+def normalisation_spec(modality: str) -> Dict[str, Any]:
+    """The normalisation recipe of ``modality`` as stored in the model card (modelfile format)."""
+    if modality == "ct":
+        return {"method": "hu_window", "hu_low": -1000.0, "hu_high": 1000.0}
+    if modality == "us":
+        return {"method": "fixed", "low": 0.0, "high": 255.0}
+    if modality == "mri":
+        return {"method": "percentile", "p_low": 0.5, "p_high": 99.5}
+    raise InputError(f"unknown modality {modality!r}; choose mri, ct or us")
+
+
+def normalisation_params(array: np.ndarray, spec: Dict[str, Any]) -> Tuple[float, float]:
+    """``(offset, scale)`` such that ``y = (x + offset) / scale`` implements ``spec`` on ``array``.
+
+    Delegates to :func:`dualnet.inference.normalise` (the one definition used at inference), so
+    training and inference normalise identically: ``percentile`` offset = -P(p_low), scale =
+    P(p_high) - P(p_low); ``hu_window`` / ``fixed`` offset = -low, scale = high - low.
+    """
+    from ..inference import normalise as _inf_normalise
+
+    a = np.asarray(array)
+    if spec.get("method") == "percentile" and a.size > 4_000_000:  # percentiles of a large volume: subsample
+        a = a.ravel()[:: int(a.size // 2_000_000)]
+    _, p = _inf_normalise(a, spec)
+    return -float(p["offset"]), float(p["scale"])
+
+
+def normalise(array: np.ndarray, spec: Dict[str, Any], params: Optional[Tuple[float, float]] = None
+              ) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """``(y, (offset, scale))`` with ``y = (x + offset) / scale`` as float32."""
+    offset, scale = params if params is not None else normalisation_params(array, spec)
+    return ((np.asarray(array, dtype=np.float32) + offset) / scale).astype(np.float32), (offset, scale)
+
+
+def denormalise(y: np.ndarray, params: Tuple[float, float]) -> np.ndarray:
+    """Exact inverse of :func:`normalise`: ``x = y * scale - offset``."""
+    offset, scale = params
+    return np.asarray(y, dtype=np.float32) * scale - offset
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CleanImage:
+    """One clean training / validation image in physical units.
+
+    Attributes:
+        array: float32, (z, y, x) or (y, x).
+        spacing_zyx: voxel size in mm, array order.
+        name: where it came from (path or ``array[i]``).
+        params: normalisation ``(offset, scale)`` computed on this image.
+        peak: max |x| of the image (MRI noise level reference).
+    """
+
+    array: np.ndarray
+    spacing_zyx: Tuple[float, ...]
+    name: str
+    params: Tuple[float, float] = (0.0, 1.0)
+    peak: float = 1.0
+    source: Dict[str, Any] = field(default_factory=dict)
+
+
+_FRAME_RE = re.compile(r"(\d+)(?=\.[A-Za-z]+$)")
+
+
+def _frame_number(path: Path) -> Optional[int]:
+    m = _FRAME_RE.search(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _crop(arr: np.ndarray, crop: Optional[Sequence[int]], name: str) -> np.ndarray:
+    if not crop:
+        return arr
+    if len(crop) != 2 * arr.ndim:
+        raise InputError(f"{name}: crop needs {2 * arr.ndim} numbers for a {arr.ndim}D image, got {list(crop)}")
+    sl = tuple(slice(int(crop[2 * i]), int(crop[2 * i + 1])) for i in range(arr.ndim))
+    out = arr[sl]
+    if out.size == 0:
+        raise InputError(f"{name}: crop {list(crop)} is empty for shape {arr.shape}")
+    return out
+
+
+def resolve_path(path: Union[str, Path], data_dir: Optional[Union[str, Path]]) -> Path:
+    """``path`` itself when absolute or existing, else ``data_dir / path``."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or data_dir is None:
+        return p
+    cand = Path(data_dir) / p
+    return cand if cand.exists() or not p.exists() else p
+
+
+def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Optional[Sequence[int]] = None,
+                frames: Optional[Sequence[int]] = None) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
+    """Read one source into ``[(array float32, spacing_zyx, name), ...]``.
+
+    A folder of PNG/JPG/TIFF frames gives one 2D image per frame (restricted to frame numbers in
+    ``frames = [first, last]`` inclusive); any other folder is read as a DICOM series.
+    """
+    from ..io import read_volume
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
+    out = []
+    if p.is_dir():
+        imgs = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
+        if imgs:
+            if frames:
+                lo, hi = int(frames[0]), int(frames[-1])
+                imgs = [q for q in imgs if (n := _frame_number(q)) is not None and lo <= n <= hi]
+            if not imgs:
+                raise InputError(f"{p}: no image frames in range {list(frames or [])}")
+            for q in imgs:
+                v = read_volume(q)
+                a = _crop(np.asarray(v.array, dtype=np.float32), crop, str(q))
+                out.append((a, tuple(v.spacing_zyx), str(q)))
+            return out
+    v = read_volume(p, frame=frame)
+    a = _crop(np.asarray(v.array, dtype=np.float32), crop, str(p))
+    return [(a, tuple(v.spacing_zyx), str(p))]
+
+
+def _as_images(data: Any) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
+    """Arrays handed over in memory: arrays, ``(array, spacing_zyx)`` pairs or Volumes."""
+    from ..io import Volume
+
+    if isinstance(data, (np.ndarray, Volume)) or (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray)):
+        data = [data]
+    items = []
+    for i, d in enumerate(data):
+        if isinstance(d, Volume):
+            arr, sp = d.array, d.spacing_zyx
+        elif isinstance(d, tuple):
+            arr, sp = d
+        elif isinstance(d, (str, Path)):
+            items.extend(read_source(d))
+            continue
+        else:
+            arr, sp = d, None
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim not in (2, 3):
+            raise InputError(f"array[{i}]: expected a 2D or 3D array, got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"array[{i}]: contains NaN or Inf")
+        sp = tuple(float(s) for s in sp) if sp is not None else (1.0,) * arr.ndim
+        items.append((arr, sp, f"array[{i}]"))
+    return items
+
+
+def make_image(arr: np.ndarray, spacing_zyx: Sequence[float], name: str, modality: str,
+               source: Optional[Dict[str, Any]] = None) -> CleanImage:
+    """Wrap an array with its normalisation parameters and peak."""
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    params = normalisation_params(a, normalisation_spec(modality))
+    return CleanImage(a, tuple(float(s) for s in spacing_zyx), name, params,
+                      float(np.max(np.abs(a))) if a.size else 1.0, dict(source or {}))
+
+
+def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union[str, Path]] = None  # noqa: F821
+               ) -> Tuple[List[CleanImage], List[CleanImage]]:
+    """Clean images for training and validation, split per source FILE (never per slice).
+
+    ``data`` (arrays / ``(array, spacing_zyx)`` / Volumes / paths handed over by the caller)
+    replaces ``config.data``. Without an explicit ``split = "val"`` source, the last
+    ``val_fraction`` of the files is held out (at least one when there are two or more); with a
+    single file the validation set is drawn from that same file (flagged in the source info).
+    """
+    train: List[CleanImage] = []
+    val: List[CleanImage] = []
+    if data is not None:
+        raw = _as_images(data)
+        groups = [("train", [r]) for r in raw]
+    else:
+        if not config.data:
+            raise InputError("training config has no data sources ([[data]] path = ...)")
+        groups = []
+        for src in config.data:
+            p = resolve_path(src.path, data_dir)
+            groups.append((src.split, read_source(p, frame=src.frame, crop=src.crop, frames=src.frames)))
+    has_val = any(s == "val" for s, _ in groups)
+    if not has_val:
+        n = len(groups)
+        if n >= 2:
+            n_val = max(1, int(round(n * config.val_fraction)))
+            groups = [("train" if i < n - n_val else "val", g) for i, (_, g) in enumerate(groups)]
+    for split, items in groups:
+        for arr, sp, name in items:
+            img = make_image(arr, sp, name, config.modality, {"split": split})
+            (val if split == "val" else train).append(img)
+    if not train:
+        raise InputError("no training images (all sources are marked split = 'val')")
+    if not val:  # a single case: validate on the same case (different crops / noise)
+        val = [CleanImage(t.array, t.spacing_zyx, t.name, t.params, t.peak, {"split": "val (same case as train)"})
+               for t in train]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation and masking
+# ---------------------------------------------------------------------------------------------
+def elastic(arr: np.ndarray, alpha: float, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
+    """Light elastic deformation: smooth random displacement of amplitude ``alpha`` voxels.
+
+    A coarse ``grid``-per-axis random displacement field is upsampled (cubic) to the image
+    size and applied with linear interpolation (reflecting borders). ``arr``: (z,y,x) or (y,x).
+    """
+    from scipy import ndimage
+
+    shape = arr.shape
+    coords = list(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    for ax in range(arr.ndim):
+        coarse = rng.standard_normal([grid] * arr.ndim).astype(np.float32) * alpha
+        zoom = [s / grid for s in shape]
+        d = ndimage.zoom(coarse, zoom, order=3, mode="nearest")[tuple(slice(0, s) for s in shape)]
+        coords[ax] += d
+    return ndimage.map_coordinates(arr, coords, order=1, mode="reflect").astype(np.float32)
+
+
+def n2v_mask(x: np.ndarray, ratio: float, radius: int, rng: np.random.Generator
+             ) -> Tuple[np.ndarray, np.ndarray]:
+    """Noise2Void / Noise2Self masking of one image.
+
+    Exactly ``round(ratio * x.size)`` voxels (at least 1) are chosen without replacement and each
+    is replaced by the ORIGINAL value of a random neighbour at an offset in
+    ``[-radius, radius]`` per axis, never the voxel itself (clipped at the borders, where the
+    offset is redrawn toward the inside).
+
+    Args:
+        x: image, (z, y, x) or (y, x) (any spatial dims).
+        ratio: fraction of voxels to mask, in (0, 1).
+        radius: neighbourhood radius in voxels (>= 1).
+
+    Returns:
+        ``(masked, mask)``: the masked copy (float32) and a float32 0/1 mask of the masked voxels.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = x.size
+    k = int(min(n, max(1, round(ratio * n))))
+    idx = rng.choice(n, size=k, replace=False)
+    pos = np.stack(np.unravel_index(idx, x.shape), axis=1)  # (k, ndim)
+    r = max(1, int(radius))
+    off = rng.integers(-r, r + 1, size=pos.shape)
+    zero = np.all(off == 0, axis=1)
+    while zero.any():  # never the voxel itself
+        off[zero] = rng.integers(-r, r + 1, size=(int(zero.sum()), x.ndim))
+        zero = np.all(off == 0, axis=1)
+    src = pos + off
+    shape = np.array(x.shape)
+    # reflect out-of-range neighbours to the other side (still != the voxel for size > 1)
+    src = np.where(src < 0, pos - off, src)
+    src = np.where(src >= shape, pos - off, src)
+    src = np.clip(src, 0, shape - 1)
+    masked = x.copy()
+    masked[tuple(pos.T)] = x[tuple(src.T)]
+    mask = np.zeros(x.shape, dtype=np.float32)
+    mask[tuple(pos.T)] = 1.0
+    return masked, mask
+
+
+def _augment(arr: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, spatial_dims: int) -> np.ndarray:  # noqa: F821
+    """Flips on every axis, 90-degree rotation in the (y, x) plane, optional elastic."""
+    if cfg.augment_flip:
+        for ax in range(arr.ndim):
+            if rng.random() < 0.5:
+                arr = np.flip(arr, axis=ax)
+    if cfg.augment_rot90 and arr.shape[-1] == arr.shape[-2]:
+        arr = np.rot90(arr, k=int(rng.integers(4)), axes=(arr.ndim - 2, arr.ndim - 1))
+    arr = np.ascontiguousarray(arr)
+    if cfg.elastic_prob > 0 and rng.random() < cfg.elastic_prob:
+        arr = elastic(arr, cfg.elastic_alpha, rng)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# patch sampling
+# ---------------------------------------------------------------------------------------------
+def level_range(cfg: "TrainConfig") -> Tuple[float, float]:  # noqa: F821
+    """``cfg.levels`` or the modality's ``noise.LEVEL_RANGES``."""
+    if cfg.levels:
+        return float(cfg.levels[0]), float(cfg.levels[1])
+    from ..noise import LEVEL_RANGES
+
+    lo, hi = LEVEL_RANGES[cfg.modality]
+    return float(lo), float(hi)
+
+
+def _pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    pads = [(0, max(0, int(s) - a)) for a, s in zip(arr.shape, shape)]
+    if any(p[1] for p in pads):
+        arr = np.pad(arr, pads, mode="reflect" if all(a > 1 for a in arr.shape) else "edge")
+    return arr
+
+
+class PatchSampler:
+    """Deterministic mini-batch generator.
+
+    ``batch(step)`` returns a dict of float32 arrays (N, 1, [D,] H, W):
+
+    * supervised (``selfsup=False``): ``noisy`` (normalised noisy LR), ``clean`` (clean LR),
+      ``std`` (simulated noise std, normalised units), ``hr`` (clean HR, only if ``cfg.sr``),
+      ``level`` (N,) noise levels;
+    * self-supervised (``selfsup=True``, the images ARE the noisy data): ``noisy``;
+    * with masking (``masked=True``): ``input`` (masked copy of ``noisy``) and ``mask``.
+
+    Randomness comes only from ``np.random.default_rng([seed, rank, step])``.
+    """
+
+    def __init__(self, images: List[CleanImage], cfg: "TrainConfig", *, rank: int = 0,  # noqa: F821
+                 selfsup: bool = False, masked: bool = False, seed: Optional[int] = None) -> None:
+        if not images:
+            raise InputError("no images to sample patches from")
+        self.images = images
+        self.cfg = cfg
+        self.rank = int(rank)
+        self.selfsup = selfsup
+        self.masked = masked
+        self.seed = cfg.seed if seed is None else int(seed)
+        self.levels = level_range(cfg) if not selfsup else (0.0, 0.0)
+        self.spec = normalisation_spec(cfg.modality)
+        self.lr_factor = 1 if selfsup else int(cfg.lr_factor)
+        self.use_slab = bool(cfg.dim == 2 and not selfsup and not cfg.sr and cfg.slab_degrade)
+        self._slab_axis: Optional[int] = None
+        # sampling weights: number of voxels (2D images from 3D volumes count their slices)
+        w = np.array([float(im.array.size) for im in images])
+        self.weights = w / w.sum()
+
+    # -- geometry ------------------------------------------------------------------------------
+    def _hr_shape(self, ndim: int, patch: Optional[int] = None) -> Tuple[int, ...]:
+        p = int(patch or self.cfg.patch_size)
+        if ndim == 2:
+            return (p * self.lr_factor,) * 2
+        an = list(self.cfg.anisotropy) + [1.0] * 3
+        return tuple(int(round(p * self.lr_factor * (an[i] if not self.selfsup else 1.0))) for i in range(3))
+
+    def _slab(self, img: CleanImage, rng: np.random.Generator, patch: Optional[int]) -> Tuple[np.ndarray, int, np.ndarray]:
+        """2D model on a 3D image: a slab 3 LR slices thick around a random slice, so that the
+        3D degradation (blur + down-sampling along every axis, as in a real LR volume) can be
+        simulated; returns ``(slab, slice axis, middle HR slice for the foreground test)``."""
+        cfg = self.cfg
+        a = img.array
+        f = self.lr_factor
+        an = [int(round(v)) for v in (list(cfg.anisotropy) + [1.0] * 3)[:3]]
+        ax = int(cfg.slice_axes[int(rng.integers(len(cfg.slice_axes)))])
+        p = int(patch or cfg.patch_size)
+        shape = [3 * f * an[i] if i == ax else p * f * an[i] for i in range(3)]
+        a = _pad_to(a, shape)
+        start = [int(rng.integers(0, s - q + 1)) for s, q in zip(a.shape, shape)]
+        slab = a[tuple(slice(st, st + q) for st, q in zip(start, shape))]
+        mid = np.take(slab, shape[ax] // 2, axis=ax)
+        return slab, ax, mid
+
+    def _crop(self, rng: np.random.Generator, patch: Optional[int] = None) -> Tuple[np.ndarray, CleanImage, Tuple[float, ...]]:
+        """A random HR crop (physical units) and its image, preferring foreground."""
+        cfg = self.cfg
+        best, best_fg, best_img, best_sp = None, -1.0, None, None
+        self._slab_axis = None
+        for _ in range(8):
+            img = self.images[int(rng.choice(len(self.images), p=self.weights))]
+            a = img.array
+            if self.use_slab and a.ndim == 3:
+                crop, ax, mid = self._slab(img, rng, patch)
+                fg = float(np.mean((mid + img.params[0]) / img.params[1] > FOREGROUND_THRESHOLD))
+                if fg > best_fg:
+                    best, best_fg, best_img, best_sp, self._slab_axis = crop, fg, img, tuple(img.spacing_zyx), ax
+                if fg >= cfg.min_foreground:
+                    break
+                continue
+            if cfg.dim == 2 and a.ndim == 3:
+                ax = int(cfg.slice_axes[int(rng.integers(len(cfg.slice_axes)))])
+                a = np.take(a, int(rng.integers(a.shape[ax])), axis=ax)
+                sp = tuple(s for i, s in enumerate(img.spacing_zyx) if i != ax)
+            elif cfg.dim == 3 and a.ndim == 2:
+                a = a[None]
+                sp = (1.0,) + tuple(img.spacing_zyx)
+            else:
+                sp = tuple(img.spacing_zyx)
+            shape = self._hr_shape(a.ndim, patch)
+            if cfg.dim == 3 and a.shape[0] == 1:
+                shape = (1,) + shape[1:]
+            a = _pad_to(a, shape)
+            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(a.shape, shape)]
+            crop = a[tuple(slice(st, st + p) for st, p in zip(start, shape))]
+            fg = float(np.mean((crop + img.params[0]) / img.params[1] > FOREGROUND_THRESHOLD))
+            if fg > best_fg:
+                best, best_fg, best_img, best_sp, self._slab_axis = crop, fg, img, sp, None
+            if fg >= cfg.min_foreground:
+                break
+        return np.array(best, dtype=np.float32), best_img, best_sp
+
+    def _augment_slab(self, slab: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
+        """Flips / in-plane 90-degree rotation / elastic of a slab, slice by slice consistently."""
+        cfg = self.cfg
+        s = np.moveaxis(slab, axis, 0)
+        if cfg.augment_flip:
+            for ax in (1, 2):
+                if rng.random() < 0.5:
+                    s = np.flip(s, axis=ax)
+        if cfg.augment_rot90 and s.shape[1] == s.shape[2]:
+            s = np.rot90(s, k=int(rng.integers(4)), axes=(1, 2))
+        if cfg.elastic_prob > 0 and rng.random() < cfg.elastic_prob:
+            seed = int(rng.integers(2**31))
+            s = np.stack([elastic(np.ascontiguousarray(sl), cfg.elastic_alpha, np.random.default_rng(seed)) for sl in s])
+        return np.ascontiguousarray(np.moveaxis(s, 0, axis))
+
+    # -- one sample ----------------------------------------------------------------------------
+    def sample(self, rng: np.random.Generator, *, augment: bool = True, level: Optional[float] = None,
+               patch: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """One training sample (arrays without the N, C axes)."""
+        cfg = self.cfg
+        crop, img, sp = self._crop(rng, patch)
+        slab_axis = self._slab_axis
+        if augment:
+            if slab_axis is not None:  # augment in-plane only, the same for every slice of the slab
+                crop = self._augment_slab(crop, slab_axis, rng)
+            else:
+                crop = _augment(crop, cfg, rng, cfg.dim)
+        offset, scale = img.params
+        if augment and cfg.intensity_jitter > 0 and self.spec["method"] == "percentile":
+            scale = scale * float(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
+        out: Dict[str, np.ndarray] = {}
+        if self.selfsup:
+            out["noisy"] = ((crop + offset) / scale).astype(np.float32)
+        else:
+            from ..degrade import degrade
+            from ..noise import noise_std_map
+
+            lo, hi = self.levels
+            lev = float(rng.uniform(lo, hi)) if level is None else float(level)
+            lev_eff = lev
+            if cfg.modality == "mri":  # level is relative to the WHOLE image's peak, not the crop's
+                cpeak = float(np.max(np.abs(crop)))
+                lev_eff = lev * img.peak / cpeak if cpeak > 0 else lev
+            kw: Dict[str, Any] = {"lr_factor": self.lr_factor, "spacing_zyx": sp, "rng": rng}
+            if crop.ndim == 3:
+                kw["anisotropy"] = tuple(int(round(v)) for v in cfg.anisotropy)
+            if cfg.blur_fwhm > 0:
+                kw["blur_fwhm"] = cfg.blur_fwhm
+            deg = degrade(crop, cfg.modality, lev_eff, **kw)
+            clean_lr = np.asarray(deg.clean_lr, dtype=np.float32)
+            noisy_lr = np.asarray(deg.noisy_lr, dtype=np.float32)
+            if cfg.modality == "mri":  # Rician std with the sigma degrade() used (slab-wide peak)
+                from ..noise import rician_std
+
+                sig = float(deg.sigma) if np.isfinite(getattr(deg, "sigma", float("nan"))) else \
+                    lev_eff * float(np.max(np.abs(clean_lr)))
+                std = rician_std(clean_lr, sig).astype(np.float32)
+            else:
+                std = noise_std_map(clean_lr, cfg.modality, lev_eff)
+            if slab_axis is not None:  # the middle LR slice of the slab
+                mid = clean_lr.shape[slab_axis] // 2
+                clean_lr = np.take(clean_lr, mid, axis=slab_axis)
+                noisy_lr = np.take(noisy_lr, mid, axis=slab_axis)
+                std = np.take(std, mid, axis=slab_axis)
+            out["noisy"] = ((noisy_lr + offset) / scale).astype(np.float32)
+            out["clean"] = ((clean_lr + offset) / scale).astype(np.float32)
+            out["std"] = (np.asarray(std, dtype=np.float32) / scale).astype(np.float32)
+            out["level"] = np.float32(lev)
+            if cfg.sr:
+                out["hr"] = ((np.asarray(deg.clean_hr, dtype=np.float32) + offset) / scale).astype(np.float32)
+        if self.masked:
+            masked, mask = n2v_mask(out["noisy"], cfg.mask_ratio, cfg.mask_radius, rng)
+            out["input"], out["mask"] = masked, mask
+        return out
+
+    def batch(self, step: int, *, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Mini-batch number ``step`` (deterministic in ``(seed, rank, step)``)."""
+        rng = np.random.default_rng([int(self.seed), self.rank, int(step)])
+        n = int(batch_size or self.cfg.batch_size)
+        samples = [self.sample(rng) for _ in range(n)]
+        return stack(samples)
+
+    def fixed_set(self, n: int, seed_offset: int = 12345, patch: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """A fixed validation set: ``n`` samples, no augmentation, levels evenly spread."""
+        rng = np.random.default_rng([int(self.seed) + seed_offset, 0, 0])
+        lo, hi = self.levels
+        levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]
+        return stack([self.sample(rng, augment=False, level=None if self.selfsup else float(levels[i]), patch=patch)
+                      for i in range(n)])
+
+
+def stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Stack per-sample dicts into (N, 1, ...) arrays (``level`` -> (N,))."""
+    out = {}
+    for k in samples[0]:
+        arrs = [np.asarray(s[k]) for s in samples]
+        out[k] = np.stack(arrs)[:, None] if arrs[0].ndim > 0 else np.stack(arrs)
+    return out
+
+
+class BatchStream:
+    """Iterable over batches ``start .. stop-1`` for a ``torch.utils.data.DataLoader``.
+
+    Worker ``w`` of ``W`` generates steps ``start + w, start + w + W, ...``; the loader's in-order
+    round-robin fetching returns them in step order, so the stream is identical for any ``W``.
+    """
+
+    def __init__(self, sampler: PatchSampler, start: int, stop: int) -> None:
+        self.sampler, self.start, self.stop = sampler, int(start), int(stop)
+
+    def __iter__(self):
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + wid, self.stop, nw):
+            b = self.sampler.batch(step)
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data workers ignore SIGINT: Ctrl-C is handled once, by the training process (checkpoint)."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # pragma: no cover
+        pass
+
+
+def make_loader(sampler: PatchSampler, start: int, stop: int, num_workers: int, pin_memory: bool = False):
+    """A DataLoader over :class:`BatchStream` (``batch_size=None``: the stream yields batches)."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class _DS(IterableDataset):
+        def __init__(self, stream: BatchStream) -> None:
+            self.stream = stream
+
+        def __iter__(self):
+            return iter(self.stream)
+
+    g = torch.Generator()
+    g.manual_seed(int(sampler.seed))
+    kw: Dict[str, Any] = {}
+    if num_workers > 0:
+        kw.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_worker_init)
+    return DataLoader(_DS(BatchStream(sampler, start, stop)), batch_size=None, num_workers=int(num_workers),
+                      generator=g, pin_memory=pin_memory, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# data licences (for the model card)
+# ---------------------------------------------------------------------------------------------
+def licences_from_readme(data_dir: Optional[Union[str, Path]]) -> Dict[str, Dict[str, str]]:
+    """``{file pattern: {"licence", "source", "description"}}`` parsed from the shared data README."""
+    out: Dict[str, Dict[str, str]] = {}
+    if data_dir is None:
+        return out
+    readme = Path(data_dir) / "README.md"
+    if not readme.exists():
+        return out
+    for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 6 or cells[0] in ("file", "") or set(cells[0]) <= set("-: "):
+            continue
+        out[cells[0]] = {"licence": cells[-1], "source": cells[-2], "description": cells[1]}
+    return out
+
+
+def licence_for(path: str, table: Dict[str, Dict[str, str]]) -> Dict[str, str]:
+    """Match a data path (relative or absolute) against the README table."""
+    norm = str(path).replace("\\", "/")
+    for key, row in table.items():
+        pattern = re.escape(key).replace("NNNN", r"\d+")
+        folder = key.rsplit("/", 1)[0] if "NNNN" in key else None
+        if re.search(pattern + "$", norm) or (folder and (norm.rstrip("/").endswith(folder))):
+            return row
+    return {}

@@ -1,0 +1,226 @@
+"""Training losses (torch). Tensors are (N, C, H, W) for 2D or (N, C, D, H, W) for 3D, in the
+normalised intensity units of :mod:`dualnet.training.data`.
+
+Supervised synthetic pretraining (``supervised_loss``)::
+
+    L = l1 |out - clean| + ssim (1 - SSIM(out, clean)) + edge |grad out - grad clean|
+        + blind |blind - clean| + neb KL(N(0, std^2) || N(0, sigma^2)) + sr SR-loss + tv TV(out)
+
+NEB calibration: the simulated per-voxel noise standard deviation ``std`` is known, so the
+predicted ``sigma`` is fitted with the KL divergence between the zero-mean Gaussians
+``KL(N(0, std^2) || N(0, sigma^2)) = log(sigma / std) + std^2 / (2 sigma^2) - 1/2``
+(minimum 0 at sigma = std; ``neb_loss = "kl"``). Without a known std (self-supervised, or
+``neb_loss = "nll"``) it is the Gaussian negative log-likelihood of the residual
+``r = noisy - blind`` (blind detached): ``log sigma + r^2 / (2 sigma^2)``.
+
+Self-supervised (``selfsup_loss``; Noise2Void / Noise2Self): the input has ``mask_ratio`` of its
+voxels replaced by random neighbours; the output is compared with the NOISY image ON THE MASKED
+VOXELS ONLY (``masked_loss``); the blind-spot branch (blind by construction) is fitted to the
+noisy image everywhere; the SRB output is pulled toward the blind-spot estimate weighted by the
+NEB confidence ``alpha`` (consistency); a weak TV term regularises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# SSIM (differentiable, 2D and 3D)
+# ---------------------------------------------------------------------------------------------
+def _gauss_1d(sigma: float, radius: int, device, dtype) -> Tensor:
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _blur(x: Tensor, g: Tensor) -> Tensor:
+    """Separable Gaussian filtering (valid convolution) along every spatial axis of (N, C, *S)."""
+    nd = x.dim() - 2
+    c = x.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    k = g.numel()
+    for ax in range(nd):
+        shape = [1] * nd
+        shape[ax] = k
+        w = g.view(1, 1, *shape).expand(c, 1, *shape).contiguous()
+        x = conv(x, w, groups=c)
+    return x
+
+
+def ssim(x: Tensor, y: Tensor, *, data_range: float | Tensor = 1.0, sigma: float = 1.5,
+         radius: Optional[int] = None, reduction: str = "mean") -> Tensor:
+    """Structural similarity of ``x`` and ``y`` (Wang et al. 2004), differentiable.
+
+    Gaussian window (``sigma`` voxels, truncated at ``radius``; default 5 for 2D, 3 for 3D),
+    constants ``K1 = 0.01``, ``K2 = 0.03`` of ``data_range`` (scalar or (N,) per sample), valid
+    windows only (the window radius is shrunk for small images).
+
+    Returns:
+        scalar mean SSIM (``reduction="mean"``) or per-sample (N,) values (``"none"``).
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    nd = x.dim() - 2
+    r = radius if radius is not None else (5 if nd == 2 else 3)
+    r = int(max(1, min(r, (min(x.shape[2:]) - 1) // 2)))
+    x32, y32 = x.float(), y.float()
+    g = _gauss_1d(sigma, r, x.device, torch.float32)
+    dr = torch.as_tensor(data_range, device=x.device, dtype=torch.float32)
+    if dr.dim() == 1:
+        dr = dr.view(-1, *([1] * (x.dim() - 1)))
+    c1 = (0.01 * dr) ** 2
+    c2 = (0.03 * dr) ** 2
+    mx, my = _blur(x32, g), _blur(y32, g)
+    sxx = _blur(x32 * x32, g) - mx * mx
+    syy = _blur(y32 * y32, g) - my * my
+    sxy = _blur(x32 * y32, g) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    per = s.flatten(1).mean(1)
+    return per.mean() if reduction == "mean" else per
+
+
+def ssim_loss(x: Tensor, y: Tensor, data_range: float | Tensor = 1.0) -> Tensor:
+    """``1 - SSIM(x, y)``."""
+    return 1.0 - ssim(x, y, data_range=data_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementary terms
+# ---------------------------------------------------------------------------------------------
+def gradients(x: Tensor) -> list:
+    """Forward differences along each spatial axis of (N, C, *S)."""
+    return [torch.diff(x, dim=d) for d in range(2, x.dim())]
+
+
+def edge_loss(x: Tensor, y: Tensor) -> Tensor:
+    """Mean over axes of the L1 distance between finite-difference gradients."""
+    gx, gy = gradients(x), gradients(y)
+    return sum((a - b).abs().mean() for a, b in zip(gx, gy)) / len(gx)
+
+
+def tv_loss(x: Tensor) -> Tensor:
+    """Anisotropic total variation: mean |forward difference|, averaged over axes."""
+    g = gradients(x)
+    return sum(d.abs().mean() for d in g) / len(g)
+
+
+def charbonnier(x: Tensor, y: Tensor, eps: float = 1e-3) -> Tensor:
+    """Charbonnier (smooth L1) loss ``mean sqrt((x - y)^2 + eps^2)``."""
+    return torch.sqrt((x - y) ** 2 + eps * eps).mean()
+
+
+def gaussian_kl(sigma_pred: Tensor, std_true: Tensor, eps: float = 1e-4) -> Tensor:
+    """Mean ``KL(N(0, std^2) || N(0, sigma^2)) = log(sigma/std) + std^2/(2 sigma^2) - 1/2``.
+
+    Both in normalised intensity units, same shape; ``eps`` floors both std's.
+    """
+    s = sigma_pred.float().clamp_min(eps)
+    t = std_true.float().clamp_min(eps)
+    return (torch.log(s / t) + t * t / (2 * s * s) - 0.5).mean()
+
+
+def gaussian_nll(residual: Tensor, sigma_pred: Tensor, eps: float = 1e-4) -> Tensor:
+    """Mean Gaussian NLL of ``residual`` under std ``sigma_pred`` (constant ``log sqrt(2 pi)`` dropped)."""
+    s = sigma_pred.float().clamp_min(eps)
+    return (torch.log(s) + residual.float() ** 2 / (2 * s * s)).mean()
+
+
+def masked_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "l2") -> Tensor:
+    """Mean error over the voxels where ``mask`` is 1 (voxels with mask 0 do not contribute).
+
+    ``kind``: ``"l2"`` (squared error, Noise2Void) or ``"l1"``.
+    """
+    d = pred.float() - target.float()
+    e = d * d if kind == "l2" else d.abs()
+    m = mask.float()
+    return (e * m).sum() / m.sum().clamp_min(1.0)
+
+
+def sr_loss(sr: Tensor, hr: Tensor, lr_ref: Optional[Tensor] = None) -> Tensor:
+    """SR head: Charbonnier to the clean HR + 0.5 gradient L1 (structure) + 0.1 L1 between the
+    block-averaged SR output and ``lr_ref`` (consistency with the LR grid), when given."""
+    loss = charbonnier(sr, hr) + 0.5 * edge_loss(sr, hr)
+    if lr_ref is not None:
+        f = sr.shape[-1] // lr_ref.shape[-1]
+        pool = F.avg_pool2d if sr.dim() == 4 else F.avg_pool3d
+        if f >= 1 and all(a == b * f for a, b in zip(sr.shape[2:], lr_ref.shape[2:])):
+            loss = loss + 0.1 * (pool(sr, f) - lr_ref).abs().mean()
+    return loss
+
+
+def _range(clean: Tensor) -> Tensor:
+    """Per-sample data range of the clean target (N,), floored at 0.1 (flat patches would
+    otherwise make the SSIM constants vanish)."""
+    flat = clean.detach().float().flatten(1)
+    return (flat.max(1).values - flat.min(1).values).clamp_min(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# full objectives
+# ---------------------------------------------------------------------------------------------
+def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg) -> Tuple[Tensor, Dict[str, float]]:
+    """Synthetic-pair objective (see module docstring). Returns ``(total, {term: value})``."""
+    pred = out["out"].float()
+    clean = batch["clean"]
+    terms: Dict[str, Tensor] = {}
+    terms["l1"] = cfg.lambda_l1 * (pred - clean).abs().mean()
+    if cfg.lambda_ssim > 0:
+        terms["ssim"] = cfg.lambda_ssim * ssim_loss(pred, clean, _range(clean))
+    if cfg.lambda_edge > 0:
+        terms["edge"] = cfg.lambda_edge * edge_loss(pred, clean)
+    blind, sigma = out.get("blind"), out.get("sigma")
+    if blind is not None and cfg.lambda_blind > 0 and cfg.model == "dualnet":
+        terms["blind"] = cfg.lambda_blind * (blind.float() - clean).abs().mean()
+    if sigma is not None and cfg.lambda_neb > 0:
+        if cfg.neb_loss == "kl" and "std" in batch:
+            terms["neb"] = cfg.lambda_neb * gaussian_kl(sigma, batch["std"])
+        elif blind is not None:
+            terms["neb"] = cfg.lambda_neb * gaussian_nll(batch["noisy"] - blind.detach().float(), sigma)
+    if out.get("sr") is not None and "hr" in batch and cfg.lambda_sr > 0:
+        terms["sr"] = cfg.lambda_sr * sr_loss(out["sr"].float(), batch["hr"], clean)
+    if cfg.lambda_tv > 0:
+        terms["tv"] = cfg.lambda_tv * tv_loss(pred)
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def selfsup_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg,
+                 anchor: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
+    """Noise2Void / Noise2Self objective on noisy data only (see module docstring).
+
+    ``batch`` holds ``noisy`` (target), ``input`` (masked copy fed to the network) and ``mask``.
+    ``anchor`` (optional): output of the frozen base model, pulled toward with ``lambda_anchor``.
+    """
+    pred = out["out"].float()
+    noisy = batch["noisy"]
+    terms: Dict[str, Tensor] = {"n2v": masked_loss(pred, noisy, batch["mask"], cfg.ss_loss)}
+    blind, sigma, alpha = out.get("blind"), out.get("sigma"), out.get("alpha")
+    if cfg.model == "dualnet" and blind is not None:
+        b = blind.float()
+        if cfg.lambda_blind > 0:
+            d = b - noisy
+            terms["blind"] = cfg.lambda_blind * ((d * d).mean() if cfg.ss_loss == "l2" else d.abs().mean())
+        if sigma is not None and cfg.lambda_neb > 0:
+            terms["neb"] = cfg.lambda_neb * gaussian_nll(noisy - b.detach(), sigma)
+        if cfg.lambda_consistency > 0:
+            w = alpha.detach().float() if alpha is not None else torch.ones_like(pred)
+            terms["consistency"] = cfg.lambda_consistency * (w * (pred - b.detach()).abs()).mean()
+    if cfg.lambda_tv > 0:
+        terms["tv"] = cfg.lambda_tv * tv_loss(pred)
+    if anchor is not None and cfg.lambda_anchor > 0:
+        terms["anchor"] = cfg.lambda_anchor * (pred - anchor.float()).abs().mean()
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def psnr_t(x: Tensor, y: Tensor, data_range: Tensor) -> Tensor:
+    """Per-sample PSNR in dB of (N, C, *S) tensors with per-sample ``data_range`` (N,)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(data_range.float() ** 2 / mse)

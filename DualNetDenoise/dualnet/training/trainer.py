@@ -1,0 +1,899 @@
+"""Training loops: supervised synthetic pretraining and self-supervised fine-tuning.
+
+``pretrain(config, out_dir=...)`` trains DUAL-NET (or the DnCNN / Noise2Void baselines, chosen by
+``config.model``) on clean scans degraded on the fly; ``finetune(inputs, base_model_path,
+out_path, config)`` adapts a trained model to real noisy scans with Noise2Void/Noise2Self masking.
+
+Both share one engine:
+
+* AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``; gradient clipping; bf16
+  autocast on CUDA (``amp``); early stopping on validation SSIM (``patience`` rounds).
+* Checkpoints (``checkpoint.pt`` in ``out_dir``) are written atomically (temporary file +
+  ``os.replace``) every ``checkpoint_every`` steps, on cancel (``CancelToken``) and on
+  SIGINT/SIGTERM (handlers installed only in the main thread and restored afterwards). They hold
+  model, optimiser, scheduler and RNG states, the step, the best-validation weights and the log,
+  and are read with ``torch.load(weights_only=True)`` only. Every batch and every dropout mask is
+  a deterministic function of ``(seed, rank, step)``, so ``resume`` continues exactly.
+* Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+  ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA), each rank draws its own batches
+  (per-rank seeds) and only rank 0 validates, logs, checkpoints and exports.
+* Outputs in ``out_dir``: ``config.toml``, ``checkpoint.pt``, ``train_log.csv`` (step, loss
+  terms, lr, val PSNR/SSIM, seconds), ``loss_curve.png`` and the exported model
+  (``model.safetensors`` + JSON card via :func:`dualnet.modelfile.save_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import CancelledError, InputError, ModelError
+from ..progress import CancelToken, ProgressFn, report
+from .config import TrainConfig, default_data_dir
+from . import data as tdata
+
+CHECKPOINT_FORMAT = "dualnet-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_COLUMNS = ["step", "loss", "l1", "ssim", "edge", "blind", "neb", "sr", "n2v", "consistency", "tv",
+               "anchor", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
+PROGRESS_PREFIX = "DUALNET_PROGRESS"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (paths are ``None`` on non-zero DDP ranks)."""
+
+    out_dir: Path
+    model_path: Optional[Path]
+    checkpoint_path: Optional[Path]
+    log_path: Optional[Path]
+    curve_path: Optional[Path]
+    steps: int
+    first_loss: float
+    last_loss: float
+    val_psnr: Optional[float]
+    val_ssim: Optional[float]
+    val_loss: Optional[float]
+    best_step: int
+    seconds: float
+    stopped_early: bool = False
+    card: Dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: str):
+    """``torch.device`` for ``"auto" | "cpu" | "cuda[:N]" | "mps"`` (InputError if unavailable)."""
+    import torch
+
+    if name in ("", "auto", None):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def hardware_info(device) -> Dict[str, Any]:
+    """CPU / GPU description for the model card."""
+    import torch
+
+    info: Dict[str, Any] = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def lr_lambda(cfg: TrainConfig, horizon: Optional[Dict[str, int]] = None) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at a step: linear warm-up, then cosine to ``min_lr_ratio``.
+
+    ``horizon["total"]`` (mutable, default ``cfg.steps``) is the step count the cosine reaches its
+    floor at; a time budget may shorten it during the run.
+    """
+    warm, floor = max(0, cfg.warmup_steps), cfg.min_lr_ratio
+    horizon = horizon if horizon is not None else {"total": cfg.steps}
+
+    def f(step: int) -> float:
+        total = max(1, int(horizon["total"]))
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step), 7]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a training checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        ModelError: one line naming the file when it is missing, corrupt or not a checkpoint.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no checkpoint to resume from")
+    try:
+        ck = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip / unpickler errors
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{p}: corrupt or unsafe checkpoint ({msg[:160]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{p}: not a dualnet training checkpoint")
+    if int(ck.get("version", 0)) > CHECKPOINT_VERSION:
+        raise ModelError(f"{p}: checkpoint version {ck.get('version')} is newer than this dualnet")
+    for key in ("model", "optimizer", "scheduler", "step", "config", "arch"):
+        if key not in ck:
+            raise ModelError(f"{p}: checkpoint lacks '{key}'")
+    return ck
+
+
+class _SignalStop:
+    """SIGINT / SIGTERM -> a stop flag (main thread only); previous handlers restored on exit."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.signame = ""
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                    pass
+        return self
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001
+        if self.flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop at once
+        self.signame = signal.Signals(signum).name
+        self.flag.set()
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+
+
+class _Dist:
+    """torch.distributed state: initialised here when ``WORLD_SIZE > 1`` and not yet set up."""
+
+    def __init__(self, device_name: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.owned = False
+        self.rank = 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            if not dist.is_initialized():
+                use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
+                if use_cuda:
+                    torch.cuda.set_device(self.local_rank)
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+                self.owned = True
+            self.rank = dist.get_rank()
+            self.world = dist.get_world_size()
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def device(self, device_name: str):
+        import torch
+
+        dev = resolve_device(device_name)
+        if self.active and dev.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return dev
+
+    def max_flag(self, value: int, device) -> int:
+        """All-reduce (max) of an int flag across ranks."""
+        if not self.active:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=device if self.backend_cuda() else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def backend_cuda(self) -> bool:
+        import torch.distributed as dist
+
+        return self.active and dist.get_backend() == "nccl"
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# model building / card
+# ---------------------------------------------------------------------------------------------
+def build_network(cfg: TrainConfig):
+    """The network named by ``cfg.model`` (DUAL-NET or a baseline) for ``cfg.dim``."""
+    import torch
+
+    from .. import models
+
+    torch.manual_seed(int(cfg.seed))  # same initial weights for the same seed (and on every rank)
+    if cfg.model == "dualnet":
+        return models.build_model(cfg.preset, cfg.dim, sr=cfg.sr, use_neb=cfg.use_neb,
+                                  use_nonlocal=cfg.use_nonlocal, dropout=cfg.dropout)
+    return models.build_baseline(cfg.model, cfg.dim, cfg.preset)
+
+
+def architecture_of(model) -> Dict[str, Any]:
+    """The architecture dict of ``model`` (``model.config`` when the network provides one)."""
+    cfg = getattr(model, "config", None)
+    return dict(cfg) if isinstance(cfg, dict) else {"class": type(model).__name__}
+
+
+def _data_sources(cfg: TrainConfig, data_dir: Optional[Path], images: Sequence[tdata.CleanImage],
+                  in_memory: bool) -> List[Dict[str, Any]]:
+    table = tdata.licences_from_readme(data_dir)
+    out = []
+    if in_memory or not cfg.data:
+        names = sorted({im.name for im in images})
+        for n in names[:50]:
+            row = tdata.licence_for(n, table)
+            out.append({"path": n, "licence": row.get("licence", "unknown (supplied by the user)"),
+                        "source": row.get("source", "")})
+        return out
+    for src in cfg.data:
+        row = tdata.licence_for(src.path, table)
+        item = {"path": src.path, "split": src.split, "licence": src.licence or row.get("licence", "unknown"),
+                "source": row.get("source", "")}
+        if src.frames:
+            item["frames"] = list(src.frames)
+        if src.frame is not None:
+            item["frame"] = src.frame
+        if src.crop:
+            item["crop"] = list(src.crop)
+        out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    """State of one training run (shared by :func:`pretrain` and :func:`finetune`)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, *, selfsup: bool, masked: bool,
+                 progress: Optional[ProgressFn], cancel: Optional[CancelToken], progress_json: bool,
+                 show_bar: bool, command: Optional[str]) -> None:
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.selfsup, self.masked = selfsup, masked
+        self.progress, self.cancel = progress, cancel
+        self.progress_json, self.show_bar, self.command = progress_json, show_bar, command
+        self.rows: List[Dict[str, Any]] = []
+        self.best_score = -math.inf
+        self.best_step = 0
+        self.bad_rounds = 0
+        self.best_state: Optional[Dict[str, Any]] = None
+        self.elapsed_before = 0.0
+        self.last_val: Dict[str, float] = {}
+
+    # -- output ---------------------------------------------------------------------------------
+    def emit(self, payload: Dict[str, Any]) -> None:
+        if self.progress_json:
+            print(f"{PROGRESS_PREFIX} {json.dumps(payload, separators=(',', ':'))}", flush=True)
+
+    def write_log(self) -> Path:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                        for k in LOG_COLUMNS})
+        from ..io import atomic_write_bytes
+
+        return atomic_write_bytes(self.out_dir / "train_log.csv", buf.getvalue().encode())
+
+    def plot(self) -> Optional[Path]:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except Exception:  # pragma: no cover - matplotlib missing
+            return None
+        steps = [r["step"] for r in self.rows if r.get("loss") is not None]
+        loss = [r["loss"] for r in self.rows if r.get("loss") is not None]
+        vs = [(r["step"], r["val_ssim"]) for r in self.rows if r.get("val_ssim") is not None]
+        vl = [(r["step"], r["val_loss"]) for r in self.rows if r.get("val_loss") is not None]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(steps, loss, lw=1, label="training loss")
+        if loss and min(loss) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if vs or vl:
+            ax2 = ax.twinx()
+            pts, lab = (vs, "val SSIM") if vs else (vl, "val self-supervised loss")
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:red", ms=3, label=lab)
+            ax2.set_ylabel(lab)
+        ax.set_title(f"{self.cfg.model} {self.cfg.modality} {self.cfg.preset} {self.cfg.dim}D ({self.cfg.stage})")
+        fig.tight_layout()
+        path = self.out_dir / "loss_curve.png"
+        tmp = self.out_dir / ".loss_curve.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+def _to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: bool, masked: bool,
+              anchor_model=None) -> Dict[str, float]:
+    """Validation on the fixed set: PSNR / SSIM against the clean patches (when known; whole patch,
+    normalised units, data range 1 = the normalisation window: MRI p0.5..p99.5 of the volume,
+    CT -1000..1000 HU, US 0..255) and the masked self-supervised loss (when masking)."""
+    import torch
+
+    from .losses import psnr_t, selfsup_loss, ssim
+
+    was_training = model.training
+    model.eval()
+    res: Dict[str, float] = {}
+    n = next(iter(val.values())).shape[0]
+    bs = max(1, min(n, cfg.batch_size))
+    psnrs, ssims, sslosses = [], [], []
+    with torch.no_grad():
+        for i in range(0, n, bs):
+            b = {k: torch.as_tensor(v[i:i + bs]).to(device) for k, v in val.items()}
+            with _autocast(cfg, device):
+                o = model(b["noisy"])
+            pred = o["out"].float()
+            if "clean" in b:  # data range 1 = the normalisation window (MRI p0.5-p99.5, CT 2000 HU, US 255)
+                dr = torch.ones(b["clean"].shape[0], device=pred.device)
+                psnrs.append(psnr_t(pred, b["clean"], dr).cpu())
+                ssims.append(ssim(pred, b["clean"], data_range=dr, reduction="none").cpu())
+            if masked and "mask" in b:
+                with _autocast(cfg, device):
+                    om = model(b["input"])
+                    anc = anchor_model(b["input"])["out"] if anchor_model is not None else None
+                om = {k: (v.float() if v is not None else None) for k, v in om.items()}
+                loss, _ = selfsup_loss(om, b, cfg, anchor=anc)
+                sslosses.append(float(loss) * b["noisy"].shape[0])
+    if psnrs:
+        res["val_psnr"] = float(torch.cat(psnrs).mean())
+        res["val_ssim"] = float(torch.cat(ssims).mean())
+    if sslosses:
+        res["val_loss"] = float(sum(sslosses) / n)
+    model.train(was_training)
+    return res
+
+
+def _autocast(cfg: TrainConfig, device):
+    import torch
+
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, selfsup: bool, masked: bool,
+           progress: Optional[ProgressFn], cancel: Optional[CancelToken], resume: Union[bool, str, Path, None],
+           progress_json: bool, show_bar: bool, command: Optional[str], card_extra: Dict[str, Any],
+           export_path: Optional[Path], anchor_model=None, data_dir: Optional[Path] = None,
+           in_memory: bool = False) -> TrainResult:
+    import torch
+
+    from .losses import selfsup_loss, supervised_loss
+
+    t_start = time.time()
+    dist_state = _Dist(cfg.device)
+    try:
+        device = dist_state.device(cfg.device)
+        rank, world = dist_state.rank, dist_state.world
+        is_main = rank == 0
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        out_dir = Path(out_dir)
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        dist_state.barrier()
+        ck_path = out_dir / CHECKPOINT_NAME
+        run = _Run(cfg, out_dir, selfsup=selfsup, masked=masked, progress=progress if is_main else None,
+                   cancel=cancel, progress_json=progress_json and is_main, show_bar=show_bar and is_main,
+                   command=command)
+
+        model = model.to(device)
+        model.train()
+        if anchor_model is not None:
+            anchor_model = anchor_model.to(device).eval()
+            for p in anchor_model.parameters():
+                p.requires_grad_(False)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        horizon = {"total": int(cfg.steps)}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, horizon))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        arch = architecture_of(model)
+        start = 0
+
+        # ---- resume
+        if resume:
+            rp = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else ck_path
+            if rp.is_dir():
+                rp = rp / CHECKPOINT_NAME
+            ck = load_checkpoint(rp)
+            if json.loads(ck["arch"]) != json.loads(json.dumps(arch)):
+                raise ModelError(f"{rp}: checkpoint architecture {ck['arch']} does not match the configured model")
+            try:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ModelError(f"{rp}: incompatible checkpoint ({str(err).splitlines()[0][:160]})") from None
+            start = int(ck["step"])
+            ck_steps = json.loads(ck["config"]).get("steps", cfg.steps)
+            # same run length: keep the (possibly time-budget-shortened) horizon; --steps override wins
+            horizon["total"] = int(ck.get("total_steps", cfg.steps)) if ck_steps == cfg.steps else int(cfg.steps)
+            run.rows = json.loads(ck.get("log", "[]"))
+            run.best_score = float(ck.get("best_score", -math.inf))
+            run.best_step = int(ck.get("best_step", 0))
+            run.bad_rounds = int(ck.get("bad_rounds", 0))
+            run.elapsed_before = float(ck.get("elapsed", 0.0))
+            run.best_state = ck.get("best_model") or None
+            if isinstance(ck.get("rng_torch"), torch.Tensor):
+                torch.set_rng_state(ck["rng_torch"])
+            if is_main:
+                report(progress, start / max(1, cfg.steps), f"resumed from {rp} at step {start}")
+
+        ddp_model = model
+        if dist_state.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                            find_unused_parameters=True)
+
+        sampler = tdata.PatchSampler(train_images, cfg, rank=rank, selfsup=selfsup, masked=masked)
+        val_set = None
+        if is_main:
+            vs = tdata.PatchSampler(val_images, cfg, rank=0, selfsup=selfsup, masked=masked)
+            val_set = vs.fixed_set(cfg.val_patches)
+            cfg.save(out_dir / "config.toml")
+
+        def save_checkpoint(step: int) -> Optional[Path]:
+            if not is_main:
+                return None
+            state = {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng_torch": torch.get_rng_state(), "config": json.dumps(cfg.to_dict()), "arch": json.dumps(arch),
+                "log": json.dumps(run.rows), "best_score": float(run.best_score), "best_step": int(run.best_step),
+                "bad_rounds": int(run.bad_rounds), "elapsed": float(run.elapsed_before + time.time() - t_start),
+                "best_model": run.best_state or {}, "selfsup": bool(selfsup), "total_steps": int(horizon["total"]),
+                "np_rng_note": "batches are drawn from default_rng([seed, rank, step]); no numpy state needed",
+            }
+            atomic_torch_save(state, ck_path)
+            run.write_log()
+            return ck_path
+
+        bar = None
+        if run.show_bar and cfg.steps > start:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.modality}", unit="step",
+                           dynamic_ncols=True, file=sys.stderr)
+            except Exception:  # pragma: no cover
+                bar = None
+
+        if is_main and start == 0 and cfg.steps > 0:  # baseline validation before any update
+            run.last_val = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
+            run.rows.append({"step": 0, "lr": float(sched.get_last_lr()[0]), "seconds": 0.0, **run.last_val})
+            report(progress, 0.0, "initial validation: " + ", ".join(f"{k} {v:.4g}" for k, v in run.last_val.items()))
+
+        loader = tdata.make_loader(sampler, start + 1, cfg.steps + 1, cfg.num_workers,
+                                   pin_memory=device.type == "cuda")
+        first_loss: Optional[float] = None
+        last_loss = float("nan")
+        acc: Dict[str, float] = {}
+        acc_n = 0
+        stopped_early = False
+        step = start
+        t_loop = time.time()
+        stopper = _SignalStop()
+        with stopper:
+            it = iter(loader)
+            t_calib: Optional[float] = None
+            while step < horizon["total"]:
+                # ---- stop requests (cancel token, signals), agreed by all ranks
+                flag = 1 if ((cancel is not None and cancel.cancelled) or stopper.flag.is_set()) else 0
+                flag = dist_state.max_flag(flag, device)
+                if flag:
+                    path = save_checkpoint(step)
+                    run.emit({"event": "cancelled", "step": step, "steps": horizon["total"], "checkpoint": str(ck_path)})
+                    if bar is not None:
+                        bar.close()
+                    why = f"signal {stopper.signame}" if stopper.signame else "cancel request"
+                    raise CancelledError(f"training stopped by {why} at step {step}/{horizon['total']}; "
+                                         f"checkpoint saved to {path or ck_path} (continue with --resume)")
+                try:
+                    batch = next(it)
+                except StopIteration:  # pragma: no cover - loader covers exactly the steps
+                    break
+                step += 1
+                torch.manual_seed(_step_seed(cfg.seed, rank, step))  # dropout masks depend on the step only
+                batch = _to_device(batch, device)
+                with _autocast(cfg, device):
+                    out = ddp_model(batch["input"] if masked else batch["noisy"])
+                    anc = None
+                    if anchor_model is not None and cfg.lambda_anchor > 0:
+                        with torch.no_grad():
+                            anc = anchor_model(batch["input"] if masked else batch["noisy"])["out"]
+                out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+                if masked:
+                    loss, terms = selfsup_loss(out, batch, cfg, anchor=anc)
+                else:
+                    loss, terms = supervised_loss(out, batch, cfg)
+                if not torch.isfinite(loss):
+                    raise ModelError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                lv = float(loss.detach())
+                # ---- time budget: after 40 timed steps, shorten the run (and its cosine) to fit
+                if cfg.time_budget_s > 0 and start == 0 and horizon["total"] == cfg.steps:
+                    if step == 10:
+                        t_calib = time.time()
+                    elif step == 50 and t_calib is not None:
+                        rate = (time.time() - t_calib) / 40.0
+                        rate *= 1.0 + 0.5 * cfg.val_patches / max(1, cfg.batch_size * cfg.val_every)
+                        left = cfg.time_budget_s - (time.time() - t_start)
+                        fit = step + max(1, int(left / max(rate, 1e-6)))
+                        horizon["total"] = int(dist_state.max_flag(min(cfg.steps, fit), device))
+                        if bar is not None:
+                            bar.total = horizon["total"]
+                        report(run.progress, step / max(1, horizon["total"]),
+                               f"time budget {cfg.time_budget_s:.0f} s at {rate * 1000:.0f} ms/step: "
+                               f"training {horizon['total']} of {cfg.steps} steps")
+                        run.emit({"event": "budget", "steps": horizon["total"], "ms_per_step": round(rate * 1000, 1)})
+                if first_loss is None:
+                    first_loss = lv
+                last_loss = lv
+                for k, v in terms.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                acc["loss"] = acc.get("loss", 0.0) + lv
+                acc_n += 1
+
+                # ---- validation / early stopping (rank 0), then agree on stopping
+                n_total = int(horizon["total"])
+                do_val = step % cfg.val_every == 0 or step >= n_total or step == cfg.steps
+                early = 0
+                if is_main and do_val:
+                    res = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
+                    run.last_val = res
+                    score = res["val_ssim"] if "val_ssim" in res else -res.get("val_loss", 0.0)
+                    if score > run.best_score + 1e-5:
+                        run.best_score, run.best_step, run.bad_rounds = score, step, 0
+                        run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    else:
+                        run.bad_rounds += 1
+                        if cfg.patience > 0 and run.bad_rounds >= cfg.patience:
+                            early = 1
+                if is_main and (step % cfg.log_every == 0 or do_val):
+                    elapsed = run.elapsed_before + time.time() - t_start
+                    row: Dict[str, Any] = {k: v / max(1, acc_n) for k, v in acc.items()}
+                    row.update(step=step, lr=float(sched.get_last_lr()[0]), seconds=round(elapsed, 3))
+                    if do_val:
+                        row.update(run.last_val)
+                    run.rows.append(row)
+                    acc, acc_n = {}, 0
+                    rate = (time.time() - t_loop) / max(1, step - start)
+                    eta = rate * (n_total - step)
+                    msg = f"step {step}/{n_total} loss {row.get('loss', lv):.4g}"
+                    if run.last_val.get("val_ssim") is not None:
+                        msg += f" val PSNR {run.last_val['val_psnr']:.2f} dB SSIM {run.last_val['val_ssim']:.4f}"
+                    elif run.last_val.get("val_loss") is not None:
+                        msg += f" val loss {run.last_val['val_loss']:.4g}"
+                    msg += f" ETA {eta:.0f} s"
+                    report(run.progress, step / max(1, n_total), msg)
+                    run.emit({"event": "step", "task": cfg.stage, "message": msg, "step": step, "steps": n_total, "fraction": step / max(1, n_total),
+                              "loss": row.get("loss"), "lr": row["lr"], "val_psnr": run.last_val.get("val_psnr"),
+                              "val_ssim": run.last_val.get("val_ssim"), "val_loss": run.last_val.get("val_loss"),
+                              "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1)})
+                    if bar is not None:
+                        post = {"loss": f"{row.get('loss', lv):.4g}"}
+                        if run.last_val.get("val_ssim") is not None:
+                            post.update(psnr=f"{run.last_val['val_psnr']:.2f}", ssim=f"{run.last_val['val_ssim']:.4f}")
+                        bar.set_postfix(post, refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.checkpoint_every == 0 and step < n_total:
+                    save_checkpoint(step)
+                if dist_state.max_flag(early, device):
+                    stopped_early = True
+                    if is_main:
+                        report(run.progress, step / max(1, horizon["total"]),
+                               f"early stop at step {step}: no val SSIM gain for {cfg.patience} rounds")
+                    break
+        if bar is not None:
+            bar.close()
+        del it, loader
+
+        # ---- final checkpoint, log, plot, export (rank 0)
+        seconds = run.elapsed_before + time.time() - t_start
+        result = TrainResult(out_dir=out_dir, model_path=None, checkpoint_path=None, log_path=None, curve_path=None,
+                             steps=step, first_loss=float(first_loss if first_loss is not None else float("nan")),
+                             last_loss=last_loss, val_psnr=run.last_val.get("val_psnr"),
+                             val_ssim=run.last_val.get("val_ssim"), val_loss=run.last_val.get("val_loss"),
+                             best_step=run.best_step, seconds=seconds, stopped_early=stopped_early)
+        if is_main:
+            result.checkpoint_path = save_checkpoint(step)
+            result.log_path = out_dir / "train_log.csv"
+            try:
+                result.curve_path = run.plot()
+            except Exception:  # pragma: no cover - plotting must never fail a run
+                result.curve_path = None
+            export_model = model
+            best_val = dict(run.last_val)
+            if cfg.export_best and run.best_state and run.best_step and run.best_step != step:
+                export_model = copy.deepcopy(model)
+                export_model.load_state_dict(run.best_state)
+                best_val = {r_k: r_v for r in run.rows if r.get("step") == run.best_step
+                            for r_k, r_v in r.items() if r_k.startswith("val_")} or best_val
+            export_model.eval()
+            card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
+                              train_images, val_images, in_memory, card_extra, exported_step=run.best_step
+                              if export_model is not model else step)
+            target = export_path or (out_dir / "model.safetensors")
+            from .. import modelfile
+
+            modelfile.save_model(target, export_model.cpu(), card)
+            model.to(device)
+            result.model_path = Path(target)
+            result.card = card
+            result.val_psnr = best_val.get("val_psnr", result.val_psnr)
+            result.val_ssim = best_val.get("val_ssim", result.val_ssim)
+            run.emit({"event": "done", "step": step, "steps": horizon["total"], "fraction": 1.0, "model": str(target),
+                      "val_psnr": result.val_psnr, "val_ssim": result.val_ssim, "seconds": round(seconds, 2)})
+            report(progress, 1.0, f"done: {step} steps in {seconds:.0f} s; model {target}")
+        dist_state.barrier()
+        return result
+    finally:
+        dist_state.close()
+
+
+def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: Dict[str, float],
+               command: Optional[str], data_dir: Optional[Path], train_images, val_images, in_memory: bool,
+               extra: Dict[str, Any], exported_step: int) -> Dict[str, Any]:
+    """Model card: architecture, modality, normalisation, data + licences, config, hardware, time,
+    validation metrics, command."""
+    import datetime
+
+    from .. import __version__
+
+    lv = tdata.level_range(cfg) if not (cfg.stage == "finetune") else None
+    card: Dict[str, Any] = {
+        "name": f"dualnet-{cfg.model}-{cfg.modality}-{cfg.preset}-{cfg.dim}d",
+        "architecture": architecture_of(model),
+        "modality": cfg.modality,
+        "normalisation": tdata.normalisation_spec(cfg.modality),
+        "dim": cfg.dim,
+        "stage": cfg.stage,
+        "noise_levels": list(lv) if lv else None,
+        "lr_factor": cfg.lr_factor,
+        "data_sources": _data_sources(cfg, data_dir, list(train_images) + list(val_images), in_memory),
+        "config": cfg.to_dict(),
+        "training": {
+            "steps": int(step),
+            "exported_step": int(exported_step),
+            "seconds": round(float(seconds), 2),
+            "hardware": hardware_info(device),
+            "command": command,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "dualnet_version": __version__,
+        },
+        "validation": {
+            "psnr_db": val.get("val_psnr"), "ssim": val.get("val_ssim"), "selfsup_loss": val.get("val_loss"),
+            "set": f"{cfg.val_patches} fixed patches of {cfg.patch_size} px (LR) from held-out cases, levels evenly "
+                   "spread over the training range",
+            "data_range": "1.0 in normalised units = the normalisation window (MRI p0.5-p99.5 of the volume, "
+                          "CT -1000..1000 HU, US 0..255)", "mask": "whole patch",
+        },
+    }
+    card.update(extra)
+    return card
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------
+def _data_dir(cfg: TrainConfig, data_dir: Optional[Union[str, Path]]) -> Path:
+    if data_dir:
+        return Path(data_dir)
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    return default_data_dir()
+
+
+def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[ProgressFn] = None,
+             cancel: Optional[CancelToken] = None, resume: Union[bool, str, Path, None] = None,
+             out_dir: Union[str, Path], data_dir: Optional[Union[str, Path]] = None,
+             progress_json: bool = False, show_bar: bool = False, command: Optional[str] = None,
+             export_path: Optional[Union[str, Path]] = None) -> TrainResult:
+    """Supervised pretraining on synthetic degradations of clean scans.
+
+    Args:
+        config: hyperparameters (``stage`` is forced to ``"pretrain"``).
+        data: optional in-memory clean images (arrays (z,y,x)/(y,x), ``(array, spacing_zyx)``
+            pairs, Volumes or paths) replacing ``config.data`` (e.g. handed over by Slicer).
+        progress: ``progress(fraction, message)`` callback.
+        cancel: token; when set, a checkpoint is written and :class:`CancelledError` raised.
+        resume: ``True`` = continue from ``out_dir/checkpoint.pt``; a path = that checkpoint.
+        out_dir: run folder (created): config.toml, checkpoint.pt, train_log.csv,
+            loss_curve.png, model.safetensors + card.
+        data_dir: base of relative data paths (default ``config.data_dir`` /
+            ``$DUALNET_SHARED_DATA`` / ``../shared/data``).
+        progress_json: print ``DUALNET_PROGRESS {json}`` lines on stdout.
+        show_bar: tqdm bar on stderr.
+        command: the exact command line, recorded in the card.
+        export_path: also write the model here (it is always written to ``out_dir/model.safetensors``);
+            ``TrainResult.model_path`` then names this copy.
+
+    Raises:
+        CancelledError: stopped by the token or SIGINT/SIGTERM (message names the checkpoint).
+        ModelError: corrupt/incompatible checkpoint on resume; InputError: bad config / data.
+    """
+    cfg = config.replace(stage="pretrain")
+    ddir = _data_dir(cfg, data_dir)
+    train_images, val_images = tdata.load_split(cfg, data, ddir)
+    model = build_network(cfg)
+    masked = cfg.model == "n2v"
+    res = _train(cfg, model, train_images, val_images, Path(out_dir), selfsup=False, masked=masked,
+                 progress=progress, cancel=cancel, resume=resume, progress_json=progress_json,
+                 show_bar=show_bar, command=command, card_extra={}, data_dir=ddir, in_memory=data is not None,
+                 export_path=None)
+    if export_path and res.model_path is not None:  # a second copy (e.g. the shipped weights folder)
+        from .. import modelfile
+
+        net, card = modelfile.load_model(res.model_path, "cpu")
+        card = {k: v for k, v in card.items() if k not in ("sha256", "weights")}
+        res.model_path = modelfile.save_model(Path(export_path), net, card)
+    return res
+
+
+def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str, Path],
+             config: Optional[TrainConfig] = None, *, progress: Optional[ProgressFn] = None,
+             cancel: Optional[CancelToken] = None, resume: Union[bool, str, Path, None] = None,
+             out_dir: Optional[Union[str, Path]] = None, progress_json: bool = False, show_bar: bool = False,
+             command: Optional[str] = None, frame: Optional[int] = None) -> TrainResult:
+    """Self-supervised fine-tuning of a trained model on real noisy scans (no clean reference).
+
+    Args:
+        inputs: noisy scans: paths (files / DICOM folders / PNG frame folders) or arrays
+            ((z,y,x) / (y,x)), ``(array, spacing_zyx)`` pairs or Volumes. Split per case: with
+            two or more inputs the last ``val_fraction`` is held out for the validation loss.
+        base_model_path: model file (``.safetensors`` + card) to start from; its card fixes the
+            architecture, modality and normalisation.
+        out_path: where the fine-tuned model is written (``.safetensors`` + card).
+        config: fine-tuning hyperparameters (default: ``configs/finetune.toml``); ``model``,
+            ``modality``, ``preset`` and ``dim`` are taken from the base card.
+        out_dir: run folder (checkpoint, log, curve); default ``<out_path stem>_run`` beside it.
+        frame: 4D inputs: which volume to take.
+
+    Returns:
+        :class:`TrainResult`; ``val_loss`` is the masked self-supervised loss on fixed patches.
+    """
+    from .. import modelfile
+    from .config import config_dir
+
+    if config is None:
+        config = TrainConfig.from_toml(config_dir() / "finetune.toml")
+    base_path = Path(base_model_path)
+    base, card = modelfile.load_model(base_path, "cpu")
+    arch = architecture_of(base)
+    kind = arch.get("kind", card.get("architecture", {}).get("kind", "dualnet"))
+    modality = card.get("modality", config.modality)
+    cfg = config.replace(stage="finetune", model=kind if kind in ("dualnet", "dncnn", "n2v") else "dualnet",
+                         modality=modality, preset=arch.get("preset", config.preset),
+                         dim=int(arch.get("dim", config.dim)), sr=bool(arch.get("sr", False)),
+                         use_neb=bool(arch.get("use_neb", True)), use_nonlocal=bool(arch.get("use_nonlocal", True)),
+                         dropout=float(arch.get("dropout", config.dropout)), lr_factor=1)
+    if isinstance(inputs, (str, Path, np.ndarray)) or (
+            isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    items: List[Any] = []
+    for x in inputs:
+        if isinstance(x, (str, Path)):
+            items.extend((a, sp) for a, sp, _ in tdata.read_source(Path(x), frame=frame))
+        else:
+            items.append(x)
+    train_images, val_images = tdata.load_split(cfg, items, None)
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise InputError(f"{out_path}: the fine-tuned model must be a .safetensors file")
+    if not out_path.parent.exists():
+        raise InputError(f"{out_path}: output folder {out_path.parent} does not exist")
+    anchor = copy.deepcopy(base) if cfg.lambda_anchor > 0 else None
+    run_dir = Path(out_dir) if out_dir else out_path.parent / f"{out_path.stem}_run"
+    extra = {"finetuned_from": {"path": str(base_path), "name": card.get("name"),
+                                "training": card.get("training", {}), "data_sources": card.get("data_sources", [])},
+             "finetune_inputs": [str(x) if isinstance(x, (str, Path)) else "array" for x in inputs][:50]}
+    return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=True, progress=progress,
+                  cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
+                  card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True)

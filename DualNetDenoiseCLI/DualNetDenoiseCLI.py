@@ -1,0 +1,59 @@
+#!/usr/bin/env python-real
+"""Slicer CLI module: DUAL-NET denoising of one volume (see DualNetDenoiseCLI.xml).
+
+The command line is parsed from the XML beside this file, exactly as Slicer builds it:
+``[--modality mri] [--model FILE] [--device auto] [--tta] [--uncertaintyVolume FILE] INPUT OUTPUT``.
+"""
+
+import os
+import sys
+
+def _add_core_to_path():
+    """Make ``dualnet`` and ``DualNetDenoiseLib`` importable (source tree or installed extension)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, os.pardir, "DualNetDenoise"),  # source checkout
+                      os.path.join(here, os.pardir, "qt-scripted-modules"),  # installed extension
+                      here):
+        candidate = os.path.normpath(candidate)
+        if os.path.isdir(os.path.join(candidate, "dualnet")) and candidate not in sys.path:
+            sys.path.insert(0, candidate)
+            return
+
+
+_add_core_to_path()
+XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
+
+
+def main(argv=None) -> int:
+    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args
+
+    args = parse_cli_args(XML, argv, prog="DualNetDenoiseCLI")
+    from dualnet.errors import DualNetError
+    from dualnet.io import check_output_path, read_volume, write_volume
+    from dualnet import api
+
+    progress = FilterProgress("DualNet denoise", f"DUAL-NET on {os.path.basename(args.inputVolume)}")
+    progress.start()
+    try:
+        inputs = [args.inputVolume]
+        check_output_path(args.outputVolume, inputs)
+        if args.uncertaintyVolume:
+            check_output_path(args.uncertaintyVolume, inputs)
+        volume = read_volume(args.inputVolume)
+        result = api.denoise_volume(
+            volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
+            tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress)
+        write_volume(result.volume, args.outputVolume, inputs=inputs)
+        unc = getattr(result, "uncertainty_volume", None) or getattr(result, "uncertainty", None)
+        if args.uncertaintyVolume and unc is not None:
+            write_volume(unc, args.uncertaintyVolume, inputs=inputs)
+    except DualNetError as err:
+        print(f"DualNetDenoiseCLI: {err}", file=sys.stderr, flush=True)
+        return 1
+    progress(1.0)
+    progress.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
