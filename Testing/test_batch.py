@@ -34,7 +34,7 @@ def folder(tmp_path, mri_crop, ct_volume):
     write_volume(Volume(mri, (1.0, 1.0, 1.2), (10.0, -5.0, 3.0)), d / "t1 crop.nii.gz")
     ct = ct_volume.array[40:48, 30:62, 30:62]
     write_volume(ct_volume.with_array(ct), d / "ct.nrrd")
-    (d / "notes.txt").write_text("not a volume")
+    (d / "notes.txt").write_text("not a volume", encoding="utf-8")
     return d
 
 
@@ -50,7 +50,7 @@ def batch():
 
 
 def read_rows(path):
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 

@@ -140,7 +140,7 @@ def test_dice_geometry_mismatch_and_values(tmp_path, capsys):
     code, out, err = _run(["dice", pa, pb, "--csv", tmp_path / "d.csv"], capsys)
     assert code == 0, err
     assert "label 1: Dice 0.8000" in out and "label 2: Dice 1.0000" in out
-    assert (tmp_path / "d.csv").read_text().splitlines()[0] == "label,dice"
+    assert (tmp_path / "d.csv").read_text(encoding="utf-8").splitlines()[0] == "label,dice"
     pc = write_volume(Volume(b, (1, 1, 2.5)), tmp_path / "c.nrrd")
     before = set(os.listdir(tmp_path))
     code, _, err = _run(["dice", pa, pc], capsys)

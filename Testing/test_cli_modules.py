@@ -97,7 +97,7 @@ def test_xml_is_valid_and_parser_is_built_from_it(name):
     parser = cliargs.build_parser(spec)
     dests = {a.dest for a in parser._actions} - {"help", "returnparameterfile"}
     assert dests == {p.name for p in spec.params if p.index is not None or p.option}
-    src = (REPO / name / f"{name}.py").read_text()
+    src = (REPO / name / f"{name}.py").read_text(encoding="utf-8")
     assert "parse_cli_args(XML" in src and 'os.path.splitext(os.path.abspath(__file__))[0] + ".xml"' in src
 
 
@@ -132,18 +132,18 @@ def test_slicer_command_line_order():
 def test_spec_rejects_bad_xml(tmp_path):
     bad = tmp_path / "bad.xml"
     bad.write_text("<executable><parameters><boolean><name>x</name><longflag>x</longflag>"
-                   "<default>true</default></boolean></parameters></executable>")
+                   "<default>true</default></boolean></parameters></executable>", encoding="utf-8")
     with pytest.raises(ValueError, match="defaults to true"):
         cliargs.load_spec(bad)
     bad.write_text("<executable><parameters><integer><name>n</name><default>1</default></integer>"
-                   "</parameters></executable>")
+                   "</parameters></executable>", encoding="utf-8")
     with pytest.raises(ValueError, match="neither"):
         cliargs.load_spec(bad)
 
 
 def test_xml_flag_prints_description():
     res = run_cli("DiceAssessmentCLI", ["--xml"])
-    assert res.returncode == 0 and res.stdout == xml_path("DiceAssessmentCLI").read_text()
+    assert res.returncode == 0 and res.stdout == xml_path("DiceAssessmentCLI").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- running the CLIs
@@ -256,7 +256,7 @@ def test_dice_cli(tmp_path, shared_data):
     res = run_cli("DiceAssessmentCLI", args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert_filter_protocol(res.stdout)
-    rows = list(csv.DictReader(table.open()))
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
     present = sorted(int(v) for v in (set(np.unique(a)) | set(np.unique(b))) - {0})
     assert [int(r["label"]) for r in rows] == present and len(present) >= 3
     for r in rows:
@@ -264,11 +264,11 @@ def test_dice_cli(tmp_path, shared_data):
         x, y = a == lab, b == lab
         assert float(r["dice"]) == pytest.approx(2 * (x & y).sum() / (x.sum() + y.sum()), abs=1e-6)
         assert int(r["voxels_a"]) == x.sum() and int(r["voxels_b"]) == y.sum()
-    mean = float(ret.read_text().split("=")[1])
+    mean = float(ret.read_text(encoding="utf-8").split("=")[1])
     assert mean == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-5)
     # labels subset, and a geometry mismatch is refused
     res = run_cli("DiceAssessmentCLI", ["--labels", str(present[0]), "--outputTable", str(table), str(pa), str(pb)])
-    assert res.returncode == 0 and len(list(csv.DictReader(table.open()))) == 1
+    assert res.returncode == 0 and len(list(csv.DictReader(table.open(encoding="utf-8")))) == 1
     write(b, tmp_path / "b_shift.nrrd", origin=(0.0, 0.0, 0.0))
     res = run_cli("DiceAssessmentCLI", [str(pa), str(tmp_path / "b_shift.nrrd")])
     assert res.returncode == 1 and "origin" in res.stderr.lower()

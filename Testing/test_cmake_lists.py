@@ -91,7 +91,7 @@ def macro_args(text: str, macro: str) -> Dict[str, List[str]]:
 @pytest.mark.parametrize("module", SCRIPTED_MODULES)
 def test_scripted_module_lists_every_file(module):
     folder = REPO / module
-    text = (folder / "CMakeLists.txt").read_text()
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     sets = cmake_sets(text)
     args = macro_args(text, "slicerMacroBuildScriptedModule")
     assert args["NAME"] == ["${MODULE_NAME}"] and sets["MODULE_NAME"] == [module]
@@ -111,7 +111,7 @@ def test_scripted_module_lists_every_file(module):
 
 
 def test_core_package_is_listed_in_denoise_module():
-    sets = cmake_sets((REPO / "DualNetDenoise" / "CMakeLists.txt").read_text())
+    sets = cmake_sets((REPO / "DualNetDenoise" / "CMakeLists.txt").read_text(encoding="utf-8"))
     scripts = set(sets["MODULE_PYTHON_SCRIPTS"])
     assert "dualnet/__init__.py" in scripts and "dualnet/api.py" in scripts
     assert "DualNetDenoiseLib/worker.py" in scripts and "DualNetDenoiseLib/cliargs.py" in scripts
@@ -120,27 +120,27 @@ def test_core_package_is_listed_in_denoise_module():
 def test_module_files_detects_an_unlisted_file(tmp_path):
     """The checker itself: a new file under a module folder shows up as unlisted."""
     (tmp_path / "Sub" / "__pycache__").mkdir(parents=True)
-    (tmp_path / "Sub" / "new.py").write_text("")
+    (tmp_path / "Sub" / "new.py").write_text("", encoding="utf-8")
     (tmp_path / "Sub" / "w.safetensors").write_bytes(b"")
-    (tmp_path / "Sub" / "__pycache__" / "x.py").write_text("")
-    (tmp_path / "CMakeLists.txt").write_text('set(URL "http://x#y")\nset(MODULE_PYTHON_SCRIPTS\n  a.py # comment\n  )\n')
+    (tmp_path / "Sub" / "__pycache__" / "x.py").write_text("", encoding="utf-8")
+    (tmp_path / "CMakeLists.txt").write_text('set(URL "http://x#y")\nset(MODULE_PYTHON_SCRIPTS\n  a.py # comment\n  )\n', encoding="utf-8")
     scripts, resources = module_files(tmp_path)
     assert scripts == ["Sub/new.py"] and resources == ["Sub/w.safetensors"]
-    sets = cmake_sets((tmp_path / "CMakeLists.txt").read_text())
+    sets = cmake_sets((tmp_path / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert sets["MODULE_PYTHON_SCRIPTS"] == ["a.py"] and sets["URL"] == ["http://x#y"]
 
     # and the --write helper fixes exactly that
     (tmp_path / "CMakeLists.txt").write_text("set(MODULE_PYTHON_SCRIPTS\n  a.py\n  )\n"
-                                            "set(MODULE_PYTHON_RESOURCES\n  )\nslicerMacroBuildScriptedModule()\n")
+                                            "set(MODULE_PYTHON_RESOURCES\n  )\nslicerMacroBuildScriptedModule()\n", encoding="utf-8")
     assert rewrite_lists(tmp_path) and not rewrite_lists(tmp_path)
-    sets = cmake_sets((tmp_path / "CMakeLists.txt").read_text())
+    sets = cmake_sets((tmp_path / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert sets["MODULE_PYTHON_SCRIPTS"] == ["Sub/new.py"] and sets["MODULE_PYTHON_RESOURCES"] == ["Sub/w.safetensors"]
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)
 def test_cli_module_cmake(module):
     folder = REPO / module
-    text = (folder / "CMakeLists.txt").read_text()
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     sets = cmake_sets(text)
     args = macro_args(text, "SlicerMacroBuildScriptedCLI")
     assert sets["MODULE_NAME"] == [module] and args["NAME"] == ["${MODULE_NAME}"]
@@ -151,7 +151,7 @@ def test_cli_module_cmake(module):
 
 
 def test_top_level_cmake():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     sets = cmake_sets(text)
     assert re.search(r"cmake_minimum_required\s*\(", text)
     assert re.search(r"\bproject\s*\(\s*DualNet\s*\)", text)
@@ -185,8 +185,8 @@ def test_extensions_index_entry_matches_cmake():
     """The catalog entry (submitted to Slicer/ExtensionsIndex) agrees with the top-level CMake metadata."""
     import json
 
-    entry = json.loads((REPO / "Resources" / "ExtensionsIndex" / "DualNet.json").read_text())
-    sets = cmake_sets((REPO / "CMakeLists.txt").read_text())
+    entry = json.loads((REPO / "Resources" / "ExtensionsIndex" / "DualNet.json").read_text(encoding="utf-8"))
+    sets = cmake_sets((REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
     allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
                "scm_url", "tier"}
     assert set(entry) <= allowed, f"keys outside the catalog schema: {set(entry) - allowed}"
@@ -208,14 +208,14 @@ def _format_block(name: str, items: List[str]) -> str:
 def rewrite_lists(module_dir: Path = REPO / "DualNetDenoise") -> bool:
     """Rewrite MODULE_PYTHON_SCRIPTS / MODULE_PYTHON_RESOURCES of a module folder; True when it changed."""
     path = module_dir / "CMakeLists.txt"
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     scripts, resources = module_files(module_dir)
     new = text
     for name, items in (("MODULE_PYTHON_SCRIPTS", scripts), ("MODULE_PYTHON_RESOURCES", resources)):
         new, n = re.subn(rf"set\({name}\b[^)]*\)", lambda m: _format_block(name, items), new, count=1)
         assert n == 1, f"set({name} ...) block not found in {path}"
     if new != text:
-        path.write_text(new)
+        path.write_text(new, encoding="utf-8")
     return new != text
 
 

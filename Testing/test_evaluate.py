@@ -64,7 +64,7 @@ def _use_real_or_standins(monkeypatch) -> None:
 
 
 def _read_csv(path: Path):
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -84,7 +84,7 @@ def ci_study(tmp_path_factory, shared_data):
 def test_ci_report_structure(ci_study):
     out, path, calls, _ = ci_study
     assert path == out / "report.md"
-    md = path.read_text()
+    md = path.read_text(encoding="utf-8")
     for heading in ("## How this was run", "## Protocol", "## Data and cases", "## Methods",
                     "## Results (mean ± SD over cases)", "## Paired statistics (unit: case)",
                     "## Where the method under test does not beat a baseline", "## Figures", "## Frozen segmenters"):
@@ -94,7 +94,7 @@ def test_ci_report_structure(ci_study):
     for modality in ("MRI", "CT", "US"):
         assert f"### {modality}, level" in md
     assert "| method | n | PSNR fg (dB)" in md and "±" in md
-    html = (out / "report.html").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert "<table>" in html and "<img" in html
     # progress went from 0 to 1, monotone
     fr = [f for f, _ in calls]
@@ -165,14 +165,14 @@ def test_ci_stats_equal_scipy(ci_study):
         adj = holm_bonferroni([float(s["p"]) for s in fam])
         assert [float(s["p_holm"]) for s in fam] == pytest.approx(adj)
     # the Markdown shows the same Holm p values
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     for s in stats_rows:
         assert report._fmt_p(float(s["p_holm"])) in md
 
 
 def test_ci_resume_uses_cache(ci_study, shared_data, monkeypatch):
     out, _, _, _ = ci_study
-    before = (out / "cases.csv").read_text()
+    before = (out / "cases.csv").read_text(encoding="utf-8")
 
     def boom(arr, ctx):
         raise AssertionError("method called although its result is cached")
@@ -181,9 +181,9 @@ def test_ci_resume_uses_cache(ci_study, shared_data, monkeypatch):
         spec = evaluate.REGISTRY[name]
         monkeypatch.setitem(evaluate.REGISTRY, name, evaluate.MethodSpec(name, boom, spec.check, spec.description))
     path = evaluate.run_study(CI_CONFIG, out, data_dir=shared_data, command="again")
-    md = path.read_text()
+    md = path.read_text(encoding="utf-8")
     assert "Cases computed now: 0; reused from `cache/`: 27" in md
-    assert (out / "cases.csv").read_text() == before
+    assert (out / "cases.csv").read_text(encoding="utf-8") == before
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -232,7 +232,7 @@ def synthetic(tmp_path, monkeypatch):
 
     def write(methods):
         cfg = tmp_path / "study.toml"
-        cfg.write_text(CONFIG_TEMPLATE.format(methods=methods))
+        cfg.write_text(CONFIG_TEMPLATE.format(methods=methods), encoding="utf-8")
         return cfg
 
     return tmp_path, data, write
@@ -248,7 +248,7 @@ def test_unavailable_and_failing_methods_are_reported(synthetic, monkeypatch):
     monkeypatch.setitem(evaluate.REGISTRY, "bm4d", evaluate.MethodSpec(
         "bm4d", broken, lambda ctx: "package 'bm4d' not installed (optional baseline, non-commercial licence)"))
     cfg = write('["noisy", "gaussian", "bm4d", "dualnet_ft", "broken", "nonsense"]')
-    md = evaluate.run_study(cfg, tmp / "out", data_dir=data).read_text()
+    md = evaluate.run_study(cfg, tmp / "out", data_dir=data).read_text(encoding="utf-8")
     assert "unavailable: package 'bm4d' not installed" in md
     assert "unavailable: model file" in md and "no_such_model.safetensors" in md
     assert "unavailable: failed on slab0 (RuntimeError: kaputt)" in md
@@ -276,16 +276,16 @@ def test_cancel_keeps_finished_cases(synthetic):
         evaluate.run_study(cfg, tmp / "out", data_dir=data, progress=progress, cancel=token)
     cached = list((tmp / "out" / "cache").glob("phantom__*.json"))
     assert len(cached) >= 1
-    md = evaluate.run_study(cfg, tmp / "out", data_dir=data).read_text()
+    md = evaluate.run_study(cfg, tmp / "out", data_dir=data).read_text(encoding="utf-8")
     assert f"reused from `cache/`: {len(cached)}" in md
 
 
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[study]\nmethods = ['noisy']\n")
+    bad.write_text("[study]\nmethods = ['noisy']\n", encoding="utf-8")
     with pytest.raises(InputError, match="no \\[\\[subset\\]\\]"):
         evaluate.load_config(bad)
-    bad.write_text("[study\n")
+    bad.write_text("[study\n", encoding="utf-8")
     with pytest.raises(InputError, match="TOML"):
         evaluate.load_config(bad)
     with pytest.raises(InputError, match="not found"):

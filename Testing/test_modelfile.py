@@ -39,13 +39,13 @@ def _copy(saved, tmp_path: Path) -> Path:
     path, _ = saved
     dst = tmp_path / path.name
     dst.write_bytes(path.read_bytes())
-    dst.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    dst.with_suffix(".json").write_text(path.with_suffix(".json").read_text(), encoding="utf-8")
     return dst
 
 
 def test_round_trip(saved):
     path, model = saved
-    card = json.loads(path.with_suffix(".json").read_text())
+    card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     assert card["format_version"] == 1
     assert card["architecture"]["kind"] == "dualnet" and card["architecture"]["dim"] == 2
     for key in ("preset", "sr", "use_neb", "use_nonlocal", "dropout"):
@@ -84,13 +84,13 @@ def test_flipped_byte_is_rejected(saved, tmp_path):
 def test_wrong_architecture_in_card_is_rejected(saved, tmp_path):
     path = _copy(saved, tmp_path)
     cpath = path.with_suffix(".json")
-    card = json.loads(cpath.read_text())
+    card = json.loads(cpath.read_text(encoding="utf-8"))
     card["architecture"]["preset"] = "small"  # hash still matches: the weights do not
-    cpath.write_text(json.dumps(card))
+    cpath.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelError, match="do not match the card's architecture"):
         load_model(path)
     card["architecture"]["kind"] = "resnet"
-    cpath.write_text(json.dumps(card))
+    cpath.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelError, match="invalid architecture"):
         load_model(path)
 
@@ -98,7 +98,7 @@ def test_wrong_architecture_in_card_is_rejected(saved, tmp_path):
 def test_missing_or_broken_card(saved, tmp_path):
     path = _copy(saved, tmp_path)
     cpath = path.with_suffix(".json")
-    cpath.write_text("{not json")
+    cpath.write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelError, match="unreadable model card"):
         load_model(path)
     cpath.unlink()
@@ -113,9 +113,9 @@ def test_truncated_weights_with_matching_hash(saved, tmp_path):
     path = _copy(saved, tmp_path)
     path.write_bytes(path.read_bytes()[:100])
     cpath = path.with_suffix(".json")
-    card = json.loads(cpath.read_text())
+    card = json.loads(cpath.read_text(encoding="utf-8"))
     card["sha256"] = sha256_file(path)
-    cpath.write_text(json.dumps(card))
+    cpath.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelError, match="corrupt safetensors"):
         load_model(path)
 
@@ -138,9 +138,9 @@ def test_pt_checkpoint_loaded_weights_only(saved, tmp_path):
     _, model = saved
     pt = tmp_path / "ckpt.pt"
     torch.save({"state_dict": model.state_dict(), "step": 3}, pt)
-    card = json.loads(saved[0].with_suffix(".json").read_text())
+    card = json.loads(saved[0].with_suffix(".json").read_text(encoding="utf-8"))
     card["sha256"] = sha256_file(pt)
-    pt.with_suffix(".json").write_text(json.dumps(card))
+    pt.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
     loaded, _ = load_model(pt)
     x = torch.randn(1, 1, 9, 9)
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_pickle_payload_not_executed(tmp_path):
     with open(pt, "wb") as fh:
         pickle.dump({"w": _Evil(str(marker))}, fh, protocol=2)
     torch.save({"w": torch.zeros(1)}, tmp_path / "ok.pt")  # sanity: torch.save works here
-    pt.with_suffix(".json").write_text(json.dumps({"format_version": 1}))
+    pt.with_suffix(".json").write_text(json.dumps({"format_version": 1}), encoding="utf-8")
     with pytest.raises(ModelError, match="evil.pt: not a safe weights-only"):
         load_model(pt)
     assert not marker.exists()

@@ -421,7 +421,7 @@ def test_lib_has_no_top_level_gui_imports():
     import ast
 
     for f in sorted(LIB.glob("*.py")):
-        for node in ast.parse(f.read_text()).body:
+        for node in ast.parse(f.read_text(encoding="utf-8")).body:
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -448,7 +448,7 @@ def _fake_model(folder: Path, name: str, modality="mri") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     w = folder / f"{name}.safetensors"
     w.write_bytes(b"weights-" + name.encode())
-    w.with_suffix(".json").write_text(json.dumps({"modality": modality, "version": "1"}))
+    w.with_suffix(".json").write_text(json.dumps({"modality": modality, "version": "1"}), encoding="utf-8")
     return w
 
 
@@ -465,7 +465,7 @@ def test_model_store(tmp_path):
     entry = store.import_model(src, name="my US model")
     assert Path(entry.path).parent == tmp_path / "user" and Path(entry.path).read_bytes() == src.read_bytes()
     assert Path(entry.path).with_suffix(".json").is_file() and entry.modality == "us" and not entry.shipped
-    index = json.loads((tmp_path / "user" / "models.json").read_text())
+    index = json.loads((tmp_path / "user" / "models.json").read_text(encoding="utf-8"))
     assert index["version"] == 1 and index["models"][0]["name"] == "my US model"
     assert ModelStore(user_dir=tmp_path / "user", shipped_dir=shipped).find("my US model").path == entry.path
     with pytest.raises(ValueError, match="already exists"):
@@ -497,7 +497,7 @@ def test_process_runner_progress_output_and_errors(tmp_path):
         "    print('DUALNET_PROGRESS ' + json.dumps({'fraction': (i + 1) / 3, 'message': f's{i}'}), flush=True)\n"
         "print('a log line', flush=True)\n"
         "print('DUALNET_ERROR input.nrrd: broken file', flush=True)\n"
-        "sys.exit(2)\n")
+        "sys.exit(2)\n", encoding="utf-8")
     progress, output = [], []
     r = ProcessRunner([sys.executable, str(script)], on_progress=progress.append, on_output=output.append).start()
     assert r.wait(timeout=30) == 2
@@ -514,7 +514,7 @@ def test_process_runner_cancel_kills_the_process_tree(tmp_path):
         "import subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "print('CHILD', child.pid, flush=True)\n"
-        "time.sleep(60)\n")
+        "time.sleep(60)\n", encoding="utf-8")
     lines = []
     r = ProcessRunner([sys.executable, str(script)], on_output=lines.append).start()
     t0 = time.time()
@@ -545,7 +545,7 @@ def test_process_runner_cancel_kills_the_process_tree(tmp_path):
 
 def _is_zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").split()[2] == "Z"
     except OSError:
         return True
 
@@ -604,7 +604,7 @@ def test_training_commands_config_and_events(tmp_path, shared_data):
 
     vols = [str(shared_data / "mri" / "adni_mprage_t1.nii.gz"), str(shared_data / "mri" / "voxelmorph_brain_t1.nii.gz")]
     cfg = training.write_pretrain_config(training.configs_dir() / "pretrain_mri.toml", vols, tmp_path / "c.toml", "tiny")
-    data = tomllib.loads(cfg.read_text())
+    data = tomllib.loads(cfg.read_text(encoding="utf-8"))
     assert data["preset"] == "tiny" and data["modality"] == "mri"
     assert [(d["path"], d["split"]) for d in data["data"]] == [(vols[0], "train"), (vols[1], "val")]
     from dualnet.training.config import load_config  # the core accepts what the panel writes
@@ -612,7 +612,7 @@ def test_training_commands_config_and_events(tmp_path, shared_data):
     loaded = load_config(cfg, steps=3, device="cpu")
     assert loaded.preset == "tiny" and len(loaded.data) == 2
     single = tomllib.loads(training.write_pretrain_config(
-        training.configs_dir() / "pretrain_mri.toml", vols[:1], tmp_path / "s.toml").read_text())
+        training.configs_dir() / "pretrain_mri.toml", vols[:1], tmp_path / "s.toml").read_text(encoding="utf-8"))
     assert [d["split"] for d in single["data"]] == ["train", "val"]
     model, run_dir = training.model_paths(tmp_path, "my model/v2")
     assert model.name == "my_model_v2.safetensors" and run_dir.name == "my_model_v2_run"
@@ -678,12 +678,12 @@ def test_worker_job_errors_are_one_line(tmp_path, capsys):
 
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"input": str(tmp_path / "missing.nrrd"), "output": str(tmp_path / "o.nrrd"),
-                               "method": "gaussian"}))
+                               "method": "gaussian"}), encoding="utf-8")
     assert worker.main([str(job)]) == 2
     err = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DUALNET_ERROR")]
     assert len(err) == 1 and "missing.nrrd" in err[0]
     assert worker.main([]) == 64
-    job.write_text(json.dumps({"input": "a", "output": "b"}) + "}")  # not JSON
+    job.write_text(json.dumps({"input": "a", "output": "b"}) + "}", encoding="utf-8")  # not JSON
     assert worker.main([str(job)]) == 2
     with pytest.raises(TypeError, match="unknown denoising parameters"):
         worker.run_denoise(None, metod="gaussian")

@@ -73,7 +73,7 @@ def _install_standins() -> dict:
 
             path = Path(path)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-            path.with_suffix(".json").write_text(json.dumps(card, default=str))
+            path.with_suffix(".json").write_text(json.dumps(card, default=str), encoding="utf-8")
 
         def load_model(path, device="cpu"):
             from safetensors.torch import load_file
@@ -81,7 +81,7 @@ def _install_standins() -> dict:
             from dualnet import models
 
             path = Path(path)
-            card = json.loads(path.with_suffix(".json").read_text())
+            card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
             m = models.build_from_config(card["architecture"])
             m.load_state_dict(load_file(str(path)))
             return m.eval(), card
@@ -116,7 +116,7 @@ def tiny_config(**kw) -> TrainConfig:
 def _csv_rows(path: Path):
     import csv
 
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -140,11 +140,11 @@ def test_config_toml_round_trip(tmp_path):
     p = cfg.save(tmp_path / "c.toml")
     back = TrainConfig.from_toml(p)
     assert back == cfg
-    assert "config_version = 1" in p.read_text()
-    (tmp_path / "bad.toml").write_text('modality = "mri"\nlearning_rate = 1\n')
+    assert "config_version = 1" in p.read_text(encoding="utf-8")
+    (tmp_path / "bad.toml").write_text('modality = "mri"\nlearning_rate = 1\n', encoding="utf-8")
     with pytest.raises(InputError, match="learning_rate"):
         TrainConfig.from_toml(tmp_path / "bad.toml")
-    (tmp_path / "bad2.toml").write_text('modality = "xray"\n')
+    (tmp_path / "bad2.toml").write_text('modality = "xray"\n', encoding="utf-8")
     with pytest.raises(InputError, match="modality"):
         TrainConfig.from_toml(tmp_path / "bad2.toml")
 
@@ -251,7 +251,7 @@ def test_pretraining_reduces_loss_and_exports_card(pretrained):
     assert float(vals[-1]["val_ssim"]) > float(vals[0]["val_ssim"]), vals
     assert res.val_ssim is not None and res.val_psnr is not None
     assert (res.out_dir / "config.toml").exists() and (res.out_dir / "loss_curve.png").stat().st_size > 1000
-    header = res.log_path.read_text().splitlines()[0].split(",")
+    header = res.log_path.read_text(encoding="utf-8").splitlines()[0].split(",")
     for col in ("step", "loss", "l1", "lr", "val_psnr", "val_ssim", "seconds"):
         assert col in header
     from dualnet import modelfile

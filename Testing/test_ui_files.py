@@ -58,7 +58,7 @@ def prop(widget, name):
 def parameter_fields(module):
     """field name -> (annotation source, default source or None) of the wrapper class."""
     cls_name, folder = MODULES[module]
-    source = (folder / f"{module}.py").read_text()
+    source = (folder / f"{module}.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == cls_name:

@@ -83,7 +83,7 @@ def main() -> None:
         print(f"\nvolume (z, y, x) = {tuple(rows[0]['shape_zyx'])} at 2 mm; data range = clean max - min; "
               "fg = Otsu head mask of the clean volume")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

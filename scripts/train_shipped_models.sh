@@ -22,10 +22,16 @@ config_of() {  # run name -> config file
 
 if [ "$what" = pack ]; then
   . .venv/bin/activate
+  rm -rf .gpu
+  for modality in mri ct us; do  # one packed copy of the data per modality, shared by its runs
+    f16=""; [ "$modality" = us ] && f16="--float16"
+    python scripts/pack_lr_data.py "$(config_of dualnet_$modality)" --out ".gpu/data_$modality" $f16
+  done
   for run in $RUNS; do
-    cfg="$(config_of "$run")"
-    [ -f "$cfg" ] || { echo "skip $run: $cfg missing"; continue; }
-    python scripts/pack_lr_data.py "$cfg" --out ".gpu/$run"
+    modality="${run##*_}"; kind="${run%%_*}"
+    mkdir -p ".gpu/$run"
+    # the packed config with this run's model (baseline configs differ from pretrain_* only there)
+    sed "s/^model = \"dualnet\"/model = \"$kind\"/" ".gpu/data_$modality/config.toml" > ".gpu/$run/config.toml"
   done
   du -sh .gpu
 elif [ "$what" = train ]; then
@@ -35,8 +41,9 @@ elif [ "$what" = train ]; then
   workers="${WORKERS:-2}"
   for run in $RUNS; do
     [ -f ".gpu/$run/config.toml" ] || continue
-    python -m dualnet.training.cli train --config ".gpu/$run/config.toml" --data-dir ".gpu/$run" \
+    python -m dualnet.training.cli train --config ".gpu/$run/config.toml" --data-dir ".gpu/data_${run##*_}" \
       --out "$out/$run" --export "$out/$run/$run.safetensors" --workers "$workers" --quiet \
+      ${BUDGET:+--time-budget "$BUDGET"} --device "${DEVICE:-auto}" \
       > "$out/$run.log" 2>&1 &
   done
   wait

@@ -11,7 +11,6 @@ import argparse
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -19,8 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CancelledError, DualNetError
-from .io import Volume, check_output_path, read_volume, write_volume
-from .progress import ProgressFn
+from .io import check_output_path, read_volume, write_volume
 
 LEVEL_HELP = (
     "noise level: MRI = Rician sigma as a fraction of the clean maximum (0.05 = 5%%); "
@@ -118,7 +116,7 @@ def cmd_denoise(args) -> int:
         write_volume(result.uncertainty, args.uncertainty, inputs=inputs + [out])
     _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
     if args.info_json:
-        Path(args.info_json).write_text(json.dumps(result.info, indent=2, default=str))
+        Path(args.info_json).write_text(json.dumps(result.info, indent=2, default=str), encoding="utf-8")
     return 0
 
 
@@ -168,7 +166,7 @@ def cmd_dice(args) -> int:
     if args.csv:
         out = check_output_path_csv(args.csv, [args.a, args.b])
         tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["label", "dice"])
             writer.writerows(rows)

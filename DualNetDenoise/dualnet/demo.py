@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .io import Volume, read_volume, write_volume
+from .io import read_volume, write_volume
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_mri_t1.nii.gz"
 
@@ -101,7 +101,7 @@ def run_demo(
     (out_dir / "demo.json").write_text(json.dumps(
         {"sample": SAMPLE.name, "level": level, "lr_factor": lr_factor, "seed": seed,
          "data_range": data_range, "mask": "foreground (Otsu head mask) and whole volume", "results": rows},
-        indent=2))
+        indent=2), encoding="utf-8")
     return _table(rows, out_dir)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -327,30 +328,34 @@ def write_volume(
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     image = volume.with_array(arr).to_sitk()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{ext}", dir=str(out.parent))
+    with atomic_path(out, suffix=f".tmp{ext}") as tmp:
+        sitk.WriteImage(image, str(tmp), compress and ext != ".png")
+    return out
+
+
+@contextmanager
+def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it.
+
+    The suffix lets format-sniffing writers (SimpleITK) see the right extension.
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=str(out.parent))
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress and ext != ".png")
+        yield Path(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return out
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file and a rename."""
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """Write bytes to ``path`` through a temporary file, fsync and a rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return out
+    return Path(path)

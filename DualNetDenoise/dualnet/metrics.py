@@ -132,7 +132,8 @@ def ssim(ref: np.ndarray, test: np.ndarray, *, data_range: float, mask: Optional
     return float(smap[sel].mean())
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a boolean mask (the mask itself if it has <= 1)."""
     from scipy import ndimage
 
     lab, n = ndimage.label(mask)
@@ -182,7 +183,7 @@ def foreground_mask(ref: np.ndarray, modality: str) -> np.ndarray:
         fg = ndimage.binary_fill_holes(x > 5.0)
     else:
         raise InputError(f"unknown modality {modality!r}; use 'mri', 'ct' or 'us'")
-    fg = _largest_component(fg)
+    fg = largest_component(fg)
     if not fg.any():
         return np.ones(x.shape, dtype=bool)
     return fg

@@ -36,6 +36,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
+from .metrics import largest_component
 
 KINDS = ("mri_wm", "ct_liver", "us_nerve_vessel")
 
@@ -57,17 +58,6 @@ def _smooth(x: np.ndarray, sigma: float, in_plane_only: bool = False) -> np.ndar
     if in_plane_only and x.ndim == 3:
         return ndimage.gaussian_filter(x, (0.0, sigma, sigma))
     return ndimage.gaussian_filter(x, sigma)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
 
 
 def _gauss_fit(values: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> Dict[str, list]:
@@ -141,7 +131,7 @@ class Segmenter:
             if roi is not None:
                 m &= roi
             m = ndimage.binary_opening(m, ndimage.generate_binary_structure(x.ndim, 1))
-            return _largest_component(m).astype(np.uint8)
+            return largest_component(m).astype(np.uint8)
         if self.kind == "us_nerve_vessel":
             from scipy import ndimage
 

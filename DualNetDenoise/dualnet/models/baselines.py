@@ -49,7 +49,7 @@ class PlainUNet(nn.Module):
         self.config = dict(kind="n2v", preset=preset, dim=dim, in_channels=in_channels,
                            sr=False, use_neb=False, use_nonlocal=False, dropout=0.0)
         self.levels = cfg["levels"]
-        w = [min(2 * cfg["width"] * 2 ** i, cfg["max_width"]) for i in range(self.levels + 1)]
+        w = [min(cfg["width"] * 2 ** i, cfg["max_width"]) for i in range(self.levels + 1)]
 
         def double(cin: int, cout: int) -> nn.Module:
             return nn.Sequential(conv(dim, cin, cout), nn.LeakyReLU(0.1),

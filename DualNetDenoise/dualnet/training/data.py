@@ -150,6 +150,13 @@ def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Op
     if not p.exists():
         raise InputError(f"{p}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
     out = []
+    if p.suffix == ".npz":  # packed clean images (scripts/pack_lr_data.py): image_<i>, spacing_<i>
+        with np.load(p, allow_pickle=False) as z:
+            keys = sorted((k for k in z.files if k.startswith("image_")), key=lambda k: int(k.split("_")[1]))
+            for k in keys:
+                a = _crop(np.asarray(z[k], dtype=np.float32), crop, str(p))
+                out.append((a, tuple(float(v) for v in z["spacing_" + k.split("_")[1]]), f"{p.name}:{k}"))
+        return out
     if p.is_dir():
         imgs = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
         if imgs:

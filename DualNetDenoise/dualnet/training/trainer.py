@@ -132,22 +132,16 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    import tempfile
-
     import torch
 
+    from ..io import atomic_path
+
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -527,10 +521,20 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
 
         sampler = tdata.PatchSampler(train_images, cfg, rank=rank, selfsup=selfsup, masked=masked)
         val_set = None
+        card_input_val: Dict[str, float] = {}
         if is_main:
             vs = tdata.PatchSampler(val_images, cfg, rank=0, selfsup=selfsup, masked=masked)
             val_set = vs.fixed_set(cfg.val_patches)
             cfg.save(out_dir / "config.toml")
+            if "clean" in val_set:  # reference: the noisy input itself
+                from .losses import psnr_t, ssim as _ssim
+
+                nz, cl = torch.as_tensor(val_set["noisy"]), torch.as_tensor(val_set["clean"])
+                one = torch.ones(nz.shape[0])
+                card_input_val = {"input_psnr_db": float(psnr_t(nz, cl, one).mean()),
+                                  "input_ssim": float(_ssim(nz, cl, data_range=one))}
+            else:
+                card_input_val = {}
 
         def save_checkpoint(step: int) -> Optional[Path]:
             if not is_main:
@@ -561,7 +565,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         if is_main and start == 0 and cfg.steps > 0:  # baseline validation before any update
             run.last_val = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
             run.rows.append({"step": 0, "lr": float(sched.get_last_lr()[0]), "seconds": 0.0, **run.last_val})
-            report(progress, 0.0, "initial validation: " + ", ".join(f"{k} {v:.4g}" for k, v in run.last_val.items()))
+            report(progress, 0.0, "initial validation: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                                   {**run.last_val, **card_input_val}.items()))
 
         loader = tdata.make_loader(sampler, start + 1, cfg.steps + 1, cfg.num_workers,
                                    pin_memory=device.type == "cuda")
@@ -719,6 +724,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
                               train_images, val_images, in_memory, card_extra, exported_step=run.best_step
                               if export_model is not model else step)
+            card["validation"].update(card_input_val)
             target = export_path or (out_dir / "model.safetensors")
             from .. import modelfile
 
@@ -775,6 +781,9 @@ def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: 
                           "CT -1000..1000 HU, US 0..255)", "mask": "whole patch",
         },
     }
+    card["metrics"] = {k: v for k, v in {"val_psnr_db": val.get("val_psnr"), "val_ssim": val.get("val_ssim"),
+                                         "val_selfsup_loss": val.get("val_loss")}.items() if v is not None}
+    card["version"] = __version__
     card.update(extra)
     return card
 
