@@ -449,6 +449,9 @@ def load_cases(subset: Dict[str, Any], data_dir: Path) -> List[Case]:
             )
         return cases
     files = sorted(glob.glob(str(data_dir / subset["images"])))
+    if subset.get("frames"):  # inclusive [first, last] frame numbers (from the file names)
+        lo, hi = (int(v) for v in subset["frames"])
+        files = [f for f in files if Path(f).stem.isdigit() and lo <= int(Path(f).stem) <= hi]
     if not files:
         raise InputError(f"subset {name}: no files match {data_dir / subset['images']}")
     groups = int(subset.get("groups", 1))
@@ -613,7 +616,7 @@ def _file_stamp(data_dir: Path, subset: Dict[str, Any]) -> List[Any]:
             p = data_dir / subset[key]
             stamp.append([subset[key], p.stat().st_size if p.exists() else None])
     if "images" in subset:
-        stamp.append([subset["images"], len(glob.glob(str(data_dir / subset["images"])))])
+        stamp.append([subset["images"], subset.get("frames"), len(glob.glob(str(data_dir / subset["images"])))])
     return stamp
 
 
