@@ -226,3 +226,18 @@ if __name__ == "__main__":  # pragma: no cover - maintenance helper
         print("usage: python Testing/test_cmake_lists.py --write   (regenerate DualNetDenoise/CMakeLists.txt lists)")
         sys.exit(2)
     print("updated" if rewrite_lists() else "already up to date")
+
+
+def test_icon_and_screenshot_urls_point_at_files_in_the_repository():
+    """The catalog shows EXTENSION_ICONURL / EXTENSION_SCREENSHOTURLS: each must name a real file."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    import re
+
+    urls = []
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        m = re.search(rf'set\({key}\s+"([^"]+)"\)', text)
+        assert m, key
+        urls += m.group(1).split()
+    for url in urls:
+        rel = url.split("/main/", 1)[1]
+        assert (REPO / rel).is_file(), f"{url}: {rel} missing from the repository"

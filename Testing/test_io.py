@@ -147,3 +147,10 @@ def test_unwritable_format_and_missing_folder(tmp_path):
         write_volume(_oblique_volume(), tmp_path / "out.xyz")
     with pytest.raises(InputError, match="does not exist"):
         write_volume(_oblique_volume(), tmp_path / "missing" / "out.nrrd")
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    path = write_volume(_oblique_volume(), tmp_path / "p.nrrd")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
