@@ -300,9 +300,16 @@ def test_shipped_configs_parse_and_case_counts(shared_data):
     n = {}
     for s in full["subset"]:
         n[s["modality"]] = n.get(s["modality"], 0) + int(s.get("slabs", s.get("groups", 1)))
-    assert n == {"mri": 8, "ct": 8, "us": 8}  # the case counts the config's comments state
+    assert n == {"mri": 4, "ct": 4, "us": 8}  # the case counts the config's comments state
     us = next(s for s in ci["subset"] if s["modality"] == "us")
     assert len(evaluate.load_cases(us, shared_data)) == 3
+    # the full study keeps apart from the shipped models' training data (configs/pretrain_*.toml)
+    images = {s.get("image") for s in full["subset"]}
+    assert not images & {"mri/adni_mprage_t1.nii.gz", "ct/chest_ct.nii.gz"}
+    us_full = next(s for s in full["subset"] if s["modality"] == "us")
+    frames = [int(f) for c in evaluate.load_cases(us_full, shared_data)
+              for f in c.source.split("(")[0].replace("frames", "").replace(",", " ").split()]
+    assert len(frames) == 24 and min(frames) >= 170
 
 
 def test_cli_parser_and_main(synthetic, capsys):
