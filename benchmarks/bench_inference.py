@@ -144,15 +144,10 @@ def run_one(job: dict) -> dict:
 def machine_info() -> str:
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from common import cpu_model
     from dualnet.device import cpu_count
+
+    cpu = cpu_model()
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"CPU: {cpu}; usable cores: {cpu_count()}; torch {torch.__version__}; "
