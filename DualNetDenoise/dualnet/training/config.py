@@ -22,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python < 3.11 (e.g. Slicer's Python 3.9)
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
