@@ -160,17 +160,33 @@ def bytes_per_voxel(arch: Dict[str, Any]) -> float:
     return 4.0 * floats * 1.5  # float32, safety margin
 
 
-def auto_tile(arch: Dict[str, Any], device: Any, shape: Sequence[int]) -> Tuple[int, int]:
-    """(tile side in voxels, tiles per batch) fitting the free memory of ``device``.
+#: Most memory (bytes) the automatic tile / batch choice plans for network activations on the
+#: CPU: larger batches barely speed up CPU inference but multiply peak memory. Override with
+#: ``DUALNET_CPU_MEMORY_GB``.
+CPU_ACTIVATION_BUDGET = 1 << 30
 
-    Uses a quarter of free RAM on CPU and 60 % of free VRAM on CUDA. 2D tiles are capped at
-    512, 3D tiles at 96 (CPU) / 192 (GPU); sides are multiples of 16.
-    """
+
+def memory_budget(device: Any) -> float:
+    """Bytes the automatic tiling may plan for activations: 60 % of free VRAM on CUDA; on CPU a
+    quarter of free RAM, at most ``CPU_ACTIVATION_BUDGET`` (or ``$DUALNET_CPU_MEMORY_GB``)."""
+    import os
+
     from .device import available_memory
 
+    if getattr(device, "type", str(device)) == "cuda":
+        return available_memory(device) * 0.6
+    cap = float(os.environ.get("DUALNET_CPU_MEMORY_GB", CPU_ACTIVATION_BUDGET / 2**30)) * 2**30
+    return min(available_memory(device) * 0.25, cap)
+
+
+def auto_tile(arch: Dict[str, Any], device: Any, shape: Sequence[int]) -> Tuple[int, int]:
+    """(tile side in voxels, tiles per batch) fitting :func:`memory_budget` of ``device``.
+
+    2D tiles are capped at 512, 3D tiles at 96 (CPU) / 192 (GPU); sides are multiples of 16.
+    """
     dim = int(arch.get("dim", 2))
     dev_type = getattr(device, "type", str(device))
-    budget = available_memory(device) * (0.6 if dev_type == "cuda" else 0.25)
+    budget = memory_budget(device)
     bpv = bytes_per_voxel(arch)
     cap = MAX_TILE_2D if dim == 2 else (MAX_TILE_3D_GPU if dev_type == "cuda" else MAX_TILE_3D_CPU)
     side = int((budget / bpv) ** (1.0 / dim))
@@ -344,10 +360,8 @@ def _tile_shape(tile: TileArg, dim: int, arch: Dict[str, Any], dev: Any,
     full = ([1] + sides) if dim == 2 else sides
     clipped = tuple(min(t, s) for t, s in zip(full, shape))
     if batch is None:
-        from .device import available_memory
-
         per = bytes_per_voxel(arch) * float(np.prod(clipped))
-        budget = available_memory(dev) * (0.6 if getattr(dev, "type", "") == "cuda" else 0.25)
+        budget = memory_budget(dev)
         batch = max(1, min(16 if dim == 2 else 4, int(budget // max(per, 1.0))))
     return clipped, batch
 
