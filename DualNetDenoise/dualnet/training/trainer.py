@@ -740,6 +740,12 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         dist_state.barrier()
         return result
     finally:
+        # The DDP reducer holds the process group: release it first, or a rank can abort with
+        # "terminate called without an active exception" while the interpreter exits.
+        ddp_model = None  # noqa: F841
+        import gc
+
+        gc.collect()
         dist_state.close()
 
 
