@@ -27,6 +27,7 @@ import numpy as np
 
 from . import nodes
 from .process import ProcessRunner, python_executable
+from .worker import jsonable
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -188,7 +189,7 @@ class DenoiseLogicBase:
         model = info.get("model") or params.get("model") or ("shipped default" if params["method"] == "dualnet" else "")
         outputVolume.SetAttribute(ATTR_METHOD, params["method"])
         outputVolume.SetAttribute(ATTR_MODEL, str(model))
-        outputVolume.SetAttribute(ATTR_PARAMETERS, json.dumps({**params, "info": _jsonable(info)}, sort_keys=True))
+        outputVolume.SetAttribute(ATTR_PARAMETERS, json.dumps({**params, "info": jsonable(info)}, sort_keys=True))
         outputVolume.SetAttribute(ATTR_VERSION, core_version())
         outputVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
         if uncertaintyArray is not None:
@@ -469,14 +470,3 @@ def _fill_table(tableNode, rows) -> None:
     finally:
         tableNode.EndModify(was)
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)

@@ -75,13 +75,17 @@ def _print_progress(fraction: float, message: str = "") -> None:
     print(f"{PROGRESS_PREFIX} {json.dumps(payload)}", flush=True)
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with dict keys as strings, tuples as lists, numpy scalars as Python numbers and
+    anything else that is not a JSON scalar as a float when it converts, else as a string."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -99,7 +103,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     write_volume(out, job["output"], inputs=[job["input"]])
     if unc is not None and job.get("uncertainty_output"):
         write_volume(unc, job["uncertainty_output"], inputs=[job["input"]])
-    info = _jsonable(info)
+    info = jsonable(info)
     if job.get("info_output"):
         from dualnet.io import atomic_write_bytes
 
