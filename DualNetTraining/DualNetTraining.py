@@ -51,7 +51,7 @@ class DualNetTraining(ScriptedLoadableModule):
             "The trained model is saved in your DualNet models folder and appears in the DualNet Denoise panel."
         )
         self.parent.acknowledgementText = _(
-            "Training uses the dualnet core (self-supervised masking after Noise2Void / CAREamics). "
+            "Training uses the dualnet core (self-supervised fine-tuning by SURE, or masking after Noise2Void / CAREamics). "
             "See the DualNet Denoise module for data attributions."
         )
 

@@ -87,8 +87,16 @@ def test_ci_report_structure(ci_study):
     md = path.read_text(encoding="utf-8")
     for heading in ("## How this was run", "## Protocol", "## Data and cases", "## Methods",
                     "## Results (mean ± SD over cases)", "## Paired statistics (unit: case)",
-                    "## Where the method under test does not beat a baseline", "## Figures", "## Frozen segmenters"):
+                    "## Where the method under test does not beat a baseline", "## Figures", "## Frozen segmenters",
+                    "## Robustness: noise levels outside the training range and mis-specified noise",
+                    "## Uncertainty calibration (MC dropout)"):
         assert heading in md, heading
+    # Dice against the reference labels, with the clean-reference ceiling stated
+    assert "REFERENCE LABELS" in md and "*clean reference* (Dice ceiling)" in md and "Dice vs clean seg." in md
+    # robustness: the study level (inside the training range) and the out-of-range / mis-specified conditions
+    assert "| mri noise, level 0.08 (study level) | inside |" in md and "| mri noise, level 0.2 | OUTSIDE |" in md
+    assert "speckle noise, std of level 0.08" in md and "NEB alpha (fg)" in md
+    assert "![calibration](figures/calibration.png)" in md and "calibrated" in md
     assert "dualnet evaluate --config study_ci.toml" in md
     assert "numpy" in md and "torch" in md and "bm4d" in md and "cpu_count" in md
     for modality in ("MRI", "CT", "US"):
@@ -111,7 +119,7 @@ def test_ci_csv_and_figures(ci_study):
         if r["subset"] == "ct_abdomen" and r["case"] == "slab0":
             assert math.isnan(float(r["dice"]))  # no liver in the reference labels: not scored
         else:
-            assert 0 <= float(r["dice"]) <= 1
+            assert 0 <= float(r["dice"]) <= 1 and 0 <= float(r["dice_agree"]) <= 1
     # denoising helps on average over all cases (PSNR over the foreground)
     by = defaultdict(list)
     for r in rows:
@@ -127,7 +135,20 @@ def test_ci_csv_and_figures(ci_study):
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert len([f for f in figs if f.startswith("box_")]) == 3
     assert len([f for f in figs if f.startswith("panel_")]) == 3
+    assert "calibration.png" in figs
     assert all((out / "figures" / f).stat().st_size > 1000 for f in figs)
+    rob = _read_csv(out / "robustness.csv")
+    assert len(rob) == 5  # 1 MRI case x (study level, 2 out-of-range levels, 2 mis-specified noises)
+    for r in rob:
+        for k in ("psnr_noisy", "psnr_dualnet", "psnr_reference", "alpha_fg", "sigma_fg", "true_std_fg"):
+            assert math.isfinite(float(r[k])), k
+        assert 0 <= float(r["alpha_fg"]) <= 1 and float(r["sigma_fg"]) > 0
+    # the true std grows with the level; out-of-range flags follow the model's training range 0.01..0.15
+    by_level = {float(r["level"]): r for r in rob if r["kind"] == "level"}
+    assert float(by_level[0.005]["true_std_fg"]) < float(by_level[0.08]["true_std_fg"]) < float(by_level[0.2]["true_std_fg"])
+    assert [by_level[v]["in_range"] for v in (0.005, 0.08, 0.2)] == ["False", "True", "False"]
+    cal = _read_csv(out / "calibration.csv")
+    assert 5 <= len(cal) <= 10 and all(float(r["mean_std"]) >= 0 and float(r["rmse"]) > 0 for r in cal)
 
 
 def test_ci_stats_equal_scipy(ci_study):
@@ -180,6 +201,12 @@ def test_ci_resume_uses_cache(ci_study, shared_data, monkeypatch):
     for name in ("noisy", "gaussian", "nlm"):
         spec = evaluate.REGISTRY[name]
         monkeypatch.setitem(evaluate.REGISTRY, name, evaluate.MethodSpec(name, boom, spec.check, spec.description))
+
+    def boom_case(*args, **kwargs):
+        raise AssertionError("robustness / calibration recomputed although cached")
+
+    monkeypatch.setattr(evaluate, "_robust_case", boom_case)
+    monkeypatch.setattr(evaluate, "_calibration_case", boom_case)
     path = evaluate.run_study(CI_CONFIG, out, data_dir=shared_data, command="again")
     md = path.read_text(encoding="utf-8")
     assert "Cases computed now: 0; reused from `cache/`: 27" in md

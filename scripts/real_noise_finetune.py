@@ -34,12 +34,17 @@ from dualnet.training.config import TrainConfig, config_dir  # noqa: E402
 from dualnet.training.trainer import finetune  # noqa: E402
 
 
+LOSS_NAMES = {"l2": "Noise2Void masking", "l1": "Noise2Void masking, L1", "sure": "SURE"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "real_noise" / "epi_5reps.nii.gz"))
     ap.add_argument("--model", default=str(default_model_path("mri")))
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: configs/finetune.toml)")
     ap.add_argument("--out", default=str(REPO / "out" / "real_noise"))
+    ap.add_argument("--losses", nargs="+", default=["l2", "sure"], choices=sorted(LOSS_NAMES),
+                    help="self-supervised fine-tuning objectives to compare (ss_loss)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,19 +70,23 @@ def main() -> None:
         print(name, rows[name], flush=True)
 
     run("DUAL-NET shipped (pretrained)", method="dualnet", model=args.model, device="cpu")
-    cfg = TrainConfig.from_toml(config_dir() / "finetune.toml")
+    base_cfg = TrainConfig.from_toml(config_dir() / "finetune.toml")
     if args.steps:
-        cfg = cfg.replace(steps=args.steps)
-    cfg = cfg.replace(device="cpu")
-    t = time.perf_counter()
-    ft = out / "dualnet_mri_epi_ft.safetensors"
-    finetune([(x.array, x.spacing_zyx)], args.model, ft, cfg, out_dir=out / "ft_run")
-    ft_seconds = time.perf_counter() - t
-    run("DUAL-NET fine-tuned on volume 2", method="dualnet", model=str(ft), device="cpu")
-    rows["DUAL-NET fine-tuned on volume 2"]["finetune_seconds"] = round(ft_seconds, 1)
+        base_cfg = base_cfg.replace(steps=args.steps)
+    for loss in args.losses:
+        cfg = base_cfg.replace(device="cpu", ss_loss=loss)
+        if loss == "sure":  # SURE already estimates the MSE to the truth: no pull toward the base
+            cfg = cfg.replace(lambda_anchor=0.0, lambda_consistency=0.0, lambda_tv=0.0)
+        name = f"DUAL-NET fine-tuned on volume 2 ({LOSS_NAMES[loss]})"
+        t = time.perf_counter()
+        ft = out / f"dualnet_mri_epi_ft_{loss}.safetensors"
+        finetune([(x.array, x.spacing_zyx)], args.model, ft, cfg, out_dir=out / f"ft_run_{loss}")
+        ft_seconds = time.perf_counter() - t
+        run(name, method="dualnet", model=str(ft), device="cpu")
+        rows[name]["finetune_seconds"] = round(ft_seconds, 1)
     run("BM4D + Rician VST", method="bm4d")
     result = {"data": "real_noise/epi_5reps.nii.gz (neurolabusc/dcm_qa_sag, BSD-2-Clause)",
-              "sigma_est": float(np.sqrt(sigma2)), "mask_voxels": int(mask.sum()), "steps": cfg.steps,
+              "sigma_est": float(np.sqrt(sigma2)), "mask_voxels": int(mask.sum()), "steps": base_cfg.steps,
               "metric": "sqrt(MSE(f, mean(vol3..5)) - sigma^2/3) inside the head mask (image units)",
               "rows": rows}
     (out / "real_noise.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

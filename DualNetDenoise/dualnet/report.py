@@ -11,6 +11,9 @@ Files written to the study folder:
   baselines of that family (:func:`dualnet.stats.compare_methods`).
 * ``figures/box_*.png`` (box plots over cases), ``figures/panel_*.png`` (noisy / methods /
   clean and |method - clean| maps of the central slice of the first case).
+* ``ablations.csv`` -- full model against each ablated variant (``[ablations]`` of the config).
+* ``robustness.csv`` -- one row per (subset, case, condition) of ``[robustness]``.
+* ``calibration.csv`` and ``figures/calibration.png`` -- MC-dropout std against the actual error.
 * ``report.md`` and ``report.html`` (a plain conversion of the Markdown).
 """
 
@@ -39,15 +42,18 @@ METRIC_LABELS = OrderedDict(
         ("rmse_fg", "RMSE fg"),
         ("rmse_all", "RMSE all"),
         ("dice", "Dice"),
+        ("dice_agree", "Dice vs clean seg."),
         ("seconds", "runtime (s)"),
+        ("seconds_finetune", "of which fine-tuning (s)"),
     ]
 )
-LOWER_IS_BETTER = {"rmse_fg", "rmse_all", "seconds"}
+LOWER_IS_BETTER = {"rmse_fg", "rmse_all", "seconds", "seconds_finetune"}
 
 #: Fewest cases with a value for both methods before a paired test is reported.
 MIN_CASES = 3
 
-PRETTY = {"dualnet": "DUAL-NET", "dualnet_ft": "DUAL-NET (fine-tuned)", "nlm": "NLM", "bm3d": "BM3D", "bm4d": "BM4D",
+PRETTY = {"dualnet": "DUAL-NET", "dualnet_ft": "DUAL-NET (fine-tuned)", "dualnet_ref": "DUAL-NET (ablation reference)",
+          "dualnet_noneb": "DUAL-NET without NEB", "dualnet_nonl": "DUAL-NET without non-local attention", "nlm": "NLM", "bm3d": "BM3D", "bm4d": "BM4D",
           "dncnn": "DnCNN", "n2v": "Noise2Void", "gaussian": "Gaussian", "median": "median", "noisy": "noisy input",
           "diffusion": "anisotropic diffusion"}
 
@@ -78,6 +84,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
         return f"{v:.2e}"
     return f"{v:.{digits}f}"
+
+
+def _pm(mean: Any, sd: Any) -> str:
+    """``mean ± sd``, or ``--`` when the mean is missing."""
+    return "--" if _fmt(mean) == "--" else f"{_fmt(mean)} ± {_fmt(sd)}"
 
 
 def _fmt_p(p: Any) -> str:
@@ -323,6 +334,321 @@ def image_panels(panels: Dict[str, Dict[str, str]], methods: Sequence[str], fold
     return paths
 
 
+# ----------------------------------------------------------------------------- Dice ceiling
+def ablation_only(cfg: Dict[str, Any]) -> List[str]:
+    """Methods declared with ``ablation = true``: reported in the Ablations section and kept out
+    of the main paired-statistics families (so they do not change the Holm corrections there)."""
+    return [m for m, opts in (cfg.get("methods") or {}).items() if isinstance(opts, dict) and opts.get("ablation")]
+
+
+def ceiling_by_modality(cfg: Dict[str, Any], ceilings: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Dice of the frozen segmenter on the clean LR references against the reference labels,
+    pooled over the cases of every subset of a modality: ``{modality: {mean, sd, n, per_label}}``."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for sub in cfg["subset"]:
+        rows = ceilings.get(sub["name"]) or []
+        d = out.setdefault(sub["modality"], {"values": [], "labels": OrderedDict()})
+        for r in rows:
+            d["values"].append(float(r.get("dice", np.nan)))
+            for k, v in r.items():
+                if k.startswith("dice_"):
+                    d["labels"].setdefault(k, []).append(float(v))
+    res = {}
+    for mod, d in out.items():
+        v = np.array(d["values"])
+        v = v[np.isfinite(v)]
+        if not v.size:
+            continue
+        per_label = {k: float(np.nanmean(vals)) for k, vals in d["labels"].items() if np.isfinite(vals).any()}
+        res[mod] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+                    "n": int(v.size), "per_label": per_label}
+    return res
+
+
+# ----------------------------------------------------------------------------- ablations
+ABLATION_COLUMNS = ["subset", "level", "metric", "full", "ablated", "without", "n", "full_mean", "full_sd",
+                    "ablated_mean", "ablated_sd", "test", "statistic", "p", "p_holm", "mean_diff", "ci_low",
+                    "ci_high", "d_z"]
+
+
+def ablation_rows(rows: Sequence[Dict[str, Any]], ablations: Dict[str, Any], alpha: float) -> List[Dict[str, Any]]:
+    """Full model against each ablated variant per (subset, level, metric), unit: the case.
+
+    ``ablations`` is the config's ``[ablations]`` table: ``pairs`` (``full``, ``ablated``,
+    ``without``), ``metrics`` (default psnr_fg, ssim_fg) and ``subsets`` (default all).
+    ``mean_diff`` = full - ablated (dB for PSNR); the test is chosen as in :mod:`dualnet.stats`;
+    Holm across the pairs tested within one (subset, level, metric). Pairs with fewer than
+    :data:`MIN_CASES` common cases get means but no test.
+    """
+    from .stats import holm_bonferroni, paired_test
+
+    pairs = ablations.get("pairs") or []
+    metrics = ablations.get("metrics") or ["psnr_fg", "ssim_fg"]
+    wanted = ablations.get("subsets")
+    out: List[Dict[str, Any]] = []
+    groups: "OrderedDict[Tuple[str, float], List[Dict[str, Any]]]" = OrderedDict()
+    for r in rows:
+        if wanted is None or r["subset"] in wanted:
+            groups.setdefault((r["subset"], float(r["level"])), []).append(r)
+    for (subset, level), fam in groups.items():
+        for metric in metrics:
+            family = []
+            for pair in pairs:
+                full, abl = pair["full"], pair["ablated"]
+                _, table = method_table(fam, metric, [full, abl])
+                if full not in table or abl not in table:
+                    continue
+                a, b = table[full], table[abl]
+                keep = np.isfinite(a) & np.isfinite(b)
+                d: Dict[str, Any] = {"subset": subset, "level": level, "metric": metric, "full": full, "ablated": abl,
+                                     "without": pair.get("without", ""), "n": int(keep.sum()),
+                                     "full_mean": float(np.mean(a[keep])) if keep.any() else float("nan"),
+                                     "full_sd": float(np.std(a[keep], ddof=1)) if keep.sum() > 1 else float("nan"),
+                                     "ablated_mean": float(np.mean(b[keep])) if keep.any() else float("nan"),
+                                     "ablated_sd": float(np.std(b[keep], ddof=1)) if keep.sum() > 1 else float("nan"),
+                                     "test": "not tested", "p": float("nan"), "p_holm": float("nan"),
+                                     "mean_diff": float(np.mean(a[keep] - b[keep])) if keep.any() else float("nan"),
+                                     "ci_low": float("nan"), "ci_high": float("nan"), "d_z": float("nan"),
+                                     "statistic": float("nan")}
+                if keep.sum() >= MIN_CASES:
+                    res = paired_test(a[keep], b[keep], alpha=alpha)
+                    d.update(test=res.test, statistic=res.statistic, p=res.p, mean_diff=res.mean_diff,
+                             ci_low=res.ci_low, ci_high=res.ci_high, d_z=res.d_z)
+                    family.append(d)
+                out.append(d)
+            if family:
+                for d, ph in zip(family, holm_bonferroni([d["p"] for d in family])):
+                    d["p_holm"] = ph
+    return out
+
+
+def ablation_lines(result, rows: Sequence[Dict[str, Any]], alpha: float) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Markdown of the Ablations section and its rows (for ``ablations.csv``)."""
+    abl = result.config.get("ablations")
+    if not abl:
+        return [], []
+    L = ["## Ablations", "",
+         "Each ablated variant is compared with the full model it derives from, on the same cases (unit: the case): "
+         "mean ± SD over cases, mean difference = full minus ablated with its 95% CI, the paired test chosen as in the "
+         "main statistics and Holm's correction across the ablations of each subset, level and metric. Positive "
+         "differences in PSNR / SSIM mean the removed component helps. The NEB / non-local variants are compared with "
+         "a full model trained with the same budget (not with the shipped model).", ""]
+    arows = ablation_rows(rows, abl, alpha)
+    if arows:
+        body = []
+        for d in arows:
+            body.append([d["subset"], f"{float(d['level']):g}", METRIC_LABELS.get(d["metric"], d["metric"]),
+                         d["without"] or pretty(d["ablated"]), pretty(d["full"]), pretty(d["ablated"]),
+                         f"{_fmt(d['full_mean'])} ± {_fmt(d['full_sd'])}", f"{_fmt(d['ablated_mean'])} ± {_fmt(d['ablated_sd'])}",
+                         f"{_fmt(d['mean_diff'])} [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]", d["test"],
+                         _fmt_p(d["p_holm"]), str(d["n"])])
+        L += _md_table(["subset", "level", "metric", "without", "full", "ablated", "full (mean ± SD)",
+                        "ablated (mean ± SD)", "full - ablated [95% CI]", "test", "p (Holm)", "n"], body)
+        L += [""]
+        for d in arows:
+            if d["test"] == "not tested":
+                L += [f"- {d['subset']} level {float(d['level']):g}, {METRIC_LABELS.get(d['metric'], d['metric'])}, "
+                      f"without {d['without'] or d['ablated']}: not tested (only {d['n']} cases with both; at least {MIN_CASES} needed)."]
+                continue
+            helps = d["mean_diff"] > 0 if d["metric"] not in LOWER_IS_BETTER else d["mean_diff"] < 0
+            if not (helps and d["p_holm"] < alpha):
+                L += [f"- {d['subset']} level {float(d['level']):g}, {METRIC_LABELS.get(d['metric'], d['metric'])}: removing "
+                      f"{d['without'] or d['ablated']} does NOT make the model significantly worse (difference "
+                      f"{_fmt(d['mean_diff'])}, Holm p {_fmt_p(d['p_holm'])}, n = {d['n']})."]
+        L += [""]
+    missing = []
+    for pair in abl.get("pairs") or []:
+        for m in (pair["full"], pair["ablated"]):
+            st = _status_text(result.status, m)
+            if st != "ok" and m not in missing:
+                missing.append(m)
+                L += [f"- {pretty(m)} (`{m}`): {st}"]
+    if missing:
+        L += ["", "Ablations with a method listed above as unavailable are not reported.", ""]
+    if not arows and not missing:
+        L += ["No ablation results.", ""]
+    return L, arows
+
+
+# ----------------------------------------------------------------------------- robustness
+ROBUST_COLUMNS = ["subset", "modality", "case", "cid", "label", "kind", "noise", "level", "in_range", "reference",
+                  "psnr_noisy", "psnr_dualnet", "psnr_reference", "ssim_noisy", "ssim_dualnet", "ssim_reference",
+                  "alpha_fg", "sigma_fg", "true_std_fg", "seconds_dualnet", "seconds_reference"]
+
+#: The NEB sigma counts as "off" when it differs from the true std by more than this fraction.
+SIGMA_TOLERANCE = 0.25
+#: NEB confidence "drops" under a condition when its foreground mean is this much (absolute)
+#: below the study-level condition's.
+ALPHA_DROP = 0.05
+
+
+def _mean_of(rows: Sequence[Dict[str, Any]], key: str) -> float:
+    v = np.array([float(r.get(key, np.nan)) if r.get(key) is not None else np.nan for r in rows])
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def robustness_lines(result) -> List[str]:
+    """Markdown of the Robustness section (numbers from ``result.robustness``)."""
+    rob = result.robustness
+    if not rob:
+        return []
+    L = ["## Robustness: noise levels outside the training range and mis-specified noise", "",
+         "For the first cases of each subset (numbers are means over those cases), the shipped DUAL-NET model of the "
+         "modality denoises (a) the modality's own noise at the study level (inside the model's training range, the "
+         "comparison point) and at levels outside the training range, and (b) mis-specified noise: a noise model "
+         "of another modality (`dualnet.noise`) with the same mean foreground standard deviation as the modality's "
+         "noise at the study level. The classical reference method is run on the same inputs. NEB alpha = the noise "
+         "branch's confidence map, NEB sigma = its noise-std estimate (image units), both averaged over the "
+         "foreground in the same tiling pass that produces the output; true std = the std of the noise actually "
+         "added (`dualnet.noise.noise_std_map` or the mis-specified model's), averaged over the same voxels. "
+         "PSNR over the foreground, data range as in the main study.", ""]
+    for sname, info in rob["subsets"].items():
+        if "error" in info:
+            L += [f"### {sname}", "", f"Not run: {info['error']}", ""]
+            continue
+        rows = [r for r in rob["rows"] if r["subset"] == sname]
+        if not rows:
+            continue
+        modality = rows[0]["modality"]
+        ref = info.get("reference")
+        lo, hi = info["train_range"]
+        L += [f"### {sname} ({modality.upper()})", "",
+              f"Model `{Path(info['model']).name}`, trained on levels {lo:g}..{hi:g} ({info['range_source']}); "
+              f"reference: {pretty(ref) if ref else 'none'} ({info['reference_status']}).", ""]
+        conds: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
+        for r in rows:
+            conds.setdefault(r["cid"], []).append(r)
+        body = []
+        summary = []
+        for cid, rs in conds.items():
+            r0 = rs[0]
+            rng = "--" if r0["in_range"] is None else ("inside" if r0["in_range"] else "OUTSIDE")
+            vals = {k: _mean_of(rs, k) for k in ("psnr_noisy", "psnr_dualnet", "psnr_reference", "alpha_fg",
+                                                  "sigma_fg", "true_std_fg")}
+            diff = vals["psnr_dualnet"] - vals["psnr_reference"]
+            ratio = vals["sigma_fg"] / vals["true_std_fg"] if vals["true_std_fg"] > 0 else float("nan")
+            body.append([r0["label"], rng, str(len(rs)), _fmt(vals["psnr_noisy"], 2), _fmt(vals["psnr_dualnet"], 2),
+                         _fmt(vals["psnr_reference"], 2), _fmt(diff, 2), _fmt(vals["alpha_fg"]), _fmt(vals["sigma_fg"]),
+                         _fmt(vals["true_std_fg"]), _fmt(ratio, 2)])
+            summary.append((r0, vals, diff, ratio))
+        L += _md_table(["condition", "training range", "n", "PSNR fg noisy", "PSNR fg DUAL-NET",
+                        f"PSNR fg {pretty(ref) if ref else 'reference'}", "DUAL-NET - reference (dB)",
+                        "NEB alpha (fg)", "NEB sigma (fg)", "true std (fg)", "sigma / true"], body)
+        L += [""] + _robustness_sentences(summary, pretty(ref) if ref else None) + [""]
+    return L
+
+
+def _robustness_sentences(summary: Sequence[Tuple[Dict[str, Any], Dict[str, float], float, float]],
+                          ref: Optional[str]) -> List[str]:
+    """Plain statements: where NEB confidence drops, where its sigma is off, where DUAL-NET loses."""
+    base = summary[0][1]["alpha_fg"] if summary else float("nan")
+    out = []
+    drops = [f"{r0['label']} (alpha {_fmt(v['alpha_fg'])})" for r0, v, _, _ in summary[1:]
+             if np.isfinite(v["alpha_fg"]) and v["alpha_fg"] < base - ALPHA_DROP]
+    alphas = [v["alpha_fg"] for _, v, _, _ in summary if np.isfinite(v["alpha_fg"])]
+    if np.isfinite(base):
+        out.append(f"- NEB confidence (alpha, fg) at the study level: {_fmt(base)}; it drops by more than {ALPHA_DROP:g} "
+                   "under: " + ("; ".join(drops) if drops else
+                                f"none of the other conditions (range {_fmt(min(alphas))}..{_fmt(max(alphas))} over "
+                                "all conditions: the confidence map does not flag these shifts)") + ".")
+    off = [f"{r0['label']} ({_fmt(ratio, 2)}x)" for r0, _, _, ratio in summary
+           if np.isfinite(ratio) and abs(ratio - 1.0) > SIGMA_TOLERANCE]
+    if off:
+        out.append(f"- NEB sigma differs from the true noise std by more than {SIGMA_TOLERANCE:.0%} under: "
+                   + "; ".join(off) + ".")
+    if ref:
+        worse = [f"{r0['label']} ({_fmt(d, 2)} dB)" for r0, _, d, _ in summary if np.isfinite(d) and d < 0]
+        out.append(f"- DUAL-NET is below {ref} in PSNR (fg) under: " + ("; ".join(worse) if worse else "no condition") + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration
+CALIBRATION_COLUMNS = ["subset", "bin", "mean_std", "rmse", "ratio", "n"]
+
+
+def calibration_plot(calib: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Per subset: RMSE of the error against the mean predicted std per std decile, identity line."""
+    subs = {k: v for k, v in calib["subsets"].items() if v.get("bins")}
+    if not subs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(subs), figsize=(3.6 * len(subs), 3.6), squeeze=False)
+    for ax, (sname, c) in zip(axes[0], subs.items()):
+        x = np.array([b["mean_std"] for b in c["bins"]])
+        y = np.array([b["rmse"] for b in c["bins"]])
+        top = float(max(x.max(), y.max())) * 1.1 or 1.0
+        ax.plot([0, top], [0, top], "k--", lw=1, label="identity (calibrated)")
+        ax.plot(x, y, "o-", label="deciles of predicted std")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_xlabel("mean MC-dropout std (image units)", fontsize=8)
+        ax.set_ylabel("RMSE of the error (image units)", fontsize=8)
+        ax.set_title(f"{sname}: Spearman {_fmt(c['spearman'], 2)}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def calibration_lines(result, figdir: Path) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Markdown of the uncertainty-calibration section and the per-bin rows (``calibration.csv``)."""
+    calib = result.calibration
+    if not calib:
+        return [], []
+    from .evaluate import CALIBRATION_FACTOR
+
+    ucfg = result.config.get("uncertainty", {})
+    L = ["## Uncertainty calibration (MC dropout)", "",
+         f"DUAL-NET with {calib['mc_samples']} Monte-Carlo dropout passes (`api.denoise_volume(..., uncertainty=True)`) "
+         f"on the first {int(ucfg.get('cases', 2))} cases of each subset at its first study level. Over the foreground "
+         "voxels of those cases (pooled): Pearson and Spearman correlation between the predicted per-voxel std and the "
+         "absolute error |output - clean|; voxels binned by predicted std into deciles, and per bin the RMSE of the "
+         "error against the mean predicted std (a calibrated std lies on the identity line). A subset is called "
+         f"calibrated only if every decile's RMSE / std ratio lies within [{1 / CALIBRATION_FACTOR:.2f}, "
+         f"{CALIBRATION_FACTOR:g}]. The std measures the spread of dropout passes only; the error also contains bias.", ""]
+    body, rows, sentences = [], [], []
+    for sname, c in calib["subsets"].items():
+        sp = [pc["spearman"] for pc in c["cases"] if np.isfinite(pc["spearman"])]
+        body.append([sname, f"{c['level']:g}", str(len(c["cases"])), str(c["n"]), _fmt(c["pearson"]),
+                     _fmt(c["spearman"]), f"{_fmt(min(sp))}..{_fmt(max(sp))}" if sp else "--", _fmt(c["rmse"]),
+                     _fmt(c["rms_std"]), _fmt(c["median_ratio"], 2), "calibrated" if c["calibrated"] else "POORLY calibrated"])
+        for i, (b, r) in enumerate(zip(c["bins"], c["ratio"])):
+            rows.append({"subset": sname, "bin": i, "mean_std": b["mean_std"], "rmse": b["rmse"], "ratio": r, "n": b["n"]})
+        sentences.append(_calibration_sentence(sname, c))
+    for sname, err in calib.get("errors", {}).items():
+        sentences.append(f"- {sname}: not run ({err}).")
+    if body:
+        L += _md_table(["subset", "level", "cases", "voxels", "Pearson r", "Spearman rho", "per-case Spearman",
+                        "RMSE", "RMS std", "RMSE / std (median decile)", "verdict"], body)
+        L += [""]
+    L += sentences + [""]
+    fig = calibration_plot(calib, figdir / "calibration.png")
+    if fig is not None:
+        L += [f"![calibration](figures/{fig.name})", ""]
+    return L, rows
+
+
+def _calibration_sentence(sname: str, c: Dict[str, Any]) -> str:
+    """One plain sentence on how well the std tracks and scales with the error."""
+    rho = c["spearman"]
+    track = ("does not vary (no correlation can be computed)" if not np.isfinite(rho) else
+             "tracks the error well" if rho >= 0.5 else "tracks the error only moderately" if rho >= 0.3 else
+             "hardly tracks the error")
+    ratio = c["median_ratio"]
+    if c["calibrated"]:
+        scale = f"it is calibrated (RMSE / std within the tolerance in every decile, median {_fmt(ratio, 2)})"
+    elif np.isfinite(ratio) and ratio > 1:
+        scale = f"it is POORLY calibrated: it underestimates the actual RMSE by a factor of about {_fmt(ratio, 2)} (median decile)"
+    elif np.isfinite(ratio):
+        scale = f"it is POORLY calibrated: it overestimates the actual RMSE by a factor of about {_fmt(1 / ratio, 2)} (median decile)"
+    else:
+        scale = "its calibration cannot be assessed (zero std)"
+    return f"- {sname}: the MC-dropout std {track} (Spearman {_fmt(rho, 2)}, Pearson {_fmt(c['pearson'], 2)}); {scale}."
+
+
 # ----------------------------------------------------------------------------- environment
 def versions() -> Dict[str, str]:
     """Versions of Python and the packages that shape the numbers (``not installed`` if absent)."""
@@ -387,8 +713,11 @@ def write_report(result) -> Path:
     _write_csv(out / "summary.csv", summ, ["modality", "level", "method", "n_cases"]
                + [f"{c}_{s}" for c in mcols for s in ("mean", "sd")])
     stat_metrics = [m for m in study["stats_metrics"] if m in mcols]
-    stats, focus_used = stats_rows(rows, methods, study["focus"], stat_metrics, alpha)
+    ablation_set = set(ablation_only(cfg))
+    main_methods = [m for m in methods if m not in ablation_set]
+    stats, focus_used = stats_rows(rows, main_methods, study["focus"], stat_metrics, alpha)
     _write_csv(out / "stats.csv", stats, STATS_COLUMNS)
+    ceilings = ceiling_by_modality(cfg, getattr(result, "ceilings", {}) or {})
 
     # figures ---------------------------------------------------------------
     box = box_plots(rows, methods, [m for m in ("psnr_fg", "ssim_fg", "dice", "seconds") if m in mcols], figdir)
@@ -408,8 +737,9 @@ def write_report(result) -> Path:
           f"- Cases computed now: {result.computed}; reused from `cache/`: {result.cache_hits}; wall time {result.seconds:.1f} s",
           "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
           "- Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
-          "- Runtimes are wall-clock seconds of the method alone on this machine (cached cases keep the runtime "
-          "of the run that computed them).", ""]
+          "- Runtimes are wall-clock seconds of the method alone on this machine, all methods in the same run "
+          "(cached cases keep the runtime of the run that computed them); for per-case fine-tuned methods they "
+          "include the fine-tuning (also shown separately in `seconds_finetune`).", ""]
 
     L += ["## Protocol", "",
           "- Each clean scan is degraded with `dualnet.degrade.degrade` (blur, downsampling by `lr_factor`, "
@@ -421,11 +751,15 @@ def write_report(result) -> Path:
           "over the mask away from the border; RMSE in image units. `fg` = foreground mask of the clean reference "
           "(MRI Otsu, CT body HU > -500, US image sector), `all` = whole image. RMSE is in image units, which "
           "differ between MRI scans: compare RMSE within a subset (`cases.csv`), not pooled over a modality.",
-          "- Dice: a frozen classical segmenter (`dualnet.segment`), fitted once per subset on the clean LR "
-          "references with the reference labels, is applied unchanged to the clean reference and to every "
-          "method's output; Dice is between those two predictions (mean over the target labels present in the "
-          "case's reference labels; a structure absent from them is not scored; two empty predictions count as 1). "
-          "It measures how far denoising moves a downstream segmentation, not segmentation accuracy.",
+          "- Dice (downstream task): a frozen classical segmenter (`dualnet.segment`), fitted once per subset on the "
+          "clean LR references with the reference labels resampled to the LR grid, is applied unchanged to every "
+          "method's output; `dice` compares its prediction with the REFERENCE LABELS on the LR grid (mean over the "
+          "target structures present in the case's reference labels; a structure absent from them is not scored). "
+          "`noisy` gives the floor; the segmenter applied to the clean LR reference itself gives the ceiling (row "
+          "*clean reference* in the results tables, and the Frozen segmenters section). The reference labels are "
+          "automatic (FreeSurfer-style, TotalSegmentator) or manual (ultrasound) segmentations, not ground truth. "
+          "Secondary column `dice_agree` (Dice vs clean seg.): Dice between the prediction on the output and the "
+          "prediction on the clean reference (how far denoising moves the segmentation).",
           "- Statistical unit: the case (a slab of a volume, or a group of ultrasound frames); slices and voxels "
           "are never counted as samples. Slabs of one scan are not independent patients: the p values describe "
           "these cases, not a population.",
@@ -450,6 +784,9 @@ def write_report(result) -> Path:
     L += _md_table(["subset", "modality", "source", "cases", "levels", "LR factor", "data range", "labels", "source / licence"], body)
     L += ["", "Levels: MRI = Rician sigma as a fraction of the clean maximum, CT = dose fraction, US = looks of the "
           "Gamma speckle.", ""]
+    notes = [(s["name"], str(s["note"]).strip()) for s in cfg["subset"] if s.get("note")]
+    if notes:
+        L += ["Notes on the references:", ""] + [f"- {n}: {t}" for n, t in notes] + [""]
     L += ["<details><summary>case list</summary>", ""]
     for sname, cs in result.cases.items():
         L += [f"- {sname}: " + "; ".join(f"{c['case']} = {c['source']}" for c in cs)]
@@ -463,14 +800,18 @@ def write_report(result) -> Path:
     L += [""]
 
     L += ["## Results (mean ± SD over cases)", ""]
-    show = [c for c in ("psnr_fg", "psnr_all", "ssim_fg", "ssim_all", "rmse_fg", "dice", "seconds") if c in mcols]
+    show = [c for c in ("psnr_fg", "psnr_all", "ssim_fg", "ssim_all", "rmse_fg", "dice", "dice_agree", "seconds",
+                        "seconds_finetune") if c in mcols]
     for (modality, level), _ in families(rows).items():
         L += [f"### {modality.upper()}, level {level:g}", ""]
         body = []
         for r in summ:
             if r["modality"] == modality and float(r["level"]) == level:
-                body.append([pretty(r["method"]), str(r["n_cases"])] +
-                            [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_sd'])}" for c in show])
+                body.append([pretty(r["method"]), str(r["n_cases"])] + [_pm(r[f"{c}_mean"], r[f"{c}_sd"]) for c in show])
+        if modality in ceilings and "dice" in show:
+            c = ceilings[modality]
+            body.append(["*clean reference* (Dice ceiling)", str(c["n"])] +
+                        [f"{_fmt(c['mean'])} ± {_fmt(c['sd'])}" if col == "dice" else "--" for col in show])
         L += _md_table(["method", "n"] + [METRIC_LABELS.get(c, c) for c in show], body)
         L += [""]
     extra = [c for c in mcols if c.startswith("dice_")]
@@ -478,6 +819,9 @@ def write_report(result) -> Path:
         L += ["Per-label Dice columns (" + ", ".join(f"`{c}`" for c in extra) + ") are in `cases.csv` and `summary.csv`.", ""]
 
     L += ["## Paired statistics (unit: case)", ""]
+    if ablation_set & set(methods):
+        L += ["Ablation variants (" + ", ".join(f"`{m}`" for m in methods if m in ablation_set) + ") are left out of "
+              "these families; they are compared with their full model in the Ablations section.", ""]
     if not stats:
         L += [f"No paired statistics: fewer than two methods with at least {MIN_CASES} cases, or no method under test "
               f"(focus list: {', '.join(study['focus'])}) produced results.", ""]
@@ -513,6 +857,19 @@ def write_report(result) -> Path:
     if study["focus"] and study["focus"][0] not in {s["focus"] for s in stats}:
         L += [f"{pretty(study['focus'][0])} was not assessed ({_status_text(result.status, study['focus'][0])}).", ""]
 
+    abl_lines, abl_rows = ablation_lines(result, rows, alpha)
+    L += abl_lines
+    if abl_rows:
+        _write_csv(out / "ablations.csv", abl_rows, ABLATION_COLUMNS)
+    rob = getattr(result, "robustness", None)
+    L += robustness_lines(result)
+    if rob and rob.get("rows"):
+        _write_csv(out / "robustness.csv", rob["rows"], ROBUST_COLUMNS)
+    cal_lines, cal_rows = calibration_lines(result, figdir) if getattr(result, "calibration", None) else ([], [])
+    L += cal_lines
+    if cal_rows:
+        _write_csv(out / "calibration.csv", cal_rows, CALIBRATION_COLUMNS)
+
     L += ["## Figures", ""]
     for p in box:
         L += [f"![{p.stem}](figures/{p.name})", ""]
@@ -525,9 +882,17 @@ def write_report(result) -> Path:
             params = ", ".join(f"{k} = {_fmt_list(v)}" for k, v in segd["params"].items())
             L += [f"- {sname}: `{segd['kind']}`, targets {', '.join(segd['names'][t] for t in segd['targets'])}; {params}"]
         L += [""]
+        if ceilings:
+            L += ["Dice of the segmenter on the clean LR references against the reference labels (the ceiling any "
+                  "denoiser can reach with this segmenter; mean ± SD over cases):", ""]
+            for mod, c in ceilings.items():
+                labels = ", ".join(f"{k[5:]} {_fmt(v)}" for k, v in c["per_label"].items())
+                L += [f"- {mod.upper()}: {_fmt(c['mean'])} ± {_fmt(c['sd'])} (n = {c['n']} cases; {labels})"]
+            L += [""]
 
     L += ["## Files", "", "`cases.csv` (one row per case and method, seeds averaged), `runs.csv` (per seed), "
-          "`summary.csv`, `stats.csv`, `figures/`, `cache/` (per-case JSON, reused on the next run).", ""]
+          "`summary.csv`, `stats.csv`, `ablations.csv`, `robustness.csv`, `calibration.csv` (where configured), "
+          "`figures/`, `cache/` (per-case JSON, reused on the next run).", ""]
 
     md = "\n".join(L)
     md_path = out / "report.md"

@@ -86,6 +86,7 @@ class TrainConfig:
     slice_axes: List[int] = field(default_factory=lambda: [0])  #: 2D models: array axes slices are cut along
     min_foreground: float = 0.15  #: reject patches with less than this fraction of voxels above 5 % of scale
     levels: List[float] = field(default_factory=list)  #: [low, high] noise level range; empty = noise.LEVEL_RANGES
+    level_sampling: str = "uniform"  #: "uniform" in [low, high] | "loguniform" (needs low > 0; favours low noise)
     lr_factor: int = 2  #: down-sampling factor of the simulated low-resolution acquisition (1 = denoise only)
     anisotropy: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  #: extra (z,y,x) down-sampling of degrade()
     slab_degrade: bool = True  #: 2D models on 3D images: degrade a 3-LR-slice slab in 3D, keep the middle slice
@@ -120,7 +121,9 @@ class TrainConfig:
     neb_loss: str = "kl"  #: "kl" (known simulated std) | "nll" (residual NLL, no std needed)
     mask_ratio: float = 0.2  #: fraction of voxels masked for Noise2Void / Noise2Self
     mask_radius: int = 2  #: neighbour replacement radius (voxels)
-    ss_loss: str = "l2"  #: masked self-supervised loss "l2" | "l1"
+    ss_loss: str = "l2"  #: self-supervised loss: masked "l2" | "l1" (Noise2Void), or "sure" (unmasked, Stein's unbiased risk estimate with the estimated noise model)
+    sure_eps: float = 1e-3  #: SURE finite-difference step in normalised units
+    init_from: str = ""  #: pretraining: start from this model file's weights (same architecture); "" = random init
     # run control
     seed: int = 0
     device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
@@ -151,7 +154,11 @@ class TrainConfig:
             (not self.sr or (self.lr_factor == 2 and self.model == "dualnet"), "sr = true needs model = 'dualnet' and lr_factor = 2 (x2 SR head)"),
             (0.0 < self.mask_ratio < 1.0, "mask_ratio must be in (0, 1)"),
             (self.neb_loss in ("kl", "nll"), "neb_loss must be 'kl' or 'nll'"),
-            (self.ss_loss in ("l1", "l2"), "ss_loss must be 'l1' or 'l2'"),
+            (self.ss_loss in ("l1", "l2", "sure"), "ss_loss must be 'l1', 'l2' or 'sure'"),
+            (self.sure_eps > 0, "sure_eps must be > 0"),
+            (self.level_sampling in ("uniform", "loguniform"), "level_sampling must be 'uniform' or 'loguniform'"),
+            (self.level_sampling != "loguniform" or (len(self.levels) == 2 and self.levels[0] > 0),
+             "level_sampling = 'loguniform' needs levels = [low, high] with low > 0"),
             (len(self.levels) in (0, 2), "levels must be [] or [low, high]"),
             (all(a in (0, 1, 2) for a in self.slice_axes) and len(self.slice_axes) > 0, "slice_axes must be in 0..2"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),

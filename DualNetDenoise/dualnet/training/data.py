@@ -106,6 +106,9 @@ class CleanImage:
     params: Tuple[float, float] = (0.0, 1.0)
     peak: float = 1.0
     source: Dict[str, Any] = field(default_factory=dict)
+    #: noisy data only (SURE fine-tuning): noise variance ``c0 + c1 s + c2 s^2`` in physical
+    #: units^2 as a function of the signal ``s`` in physical units (see :func:`noise_variance_model`)
+    noise_var: Optional[Tuple[float, float, float]] = None
 
 
 _FRAME_RE = re.compile(r"(\d+)(?=\.[A-Za-z]+$)")
@@ -248,6 +251,50 @@ def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union
         val = [CleanImage(t.array, t.spacing_zyx, t.name, t.params, t.peak, {"split": "val (same case as train)"})
                for t in train]
     return train, val
+
+
+def noise_variance_model(array: np.ndarray, modality: str) -> Tuple[Tuple[float, float, float], Dict[str, Any]]:
+    """Per-voxel noise variance of a NOISY image as a polynomial of its signal, from the data.
+
+    Uses :func:`dualnet.estimate.estimate_noise` on the whole image and returns
+    ``((c0, c1, c2), estimate_info)`` with ``var(s) = c0 + c1 s + c2 s^2`` in physical units^2
+    (``s`` in physical units: MRI a.u., CT HU, US grey level):
+
+    * MRI: Rician ~ Gaussian above the noise floor: ``c0 = sigma^2``.
+    * CT: Poisson-Gaussian on ``HU + 1000``: ``var = gain (s + 1000) + sigma_e^2``.
+    * US: multiplicative speckle with ``L`` looks: ``var = s^2 / L``.
+    """
+    from ..estimate import CT_OFFSET_HU, estimate_noise
+
+    est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
+    info = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
+            "method": est.method, **{k: float(v) for k, v in est.params.items()}}
+    if est.modality == "mri":
+        coef = (float(est.sigma) ** 2, 0.0, 0.0)
+    elif est.modality == "ct":
+        gain = max(float(est.params.get("gain", 0.0)), 0.0)
+        se2 = float(est.params.get("electronic_sigma", est.sigma)) ** 2
+        coef = (gain * CT_OFFSET_HU + se2, gain, 0.0) if gain > 0 else (float(est.sigma) ** 2, 0.0, 0.0)
+    else:
+        coef = (0.0, 0.0, 1.0 / max(float(est.level), 1e-3))
+    return coef, info
+
+
+def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: Tuple[float, float],
+                 smooth: float = 1.0) -> np.ndarray:
+    """Noise variance per voxel in NORMALISED units^2 for a normalised noisy patch.
+
+    The signal is a Gaussian-smoothed copy of the noisy patch (``smooth`` voxels), mapped back to
+    physical units with the image's normalisation ``params = (offset, scale)``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    offset, scale = params
+    c0, c1, c2 = coef
+    s = gaussian_filter(np.asarray(noisy_n, dtype=np.float32), smooth) * scale - offset if (c1 or c2) else 0.0
+    var = c0 + c1 * s + c2 * np.square(s)
+    var = np.maximum(var, max(c0, 0.0) if c1 else 0.0) if (c1 or c2) else np.full(np.shape(noisy_n), c0)
+    return (np.asarray(var, dtype=np.float32) / np.float32(scale * scale)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,12 +522,19 @@ class PatchSampler:
         out: Dict[str, np.ndarray] = {}
         if self.selfsup:
             out["noisy"] = ((crop + offset) / scale).astype(np.float32)
+            if img.noise_var is not None:
+                out["var"] = variance_map(out["noisy"], img.noise_var, (offset, scale))
         else:
             from ..degrade import degrade
             from ..noise import noise_std_map
 
             lo, hi = self.levels
-            lev = float(rng.uniform(lo, hi)) if level is None else float(level)
+            if level is not None:
+                lev = float(level)
+            elif cfg.level_sampling == "loguniform":
+                lev = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            else:
+                lev = float(rng.uniform(lo, hi))
             lev_eff = lev
             if cfg.modality == "mri":  # level is relative to the WHOLE image's peak, not the crop's
                 cpeak = float(np.max(np.abs(crop)))
@@ -528,7 +582,10 @@ class PatchSampler:
         """A fixed validation set: ``n`` samples, no augmentation, levels evenly spread."""
         rng = np.random.default_rng([int(self.seed) + seed_offset, 0, 0])
         lo, hi = self.levels
-        levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]
+        if self.cfg.level_sampling == "loguniform" and lo > 0:
+            levels = np.geomspace(lo, hi, n) if n > 1 else [float(np.sqrt(lo * hi))]
+        else:
+            levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]
         return stack([self.sample(rng, augment=False, level=None if self.selfsup else float(levels[i]), patch=patch)
                       for i in range(n)])
 

@@ -18,6 +18,11 @@ voxels replaced by random neighbours; the output is compared with the NOISY imag
 VOXELS ONLY (``masked_loss``); the blind-spot branch (blind by construction) is fitted to the
 noisy image everywhere; the SRB output is pulled toward the blind-spot estimate weighted by the
 NEB confidence ``alpha`` (consistency); a weak TV term regularises.
+
+Self-supervised with ``ss_loss = "sure"``: the network sees the whole noisy image (no masking,
+so it can keep what is signal) and the data term is Stein's unbiased estimate of the MSE to the
+unknown clean image (``sure_mse``) with the noise variance estimated from the scan itself
+(:func:`dualnet.training.data.noise_variance_model`). The blind-spot branch terms are unchanged.
 """
 
 from __future__ import annotations
@@ -192,15 +197,25 @@ def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], 
 
 
 def selfsup_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg,
-                 anchor: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
-    """Noise2Void / Noise2Self objective on noisy data only (see module docstring).
+                 anchor: Optional[Tensor] = None, perturbed: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Dict[str, float]]:
+    """Self-supervised objective on noisy data only (see module docstring).
 
-    ``batch`` holds ``noisy`` (target), ``input`` (masked copy fed to the network) and ``mask``.
+    Noise2Void / Noise2Self (``ss_loss`` "l2" / "l1"): ``batch`` holds ``noisy`` (target),
+    ``input`` (masked copy fed to the network) and ``mask``. SURE (``ss_loss = "sure"``): the
+    network sees the unmasked ``noisy``; ``batch`` holds ``var`` (noise variance map), ``probe``
+    (the random direction) and ``perturbed`` is the output for ``noisy + sure_eps * probe``.
     ``anchor`` (optional): output of the frozen base model, pulled toward with ``lambda_anchor``.
     """
     pred = out["out"].float()
     noisy = batch["noisy"]
-    terms: Dict[str, Tensor] = {"n2v": masked_loss(pred, noisy, batch["mask"], cfg.ss_loss)}
+    if cfg.ss_loss == "sure":
+        if perturbed is None:
+            raise ValueError("ss_loss = 'sure' needs the output for the perturbed input")
+        terms: Dict[str, Tensor] = {"sure": sure_mse(pred, perturbed.float(), noisy, batch["var"],
+                                                     batch["probe"], cfg.sure_eps)}
+    else:
+        terms = {"n2v": masked_loss(pred, noisy, batch["mask"], cfg.ss_loss)}
     blind, sigma, alpha = out.get("blind"), out.get("sigma"), out.get("alpha")
     if cfg.model == "dualnet" and blind is not None:
         b = blind.float()
@@ -218,6 +233,21 @@ def selfsup_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg
         terms["anchor"] = cfg.lambda_anchor * (pred - anchor.float()).abs().mean()
     total = sum(terms.values())
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def sure_mse(pred: Tensor, pred_eps: Tensor, noisy: Tensor, var: Tensor, probe: Tensor, eps: float) -> Tensor:
+    """Monte-Carlo SURE: an unbiased estimate of the mean squared error to the unknown clean image.
+
+    For ``y = x + n`` with independent zero-mean noise of per-voxel variance ``var`` (Gaussian,
+    Stein 1981; heteroscedastic form after Ramani et al. 2008):
+    ``MSE(f(y), x) ~= mean((f(y) - y)^2) - mean(var) + 2 mean(var * div f)``, with the divergence
+    estimated by one random probe ``b``: ``div f ~= b * (f(y + eps b) - f(y)) / eps``.
+    ``pred_eps`` is the network output for ``noisy + eps * probe`` (same dropout masks).
+    All tensors (N, C, *S) in normalised units; returns a scalar (normalised units^2).
+    """
+    fit = (pred - noisy).pow(2).mean()
+    div = (var * probe * (pred_eps - pred)).mean() / eps
+    return fit - var.mean() + 2.0 * div
 
 
 def psnr_t(x: Tensor, y: Tensor, data_range: Tensor) -> Tensor:

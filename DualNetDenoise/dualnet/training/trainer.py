@@ -51,7 +51,7 @@ CHECKPOINT_FORMAT = "dualnet-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_COLUMNS = ["step", "loss", "l1", "ssim", "edge", "blind", "neb", "sr", "n2v", "consistency", "tv",
-               "anchor", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
+               "anchor", "sure", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
 PROGRESS_PREFIX = "DUALNET_PROGRESS"
 
 
@@ -419,6 +419,15 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
                 om = {k: (v.float() if v is not None else None) for k, v in om.items()}
                 loss, _ = selfsup_loss(om, b, cfg, anchor=anc)
                 sslosses.append(float(loss) * b["noisy"].shape[0])
+            elif selfsup and "var" in b:  # SURE: estimated MSE to the clean patches (fixed probe)
+                gen = torch.Generator().manual_seed(int(cfg.seed) + i)
+                b["probe"] = torch.randn(b["noisy"].shape, generator=gen).to(device)
+                with _autocast(cfg, device):
+                    pe = model(b["noisy"] + cfg.sure_eps * b["probe"])["out"].float()
+                    anc = anchor_model(b["noisy"])["out"] if anchor_model is not None else None
+                om = {k: (v.float() if v is not None else None) for k, v in o.items()}
+                loss, _ = selfsup_loss(om, b, cfg, anchor=anc, perturbed=pe)
+                sslosses.append(float(loss) * b["noisy"].shape[0])
     if psnrs:
         res["val_psnr"] = float(torch.cat(psnrs).mean())
         res["val_ssim"] = float(torch.cat(ssims).mean())
@@ -598,17 +607,24 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 except StopIteration:  # pragma: no cover - loader covers exactly the steps
                     break
                 step += 1
-                torch.manual_seed(_step_seed(cfg.seed, rank, step))  # dropout masks depend on the step only
+                step_seed = _step_seed(cfg.seed, rank, step)
+                torch.manual_seed(step_seed)  # dropout masks depend on the step only
                 batch = _to_device(batch, device)
+                sure = selfsup and not masked and cfg.ss_loss == "sure"
                 with _autocast(cfg, device):
                     out = ddp_model(batch["input"] if masked else batch["noisy"])
+                    perturbed = None
+                    if sure:  # second pass at y + eps b with the SAME dropout masks
+                        batch["probe"] = torch.randn_like(batch["noisy"])
+                        torch.manual_seed(step_seed)
+                        perturbed = ddp_model(batch["noisy"] + cfg.sure_eps * batch["probe"])["out"]
                     anc = None
                     if anchor_model is not None and cfg.lambda_anchor > 0:
                         with torch.no_grad():
                             anc = anchor_model(batch["input"] if masked else batch["noisy"])["out"]
                 out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-                if masked:
-                    loss, terms = selfsup_loss(out, batch, cfg, anchor=anc)
+                if masked or sure:
+                    loss, terms = selfsup_loss(out, batch, cfg, anchor=anc, perturbed=perturbed)
                 else:
                     loss, terms = supervised_loss(out, batch, cfg)
                 if not torch.isfinite(loss):
@@ -805,6 +821,22 @@ def _data_dir(cfg: TrainConfig, data_dir: Optional[Union[str, Path]]) -> Path:
     return default_data_dir()
 
 
+def _load_init(model, path: str, data_dir: Optional[Path]) -> Dict[str, Any]:
+    """Copy the weights of model file ``path`` (same architecture) into ``model``; card summary."""
+    from .. import modelfile
+
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists():
+        p = Path(__file__).resolve().parents[1] / p  # relative to the dualnet package (weights/...)
+    net, card = modelfile.load_model(p, "cpu")
+    want, have = architecture_of(model), architecture_of(net)
+    if json.loads(json.dumps(want)) != json.loads(json.dumps(have)):
+        raise InputError(f"init_from {p}: architecture {have} does not match the configured model {want}")
+    model.load_state_dict(net.state_dict())
+    return {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
+            "training": card.get("training", {})}
+
+
 def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelToken] = None, resume: Union[bool, str, Path, None] = None,
              out_dir: Union[str, Path], data_dir: Optional[Union[str, Path]] = None,
@@ -837,10 +869,13 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
     ddir = _data_dir(cfg, data_dir)
     train_images, val_images = tdata.load_split(cfg, data, ddir)
     model = build_network(cfg)
+    extra: Dict[str, Any] = {}
+    if cfg.init_from:
+        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir)
     masked = cfg.model == "n2v"
     res = _train(cfg, model, train_images, val_images, Path(out_dir), selfsup=False, masked=masked,
                  progress=progress, cancel=cancel, resume=resume, progress_json=progress_json,
-                 show_bar=show_bar, command=command, card_extra={}, data_dir=ddir, in_memory=data is not None,
+                 show_bar=show_bar, command=command, card_extra=extra, data_dir=ddir, in_memory=data is not None,
                  export_path=None)
     if export_path and res.model_path is not None:  # a second copy (e.g. the shipped weights folder)
         from .. import modelfile
@@ -899,6 +934,16 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
         else:
             items.append(x)
     train_images, val_images = tdata.load_split(cfg, items, None)
+    masked = cfg.ss_loss != "sure"
+    noise_models: List[Dict[str, Any]] = []
+    if not masked:  # SURE needs each scan's noise model, estimated from the scan itself
+        cache: Dict[int, Tuple[Tuple[float, float, float], Dict[str, Any]]] = {}
+        for img in list(train_images) + list(val_images):
+            key = id(img.array)
+            if key not in cache:
+                cache[key] = tdata.noise_variance_model(img.array, modality)
+                noise_models.append({"image": img.name, **cache[key][1]})
+            img.noise_var = cache[key][0]
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise InputError(f"{out_path}: the fine-tuned model must be a .safetensors file")
@@ -909,6 +954,8 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     extra = {"finetuned_from": {"path": str(base_path), "name": card.get("name"),
                                 "training": card.get("training", {}), "data_sources": card.get("data_sources", [])},
              "finetune_inputs": [str(x) if isinstance(x, (str, Path)) else "array" for x in inputs][:50]}
-    return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=True, progress=progress,
+    if noise_models:
+        extra["finetune_noise_models"] = noise_models[:50]
+    return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
                   cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
                   card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True)
