@@ -149,12 +149,17 @@ def test_config_toml_round_trip(tmp_path):
         TrainConfig.from_toml(tmp_path / "bad2.toml")
 
 
-@pytest.mark.parametrize("name", ["pretrain_mri", "pretrain_ct", "pretrain_us", "finetune"])
+@pytest.mark.parametrize("name", ["pretrain_mri", "pretrain_ct", "pretrain_us", "continue_mri", "continue_ct",
+                                  "finetune"])
 def test_shipped_configs_valid_and_split_per_case(name, shared_data):
     cfg = TrainConfig.from_toml(config_dir() / f"{name}.toml")
     if name == "finetune":
         assert cfg.stage == "finetune" and cfg.steps <= 1000
         return
+    if cfg.init_from:  # continued training starts from a model kept in the repository, same data and split
+        assert (config_dir().parent / cfg.init_from).exists(), cfg.init_from
+        first = TrainConfig.from_toml(config_dir() / (name.replace("continue_", "pretrain_") + ".toml"))
+        assert [(d.path, d.split) for d in cfg.data] == [(d.path, d.split) for d in first.data]
     assert cfg.modality == name.split("_")[1]
     train = [s for s in cfg.data if s.split == "train"]
     val = [s for s in cfg.data if s.split == "val"]
