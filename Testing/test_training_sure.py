@@ -119,3 +119,15 @@ def test_sure_finetuning_lowers_the_true_error_on_one_noisy_scan(tmp_path, mri_c
     models = card["finetune_noise_models"]
     assert models and models[0]["modality"] == "mri" and models[0]["sigma"] > 0
     assert res.val_loss is not None and np.isfinite(res.val_loss)
+
+
+def test_time_budget_is_a_hard_wall_clock_limit(tmp_path, mri_crop):
+    """A run far too long for its budget stops near the budget and still exports its model."""
+    import time
+
+    t0 = time.time()
+    res = pretrain(_cfg(steps=100000, time_budget_s=4.0, log_every=2, val_every=50, checkpoint_every=50),
+                   data=[mri_crop], out_dir=tmp_path / "budget")
+    wall = time.time() - t0
+    assert res.model_path is not None and res.model_path.exists()
+    assert res.steps < 100000 and wall < 60, (res.steps, wall)

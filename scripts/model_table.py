@@ -12,6 +12,12 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "DualNetDenoise" / "dualnet" / "
 SETTING = {"mri": "Rician {:.0%} of max", "ct": "{:.0%} dose", "us": "speckle L = {:g}"}
 
 
+def _budget(training: dict) -> tuple:
+    """(steps, minutes) of one training run from its card's ``training`` entry."""
+    minutes = float(training.get("seconds", training.get("training_seconds", 0)) or 0) / 60
+    return training.get("steps", "?"), minutes
+
+
 def main() -> None:
     print("| model | preset, params | trained | held-out data (cases) | setting | noisy PSNR / SSIM | "
           "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D |")
@@ -25,10 +31,15 @@ def main() -> None:
         arch = card.get("architecture", {})
         m = v["mean"]
         s = v["setting"]
-        steps = t.get("steps", "?")
-        minutes = float(t.get("seconds", t.get("training_seconds", 0)) or 0) / 60
+        steps, minutes = _budget(t)
+        init = card.get("initialised_from") or {}
+        if init:  # continued training: count the run it started from too
+            s0, m0 = _budget(init.get("training", {}))
+            steps, minutes = f"{s0} + {steps}", f"{m0:.0f} + {minutes:.0f}"
+        else:
+            minutes = f"{minutes:.0f}"
         print(f"| `{card_path.stem}` | {arch.get('preset')} {arch.get('dim')}D, {card.get('parameters', '?')} | "
-              f"{steps} steps, {minutes:.0f} min CPU | {', '.join(s['data'])} ({s['cases']}) | "
+              f"{steps} steps, {minutes} min CPU | {', '.join(s['data'])} ({s['cases']}) | "
               f"{SETTING[s['modality']].format(s['level'])}, LR x{s['lr_factor']} | "
               f"{m['noisy']['psnr']:.2f} / {m['noisy']['ssim']:.3f} | "
               f"{m['dualnet']['psnr']:.2f} / {m['dualnet']['ssim']:.3f} ({m['dualnet']['seconds']:.1f}) | "

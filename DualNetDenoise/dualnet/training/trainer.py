@@ -652,6 +652,14 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                                f"time budget {cfg.time_budget_s:.0f} s at {rate * 1000:.0f} ms/step: "
                                f"training {horizon['total']} of {cfg.steps} steps")
                         run.emit({"event": "budget", "steps": horizon["total"], "ms_per_step": round(rate * 1000, 1)})
+                # ---- hard wall-clock stop: the calibrated horizon assumes a steady speed; a machine
+                # that gets slower (other jobs) would overrun the budget, so end the run here instead
+                if cfg.time_budget_s > 0 and step % cfg.log_every == 0 and step < horizon["total"]:
+                    over = int(run.elapsed_before + time.time() - t_start > cfg.time_budget_s)
+                    if dist_state.max_flag(over, device):
+                        horizon["total"] = step
+                        report(run.progress, 1.0, f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
+                        run.emit({"event": "budget_reached", "step": step})
                 if first_loss is None:
                     first_loss = lv
                 last_loss = lv
