@@ -23,7 +23,9 @@ SKIP_DIRS = {"__pycache__", ".pytest_cache", "Testing"}
 
 
 def _skipped(rel: Path) -> bool:
-    return any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts)
+    """Caches, tests, hidden folders and build output (``pip install -e`` writes ``*.egg-info``
+    into the module folder; a Slicer build from a clean clone would not find those files)."""
+    return any(part in SKIP_DIRS or part.startswith(".") or part.endswith(".egg-info") for part in rel.parts)
 
 
 def module_files(module_dir: Path) -> Tuple[List[str], List[str]]:
