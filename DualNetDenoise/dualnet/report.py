@@ -451,7 +451,12 @@ def ablation_lines(result, rows: Sequence[Dict[str, Any]], alpha: float) -> Tupl
                       f"without {d['without'] or d['ablated']}: not tested (only {d['n']} cases with both; at least {MIN_CASES} needed)."]
                 continue
             helps = d["mean_diff"] > 0 if d["metric"] not in LOWER_IS_BETTER else d["mean_diff"] < 0
-            if not (helps and d["p_holm"] < alpha):
+            hurts = d["mean_diff"] < 0 if d["metric"] not in LOWER_IS_BETTER else d["mean_diff"] > 0
+            if hurts and d["p_holm"] < alpha:
+                L += [f"- {d['subset']} level {float(d['level']):g}, {METRIC_LABELS.get(d['metric'], d['metric'])}: the model "
+                      f"is significantly BETTER without {d['without'] or d['ablated']} (difference "
+                      f"{_fmt(d['mean_diff'])}, Holm p {_fmt_p(d['p_holm'])}, n = {d['n']})."]
+            elif not (helps and d["p_holm"] < alpha):
                 L += [f"- {d['subset']} level {float(d['level']):g}, {METRIC_LABELS.get(d['metric'], d['metric'])}: removing "
                       f"{d['without'] or d['ablated']} does NOT make the model significantly worse (difference "
                       f"{_fmt(d['mean_diff'])}, Holm p {_fmt_p(d['p_holm'])}, n = {d['n']})."]
