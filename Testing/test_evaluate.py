@@ -251,18 +251,24 @@ lr_factor = 2
 """
 
 
-@pytest.fixture
-def synthetic(tmp_path, monkeypatch):
+def synthetic_study(tmp_path, monkeypatch, template: str):
+    """Stand-in degrade/denoise, a synthetic data folder, and ``write(methods, **fields)`` that
+    renders ``template`` into ``tmp_path/study.toml``; returns ``(tmp_path, data_dir, write)``."""
     monkeypatch.setattr(evaluate, "_load_degrade", lambda: fake_degrade)
     monkeypatch.setattr(evaluate, "_load_baselines_denoise", lambda: fake_denoise)
     data = _synthetic_data(tmp_path / "data")
 
-    def write(methods):
+    def write(methods, **fields):
         cfg = tmp_path / "study.toml"
-        cfg.write_text(CONFIG_TEMPLATE.format(methods=methods), encoding="utf-8")
+        cfg.write_text(template.format(methods=methods, **fields), encoding="utf-8")
         return cfg
 
     return tmp_path, data, write
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    return synthetic_study(tmp_path, monkeypatch, CONFIG_TEMPLATE)
 
 
 def test_unavailable_and_failing_methods_are_reported(synthetic, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 from dualnet import evaluate, segment
 from dualnet.progress import CancelToken
-from test_evaluate import _synthetic_data, fake_degrade, fake_denoise
+from test_evaluate import synthetic_study
 
 REPO = Path(__file__).resolve().parents[1]
 MRI_MODEL = REPO / "DualNetDenoise" / "dualnet" / "weights" / "dualnet_mri.safetensors"
@@ -139,16 +139,8 @@ lr_factor = 2
 
 @pytest.fixture
 def synthetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "_load_degrade", lambda: fake_degrade)
-    monkeypatch.setattr(evaluate, "_load_baselines_denoise", lambda: fake_denoise)
-    data = _synthetic_data(tmp_path / "data")
-
-    def write(methods, extra="", slabs=1):
-        cfg = tmp_path / "study.toml"
-        cfg.write_text(CONFIG.format(methods=methods, extra=extra, slabs=slabs), encoding="utf-8")
-        return cfg
-
-    return tmp_path, data, write
+    tmp, data, write = synthetic_study(tmp_path, monkeypatch, CONFIG)
+    return tmp, data, lambda methods, extra="", slabs=1: write(methods, extra=extra, slabs=slabs)
 
 
 PER_CASE = f"""
