@@ -325,6 +325,21 @@ def test_config_errors(tmp_path):
         evaluate.load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("subset_levels, robust, match", [
+    ("[1.5]", "", "subset ct_x: ct noise level 1.5 must be in \\(0, 1\\]"),
+    ("[0.25]", "[robustness]\nlevels = { ct = [0.05, 2.0] }\n", "robustness\\] levels.ct: ct noise level 2.0"),
+    ("['high']", "", "not a number"),
+])
+def test_bad_noise_levels_fail_before_any_work(tmp_path, subset_levels, robust, match):
+    """A study that would stop midway on a bad level (CT dose > 1) is refused when the config loads."""
+    cfg = tmp_path / "study.toml"
+    cfg.write_text("[study]\nmethods = ['noisy']\n" + robust +
+                   f"[[subset]]\nname = 'ct_x'\nmodality = 'ct'\nimage = 'x.nii.gz'\nlevels = {subset_levels}\n",
+                   encoding="utf-8")
+    with pytest.raises(InputError, match=match):
+        evaluate.load_config(cfg)
+
+
 def test_shipped_configs_parse_and_case_counts(shared_data):
     full = evaluate.load_config(FULL_CONFIG)
     ci = evaluate.load_config(CI_CONFIG)

@@ -468,6 +468,13 @@ def load_config(config_path: Path) -> Dict[str, Any]:
             raise InputError(f"{p}: subset {s['name']}: modality must be mri, ct or us")
         if ("image" in s) == ("images" in s):
             raise InputError(f"{p}: subset {s['name']}: give exactly one of 'image' (a volume) or 'images' (a glob of 2D frames)")
+    for s in subsets:  # every noise level, up front: a bad one must not stop a long study midway
+        for lev in s["levels"]:
+            _check_level(s["modality"], lev, f"{p}: subset {s['name']}")
+    rob_levels = (cfg.get("robustness") or {}).get("levels") or {}
+    for modality, levs in (rob_levels.items() if isinstance(rob_levels, dict) else []):
+        for lev in (levs if isinstance(levs, list) else [levs]):
+            _check_level(modality, lev, f"{p}: [robustness] levels.{modality}")
     study.setdefault("seeds", [0])
     study.setdefault("alpha", 0.05)
     study.setdefault("focus", ["dualnet"])
@@ -477,6 +484,20 @@ def load_config(config_path: Path) -> Dict[str, Any]:
     study.setdefault("device", "cpu")
     cfg.setdefault("methods", {})
     return cfg
+
+
+def _check_level(modality: str, level: Any, where: str) -> None:
+    """InputError unless ``level`` is valid for ``modality``: MRI sigma fraction >= 0, CT dose
+    fraction in (0, 1], US looks > 0."""
+    try:
+        v = float(level)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: noise level {level!r} is not a number") from None
+    ok = {"mri": v >= 0, "ct": 0 < v <= 1, "us": v > 0}.get(str(modality).lower(), True)
+    if not ok or not np.isfinite(v):
+        rule = {"mri": ">= 0 (Rician sigma / max)", "ct": "in (0, 1] (dose fraction; 1 = full dose)",
+                "us": "> 0 (looks)"}.get(str(modality).lower(), "finite")
+        raise InputError(f"{where}: {modality} noise level {level!r} must be {rule}")
 
 
 def find_data_dir(config_path: Path, setting: Optional[str] = None) -> Path:
