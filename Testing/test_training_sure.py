@@ -71,6 +71,16 @@ def test_noise_variance_model_matches_the_simulated_noise(modality, level, mri_c
     assert predicted == pytest.approx(actual, rel=0.35), (predicted, actual)
 
 
+def test_ct_variance_map_follows_the_poisson_gaussian_line():
+    """var(HU) = gain (HU + 1000) + sigma_e^2: electronic noise only in air, more in tissue, 0 in fill."""
+    gain, se2 = 1.5, 100.0
+    coef = (gain * 1000 + se2, gain, 0.0)
+    params = (1000.0, 2000.0)  # hu_window normalisation: x_n = (HU + 1000) / 2000
+    var = [float(tdata.variance_map(np.full((9, 9), (hu + params[0]) / params[1], np.float32), coef, params)[4, 4])
+           * params[1] ** 2 for hu in (-3024.0, -1000.0, 0.0, 1000.0)]
+    np.testing.assert_allclose(var, [0.0, se2, gain * 1000 + se2, gain * 2000 + se2], rtol=1e-3)
+
+
 def test_loguniform_levels_favour_low_noise(mri_crop):
     cfg = _cfg(levels=[0.002, 0.2], level_sampling="loguniform")
     sampler = tdata.PatchSampler([tdata.make_image(mri_crop, (1, 1, 1), "crop", "mri")], cfg)

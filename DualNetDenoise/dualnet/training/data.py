@@ -285,16 +285,19 @@ def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: 
     """Noise variance per voxel in NORMALISED units^2 for a normalised noisy patch.
 
     The signal is a Gaussian-smoothed copy of the noisy patch (``smooth`` voxels), mapped back to
-    physical units with the image's normalisation ``params = (offset, scale)``.
+    physical units with the image's normalisation ``params = (offset, scale)``. Negative values of
+    the polynomial (CT fill values far below -1000 HU) are clipped to 0.
     """
     from scipy.ndimage import gaussian_filter
 
     offset, scale = params
     c0, c1, c2 = coef
-    s = gaussian_filter(np.asarray(noisy_n, dtype=np.float32), smooth) * scale - offset if (c1 or c2) else 0.0
-    var = c0 + c1 * s + c2 * np.square(s)
-    var = np.maximum(var, max(c0, 0.0) if c1 else 0.0) if (c1 or c2) else np.full(np.shape(noisy_n), c0)
-    return (np.asarray(var, dtype=np.float32) / np.float32(scale * scale)).astype(np.float32)
+    if c1 == 0 and c2 == 0:  # signal-independent (MRI): no smoothing needed
+        var = np.full(np.shape(noisy_n), c0, dtype=np.float32)
+    else:
+        s = gaussian_filter(np.asarray(noisy_n, dtype=np.float32), smooth) * scale - offset
+        var = np.maximum(c0 + c1 * s + c2 * np.square(s), 0.0)
+    return (var / np.float32(scale * scale)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
