@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..errors import CancelledError, DualNetError
 
@@ -72,15 +72,29 @@ def resolve_config(name: str) -> Path:
     return p  # load_config reports the missing file
 
 
-def _progress(args):
+def _reporting(args: argparse.Namespace):
+    """``(show_bar, progress)``: a tqdm bar on a terminal, else plain progress lines, unless
+    ``--quiet`` or ``--progress-json`` (which prints its own lines)."""
     if args.progress_json or args.quiet:
-        return None, False
-    return None, sys.stderr.isatty()
+        return False, None
+    bar = sys.stderr.isatty()
+    return bar, None if bar else _line_progress()
 
 
-def _print_cancel(err: CancelledError) -> int:
-    print(f"dualnet: {err}", file=sys.stderr, flush=True)
-    return 130
+def _guarded(what: str, job: Callable[[], Any]) -> Tuple[Any, int]:
+    """Run ``job``; ``(result, 0)``, or ``(None, exit code)`` with the message printed:
+    130 when cancelled or interrupted, 2 on bad input / model / config."""
+    try:
+        return job(), 0
+    except CancelledError as err:
+        print(f"dualnet: {err}", file=sys.stderr, flush=True)
+        return None, 130
+    except KeyboardInterrupt:
+        print(f"dualnet: {what} interrupted", file=sys.stderr)
+        return None, 130
+    except DualNetError as err:
+        print(f"dualnet: error: {err}", file=sys.stderr)
+        return None, 2
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -88,58 +102,44 @@ def train_main(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import pretrain
 
-    try:
+    def job():
         config_path = resolve_config(args.config)
         cfg = load_config(config_path, steps=args.steps, device=args.device,
                           num_workers=getattr(args, "workers", None), batch_size=getattr(args, "batch_size", None),
                           time_budget_s=getattr(args, "time_budget", None), seed=getattr(args, "seed", None))
         out = Path(args.out) if args.out else Path("runs") / config_path.stem
-        _, bar = _progress(args)
-        res = pretrain(cfg, out_dir=out, resume=bool(args.resume), data_dir=getattr(args, "data_dir", None),
-                       progress_json=bool(args.progress_json), show_bar=bar, command=_command_line(),
-                       export_path=getattr(args, "export", None),
-                       progress=None if (args.quiet or bar or args.progress_json) else _line_progress())
-    except CancelledError as err:
-        return _print_cancel(err)
-    except KeyboardInterrupt:
-        print("dualnet: training interrupted", file=sys.stderr)
-        return 130
-    except DualNetError as err:
-        print(f"dualnet: error: {err}", file=sys.stderr)
-        return 2
-    msg = (f"trained {res.steps} steps in {res.seconds:.0f} s; loss {res.first_loss:.4g} -> {res.last_loss:.4g}; "
-           f"val PSNR {res.val_psnr if res.val_psnr is None else round(res.val_psnr, 2)} dB, "
-           f"SSIM {res.val_ssim if res.val_ssim is None else round(res.val_ssim, 4)}; model {res.model_path}")
-    if res.model_path is not None:
-        print(msg, file=sys.stderr if args.progress_json else sys.stdout, flush=True)
-    return 0
+        bar, progress = _reporting(args)
+        return pretrain(cfg, out_dir=out, resume=bool(args.resume), data_dir=getattr(args, "data_dir", None),
+                        progress_json=bool(args.progress_json), show_bar=bar, command=_command_line(),
+                        export_path=getattr(args, "export", None), progress=progress)
+
+    res, code = _guarded("training", job)
+    if res is not None and res.model_path is not None:
+        print(f"trained {res.steps} steps in {res.seconds:.0f} s; loss {res.first_loss:.4g} -> {res.last_loss:.4g}; "
+              f"val PSNR {res.val_psnr if res.val_psnr is None else round(res.val_psnr, 2)} dB, "
+              f"SSIM {res.val_ssim if res.val_ssim is None else round(res.val_ssim, 4)}; model {res.model_path}",
+              file=sys.stderr if args.progress_json else sys.stdout, flush=True)
+    return code
 
 
 def finetune_main(args: argparse.Namespace) -> int:
     """Run ``dualnet finetune``; returns the exit code."""
-    from .config import TrainConfig, config_dir, load_config
+    from .config import config_dir, load_config
     from .trainer import finetune
 
-    try:
+    def job():
         cfg = load_config(resolve_config(args.config) if args.config else config_dir() / "finetune.toml",
                           steps=args.steps, device=args.device)
-        _, bar = _progress(args)
-        res = finetune(list(args.inputs), args.model, args.out, cfg, resume=bool(args.resume),
-                       out_dir=args.run_dir, progress_json=bool(args.progress_json), show_bar=bar,
-                       command=_command_line(), frame=args.frame,
-                       progress=None if (args.quiet or bar or args.progress_json) else _line_progress())
-    except CancelledError as err:
-        return _print_cancel(err)
-    except KeyboardInterrupt:
-        print("dualnet: fine-tuning interrupted", file=sys.stderr)
-        return 130
-    except DualNetError as err:
-        print(f"dualnet: error: {err}", file=sys.stderr)
-        return 2
-    if res.model_path is not None:
+        bar, progress = _reporting(args)
+        return finetune(list(args.inputs), args.model, args.out, cfg, resume=bool(args.resume),
+                        out_dir=args.run_dir, progress_json=bool(args.progress_json), show_bar=bar,
+                        command=_command_line(), frame=args.frame, progress=progress)
+
+    res, code = _guarded("fine-tuning", job)
+    if res is not None and res.model_path is not None:
         print(f"fine-tuned {res.steps} steps in {res.seconds:.0f} s; self-supervised val loss "
               f"{res.val_loss}; model {res.model_path}", file=sys.stderr if args.progress_json else sys.stdout)
-    return 0
+    return code
 
 
 def _line_progress():
