@@ -25,28 +25,24 @@ _add_core_to_path()
 XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
 
 
+def denoise(args, progress) -> None:
+    """Denoise INPUT into OUTPUT with BM4D and the modality's transform (never over the input)."""
+    from dualnet import api
+    from dualnet.io import check_output_path, read_volume, write_volume
+
+    check_output_path(args.outputVolume, [args.inputVolume])
+    volume = read_volume(args.inputVolume)
+    result = api.denoise_volume(volume, method="bm4d", modality=args.modality,
+                                sigma=args.sigma if args.sigma > 0 else None, progress=progress)
+    write_volume(result.volume, args.outputVolume, inputs=[args.inputVolume])
+
+
 def main(argv=None) -> int:
-    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args
+    from DualNetDenoiseLib.cliargs import parse_cli_args, run_cli_module
 
     args = parse_cli_args(XML, argv, prog="BM4DDenoiseCLI")
-    from dualnet.errors import DualNetError
-    from dualnet.io import check_output_path, read_volume, write_volume
-    from dualnet import api
-
-    progress = FilterProgress("BM4D denoise", f"BM4D on {os.path.basename(args.inputVolume)}")
-    progress.start()
-    try:
-        check_output_path(args.outputVolume, [args.inputVolume])
-        volume = read_volume(args.inputVolume)
-        result = api.denoise_volume(volume, method="bm4d", modality=args.modality,
-                                    sigma=args.sigma if args.sigma > 0 else None, progress=progress)
-        write_volume(result.volume, args.outputVolume, inputs=[args.inputVolume])
-    except DualNetError as err:
-        print(f"BM4DDenoiseCLI: {err}", file=sys.stderr, flush=True)
-        return 1
-    progress(1.0)
-    progress.end()
-    return 0
+    return run_cli_module(args, "BM4DDenoiseCLI", "BM4D denoise", denoise,
+                          comment=f"BM4D on {os.path.basename(args.inputVolume)}")
 
 
 if __name__ == "__main__":

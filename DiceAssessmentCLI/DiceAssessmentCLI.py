@@ -25,42 +25,39 @@ _add_core_to_path()
 XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
 
 
-def main(argv=None) -> int:
-    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args, write_return_parameters
-
-    args = parse_cli_args(XML, argv, prog="DiceAssessmentCLI")
-    from dualnet.errors import DualNetError, InputError
+def assess(args, progress) -> None:
+    """Per-label Dice of LABEL_A vs LABEL_B: CSV table, stdout, and meanDice for Slicer."""
+    from DualNetDenoiseLib.cliargs import write_return_parameters
+    from dualnet.errors import InputError
     from dualnet.io import atomic_write_bytes, read_volume
     from dualnet.metrics import dice_per_label
 
-    progress = FilterProgress("Dice assessment", "per-label Dice")
-    progress.start()
-    try:
-        labels = None
-        if args.labels and args.labels.strip():
-            try:
-                labels = [int(x) for x in args.labels.replace(";", ",").split(",") if x.strip()]
-            except ValueError:
-                raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
-        a = read_volume(args.labelA)
-        progress(0.3)
-        b = read_volume(args.labelB)
-        progress(0.6)
-        dice = dice_per_label(a, b, labels=labels)
-        rows = ["label,dice,voxels_a,voxels_b"]
-        for lab in sorted(dice):
-            rows.append(f"{lab},{dice[lab]:.6f},{int((a.array == lab).sum())},{int((b.array == lab).sum())}")
-        mean = sum(dice.values()) / len(dice) if dice else float("nan")
-        if args.outputTable:
-            atomic_write_bytes(args.outputTable, ("\n".join(rows) + "\n").encode("utf-8"))
-        print("\n".join(rows), flush=True)
-        write_return_parameters(args.returnparameterfile, {"meanDice": f"{mean:.6f}"})
-    except DualNetError as err:
-        print(f"DiceAssessmentCLI: {err}", file=sys.stderr, flush=True)
-        return 1
-    progress(1.0)
-    progress.end()
-    return 0
+    labels = None
+    if args.labels and args.labels.strip():
+        try:
+            labels = [int(x) for x in args.labels.replace(";", ",").split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    a = read_volume(args.labelA)
+    progress(0.3)
+    b = read_volume(args.labelB)
+    progress(0.6)
+    dice = dice_per_label(a, b, labels=labels)
+    rows = ["label,dice,voxels_a,voxels_b"]
+    for lab in sorted(dice):
+        rows.append(f"{lab},{dice[lab]:.6f},{int((a.array == lab).sum())},{int((b.array == lab).sum())}")
+    mean = sum(dice.values()) / len(dice) if dice else float("nan")
+    if args.outputTable:
+        atomic_write_bytes(args.outputTable, ("\n".join(rows) + "\n").encode("utf-8"))
+    print("\n".join(rows), flush=True)
+    write_return_parameters(args.returnparameterfile, {"meanDice": f"{mean:.6f}"})
+
+
+def main(argv=None) -> int:
+    from DualNetDenoiseLib.cliargs import parse_cli_args, run_cli_module
+
+    args = parse_cli_args(XML, argv, prog="DiceAssessmentCLI")
+    return run_cli_module(args, "DiceAssessmentCLI", "Dice assessment", assess, comment="per-label Dice")
 
 
 if __name__ == "__main__":

@@ -24,35 +24,31 @@ _add_core_to_path()
 XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
 
 
+def denoise(args, progress) -> None:
+    """Denoise INPUT into OUTPUT with DUAL-NET, optionally writing the MC-dropout std map."""
+    from dualnet import api
+    from dualnet.io import check_output_path, read_volume, write_volume
+
+    inputs = [args.inputVolume]
+    check_output_path(args.outputVolume, inputs)
+    if args.uncertaintyVolume:
+        check_output_path(args.uncertaintyVolume, inputs)
+    volume = read_volume(args.inputVolume)
+    result = api.denoise_volume(
+        volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
+        tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress)
+    write_volume(result.volume, args.outputVolume, inputs=inputs)
+    unc = getattr(result, "uncertainty_volume", None) or getattr(result, "uncertainty", None)
+    if args.uncertaintyVolume and unc is not None:
+        write_volume(unc, args.uncertaintyVolume, inputs=inputs)
+
+
 def main(argv=None) -> int:
-    from DualNetDenoiseLib.cliargs import FilterProgress, parse_cli_args
+    from DualNetDenoiseLib.cliargs import parse_cli_args, run_cli_module
 
     args = parse_cli_args(XML, argv, prog="DualNetDenoiseCLI")
-    from dualnet.errors import DualNetError
-    from dualnet.io import check_output_path, read_volume, write_volume
-    from dualnet import api
-
-    progress = FilterProgress("DualNet denoise", f"DUAL-NET on {os.path.basename(args.inputVolume)}")
-    progress.start()
-    try:
-        inputs = [args.inputVolume]
-        check_output_path(args.outputVolume, inputs)
-        if args.uncertaintyVolume:
-            check_output_path(args.uncertaintyVolume, inputs)
-        volume = read_volume(args.inputVolume)
-        result = api.denoise_volume(
-            volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
-            tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress)
-        write_volume(result.volume, args.outputVolume, inputs=inputs)
-        unc = getattr(result, "uncertainty_volume", None) or getattr(result, "uncertainty", None)
-        if args.uncertaintyVolume and unc is not None:
-            write_volume(unc, args.uncertaintyVolume, inputs=inputs)
-    except DualNetError as err:
-        print(f"DualNetDenoiseCLI: {err}", file=sys.stderr, flush=True)
-        return 1
-    progress(1.0)
-    progress.end()
-    return 0
+    return run_cli_module(args, "DualNetDenoiseCLI", "DualNet denoise", denoise,
+                          comment=f"DUAL-NET on {os.path.basename(args.inputVolume)}")
 
 
 if __name__ == "__main__":

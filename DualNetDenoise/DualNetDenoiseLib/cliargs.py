@@ -275,3 +275,25 @@ class FilterProgress:
     def end(self) -> None:
         self._w(f"<filter-end><filter-name>{self.name}</filter-name>"
                 f"<filter-time>{time.time() - self._t0:.2f}</filter-time></filter-end>")
+
+
+def run_cli_module(args: argparse.Namespace, prog: str, title: str, body, comment: str = "") -> int:
+    """The frame every DualNet CLI module runs in; returns the exit code.
+
+    ``args`` come from :func:`parse_cli_args` on the module's XML. Prints ``<filter-start>``,
+    calls ``body(args, progress)``, then ``<filter-progress>1`` and ``<filter-end>``. A
+    ``DualNetError`` (bad input, model, config) prints one line ``PROG: message`` on stderr and
+    returns 1 without the end tags.
+    """
+    from dualnet.errors import DualNetError
+
+    progress = FilterProgress(title, comment)
+    progress.start()
+    try:
+        body(args, progress)
+    except DualNetError as err:
+        print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        return 1
+    progress(1.0)
+    progress.end()
+    return 0
