@@ -487,17 +487,13 @@ def load_config(config_path: Path) -> Dict[str, Any]:
 
 
 def _check_level(modality: str, level: Any, where: str) -> None:
-    """InputError unless ``level`` is valid for ``modality``: MRI sigma fraction >= 0, CT dose
-    fraction in (0, 1], US looks > 0."""
+    """:func:`dualnet.noise.check_level` with ``where`` (config file and table) in the message."""
+    from .noise import check_level
+
     try:
-        v = float(level)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: noise level {level!r} is not a number") from None
-    ok = {"mri": v >= 0, "ct": 0 < v <= 1, "us": v > 0}.get(str(modality).lower(), True)
-    if not ok or not np.isfinite(v):
-        rule = {"mri": ">= 0 (Rician sigma / max)", "ct": "in (0, 1] (dose fraction; 1 = full dose)",
-                "us": "> 0 (looks)"}.get(str(modality).lower(), "finite")
-        raise InputError(f"{where}: {modality} noise level {level!r} must be {rule}")
+        check_level(modality, level)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
 
 
 def find_data_dir(config_path: Path, setting: Optional[str] = None) -> Path:

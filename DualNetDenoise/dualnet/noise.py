@@ -85,6 +85,20 @@ def _check_modality(modality: str) -> str:
     return m
 
 
+def check_level(modality: str, level) -> float:
+    """The noise ``level`` of ``modality`` as a float, or InputError: every level is finite and
+    > 0 (MRI sigma / max, US looks); a CT dose fraction is also at most 1 (full dose)."""
+    m = _check_modality(modality)
+    try:
+        lev = float(level)
+    except (TypeError, ValueError):
+        raise InputError(f"noise level {level!r} is not a number") from None
+    if not np.isfinite(lev) or lev <= 0 or (m == "ct" and lev > 1):
+        rule = "in (0, 1] (dose fraction; 1 = full dose)" if m == "ct" else "a positive number"
+        raise InputError(f"{m} noise level {level!r} must be {rule}")
+    return lev
+
+
 def add_rician(clean: np.ndarray, sigma: float, rng: RngLike = None) -> np.ndarray:
     """Rician magnitude noise ``sqrt((A + s n1)^2 + (s n2)^2)``.
 
@@ -188,9 +202,7 @@ def add_noise(clean: np.ndarray, modality: str, level: Optional[float] = None, r
     US number of looks. Arrays (z, y, x) or (y, x); returns float, same shape.
     """
     m = _check_modality(modality)
-    lev = DEFAULT_LEVELS[m] if level is None else float(level)
-    if not np.isfinite(lev) or lev <= 0:
-        raise InputError(f"noise level must be a positive number, got {level}")
+    lev = DEFAULT_LEVELS[m] if level is None else check_level(m, level)
     if m == "mri":
         return add_rician(clean, mri_sigma_from_level(clean, lev), rng)
     if m == "ct":
