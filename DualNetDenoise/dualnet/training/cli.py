@@ -44,7 +44,10 @@ def add_train_parsers(subparsers) -> None:
     p.set_defaults(func=train_main)
 
     f = subparsers.add_parser("finetune", help="self-supervised fine-tuning on real noisy scans",
-                              description="Noise2Void/Noise2Self fine-tuning of a trained model on real scans.")
+                              description="Self-supervised fine-tuning of a trained model on real noisy scans, "
+                                          "no clean data: SURE with the noise model estimated from the scans "
+                                          "(default, configs/finetune.toml), or Noise2Void masking "
+                                          "(ss_loss = \"l2\" in a --config TOML).")
     f.add_argument("inputs", nargs="+", metavar="INPUT", help="noisy scans (files, DICOM folders, PNG frame folders)")
     f.add_argument("--model", required=True, help="base model (.safetensors with its JSON card)")
     f.add_argument("--out", required=True, help="fine-tuned model (.safetensors)")
