@@ -149,8 +149,9 @@ def test_config_toml_round_trip(tmp_path):
         TrainConfig.from_toml(tmp_path / "bad2.toml")
 
 
-@pytest.mark.parametrize("name", ["pretrain_mri", "pretrain_ct", "pretrain_us", "continue_mri", "continue_ct",
-                                  "finetune"])
+@pytest.mark.parametrize("name", ["pretrain_mri", "pretrain_ct", "pretrain_us", "history/continue_mri_v2",
+                                  "history/continue_ct_v2", "history/pretrain_mri_v1", "history/pretrain_ct_v1",
+                                  "history/pretrain_us_v1", "finetune"])
 def test_shipped_configs_valid_and_split_per_case(name, shared_data):
     cfg = TrainConfig.from_toml(config_dir() / f"{name}.toml")
     if name == "finetune":
@@ -158,9 +159,11 @@ def test_shipped_configs_valid_and_split_per_case(name, shared_data):
         return
     if cfg.init_from:  # continued training starts from a model kept in the repository, same data and split
         assert (config_dir().parent / cfg.init_from).exists(), cfg.init_from
-        first = TrainConfig.from_toml(config_dir() / (name.replace("continue_", "pretrain_") + ".toml"))
+        first = TrainConfig.from_toml(config_dir() / (name.replace("continue_", "pretrain_").replace("_v2", "_v1") + ".toml"))
         assert [(d.path, d.split) for d in cfg.data] == [(d.path, d.split) for d in first.data]
-    assert cfg.modality == name.split("_")[1]
+    assert cfg.modality == Path(name).name.split("_")[1]
+    val_frames = {(s.path, tuple(s.frames or ())) for s in cfg.data if s.split == "val"}
+    assert len(val_frames) >= (2 if name.startswith("pretrain_") else 1)  # at least 2 held-out sources
     train = [s for s in cfg.data if s.split == "train"]
     val = [s for s in cfg.data if s.split == "val"]
     assert train and val

@@ -1,15 +1,20 @@
-"""Measure a model against BM4D on its held-out validation data and record the numbers in its card.
+"""Measure models against BM4D on held-out validation data and record the numbers in their cards.
 
 For each model the validation sources of its training config (``split = "val"``, never seen in
-training) are degraded with ``dualnet.degrade`` at the issue's target setting (lr_factor 2;
-MRI Rician 5 % of max, CT 25 % dose, ultrasound L = 4; fixed seeds). DUAL-NET and BM4D (with its
-modality transform; BM3D for 2D ultrasound frames) denoise the same noisy images; PSNR / SSIM are
-computed against the clean low-resolution image with data range = clean max - min, on the whole
-image and on the foreground mask (``metrics.foreground_mask``). The case (volume, or ultrasound
-frame) is the unit. Results go to the card's ``metrics.validation`` together with this command.
+training) are degraded with ``dualnet.degrade`` (lr_factor 2, fixed seeds) at the issue's target
+setting (MRI Rician 5 % of max, CT 25 % dose, ultrasound L = 4) and at any ``--levels`` given.
+Every model and BM4D (with its modality transform; BM3D for 2D ultrasound frames) denoise the
+same noisy images; PSNR / SSIM against the clean low-resolution image with data range = clean
+max - min, on the whole image and on the foreground mask (``metrics.foreground_mask``); CT also
+in the [-160, 240] HU window (both images clipped to the window, data range 400 HU). The case
+(volume, or 2D image) is the unit; the tables give means over cases.
 
-    python scripts/validate_models.py DualNetDenoise/dualnet/weights/dualnet_mri.safetensors \
-        --config DualNetDenoise/dualnet/configs/pretrain_mri.toml [--max-cases 8] [--no-write]
+    python scripts/validate_models.py DualNetDenoise/dualnet/weights/dualnet_mri.safetensors \\
+        --config DualNetDenoise/dualnet/configs/pretrain_mri.toml [--levels 0.02 0.05 0.1] [--no-write]
+
+With several models (a design sweep) every model is scored on the same cases, BM4D once, and one
+markdown table is printed (``--baseline none`` skips BM4D). The first level is written into the
+card as ``metrics.validation``, all levels as ``metrics.validation_levels``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 
@@ -36,73 +42,139 @@ from dualnet.noise import DEFAULT_LEVELS  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
 from dualnet.training.data import read_source, resolve_path  # noqa: E402
 
+CT_WINDOW_HU = (-160.0, 240.0)
+KEYS = ("psnr", "ssim", "psnr_fg", "ssim_fg")
+
 
 def scores(ref: np.ndarray, out: np.ndarray, modality: str) -> dict:
+    """PSNR / SSIM of ``out`` against ``ref``: whole image, foreground, and the CT window."""
     rng = float(ref.max() - ref.min())
     mask = foreground_mask(ref, modality)
-    return {"psnr": psnr(ref, out, data_range=rng), "ssim": ssim(ref, out, data_range=rng),
-            "psnr_fg": psnr(ref, out, data_range=rng, mask=mask), "ssim_fg": ssim(ref, out, data_range=rng, mask=mask)}
+    res = {"psnr": psnr(ref, out, data_range=rng), "ssim": ssim(ref, out, data_range=rng),
+           "psnr_fg": psnr(ref, out, data_range=rng, mask=mask),
+           "ssim_fg": ssim(ref, out, data_range=rng, mask=mask)}
+    if modality == "ct":
+        lo, hi = CT_WINDOW_HU
+        rw, ow = np.clip(ref, lo, hi), np.clip(out, lo, hi)
+        res["psnr_win"] = psnr(rw, ow, data_range=hi - lo)
+        res["ssim_win"] = ssim(rw, ow, data_range=hi - lo)
+    return res
+
+
+def validation_images(cfg, data_dir: str, max_cases: int) -> list:
+    """The config's validation images, at most ``max_cases`` of them, evenly spaced."""
+    images = []
+    for src in (s for s in cfg.data if s.split == "val"):
+        images += read_source(resolve_path(src.path, data_dir), frame=src.frame, crop=src.crop, frames=src.frames)
+    if len(images) > max_cases:
+        idx = np.linspace(0, len(images) - 1, max_cases).round().astype(int)
+        images = [images[i] for i in idx]
+    return images
+
+
+def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
+              lr_factor: int, baseline: str) -> dict:
+    """Score every model (and the baseline) on every image at one noise level."""
+    rows = []
+    for k, (arr, spacing_zyx, name) in enumerate(images):
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, spacing_zyx = arr[0], tuple(spacing_zyx)[1:]
+        d = degrade(arr, modality, level, lr_factor=lr_factor, spacing_zyx=spacing_zyx, rng=1000 + k)
+        noisy = Volume(d.noisy_lr.astype(np.float32), tuple(reversed(d.spacing_lr_zyx)))
+        ref = d.clean_lr.astype(np.float32)
+        row = {"case": Path(name).name, "shape_zyx": list(ref.shape), "noisy": scores(ref, noisy.array, modality)}
+        runs = [(n, "dualnet", {"model": m, "device": "cpu"}) for n, m in zip(names, models)]
+        if baseline != "none":
+            runs.append((baseline, baseline, {}))
+        for label, method, kw in runs:
+            t = time.perf_counter()
+            out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
+            row[label] = scores(ref, out, modality)
+            row[label]["seconds"] = time.perf_counter() - t
+        rows.append(row)
+        print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
+              " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
+                         for label, _, _ in runs), flush=True)
+    labels = ["noisy"] + [r[0] for r in runs]
+    keys = KEYS + (("psnr_win", "ssim_win") if modality == "ct" else ())
+    summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
+    for m in labels[1:]:
+        summary[m]["seconds"] = round(float(np.mean([r[m]["seconds"] for r in rows])), 2)
+    return {"level": level, "mean": summary, "per_case": rows}
+
+
+def table(results: List[dict], labels: List[str], baseline: str, modality: str) -> str:
+    """Markdown table: one row per (level, method)."""
+    win = modality == "ct"
+    head = "| level | method | PSNR (dB) | SSIM | PSNR fg | SSIM fg |" + (" PSNR [-160,240] HU | SSIM win |" if win else "") + \
+        " seconds | PSNR - " + baseline + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for res in results:
+        mean = res["mean"]
+        base = mean.get(baseline, {}).get("psnr")
+        for m in ["noisy"] + labels + ([baseline] if baseline in mean else []):
+            s = mean[m]
+            cells = [f"{res['level']:g}", m, f"{s['psnr']:.2f}", f"{s['ssim']:.3f}", f"{s['psnr_fg']:.2f}", f"{s['ssim_fg']:.3f}"]
+            if win:
+                cells += [f"{s['psnr_win']:.2f}", f"{s['ssim_win']:.3f}"]
+            cells += [f"{s['seconds']:.1f}" if "seconds" in s else "",
+                      f"{s['psnr'] - base:+.2f}" if base is not None and m != baseline else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--config", required=True, help="the model's training config (its val sources)")
+    ap.add_argument("models", nargs="+", help="model files (.safetensors with their cards)")
+    ap.add_argument("--config", required=True, help="the training config whose val sources are used")
+    ap.add_argument("--names", nargs="*", default=None, help="labels of the models in the table")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--level", type=float, default=None, help="noise level (default: the issue's target)")
+    ap.add_argument("--levels", type=float, nargs="*", default=(), help="more noise levels")
     ap.add_argument("--max-cases", type=int, default=8, help="at most this many validation images (evenly spaced)")
-    ap.add_argument("--baseline", default="bm4d")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave the card unchanged")
+    ap.add_argument("--baseline", default="bm4d", help="bm4d | bm3d | nlm | ... | none")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave the cards unchanged")
+    ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
     modality = cfg.modality
-    level = DEFAULT_LEVELS[modality] if args.level is None else args.level
-    images = []
-    for src in (s for s in cfg.data if s.split == "val"):
-        images += read_source(resolve_path(src.path, args.data_dir), frame=src.frame, crop=src.crop, frames=src.frames)
-    if len(images) > args.max_cases:
-        idx = np.linspace(0, len(images) - 1, args.max_cases).round().astype(int)
-        images = [images[i] for i in idx]
-    rows = []
-    for k, (arr, spacing_zyx, name) in enumerate(images):
-        d = degrade(arr, modality, level, lr_factor=cfg.lr_factor, spacing_zyx=spacing_zyx, rng=1000 + k)
-        noisy = Volume(d.noisy_lr.astype(np.float32), tuple(reversed(d.spacing_lr_zyx)))
-        ref = d.clean_lr.astype(np.float32)
-        row = {"case": Path(name).name, "shape_zyx": list(ref.shape), "noisy": scores(ref, noisy.array, modality)}
-        for method, kw in (("dualnet", {"model": args.model, "device": "cpu"}), (args.baseline, {})):
-            t = time.perf_counter()
-            out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
-            row[method] = scores(ref, out, modality)
-            row[method]["seconds"] = time.perf_counter() - t
-        rows.append(row)
-        print(f"{row['case']}: noisy {row['noisy']['psnr']:.2f} dB | dualnet {row['dualnet']['psnr']:.2f} dB "
-              f"({row['dualnet']['seconds']:.1f} s) | {args.baseline} {row[args.baseline]['psnr']:.2f} dB "
-              f"({row[args.baseline]['seconds']:.1f} s)", flush=True)
-
-    def mean(method, key):
-        return float(np.mean([r[method][key] for r in rows]))
-
-    summary = {m: {k: round(mean(m, k), 4) for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")}
-               for m in ("noisy", "dualnet", args.baseline)}
-    for m in ("dualnet", args.baseline):
-        summary[m]["seconds"] = round(mean(m, "seconds"), 2)
-    gain = summary["dualnet"]["psnr"] - summary[args.baseline]["psnr"]
-    result = {
-        "setting": {"modality": modality, "level": level, "lr_factor": cfg.lr_factor,
-                    "data": [s.path for s in cfg.data if s.split == "val"], "cases": len(rows),
-                    "data_range": "clean low-resolution max - min", "mask": "whole image and foreground (fg)",
-                    "baseline": f"{args.baseline} with the {modality} transform (sigma estimated)"},
-        "mean": summary, "psnr_gain_vs_baseline_db": round(gain, 3), "per_case": rows,
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, CPU, {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    print(json.dumps({"mean": summary, "psnr_gain_vs_baseline_db": round(gain, 3)}, indent=1))
-    if not args.no_write:
-        cpath = card_path(args.model)
+    levels = [DEFAULT_LEVELS[modality] if args.level is None else args.level] + list(args.levels)
+    names = args.names or ([Path(m).stem for m in args.models] if len(args.models) > 1 else ["dualnet"])
+    if len(names) != len(args.models):
+        ap.error("--names needs one label per model")
+    images = validation_images(cfg, args.data_dir, args.max_cases)
+    results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline) for lev in levels]
+    print(table(results, names, args.baseline, modality))
+    meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
+            "data": [s.path for s in cfg.data if s.split == "val"],
+            "data_range": "clean low-resolution max - min" + ("; CT window [-160, 240] HU, range 400" if modality == "ct" else ""),
+            "mask": "whole image and foreground (fg)",
+            "baseline": f"{args.baseline} with the {modality} transform (sigma estimated)",
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "machine": f"{platform.processor() or platform.machine()}, CPU, {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps({"meta": meta, "results": results}, indent=1, default=float) + "\n").encode())
+    if args.no_write:
+        return
+    for model, name in zip(args.models, names):
+        per_level = []
+        for res in results:
+            mean = {m: res["mean"][m] for m in ("noisy", name, args.baseline) if m in res["mean"]}
+            mean["dualnet"] = mean.pop(name) if name != "dualnet" else mean["dualnet"]
+            gain = mean["dualnet"]["psnr"] - mean[args.baseline]["psnr"] if args.baseline in mean else None
+            rows = [{("dualnet" if k == name else k): v for k, v in r.items()
+                     if k in ("case", "shape_zyx", "noisy", name, args.baseline)} for r in res["per_case"]]
+            per_level.append({"setting": {**meta, "level": res["level"]}, "mean": mean,
+                              "psnr_gain_vs_baseline_db": None if gain is None else round(gain, 3),
+                              "per_case": rows})
+        cpath = card_path(model)
         card = read_card(cpath)
-        card.setdefault("metrics", {})["validation"] = result
+        card.setdefault("metrics", {})["validation"] = per_level[0]
+        card["metrics"]["validation_levels"] = [{"level": p["setting"]["level"], "mean": p["mean"],
+                                                 "psnr_gain_vs_baseline_db": p["psnr_gain_vs_baseline_db"]}
+                                                for p in per_level]
         atomic_write_bytes(cpath, (json.dumps(card, indent=2, default=float) + "\n").encode())
         print(f"wrote metrics.validation into {cpath}")
 

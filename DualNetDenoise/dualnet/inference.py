@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -232,8 +232,17 @@ def denoise_array(
     seed: int = 0,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    noise_coef: Optional[Sequence[float]] = None,
+    modality: Optional[str] = None,
 ) -> InferenceResult:
     """Denoise a 2D (y, x) image or a 3D (z, y, x) volume with a DUAL-NET / baseline model.
+
+    A 2.5D model (architecture ``context = K``) sees the ``K`` slices around each slice (the first
+    and last slice repeated at the ends); a noise-map model (``noise_map``) also gets the per-voxel
+    noise std of the modality's physics model, ``noise_coef = (c0, c1, c2)`` with variance
+    ``c0 + c1 s + c2 s^2`` in file units (s = the in-plane smoothed input). Without
+    ``noise_coef`` it is estimated from the input by
+    :func:`dualnet.training.data.noise_variance_model` for ``modality`` (default: the card's).
 
     Args:
         array: intensities in file units (CT in HU); NaN/inf are rejected.
@@ -249,6 +258,8 @@ def denoise_array(
             denoised image itself always comes from the deterministic (eval) model.
         seed: seeds the dropout masks, so results are reproducible.
         progress / cancel: see :mod:`dualnet.progress`; checked between batches of tiles.
+        noise_coef: the noise variance polynomial of noise-map models (None = estimated).
+        modality: ``"mri" | "ct" | "us"`` for that estimate (None = the card's ``modality``).
     """
     import torch
 
@@ -272,6 +283,25 @@ def denoise_array(
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
     xn, norm_params = normalise(vol, spec)
+    nmap = None
+    noise_info: Optional[Dict[str, Any]] = None
+    if arch.get("noise_map"):
+        from .training.data import noise_variance_model, variance_map
+
+        if noise_coef is None:
+            modality = modality or (card or {}).get("modality")
+            if modality not in ("mri", "ct", "us"):
+                raise ModelError("this model needs the noise model of its input: give noise_coef "
+                                 "or the modality (mri, ct, us) to estimate it")
+            report(progress, 0.0, f"estimating the {modality} noise model")
+            noise_coef, noise_info = noise_variance_model(arr, modality)
+        if len(noise_coef) != 3 or not np.all(np.isfinite(noise_coef)):
+            raise ModelError(f"invalid noise model {tuple(noise_coef)} (need 3 finite coefficients)")
+
+        smooth = (0.0, 1.0, 1.0) if dim == 2 else 1.0  # as in training: in-plane for 2D models
+        nmap = np.sqrt(variance_map(xn, tuple(float(c) for c in noise_coef),
+                                    (-norm_params["offset"], norm_params["scale"]), smooth=smooth))
+    reader = _tile_reader(xn, nmap, int(arch.get("context", 1)), dim)
 
     dev = resolve_device(device)
     threads = configure_cpu_threads() if dev.type == "cpu" else None
@@ -282,13 +312,17 @@ def denoise_array(
         passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
         fallback=None, oom_retries=0, threads=threads,
         amp=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
+    if noise_info is not None:
+        info["noise_model"] = noise_info
 
     was_training = model.training
     try:
         while True:
             try:
                 model.to(dev)
-                outputs = _run(xn, model, dim, dev, tile_shape, batch, overlap, tta,
+                if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
+                    model.to(memory_format=torch.channels_last)
+                outputs = _run(xn.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
                                int(mc_samples), seed, progress, cancel)
                 break
             except torch.cuda.OutOfMemoryError:
@@ -371,16 +405,38 @@ def _batches(items: List[Any], size: int) -> Iterator[List[Any]]:
         yield items[i:i + size]
 
 
-def _run(xn: np.ndarray, model: Any, dim: int, dev: Any, tile_shape: Tuple[int, ...],
-         batch: int, overlap: float, tta: bool, mc_samples: int, seed: int,
-         progress: Optional[ProgressFn], cancel: Optional[CancelToken]) -> Dict[str, np.ndarray]:
-    """Tiled passes over the normalised (z, y, x) volume; returns normalised-unit maps."""
+def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: int
+                 ) -> Callable[[Tuple[slice, ...]], np.ndarray]:
+    """A function from a tile (slices over (z, y, x)) to the network's input for it, (C, *tile):
+    2D models get the ``context`` slices around the tile's slice (edge slices repeated), and
+    noise-map models the noise-std map of the tile as the last channel."""
+    k = max(int(context), 1) // 2
+    src = np.pad(xn, ((k, k), (0, 0), (0, 0)), mode="edge") if (dim == 2 and k) else xn
+
+    def read(s: Tuple[slice, ...]) -> np.ndarray:
+        if dim == 2:
+            z = s[0].start
+            chans = [src[(slice(z, z + 2 * k + 1),) + tuple(s[1:])]]  # (K, ty, tx)
+            if nmap is not None:
+                chans.append(nmap[s])  # (1, ty, tx)
+        else:
+            chans = [xn[s][None]] + ([nmap[s][None]] if nmap is not None else [])
+        return np.concatenate(chans, 0) if len(chans) > 1 else chans[0]
+
+    return read
+
+
+def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarray], model: Any,
+         dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
+         mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken]
+         ) -> Dict[str, np.ndarray]:
+    """Tiled passes over a normalised (z, y, x) volume of ``shape`` whose tiles ``reader``
+    returns; gives normalised-unit maps."""
     import torch
 
     from .device import autocast_dtype
     from .models import enable_mc_dropout
 
-    shape = xn.shape
     tiles = _tiles(shape, tile_shape, overlap)
     weight = gaussian_weight(tile_shape)
     acc: Dict[str, np.ndarray] = {"out": np.zeros(shape, np.float32)}
@@ -405,9 +461,9 @@ def _run(xn: np.ndarray, model: Any, dim: int, dev: Any, tile_shape: Tuple[int, 
         torch.manual_seed(gen_seed)
         for b, group in enumerate(_batches(tiles, batch)):
             check_cancel(cancel)
-            x = torch.from_numpy(np.stack([xn[s] for s in group]))[:, None].to(dev)
-            if dim == 2:
-                x = x[:, :, 0]  # (B, 1, 1, ty, tx) -> (B, 1, ty, tx)
+            x = torch.from_numpy(np.stack([reader(s) for s in group])).to(dev)  # (B, C, *tile)
+            if dim == 2 and dev.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
             model.eval()
             sums: Dict[str, Any] = {}
             for k, flip in transforms:

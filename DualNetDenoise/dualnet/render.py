@@ -47,7 +47,10 @@ def panels_png(
         path: output PNG (written atomically).
         window: (low, high) grey levels; from the first panel's percentiles when None.
         aspect: pixel height / width (spacing_y / spacing_x) so anatomy is not stretched.
-        diff_panels: (caption, 2D signed array) shown in a second row with a diverging map.
+        diff_panels: (caption, 2D signed array) shown in a second row with a diverging map and
+            one colour bar (same scale for every map). With one difference map per panel after
+            the first (the reference), the reference spans both rows in the first column, so no
+            panel is left empty.
     """
     import io as _io
 
@@ -57,22 +60,35 @@ def panels_png(
     import matplotlib.pyplot as plt
 
     lo, hi = window if window is not None else display_window(panels[0][1])
+    reference_column = bool(diff_panels) and len(panels) == len(diff_panels) + 1
     rows = 2 if diff_panels else 1
-    cols = max(len(panels), len(diff_panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, panel_inches * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (caption, img) in zip(axes[0], panels):
+    cols = max(len(panels), len(diff_panels) + (1 if reference_column else 0))
+    fig = plt.figure(figsize=(panel_inches * cols + (0.9 if diff_panels else 0), panel_inches * rows + 0.6),
+                     layout="constrained")
+    grid = fig.add_gridspec(rows, cols)
+    top = []
+    for i, (caption, img) in enumerate(panels):
+        if reference_column and i == 0:
+            ax = fig.add_subplot(grid[:, 0])
+        else:
+            ax = fig.add_subplot(grid[0, i])
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         ax.set_title(caption, fontsize=9)
+        ax.axis("off")
+        top.append(ax)
     if diff_panels:
         span = max(float(np.percentile(np.abs(d), 99.5)) for _, d in diff_panels) or 1.0
-        for ax, (caption, img) in zip(axes[1], diff_panels):
-            ax.imshow(img, cmap="RdBu_r", vmin=-span, vmax=span, aspect=aspect, interpolation="nearest")
+        first = 1 if reference_column else 0
+        bottom, im = [], None
+        for j, (caption, img) in enumerate(diff_panels):
+            ax = fig.add_subplot(grid[1, first + j])
+            im = ax.imshow(img, cmap="RdBu_r", vmin=-span, vmax=span, aspect=aspect, interpolation="nearest")
             ax.set_title(caption, fontsize=9)
+            ax.axis("off")
+            bottom.append(ax)
+        fig.colorbar(im, ax=bottom, shrink=0.85, label="difference (image units)")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

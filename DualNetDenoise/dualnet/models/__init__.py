@@ -24,7 +24,8 @@ __all__ = ["build_model", "build_baseline", "build_from_config", "count_paramete
 
 
 def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr: bool = False,
-                use_neb: bool = True, use_nonlocal: bool = True, dropout: float = 0.1
+                use_neb: bool = True, use_nonlocal: bool = True, dropout: float = 0.1,
+                context: int = 1, noise_map: bool = False, dropout_mode: str = "element"
                 ) -> nn.Module:
     """Build DUAL-NET.
 
@@ -35,9 +36,13 @@ def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr:
         sr: add the x2 super-resolution head (research only).
         use_neb / use_nonlocal: ablation switches (noise branch / bottleneck window attention).
         dropout: dropout probability in the SRB decoder (used for MC-dropout uncertainty).
+        context: adjacent slices fed as channels (2.5D; odd, 2D models only).
+        noise_map: one more input channel with the physics noise std map (normalised units).
+        dropout_mode: ``"element"`` (voxel-wise) or ``"channel"`` (whole feature maps, cheaper).
     """
     return DualNet(preset, dim, in_channels=in_channels, sr=sr, use_neb=use_neb,
-                   use_nonlocal=use_nonlocal, dropout=dropout)
+                   use_nonlocal=use_nonlocal, dropout=dropout, context=context,
+                   noise_map=noise_map, dropout_mode=dropout_mode)
 
 
 def build_baseline(kind: str, dim: int, preset: str = "tiny", *, in_channels: int = 1
@@ -63,7 +68,10 @@ def build_from_config(config: dict) -> nn.Module:
                            sr=bool(config.get("sr", False)),
                            use_neb=bool(config.get("use_neb", True)),
                            use_nonlocal=bool(config.get("use_nonlocal", True)),
-                           dropout=float(config.get("dropout", 0.1)))
+                           dropout=float(config.get("dropout", 0.1)),
+                           context=int(config.get("context", 1)),
+                           noise_map=bool(config.get("noise_map", False)),
+                           dropout_mode=str(config.get("dropout_mode", "element")))
     return build_baseline(kind, dim, config.get("preset", "tiny"), in_channels=in_channels)
 
 

@@ -1,7 +1,12 @@
 """DUAL-NET: a blind-spot noise-estimation branch (NEB) + a structure-restoration branch (SRB).
 
 Input ``x`` is (N, C, H, W) (``dim=2``) or (N, C, D, H, W) (``dim=3``), intensity-normalised
-(roughly zero mean, unit scale). ``forward`` returns a dict:
+(roughly zero mean, unit scale). With ``context = K > 1`` (2.5D, ``dim=2`` only) the first ``K``
+channels are ``K`` adjacent slices (z - K//2 .. z + K//2) and the output is the middle one.
+With ``noise_map=True`` one more channel follows: the per-voxel noise standard deviation that the
+modality's physics model gives (:func:`dualnet.training.data.variance_map`, normalised units);
+the NEB then refines that grounded estimate (``log sigma = log map + bounded correction``)
+instead of guessing it. ``forward`` returns a dict:
 
 - ``out``   (N, 1, *S) denoised image, same spatial size as ``x`` (any size, odd included),
 - ``sigma`` (N, 1, *S) per-voxel noise standard deviation in normalised units (> 0, softplus),
@@ -15,6 +20,7 @@ With ``use_neb=False`` the values of ``sigma``, ``alpha`` and ``blind`` are ``No
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -36,7 +42,13 @@ PRESETS: Dict[str, dict] = {
                   heads=4),
     "base": dict(width=64, levels=4, max_width=512, rdb=(4, 52), blocks=2, neb=(64, 8),
                  heads=8),
+    # 2-core CPU design (2.5D + noise map): the budget goes to the SRB's full-resolution width,
+    # the NEB stays narrow (its 2*dim rotated copies run at full resolution).
+    "cpu": dict(width=24, levels=3, max_width=96, rdb=(2, 16), blocks=1, neb=(8, 2), heads=4),
 }
+
+#: The NEB's refinement of a physics noise map is bounded to this factor either way.
+SIGMA_REFINE_MAX = 2.0
 
 
 def preset_config(preset: str) -> dict:
@@ -85,17 +97,25 @@ class BlindSpotBranch(nn.Module):
 class NoiseEstimationBranch(nn.Module):
     """NEB: blind-spot features -> sigma (softplus), noise-modulated attention, blind, alpha."""
 
-    def __init__(self, dim: int, cin: int, width: int, depth: int) -> None:
+    def __init__(self, dim: int, cin: int, width: int, depth: int, cout: Optional[int] = None,
+                 prior: bool = False) -> None:
         super().__init__()
         self.features = BlindSpotBranch(dim, cin, width, depth)
-        self.sigma_head = conv(dim, width, 1, 1)
+        self.prior = prior
+        self.sigma_head = conv(dim, width + (1 if prior else 0), 1, 1)
         self.attn = NoiseModulatedAttention(dim, width)
-        self.blind_head = conv(dim, width, cin, 1)
+        self.blind_head = conv(dim, width, cin if cout is None else cout, 1)
         self.alpha_head = conv(dim, width, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, noise_map: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
         f = self.features(x)
-        sigma = F.softplus(self.sigma_head(f)) + 1e-4
+        if self.prior and noise_map is not None:
+            log_prior = torch.log(noise_map.clamp_min(1e-4))
+            corr = torch.tanh(self.sigma_head(torch.cat([f, log_prior], 1)))
+            sigma = torch.exp(log_prior + math.log(SIGMA_REFINE_MAX) * corr)
+        else:
+            sigma = F.softplus(self.sigma_head(f)) + 1e-4
         f = self.attn(f, torch.log(sigma))
         return {"blind": self.blind_head(f), "sigma": sigma,
                 "alpha": torch.sigmoid(self.alpha_head(f))}
@@ -126,7 +146,7 @@ class StructureRestorationBranch(nn.Module):
     """SRB: residual UNet with RDBs per scale, SE + windowed MHSA bottleneck, gated skips."""
 
     def __init__(self, dim: int, cin: int, cfg: dict, *, guide_channels: int,
-                 use_nonlocal: bool, dropout: float) -> None:
+                 use_nonlocal: bool, dropout: float, dropout_mode: str = "element") -> None:
         super().__init__()
         self.dim, self.levels = dim, cfg["levels"]
         layers, growth = cfg["rdb"]
@@ -153,7 +173,10 @@ class StructureRestorationBranch(nn.Module):
         self.merge = nn.ModuleList(conv(dim, 2 * widths[i], widths[i], 1)
                                    for i in range(self.levels))
         self.dec = nn.ModuleList(blocks(widths[i]) for i in range(self.levels))
-        self.drop = nn.Dropout(dropout)
+        # "channel": whole feature maps are dropped (Dropout2d/3d): N*C random numbers per layer
+        # instead of N*C*H*W, measured ~15 % faster training steps on the 2-core CPU
+        self.drop = (nn.Dropout(dropout) if dropout_mode == "element" else
+                     (nn.Dropout2d(dropout) if dim == 2 else nn.Dropout3d(dropout)))
         self.act = nn.LeakyReLU(0.2)
         self.noise_head = conv(dim, widths[0], 1, 3)
 
@@ -206,29 +229,55 @@ class DualNet(nn.Module):
 
     def __init__(self, preset: str = "tiny", dim: int = 2, *, in_channels: int = 1,
                  sr: bool = False, use_neb: bool = True, use_nonlocal: bool = True,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, context: int = 1, noise_map: bool = False,
+                 dropout_mode: str = "element") -> None:
         super().__init__()
         conv_nd(dim)  # validates dim
         cfg = preset_config(preset)
+        context = int(context)
+        if context < 1 or context % 2 == 0 or (dim == 3 and context != 1):
+            raise ValueError(f"context must be an odd number of slices >= 1 (2D models only), got {context}")
+        if dropout_mode not in ("element", "channel"):
+            raise ValueError(f"dropout_mode must be 'element' or 'channel', got {dropout_mode!r}")
+        if (context > 1 or noise_map) and (in_channels != 1 or sr):
+            raise ValueError("context / noise_map need in_channels = 1 and no SR head")
         self.dim, self.in_channels = dim, in_channels
+        self.context, self.noise_map = context, bool(noise_map)
         self.config = dict(kind="dualnet", preset=preset, dim=dim, in_channels=in_channels,
                            sr=bool(sr), use_neb=bool(use_neb), use_nonlocal=bool(use_nonlocal),
-                           dropout=float(dropout))
+                           dropout=float(dropout), context=context, noise_map=bool(noise_map),
+                           dropout_mode=dropout_mode)
         nw, nd = cfg["neb"]
-        self.neb = NoiseEstimationBranch(dim, in_channels, nw, nd) if use_neb else None
-        srb_in = in_channels + (in_channels + 1 if use_neb else 0)  # x, blind, log sigma
+        img_ch = in_channels * context
+        self.neb = (NoiseEstimationBranch(dim, img_ch, nw, nd, cout=in_channels, prior=self.noise_map)
+                    if use_neb else None)
+        # SRB input: the slices, [the noise map], [blind estimate, log sigma]
+        srb_in = img_ch + (1 if self.noise_map else 0) + (in_channels + 1 if use_neb else 0)
         self.srb = StructureRestorationBranch(dim, srb_in, cfg, guide_channels=2 if use_neb else 0,
-                                              use_nonlocal=use_nonlocal, dropout=dropout)
+                                              use_nonlocal=use_nonlocal, dropout=dropout,
+                                              dropout_mode=dropout_mode)
         self.sr_head = SRHead(dim, self.srb.widths[0], in_channels) if sr else None
+
+    @property
+    def input_channels(self) -> int:
+        """Channels ``forward`` expects: ``context`` slices (+ 1 noise map)."""
+        return self.in_channels * self.context + (1 if self.noise_map else 0)
 
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
         if x.dim() != self.dim + 2:
             raise ValueError(f"expected a {self.dim + 2}-D tensor (N, C, *spatial), got {tuple(x.shape)}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
         result: Dict[str, Optional[torch.Tensor]] = {"sigma": None, "alpha": None, "blind": None}
+        img_ch = self.in_channels * self.context
+        images = x[:, :img_ch]
+        mid = (self.context // 2) * self.in_channels
+        centre = images[:, mid:mid + self.in_channels]
+        nmap = x[:, img_ch:img_ch + 1] if self.noise_map else None
         guide = None
         srb_in = x
         if self.neb is not None:
-            neb = self.neb(x)  # unpadded: padding would put copies of border voxels in view
+            neb = self.neb(images, nmap)  # unpadded: padding would put copies of border voxels in view
             result.update(neb)
             log_sigma = torch.log(neb["sigma"])
             guide = torch.cat([neb["alpha"], log_sigma], 1)
@@ -237,7 +286,7 @@ class DualNet(nn.Module):
         if guide is not None:
             guide, _ = pad_to_multiple(guide, self.srb.stride)
         srb = self.srb(padded, guide)
-        result["out"] = x - crop_to(srb["noise"], sizes)
+        result["out"] = centre - crop_to(srb["noise"], sizes)
         if self.sr_head is not None:
             result["sr"] = self.sr_head(crop_to(srb["features"], sizes), result["out"])
         return result

@@ -80,6 +80,10 @@ class TrainConfig:
     use_neb: bool = True
     use_nonlocal: bool = True
     dropout: float = 0.1
+    dropout_mode: str = "element"  #: "element" (voxel-wise) | "channel" (whole feature maps: cheaper on CPU)
+    context: int = 1  #: 2D models: adjacent slices fed as input channels (2.5D; odd: 1, 3, 5, ...)
+    noise_map: bool = False  #: feed the physics noise-std map as an input channel (the NEB refines it)
+    noise_map_jitter: float = 0.25  #: training: the map's std is off by a random factor up to 1 + this (estimation error)
     # data / patches
     patch_size: int = 64  #: LR patch edge in voxels
     batch_size: int = 16
@@ -109,6 +113,7 @@ class TrainConfig:
     grad_clip: float = 1.0  #: max global gradient norm; 0 = off
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
     # losses
+    lambda_mse: float = 0.0  #: squared error (what PSNR measures)
     lambda_l1: float = 1.0
     lambda_ssim: float = 0.2
     lambda_edge: float = 0.1
@@ -132,7 +137,8 @@ class TrainConfig:
     val_every: int = 100
     log_every: int = 10
     patience: int = 0  #: early stop after this many validation rounds without SSIM gain; 0 = off
-    export_best: bool = True  #: export the weights of the best validation SSIM (else the last)
+    export_best: bool = True  #: export the weights of the best validation score (else the last)
+    select_on: str = "ssim"  #: validation score for export_best / patience: "ssim" | "psnr"
     threads: int = 0  #: torch CPU threads; 0 = torch default
     time_budget_s: float = 0.0  #: wall-clock budget; > 0: after 50 steps the run (and cosine) is shortened to fit
 
@@ -147,6 +153,13 @@ class TrainConfig:
             (self.modality in MODALITIES, f"modality must be one of {MODALITIES}"),
             (self.dim in (2, 3), "dim must be 2 or 3"),
             (self.patch_size >= 8, "patch_size must be >= 8"),
+            (self.context >= 1 and self.context % 2 == 1, "context must be an odd number of slices >= 1"),
+            (self.context == 1 or self.dim == 2, "context > 1 needs dim = 2"),
+            (not (self.context > 1 or self.noise_map) or (self.model == "dualnet" and not self.sr),
+             "context / noise_map need model = 'dualnet' and sr = false"),
+            (self.noise_map_jitter >= 0, "noise_map_jitter must be >= 0"),
+            (self.select_on in ("ssim", "psnr"), "select_on must be 'ssim' or 'psnr'"),
+            (self.dropout_mode in ("element", "channel"), "dropout_mode must be 'element' or 'channel'"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.steps >= 0, "steps must be >= 0"),
             (self.lr > 0, "lr must be > 0"),

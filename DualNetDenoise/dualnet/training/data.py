@@ -112,10 +112,11 @@ class CleanImage:
 
 
 _FRAME_RE = re.compile(r"(\d+)(?=\.[A-Za-z]+$)")
+_LEADING_RE = re.compile(r"^(\d+)_")  # e.g. HC18's "010_2HC.png": frame 10
 
 
 def _frame_number(path: Path) -> Optional[int]:
-    m = _FRAME_RE.search(path.name)
+    m = _FRAME_RE.search(path.name) or _LEADING_RE.search(path.name)
     return int(m.group(1)) if m else None
 
 
@@ -209,6 +210,8 @@ def make_image(arr: np.ndarray, spacing_zyx: Sequence[float], name: str, modalit
                source: Optional[Dict[str, Any]] = None) -> CleanImage:
     """Wrap an array with its normalisation parameters and peak."""
     a = np.ascontiguousarray(arr, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:  # a single-slice volume is a 2D image
+        a, spacing_zyx = a[0], tuple(spacing_zyx)[1:]
     params = normalisation_params(a, normalisation_spec(modality))
     return CleanImage(a, tuple(float(s) for s in spacing_zyx), name, params,
                       float(np.max(np.abs(a))) if a.size else 1.0, dict(source or {}))
@@ -423,7 +426,9 @@ class PatchSampler:
         self.levels = level_range(cfg) if not selfsup else (0.0, 0.0)
         self.spec = normalisation_spec(cfg.modality)
         self.lr_factor = 1 if selfsup else int(cfg.lr_factor)
-        self.use_slab = bool(cfg.dim == 2 and not selfsup and not cfg.sr and cfg.slab_degrade)
+        self.context = int(getattr(cfg, "context", 1))
+        self.use_slab = bool(cfg.dim == 2 and not cfg.sr and
+                             (self.context > 1 or (not selfsup and cfg.slab_degrade)))
         self._slab_axis: Optional[int] = None
         # sampling weights: number of voxels (2D images from 3D volumes count their slices)
         w = np.array([float(im.array.size) for im in images])
@@ -438,16 +443,22 @@ class PatchSampler:
         return tuple(int(round(p * self.lr_factor * (an[i] if not self.selfsup else 1.0))) for i in range(3))
 
     def _slab(self, img: CleanImage, rng: np.random.Generator, patch: Optional[int]) -> Tuple[np.ndarray, int, np.ndarray]:
-        """2D model on a 3D image: a slab 3 LR slices thick around a random slice, so that the
-        3D degradation (blur + down-sampling along every axis, as in a real LR volume) can be
-        simulated; returns ``(slab, slice axis, middle HR slice for the foreground test)``."""
+        """2D model on a 3D image: a slab around a random slice, so that the 3D degradation
+        (blur + down-sampling along every axis, as in a real LR volume) can be simulated and a
+        2.5D model gets its adjacent slices. Thickness in LR slices: 3 for ``context = 1``,
+        ``context + 2`` for a 2.5D model (one spare slice each side for the blur), ``context``
+        in self-supervised sampling (the noisy data itself, nothing simulated). Returns
+        ``(slab, slice axis, middle HR slice for the foreground test)``."""
         cfg = self.cfg
         a = img.array
         f = self.lr_factor
         an = [int(round(v)) for v in (list(cfg.anisotropy) + [1.0] * 3)[:3]]
+        if self.selfsup:
+            an = [1, 1, 1]
         ax = int(cfg.slice_axes[int(rng.integers(len(cfg.slice_axes)))])
         p = int(patch or cfg.patch_size)
-        shape = [3 * f * an[i] if i == ax else p * f * an[i] for i in range(3)]
+        thick = self.context if self.selfsup else (self.context + 2 if self.context > 1 else 3)
+        shape = [thick * f * an[i] if i == ax else p * f * an[i] for i in range(3)]
         a = _pad_to(a, shape)
         start = [int(rng.integers(0, s - q + 1)) for s, q in zip(a.shape, shape)]
         slab = a[tuple(slice(st, st + q) for st, q in zip(start, shape))]
@@ -524,9 +535,16 @@ class PatchSampler:
             scale = scale * float(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
         out: Dict[str, np.ndarray] = {}
         if self.selfsup:
-            out["noisy"] = ((crop + offset) / scale).astype(np.float32)
+            noisy_n = ((crop + offset) / scale).astype(np.float32)
+            out["noisy"] = _middle(noisy_n, slab_axis)
+            if self.context > 1:
+                out["context"] = _context(noisy_n, slab_axis, self.context)
             if img.noise_var is not None:
                 out["var"] = variance_map(out["noisy"], img.noise_var, (offset, scale))
+            if getattr(cfg, "noise_map", False):
+                if "var" not in out:
+                    raise InputError("a noise-map model needs the noise model of its fine-tuning data")
+                out["nmap"] = np.sqrt(out["var"]).astype(np.float32)
         else:
             from ..degrade import degrade
             from ..noise import noise_std_map
@@ -550,20 +568,28 @@ class PatchSampler:
             deg = degrade(crop, cfg.modality, lev_eff, **kw)
             clean_lr = np.asarray(deg.clean_lr, dtype=np.float32)
             noisy_lr = np.asarray(deg.noisy_lr, dtype=np.float32)
-            if cfg.modality == "mri":  # Rician std with the sigma degrade() used (slab-wide peak)
-                from ..noise import rician_std
-
+            if cfg.modality == "mri":  # the sigma degrade() used (slab-wide peak)
                 sig = float(deg.sigma) if np.isfinite(getattr(deg, "sigma", float("nan"))) else \
                     lev_eff * float(np.max(np.abs(clean_lr)))
+            if self.context > 1:
+                out["context"] = _context(((noisy_lr + offset) / scale).astype(np.float32), slab_axis,
+                                          self.context)
+            clean_lr = _middle(clean_lr, slab_axis)  # the middle LR slice of the slab
+            noisy_lr = _middle(noisy_lr, slab_axis)
+            if cfg.modality == "mri":  # Rician std of the middle slice
+                from ..noise import rician_std
+
                 std = rician_std(clean_lr, sig).astype(np.float32)
             else:
                 std = noise_std_map(clean_lr, cfg.modality, lev_eff)
-            if slab_axis is not None:  # the middle LR slice of the slab
-                mid = clean_lr.shape[slab_axis] // 2
-                clean_lr = np.take(clean_lr, mid, axis=slab_axis)
-                noisy_lr = np.take(noisy_lr, mid, axis=slab_axis)
-                std = np.take(std, mid, axis=slab_axis)
             out["noisy"] = ((noisy_lr + offset) / scale).astype(np.float32)
+            if getattr(cfg, "noise_map", False):
+                coef = physics_variance_coef(cfg.modality, lev_eff, float(deg.sigma))
+                j = float(getattr(cfg, "noise_map_jitter", 0.0))
+                if augment and j > 0:  # the map at inference is estimated: teach tolerance
+                    f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
+                    coef = tuple(c * f2 for c in coef)
+                out["nmap"] = np.sqrt(variance_map(out["noisy"], coef, (offset, scale))).astype(np.float32)
             out["clean"] = ((clean_lr + offset) / scale).astype(np.float32)
             out["std"] = (np.asarray(std, dtype=np.float32) / scale).astype(np.float32)
             out["level"] = np.float32(lev)
@@ -594,12 +620,63 @@ class PatchSampler:
 
 
 def stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Stack per-sample dicts into (N, 1, ...) arrays (``level`` -> (N,))."""
+    """Stack per-sample dicts into (N, 1, ...) arrays (``level`` -> (N,); ``context``, whose
+    slices are already the channel axis, -> (N, K, H, W))."""
     out = {}
     for k in samples[0]:
         arrs = [np.asarray(s[k]) for s in samples]
-        out[k] = np.stack(arrs)[:, None] if arrs[0].ndim > 0 else np.stack(arrs)
+        if k == "context" or arrs[0].ndim == 0:
+            out[k] = np.stack(arrs)
+        else:
+            out[k] = np.stack(arrs)[:, None]
     return out
+
+
+def _middle(arr: np.ndarray, axis: Optional[int]) -> np.ndarray:
+    """The middle slice of a slab along ``axis`` (the array itself when ``axis`` is None)."""
+    if axis is None:
+        return arr
+    return np.take(arr, arr.shape[axis] // 2, axis=axis)
+
+
+def _context(arr: np.ndarray, axis: Optional[int], k: int) -> np.ndarray:
+    """``k`` adjacent slices around the middle of a slab as (k, H, W); a 2D image (``axis``
+    None) is repeated ``k`` times, as inference pads a volume's first / last slice."""
+    if axis is None:
+        return np.repeat(np.asarray(arr, np.float32)[None], k, axis=0)
+    s = np.moveaxis(arr, axis, 0)
+    mid = s.shape[0] // 2
+    return np.ascontiguousarray(s[mid - k // 2: mid + k // 2 + 1], dtype=np.float32)
+
+
+def physics_variance_coef(modality: str, level: float, sigma: float) -> Tuple[float, float, float]:
+    """Noise variance polynomial ``(c0, c1, c2)`` (physical units, see
+    :func:`noise_variance_model`) of the SIMULATED noise: MRI ``sigma^2`` (Rician sigma, a.u.),
+    CT Poisson-Gaussian ``gain (s + 1000) + sigma_e^2`` at dose ``level``, US ``s^2 / L``."""
+    if modality == "mri":
+        return (float(sigma) ** 2, 0.0, 0.0)
+    if modality == "ct":
+        from ..noise import CT_OFFSET_HU, ct_noise_parameters
+
+        gain, se = ct_noise_parameters(float(level))
+        return (gain * CT_OFFSET_HU + se * se, gain, 0.0)
+    return (0.0, 0.0, 1.0 / float(level))
+
+
+def network_input(batch: Dict[str, Any], centre: Any = None) -> Any:
+    """The tensor a network takes for a batch of torch tensors: ``centre`` (default
+    ``batch["noisy"]``, (N, 1, H, W)) placed in the middle of the ``context`` slices when the
+    batch has them, followed by the ``nmap`` noise-std channel when it has one."""
+    import torch
+
+    x = batch["noisy"] if centre is None else centre
+    if "context" in batch:
+        ctx = batch["context"]
+        k = ctx.shape[1] // 2
+        x = torch.cat([ctx[:, :k], x, ctx[:, k + 1:]], 1)
+    if "nmap" in batch:
+        x = torch.cat([x, batch["nmap"]], 1)
+    return x
 
 
 class BatchStream:

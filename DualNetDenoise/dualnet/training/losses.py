@@ -175,7 +175,10 @@ def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], 
     pred = out["out"].float()
     clean = batch["clean"]
     terms: Dict[str, Tensor] = {}
-    terms["l1"] = cfg.lambda_l1 * (pred - clean).abs().mean()
+    if cfg.lambda_mse > 0:
+        terms["mse"] = cfg.lambda_mse * (pred - clean).pow(2).mean()
+    if cfg.lambda_l1 > 0:
+        terms["l1"] = cfg.lambda_l1 * (pred - clean).abs().mean()
     if cfg.lambda_ssim > 0:
         terms["ssim"] = cfg.lambda_ssim * ssim_loss(pred, clean, _range(clean))
     if cfg.lambda_edge > 0:

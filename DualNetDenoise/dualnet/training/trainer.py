@@ -50,7 +50,7 @@ from . import data as tdata
 CHECKPOINT_FORMAT = "dualnet-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
-LOG_COLUMNS = ["step", "loss", "l1", "ssim", "edge", "blind", "neb", "sr", "n2v", "consistency", "tv",
+LOG_COLUMNS = ["step", "loss", "mse", "l1", "ssim", "edge", "blind", "neb", "sr", "n2v", "consistency", "tv",
                "anchor", "sure", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
 PROGRESS_PREFIX = "DUALNET_PROGRESS"
 
@@ -278,7 +278,9 @@ def build_network(cfg: TrainConfig):
     torch.manual_seed(int(cfg.seed))  # same initial weights for the same seed (and on every rank)
     if cfg.model == "dualnet":
         return models.build_model(cfg.preset, cfg.dim, sr=cfg.sr, use_neb=cfg.use_neb,
-                                  use_nonlocal=cfg.use_nonlocal, dropout=cfg.dropout)
+                                  use_nonlocal=cfg.use_nonlocal, dropout=cfg.dropout,
+                                  context=cfg.context, noise_map=cfg.noise_map,
+                                  dropout_mode=cfg.dropout_mode)
     return models.build_baseline(cfg.model, cfg.dim, cfg.preset)
 
 
@@ -406,7 +408,7 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
         for i in range(0, n, bs):
             b = {k: torch.as_tensor(v[i:i + bs]).to(device) for k, v in val.items()}
             with _autocast(cfg, device):
-                o = model(b["noisy"])
+                o = model(tdata.network_input(b))
             pred = o["out"].float()
             if "clean" in b:  # data range 1 = the normalisation window (MRI p0.5-p99.5, CT 2000 HU, US 255)
                 dr = torch.ones(b["clean"].shape[0], device=pred.device)
@@ -414,8 +416,8 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
                 ssims.append(ssim(pred, b["clean"], data_range=dr, reduction="none").cpu())
             if masked and "mask" in b:
                 with _autocast(cfg, device):
-                    om = model(b["input"])
-                    anc = anchor_model(b["input"])["out"] if anchor_model is not None else None
+                    om = model(tdata.network_input(b, b["input"]))
+                    anc = anchor_model(tdata.network_input(b, b["input"]))["out"] if anchor_model is not None else None
                 om = {k: (v.float() if v is not None else None) for k, v in om.items()}
                 loss, _ = selfsup_loss(om, b, cfg, anchor=anc)
                 sslosses.append(float(loss) * b["noisy"].shape[0])
@@ -423,8 +425,8 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
                 gen = torch.Generator().manual_seed(int(cfg.seed) + i)
                 b["probe"] = torch.randn(b["noisy"].shape, generator=gen).to(device)
                 with _autocast(cfg, device):
-                    pe = model(b["noisy"] + cfg.sure_eps * b["probe"])["out"].float()
-                    anc = anchor_model(b["noisy"])["out"] if anchor_model is not None else None
+                    pe = model(tdata.network_input(b, b["noisy"] + cfg.sure_eps * b["probe"]))["out"].float()
+                    anc = anchor_model(tdata.network_input(b))["out"] if anchor_model is not None else None
                 om = {k: (v.float() if v is not None else None) for k, v in o.items()}
                 loss, _ = selfsup_loss(om, b, cfg, anchor=anc, perturbed=pe)
                 sslosses.append(float(loss) * b["noisy"].shape[0])
@@ -612,16 +614,18 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 batch = _to_device(batch, device)
                 sure = selfsup and not masked and cfg.ss_loss == "sure"
                 with _autocast(cfg, device):
-                    out = ddp_model(batch["input"] if masked else batch["noisy"])
+                    centre = batch["input"] if masked else batch["noisy"]
+                    out = ddp_model(tdata.network_input(batch, centre))
                     perturbed = None
                     if sure:  # second pass at y + eps b with the SAME dropout masks
                         batch["probe"] = torch.randn_like(batch["noisy"])
                         torch.manual_seed(step_seed)
-                        perturbed = ddp_model(batch["noisy"] + cfg.sure_eps * batch["probe"])["out"]
+                        perturbed = ddp_model(tdata.network_input(
+                            batch, batch["noisy"] + cfg.sure_eps * batch["probe"]))["out"]
                     anc = None
                     if anchor_model is not None and cfg.lambda_anchor > 0:
                         with torch.no_grad():
-                            anc = anchor_model(batch["input"] if masked else batch["noisy"])["out"]
+                            anc = anchor_model(tdata.network_input(batch, centre))["out"]
                 out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
                 if masked or sure:
                     loss, terms = selfsup_loss(out, batch, cfg, anchor=anc, perturbed=perturbed)
@@ -675,7 +679,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 if is_main and do_val:
                     res = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
                     run.last_val = res
-                    score = res["val_ssim"] if "val_ssim" in res else -res.get("val_loss", 0.0)
+                    key = "val_psnr" if cfg.select_on == "psnr" else "val_ssim"
+                    score = res[key] if key in res else -res.get("val_loss", 0.0)
                     if score > run.best_score + 1e-5:
                         run.best_score, run.best_step, run.bad_rounds = score, step, 0
                         run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -930,7 +935,9 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                          modality=modality, preset=arch.get("preset", config.preset),
                          dim=int(arch.get("dim", config.dim)), sr=bool(arch.get("sr", False)),
                          use_neb=bool(arch.get("use_neb", True)), use_nonlocal=bool(arch.get("use_nonlocal", True)),
-                         dropout=float(arch.get("dropout", config.dropout)), lr_factor=1)
+                         dropout=float(arch.get("dropout", config.dropout)), lr_factor=1,
+                         context=int(arch.get("context", 1)), noise_map=bool(arch.get("noise_map", False)),
+                         dropout_mode=str(arch.get("dropout_mode", "element")))
     if isinstance(inputs, (str, Path, np.ndarray)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray)):
         inputs = [inputs]
@@ -944,7 +951,7 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     train_images, val_images = tdata.load_split(cfg, items, None)
     masked = cfg.ss_loss != "sure"
     noise_models: List[Dict[str, Any]] = []
-    if not masked:  # SURE needs each scan's noise model, estimated from the scan itself
+    if not masked or cfg.noise_map:  # SURE / the noise-map input need each scan's noise model, from the scan itself
         cache: Dict[int, Tuple[Tuple[float, float, float], Dict[str, Any]]] = {}
         for img in list(train_images) + list(val_images):
             key = id(img.array)

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""End-to-end speed benchmark (not a test): ``dualnet denoise`` with the shipped model against
+``dualnet denoise --method bm4d``, each a fresh process, so process start, reading, the noise
+estimate, the network and writing all count.
+
+Volumes (z, y, x), written once to a temporary folder as NIfTI:
+
+- ``mri_cube``  128^3 crop of the ADNI T1 (1 mm) with Rician noise at 5 % of its maximum;
+- ``mri_slab``  60 x 256 x 256 slab of the ADNI T1 with Rician noise at 5 %;
+- ``ct_slab``   60 x 256 x 256 of the chest CT (2x2 in-plane block average, 2 mm slices) at 25 % dose.
+
+    python benchmarks/bench_speed.py [--repeats 2] [--volumes mri_cube mri_slab ct_slab] [--tta]
+
+Prints one table (wall seconds, best of ``--repeats``; speed-up = BM4D / DUAL-NET) and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, machine
+
+MODALITY = {"mri_cube": "mri", "mri_slab": "mri", "ct_slab": "ct"}
+
+
+def data_dir() -> Path:
+    import os
+
+    env = os.environ.get("DUALNET_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def write_volume(name: str, folder: Path) -> Path:
+    """Make the noisy benchmark volume ``name`` and write it as NIfTI; returns its path."""
+    import numpy as np
+
+    from dualnet.io import Volume, read_volume, write_volume as write
+    from dualnet.noise import add_noise
+
+    if name.startswith("mri"):
+        arr = read_volume(data_dir() / "mri" / "adni_mprage_t1.nii.gz").array.astype(np.float32)
+        z, y, x = (s // 2 for s in arr.shape)
+        arr = arr[z - 64:z + 64, y - 64:y + 64, x - 64:x + 64] if name == "mri_cube" else arr[z - 30:z + 30, :256, :256]
+        noisy = add_noise(arr, "mri", 0.05, rng=0)
+        spacing = (1.0, 1.0, 1.0)
+    else:
+        arr = read_volume(data_dir() / "ct" / "chest_ct.nii.gz").array.astype(np.float32)
+        z = arr.shape[0] // 2
+        arr = arr[z - 30:z + 30].reshape(60, 256, 2, 256, 2).mean(axis=(2, 4))
+        noisy = add_noise(arr, "ct", 0.25, rng=0)
+        spacing = (1.96, 1.96, 2.0)
+    path = folder / f"{name}.nii.gz"
+    write(Volume(noisy.astype(np.float32), spacing), path)
+    return path
+
+
+def time_command(args: list, repeats: int) -> float:
+    """Best wall time in seconds of ``dualnet <args>`` in a fresh Python process."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dualnet", *args, "-q"], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--volumes", nargs="+", default=list(MODALITY), choices=list(MODALITY))
+    ap.add_argument("--repeats", type=int, default=2, help="DUAL-NET runs per volume (best is kept)")
+    ap.add_argument("--bm4d-repeats", type=int, default=1)
+    ap.add_argument("--tta", action="store_true", help="also time DUAL-NET with x8 test-time augmentation")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in args.volumes:
+            src = write_volume(name, tmp)
+            mod = MODALITY[name]
+            runs = [("dualnet", [], args.repeats)] + ([("dualnet --tta", ["--tta"], args.repeats)] if args.tta else []) \
+                + [("bm4d", ["--method", "bm4d"], args.bm4d_repeats)]
+            times = {}
+            for label, extra, reps in runs:
+                out = tmp / f"{name}_{label.replace(' ', '_')}.nii.gz"
+                times[label] = time_command(["denoise", str(src), str(out), "--modality", mod, *extra], reps)
+                print(f"{name}: {label} {times[label]:.1f} s", flush=True)
+            rows.append((name, times))
+    print()
+    print(f"machine: {machine()}")
+    print("| volume (z, y, x) | method | seconds (process start to file written) | BM4D / this |")
+    print("|---|---|---|---|")
+    shapes = {"mri_cube": "MRI 128 x 128 x 128", "mri_slab": "MRI 60 x 256 x 256", "ct_slab": "CT 60 x 256 x 256"}
+    for name, times in rows:
+        for label, sec in times.items():
+            ratio = times["bm4d"] / sec
+            print(f"| {shapes[name]} | {label} | {sec:.1f} | {'' if label == 'bm4d' else f'{ratio:.1f}x'} |")
+
+
+if __name__ == "__main__":
+    main()
