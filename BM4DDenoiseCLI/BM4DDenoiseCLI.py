@@ -9,15 +9,24 @@ the core, which says so clearly when it is missing.
 import os
 import sys
 
+def _core_candidates(here):
+    """Folders that may hold ``dualnet``: source checkout, installed extension, and multi-configuration
+    build trees, where Slicer puts CLIs in ``cli-modules/<CONFIG>/`` (Visual Studio, Xcode)."""
+    config = os.path.basename(here)
+    for base in (here, os.path.dirname(here)):
+        yield os.path.join(base, os.pardir, "DualNetDenoise")  # source checkout
+        yield os.path.join(base, os.pardir, "qt-scripted-modules")  # installed extension / build tree
+        yield os.path.join(base, os.pardir, "qt-scripted-modules", config)
+    yield here
+
+
 def _add_core_to_path():
-    """Make ``dualnet`` and ``DualNetDenoiseLib`` importable (source tree or installed extension)."""
+    """Make ``dualnet`` and ``DualNetDenoiseLib`` importable."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, os.pardir, "DualNetDenoise"),  # source checkout
-                      os.path.join(here, os.pardir, "qt-scripted-modules"),  # installed extension
-                      here):
-        candidate = os.path.normpath(candidate)
-        if os.path.isdir(os.path.join(candidate, "dualnet")) and candidate not in sys.path:
-            sys.path.insert(0, candidate)
+    for candidate in map(os.path.normpath, _core_candidates(here)):
+        if os.path.isdir(os.path.join(candidate, "dualnet")):
+            if candidate not in sys.path:
+                sys.path.insert(0, candidate)
             return
 
 

@@ -146,8 +146,9 @@ class DualNetDenoiseParameterNode:
     uncertainty: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode
-    diceInputA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    diceInputB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # a Union of node types must include None: Slicer's wrapper writes None as the default of a fresh node
+    diceInputA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    diceInputB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     diceTable: vtkMRMLTableNode
 
 
@@ -461,7 +462,9 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         return DualNetDenoiseParameterNode(super().getParameterNode())
 
     def setupPythonRequirements(self, method: str) -> None:
-        """Install what ``method`` needs (PyTorch via the PyTorch extension; pip after confirmation)."""
+        """Install what ``method`` needs after ONE confirmation (PyTorch via the PyTorch extension, the rest
+        with pip, Slicer's own packages pinned); without a main window a missing package raises a one-line
+        ``DependencyError`` naming it."""
         dependencies.ensure_dependencies(
             method,
             interactive=self.interactive,

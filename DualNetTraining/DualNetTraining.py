@@ -9,6 +9,7 @@ Command lines and configs are built by ``DualNetDenoiseLib.training`` (tested ou
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Annotated
 
@@ -105,7 +106,7 @@ class DualNetTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self.logic.cancel()
+        self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -201,8 +202,9 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         return self.runner is not None and self.runner.running
 
     def setupPythonRequirements(self) -> None:
+        """Install what training needs (PyTorch, safetensors, tomli on Python < 3.11) after one confirmation."""
         dependencies.ensure_dependencies(
-            "dualnet", interactive=True, confirm=slicer.util.confirmOkCancelDisplay,
+            dependencies.TRAINING, interactive=True, confirm=slicer.util.confirmOkCancelDisplay,
             pip_install=dependencies.slicer_pip_install, install_torch=dependencies.slicer_install_torch)
 
     @staticmethod
@@ -256,12 +258,22 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         outModel, runDir = training.model_paths(userDir, p.modelName)
         if outModel.exists() and not p.resume:
             raise ValueError(f"a model named '{p.modelName}' exists; choose another name or tick Resume")
+        if self.running:
+            raise RuntimeError("a training run is in progress; cancel it first")
+        self.removeWorkdir()  # the staged copy of the previous run
         self._workdir = tempfile.mkdtemp(prefix="DualNetTraining-")
+        try:
+            return self._buildCommandIn(p, self._workdir, outModel, runDir)
+        except BaseException:
+            self.removeWorkdir()
+            raise
+
+    def _buildCommandIn(self, p, workdir, outModel, runDir):
         inputs = training.folder_volumes(p.dataFolder)
         if p.trainingVolume is not None:
             from dualnet.io import write_volume
 
-            path = os.path.join(self._workdir, "scene_volume.nrrd")
+            path = os.path.join(workdir, "scene_volume.nrrd")
             write_volume(nodes.volume_from_node(p.trainingVolume), path)
             inputs.insert(0, path)
         python = python_executable()
@@ -274,12 +286,28 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             cmd = training.finetune_command(python, inputs, base, outModel, runDir, p.steps, p.device, p.resume)
         else:
             cfg = training.write_pretrain_config(training.configs_dir() / f"pretrain_{p.modality}.toml", inputs,
-                                                 pathlib.Path(self._workdir) / "pretrain.toml", p.preset)
+                                                 pathlib.Path(workdir) / "pretrain.toml", p.preset)
             cmd = training.pretrain_command(python, cfg, runDir, outModel, p.steps, p.device, p.resume)
         return cmd, outModel, runDir
 
+    def removeWorkdir(self) -> None:
+        """Delete the temporary folder with the staged scene volume / config (never while a run uses it)."""
+        if self._workdir is not None and not self.running:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
     def start(self, p, onProgress=None, onOutput=None, onFinished=None) -> None:
         cmd, outModel, runDir = self.buildCommand(p)
+        try:
+            self._start(p, cmd, outModel, onProgress, onOutput, onFinished)
+        except BaseException:
+            if self.running:
+                self.runner.cancel()
+            self.runner = None
+            self.removeWorkdir()
+            raise
+
+    def _start(self, p, cmd, outModel, onProgress, onOutput, onFinished) -> None:
         self._lossPlot(p)
         env = dict(os.environ)
         moduleDir = os.path.dirname(os.path.dirname(training.__file__))
@@ -303,6 +331,7 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             if code is None:
                 return
             self.timer.stop()
+            self.removeWorkdir()
             ok = code == 0 and not self.runner.cancelled and outModel.exists()
             if ok:
                 store = ModelStore(user_dir=self.modelsFolder())
@@ -321,6 +350,18 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
     def cancel(self) -> None:
         if self.runner is not None:
             self.runner.cancel()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop a running training (module unloaded, application closing) and remove its temporary folder."""
+        if self.timer is not None:
+            self.timer.stop()
+        if self.running:
+            self.runner.cancel()
+            try:
+                self.runner.wait(timeout=timeout)
+            except TimeoutError:
+                logging.warning("DualNet training: the child process did not stop in time")
+        self.removeWorkdir()
 
 
 class DualNetTrainingTest(ScriptedLoadableModuleTest):
@@ -346,4 +387,7 @@ class DualNetTrainingTest(ScriptedLoadableModuleTest):
         logic._lossPlot(p)
         logic._addPoint(p, training.TrainingPoint(10, 0.5, None, None))
         self.assertEqual(p.lossTable.GetTable().GetNumberOfRows(), 1)
+        staged = os.path.dirname(cmd[cmd.index("--config") + 1])
+        logic.removeWorkdir()
+        self.assertFalse(os.path.exists(staged))
         self.delayDisplay("Test passed")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,143 @@ def test_batch_reads_dicom_series_folders(tmp_path, mri_crop):
     assert row["shape_zyx"] == "6x24x24" and row["spacing_xyz"] == "0.9x0.9x2"
     dst = read_volume(row["output"])
     assert np.allclose(dst.origin, (-50.0, -40.0, 0.0)) and np.allclose(dst.spacing, (0.9, 0.9, 2.0))
+
+
+# ------------------------------------------------------------------------------- failures never hang a run
+#: Runs a script the way ``Slicer --no-main-window --python-script`` does, outside Slicer.
+#: Stubbed, because the real application is not available here: the ``slicer`` module (only
+#: ``slicer.app.commandOptions().noMainWindow`` and ``slicer.util.exit``, which ends the process and
+#: prints SLICER_EXIT) and Slicer's behaviour around the script: an exception escaping the script is
+#: logged and the event loop keeps the process alive (``EVENT_LOOP_S``), so only ``slicer.util.exit``
+#: ends it. ``HIDE`` lists top-level modules whose import raises ModuleNotFoundError (a fresh Slicer
+#: without scikit-image / torch / safetensors).
+SLICER_LIKE_RUNNER = r'''
+import os, runpy, sys, time, types
+
+hidden = set(filter(None, os.environ.get("HIDE", "").split(",")))
+
+
+class HideModules:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return None
+
+
+sys.meta_path.insert(0, HideModules())
+if os.environ.get("FAKE_SLICER"):
+    slicer, util = types.ModuleType("slicer"), types.ModuleType("slicer.util")
+    slicer.app = types.SimpleNamespace(commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
+
+    def exit(status=0):
+        print("SLICER_EXIT", status, flush=True)
+        sys.stderr.flush()
+        os._exit(status)
+
+    util.exit, slicer.util = exit, util
+    sys.modules["slicer"], sys.modules["slicer.util"] = slicer, util
+script, sys.argv = sys.argv[1], sys.argv[1:]
+if not os.environ.get("FAKE_SLICER"):
+    runpy.run_path(script, run_name="__main__")
+else:
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except BaseException as err:  # Slicer logs it and keeps running
+        print("SCRIPT RAISED", type(err).__name__, err, file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("EVENT_LOOP_S", "120")))
+'''
+
+
+def run_like_slicer(tmp_path, args, hide=(), fake_slicer=True, timeout=40):
+    """Run the batch script under SLICER_LIKE_RUNNER; returns (result, seconds)."""
+    runner = tmp_path / "slicer_like_runner.py"
+    runner.write_text(SLICER_LIKE_RUNNER, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HIDE=",".join(hide))
+    env.pop("PYTHONPATH", None)
+    if fake_slicer:
+        env["FAKE_SLICER"] = "1"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(runner), str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    return res, time.monotonic() - t0
+
+
+def error_lines(stderr: str):
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("hidden, method, named", [
+    ("skimage", "gaussian", "scikit-image"),
+    ("torch", "dualnet", "PyTorch"),
+    ("safetensors", "dualnet", "safetensors"),
+])
+def test_missing_dependency_ends_a_slicer_batch_run_with_one_line(folder, tmp_path, hidden, method, named):
+    """Issue 10, defect 3: in a fresh Slicer a missing package raised ModuleNotFoundError, which escaped,
+    ``slicer.util.exit`` was never called and ``Slicer --no-main-window`` kept running (here: the
+    runner would sleep 120 s and the subprocess time out)."""
+    res, seconds = run_like_slicer(tmp_path, ["--", folder, tmp_path / "out", "--method", method], hide=[hidden])
+    assert res.returncode == 3 and "SLICER_EXIT 3" in res.stdout, res.stderr[-2000:]
+    assert seconds < 20
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("batch_denoise: error: missing Python packages"), lines
+    assert named in lines[0] and "Traceback" not in res.stderr and "SCRIPT RAISED" not in res.stderr
+
+
+def test_missing_dependency_in_plain_python_is_named(folder, tmp_path):
+    res, seconds = run_like_slicer(tmp_path, [folder, tmp_path / "out", "--method", "median"], hide=["skimage"],
+                                   fake_slicer=False)
+    assert res.returncode == 3 and seconds < 20
+    (line,) = error_lines(res.stderr)
+    assert "scikit-image>=0.21" in line and "pip install" in line
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--method", "gaussian", "--modality", "xray"], 2),  # argparse error: SystemExit inside the script
+    (["--help"], 0),
+])
+def test_argument_errors_and_help_exit_slicer_too(folder, tmp_path, args, code):
+    res, seconds = run_like_slicer(tmp_path, ["--", folder, tmp_path / "out", *args])
+    assert res.returncode == code and f"SLICER_EXIT {code}" in res.stdout and seconds < 20, res.stderr[-2000:]
+    assert "SCRIPT RAISED" not in res.stderr
+
+
+def test_missing_folder_exits_slicer(tmp_path):
+    res, _ = run_like_slicer(tmp_path, ["--", tmp_path / "missing", tmp_path / "out"])
+    assert res.returncode == 2 and "SLICER_EXIT 2" in res.stdout
+    assert error_lines(res.stderr) == [f"batch_denoise: {tmp_path / 'missing'}: not a folder"]
+
+
+def test_package_missing_while_running_stops_the_batch(folder, tmp_path, batch, monkeypatch, capsys):
+    """A package the pre-check does not know (or one that breaks at import) raises ImportError in the
+    core: the batch stops with exit 3, one line, and summary.csv lists the volume that failed.
+    Stubbed: the pre-check (bypassed) and ``dualnet.api.denoise_volume`` (raises the ImportError)."""
+    import dualnet.api
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    monkeypatch.setattr(batch, "check_dependencies", lambda method: None)
+    monkeypatch.setattr(dualnet.api, "denoise_volume", broken)
+    assert batch.main([str(folder), str(tmp_path / "out"), "--method", "gaussian"]) == 3
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "skimage" in lines[0] and "scikit-image>=0.21" in lines[0]
+    (row,) = read_rows(tmp_path / "out" / "summary.csv")
+    assert row["status"] == "failed" and "scikit-image" in row["error"]
+
+
+def test_unexpected_core_error_fails_the_volume_and_the_exit_code(folder, tmp_path, batch, monkeypatch, capsys):
+    """Any exception of the core (not only the types listed before) fails that volume, the batch goes
+    on and exits 1. Stubbed: ``dualnet.api.denoise_volume`` raises a KeyError."""
+    import dualnet.api
+
+    monkeypatch.setattr(dualnet.api, "denoise_volume", lambda *a, **k: {}["sigma"])
+    assert batch.main([str(folder), str(tmp_path / "out"), "--method", "gaussian"]) == 1
+    rows = read_rows(tmp_path / "out" / "summary.csv")
+    assert [r["status"] for r in rows] == ["failed", "failed"] and rows[0]["error"] == "KeyError: 'sigma'"
+    assert error_lines(capsys.readouterr().err) == ["  failed: KeyError: 'sigma'"] * 2
+
+
+def test_error_outside_the_loop_is_one_line(folder, tmp_path, batch, monkeypatch, capsys):
+    monkeypatch.setattr(batch, "find_inputs", lambda folder: 1 / 0)
+    assert batch.main([str(folder), str(tmp_path / "out")]) == 1
+    assert error_lines(capsys.readouterr().err) == ["batch_denoise: error: ZeroDivisionError: division by zero"]

@@ -146,6 +146,40 @@ def test_xml_flag_prints_description():
     assert res.returncode == 0 and res.stdout == xml_path("DiceAssessmentCLI").read_text(encoding="utf-8")
 
 
+
+#: Runs a script with every sys.path entry that holds ``dualnet`` removed (e.g. an editable
+#: ``pip install -e .`` of this checkout), so the script has to find the core by itself.
+WITHOUT_INSTALLED_CORE = (
+    "import os, runpy, sys; "
+    "sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'dualnet'))]; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize("layout", ["single-config", "multi-config"])
+@pytest.mark.parametrize("name", list(CLIS))
+def test_cli_finds_the_core_in_installed_and_build_tree_layouts(tmp_path, name, layout):
+    """Issue 10, defect 7: Slicer puts scripted modules in ``lib/Slicer-X.Y/qt-scripted-modules/`` and
+    CLIs in ``lib/Slicer-X.Y/cli-modules/`` - or ``cli-modules/<CONFIG>/`` in a multi-configuration
+    build tree (Visual Studio, Xcode), where ``../qt-scripted-modules`` does not resolve. The layout is
+    rebuilt in ``tmp_path`` (the core and the Lib linked in, no source checkout beside it)."""
+    lib = tmp_path / "lib" / "Slicer-5.8"
+    scripted = lib / "qt-scripted-modules"
+    scripted.mkdir(parents=True)
+    for package in ("dualnet", "DualNetDenoiseLib"):
+        (scripted / package).symlink_to(REPO / "DualNetDenoise" / package, target_is_directory=True)
+    cli_dir = lib / "cli-modules" / ("Release" if layout == "multi-config" else "")
+    cli_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in (".py", ".xml"):
+        (cli_dir / f"{name}{suffix}").write_bytes((REPO / name / f"{name}{suffix}").read_bytes())
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([sys.executable, "-c", WITHOUT_INSTALLED_CORE, str(cli_dir / f"{name}.py"), "--xml"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == xml_path(name).read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- running the CLIs
 @pytest.fixture(scope="module")
 def clean_crop(mri_crop):

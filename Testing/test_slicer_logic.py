@@ -1,22 +1,27 @@
 """Slicer logic on a real MRML scene (``slicer-core`` wheel), outside the Slicer application.
 
 What runs here for real: the MRML scene, ``vtkMRMLScalarVolumeNode`` / labelmap / segmentation /
-table nodes, ``vtkSlicerSegmentationsModuleLogic``, the ``DualNetDenoiseLib`` glue and the
-``dualnet`` core (cheap ``gaussian`` method), in-process and in a child process.
+table / plot nodes, ``vtkSlicerSegmentationsModuleLogic``, slicer-core's ``slicer.util``, Slicer's
+own ``slicer.parameterNodeWrapper`` (an unmodified copy read from ``../shared/third_party/slicer``;
+the tests fail, not skip, when it is missing), the ``DualNetDenoiseLib`` glue and the ``dualnet``
+core (cheap ``gaussian`` method), in-process and in a child process.
 
-What is mocked, and only in :func:`test_module_file_logic_with_gui_seams_mocked`: the GUI seams
-the slicer-core wheel does not provide - ``qt``, ``ctk``, ``slicer.i18n``,
-``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper`` and ``slicer.app`` - so that
-``DualNetDenoise.py`` (which imports them at top level, as every scripted module does) can be
-imported and its ``DualNetDenoiseLogic`` run on the real scene. Widgets are not exercised here
-(see docs/SLICER.md: the in-Slicer self-test covers them).
+What is stubbed, only where a module file (``DualNetDenoise.py`` / ``DualNetTraining.py``) is
+imported (:func:`_install_gui_stubs`): the GUI layer the wheel lacks - ``qt``, ``ctk``, Slicer's Qt
+widget classes, ``slicer.i18n``, ``slicer.app`` and ``slicer.ScriptedLoadableModule`` (whose
+``getParameterNode`` reproduces Slicer's singleton parameter node). The panels' ``setup()`` runs
+with fake widgets named after the .ui files; binding real widgets is left to the in-Slicer
+self-test (docs/SLICER.md). Each other stand-in (installers, Windows ``subprocess`` parts, child
+processes) is named in the docstring of the test that uses it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -333,59 +338,381 @@ def test_dice_refuses_mixed_inputs(scene):
         DenoiseLogicBase().computeDice(seg, lm)
 
 
-# ------------------------------------------------------------------------------- module file
+# ------------------------------------------------------------------------------- module files
+#: Slicer's own ``slicer.parameterNodeWrapper`` (unmodified copy, Slicer licence), beside the checkout.
+SLICER_THIRD_PARTY = REPO.parent / "shared" / "third_party" / "slicer"
+#: Slicer widget classes the wrapper's GUI connectors name in annotations (Qt, absent from slicer-core).
+SLICER_QT_WIDGETS = ("qMRMLNodeComboBox", "qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qSlicerWidget",
+                     "qMRMLWidget")
+_WRAPPER = {}
+
+
+def _qt_stub(name: str) -> types.ModuleType:
+    """A stand-in for the ``qt`` / ``ctk`` Python modules: every attribute is a distinct empty class.
+
+    Slicer's wrapper only needs the widget classes to exist at import time (annotations, a
+    ``QColor`` subclass); binding real widgets needs Qt and is left to the in-Slicer self-test.
+    """
+    module = types.ModuleType(name)
+    classes = {}
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return classes.setdefault(attr, type(attr, (), {"__module__": name}))
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+def real_parameter_node_wrapper() -> types.ModuleType:
+    """Import Slicer's real ``slicer.parameterNodeWrapper`` from ``../shared/third_party/slicer``.
+
+    Only ``qt``, ``ctk`` and the Slicer Qt widget classes are stubbed, and only while it is
+    imported; serializers, validators, defaults and the wrapper itself are Slicer's code, working
+    on slicer-core's real ``vtkMRMLScriptedModuleNode``.
+    """
+    if not HAVE_MRML:
+        pytest.skip("slicer-core wheel not installed (pip install slicer-core vtk==<its pin>)")
+    folder = SLICER_THIRD_PARTY / "parameterNodeWrapper"
+    if not (folder / "__init__.py").is_file():
+        pytest.fail(f"Slicer's parameterNodeWrapper not found at {folder}: check out ../shared beside this "
+                    f"repository (see docs/SLICER.md); without it the Slicer parameter nodes are untested")
+    if "module" not in _WRAPPER:
+        import importlib.util
+
+        saved = {name: sys.modules.get(name) for name in ("qt", "ctk")}
+        added = [w for w in SLICER_QT_WIDGETS if not hasattr(slicer, w)]
+        sys.modules["qt"], sys.modules["ctk"] = _qt_stub("qt"), _qt_stub("ctk")
+        for w in added:
+            setattr(slicer, w, type(w, (), {}))
+        try:
+            spec = importlib.util.spec_from_file_location(
+                "slicer.parameterNodeWrapper", folder / "__init__.py", submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop("slicer.parameterNodeWrapper", None)
+            raise
+        finally:
+            for name, old in saved.items():
+                if old is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = old
+            for w in added:
+                delattr(slicer, w)
+        _WRAPPER["module"] = module
+    return _WRAPPER["module"]
+
+
 def _install_gui_stubs(monkeypatch, scene):
-    """Stand-ins for the GUI seams slicer-core lacks (see module docstring)."""
-    class _Any:
-        def __init__(self, *a, **k):
-            pass
+    """Import seams for the module files, which (as every scripted module) import Slicer's GUI layer.
 
-        def __call__(self, *a, **k):
-            return _Any()
-
-        def __getattr__(self, name):
-            return _Any()
-
-    qt = types.ModuleType("qt")
-    qt.QTimer = _Any
-    qt.QUrl = _Any()
-    ctk = types.ModuleType("ctk")
+    Real: ``slicer`` (slicer-core: MRML, ``slicer.util``), ``vtk``, Slicer's ``parameterNodeWrapper``.
+    Stubbed, because the slicer-core wheel has no Qt application: ``qt``, ``ctk``, ``slicer.i18n``
+    (identity), ``slicer.app`` (no main window), and ``slicer.ScriptedLoadableModule``, whose
+    ``getParameterNode`` reproduces Slicer's (one singleton ``vtkMRMLScriptedModuleNode`` per module,
+    tagged with the module name, in ``slicer.mrmlScene``) and whose widget base has a fake layout.
+    """
+    wrapper = real_parameter_node_wrapper()
+    qt = _qt_stub("qt")
+    qt.QTimer = _FakeTimer
+    ctk = _qt_stub("ctk")
+    ctk.ctkPathLineEdit = type("ctkPathLineEdit", (), {"Dirs": 1})  # a filter flag (set on a fake widget)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def getParameterNode(self):
-            return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-
-    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {})
-    slm.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
+    slm.ScriptedLoadableModuleLogic = _SlicerLikeLogic
+    slm.ScriptedLoadableModule = _SlicerLikeModule
+    slm.ScriptedLoadableModuleWidget = _SlicerLikeWidget
     import unittest
 
     slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,),
                                           {"delayDisplay": lambda self, message, msec=None: None})
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = lambda cls: cls
-    pnw.Choice = lambda choices: ("Choice", tuple(choices))
-    pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
-    app = types.SimpleNamespace(commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
+    app = types.SimpleNamespace(commandOptions=lambda: types.SimpleNamespace(noMainWindow=True),
+                                connect=lambda *args: None)
     for name, mod in (("qt", qt), ("ctk", ctk), ("slicer.i18n", i18n), ("slicer.ScriptedLoadableModule", slm),
-                      ("slicer.parameterNodeWrapper", pnw)):
+                      ("slicer.parameterNodeWrapper", wrapper)):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
 
 
-def test_module_file_logic_with_gui_seams_mocked(monkeypatch, scene, mri_node):
-    _install_gui_stubs(monkeypatch, scene)
-    monkeypatch.delitem(sys.modules, "DualNetDenoise", raising=False)
-    import DualNetDenoise as module
+class _SlicerLikeLogic:
+    """``ScriptedLoadableModuleLogic`` as in Slicer: singleton parameter node named after the module."""
 
+    def __init__(self, parent=None):
+        name = type(self).__name__
+        self.moduleName = name[:-5] if name.endswith("Logic") else name
+        self.isSingletonParameterNode = True
+
+    def getParameterNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is not None:
+            return node
+        node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.SetSingletonTag(self.moduleName)
+        node.SetAttribute("ModuleName", self.moduleName)
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+        return slicer.mrmlScene.AddNode(node)
+
+
+class _SlicerLikeModule:
+    def __init__(self, parent):
+        self.parent = parent
+        self.moduleName = type(self).__name__
+
+
+class _FakeWidget:
+    """Stand-in for a Qt widget: keeps attributes set on it, records method calls, binds no parameter
+    (``property('SlicerParameterName')`` is None: binding widgets needs Qt, see test_ui_files.py)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args))
+
+    def property(self, name):
+        return None
+
+    def blockSignals(self, block):
+        return False
+
+    def findData(self, data):
+        return -1
+
+    def itemData(self, index):
+        return ""
+
+
+class _FakeUi:
+    """``slicer.util.childWidgetVariables`` of a .ui file: one fake widget per widget name in the file;
+    any other name raises AttributeError, as on the real object."""
+
+    def __init__(self, ui_file: Path):
+        import xml.etree.ElementTree as ET
+
+        for w in ET.parse(ui_file).getroot().iter("widget"):
+            setattr(self, w.get("name"), _FakeWidget())
+
+
+class _SlicerLikeWidget:
+    def __init__(self, parent=None):
+        self.moduleName = type(self).__name__[:-len("Widget")]
+        self.parent = parent or _FakeWidget()
+        self.layout = _FakeWidget()
+
+    def setup(self):
+        pass
+
+    def resourcePath(self, filename):
+        return os.path.join(os.path.dirname(sys.modules[type(self).__module__].__file__), "Resources", filename)
+
+
+class _FakeTimer:
+    """``qt.QTimer`` driven by the test: :meth:`fire` calls the connected slot."""
+
+    def __init__(self):
+        self.slot, self.active = None, False
+
+    def setInterval(self, msec):
+        pass
+
+    def connect(self, signal, slot):
+        self.slot = slot
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        self.slot()
+
+
+def _import_module_file(monkeypatch, scene, name: str):
+    """Import ``<name>/<name>.py`` fresh with the seams of :func:`_install_gui_stubs`."""
+    _install_gui_stubs(monkeypatch, scene)
+    for module_name in ("DualNetDenoise", "DualNetTraining"):
+        monkeypatch.delitem(sys.modules, module_name, raising=False)
+    monkeypatch.syspath_prepend(str(REPO / name))
+    import importlib
+
+    module = importlib.import_module(name)
+    # removed from sys.modules again at teardown
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_real_parameter_node_wrapper_refuses_a_union_without_none(scene):
+    """Issue 10, defect 1, at its root: Slicer's wrapper cannot write the default None of
+    ``Union[A, B]`` on a fresh node (``TypeError: Unable to write value 'None'``), so the panel's
+    ``getParameterNode()`` - and ``setup()`` - failed; ``Union[A, B, None]`` works."""
+    pnw = real_parameter_node_wrapper()
+    from typing import Union
+
+    from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode
+
+    def wrapped(name, annotation):  # annotations as objects: this file uses postponed (string) annotations
+        return pnw.parameterNodeWrapper(type(name, (), {"__annotations__": {"dice": annotation}}))
+
+    Wrong = wrapped("Wrong", Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode])
+    Right = wrapped("Right", Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None])
+    with pytest.raises(TypeError, match="Unable to write value 'None'"):
+        Wrong(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+    assert Right(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")).dice is None
+
+
+def _check_parameters(p, node, valid: dict, invalid: dict) -> None:
+    """Set every valid value and read it back (also through a second wrapper on the same node, i.e.
+    from the MRML node itself); every invalid value must be refused and leave the old value."""
+    assert set(valid) == set(type(p).allParameters), "every parameter must be listed in the test"
+    for name, values in valid.items():
+        for value in values:
+            setattr(p, name, value)
+            again = getattr(type(p)(node), name)
+            if hasattr(value, "GetID"):
+                assert getattr(p, name).GetID() == value.GetID() and again.GetID() == value.GetID(), name
+            else:
+                assert getattr(p, name) == value and again == value, (name, value)
+    for name, values in invalid.items():
+        before = getattr(p, name)
+        for value in values:
+            with pytest.raises((TypeError, ValueError)):
+                setattr(p, name, value)
+            assert getattr(p, name) == before, (name, value)
+
+
+def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node):
+    """DualNetDenoiseParameterNode built by Slicer's own wrapper on the real scene: defaults written to
+    the node, every parameter set and read back (nodes, node unions with None, choices, ranges,
+    strings), invalid values refused. Before the fix getParameterNode() raised (defect 1)."""
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
+    logic = module.DualNetDenoiseLogic()
+    p = logic.getParameterNode()
+    node = p.parameterNode
+    assert node is scene.GetSingletonNode("DualNetDenoise", "vtkMRMLScriptedModuleNode")
+    assert logic.getParameterNode().parameterNode is node  # one parameter node per scene
+    raw = {n: node.GetParameter(n) for n in node.GetParameterNames()}
+    assert raw["method"] == "dualnet" and raw["modality"] == "mri" and raw["device"] == "auto"
+    assert raw["autoNoise"] == "True" and raw["tta"] == "False" and float(raw["noiseLevel"]) == 0.0
+    assert p.inputVolume is None and p.diceInputA is None and p.diceInputB is None
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    lab = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    valid = {
+        "inputVolume": [mri_node, None], "outputVolume": [out], "uncertaintyVolume": [out, None],
+        "modality": module.MODALITIES, "method": module.METHODS, "device": module.DEVICES,
+        "autoNoise": [False, True], "noiseLevel": [0.0, 12.5, 100000.0], "modelPath": ["/models/a.safetensors", ""],
+        "tta": [True, False], "uncertainty": [True, False],
+        "diceInputA": [seg, lab, None], "diceInputB": [lab, seg, None], "diceTable": [table],
+    }
+    invalid = {
+        "inputVolume": [table], "diceInputA": [mri_node, table], "diceTable": [mri_node],
+        "modality": ["pet", None], "method": ["fast", None], "device": ["tpu"],
+        "noiseLevel": [-1.0, 1e6, None], "autoNoise": ["yes", None], "modelPath": [3],
+    }
+    _check_parameters(p, node, valid, invalid)
+    assert node.GetParameter("method") == module.METHODS[-1]  # stored in the node, saved with the scene
+
+
+def test_training_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node, tmp_path):
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
+    p = module.DualNetTrainingLogic().getParameterNode()
+    node = p.parameterNode
+    raw = {n: node.GetParameter(n) for n in node.GetParameterNames()}
+    assert raw["stage"] == "finetune" and raw["preset"] == "small" and raw["steps"] == "500"
+    assert p.dataFolder == Path(".") and p.modelName == "my-dualnet" and p.lossChart is None
+    valid = {
+        "trainingVolume": [mri_node, None], "dataFolder": [tmp_path, Path()], "modality": module.MODALITIES,
+        "stage": ["pretrain", "finetune"], "preset": ["tiny", "base"], "steps": [1, 1000000],
+        "device": module.DEVICES, "initModel": [tmp_path / "base.safetensors", Path()], "modelName": ["unit test"],
+        "resume": [True, False], "lossTable": [scene.AddNewNodeByClass("vtkMRMLTableNode")],
+        "lossChart": [scene.AddNewNodeByClass("vtkMRMLPlotChartNode")],
+    }
+    invalid = {"steps": [0, 2.5, 1000001], "stage": ["distill"], "preset": ["huge"], "dataFolder": [str(tmp_path)],
+               "lossChart": [mri_node], "trainingVolume": [scene.AddNewNodeByClass("vtkMRMLTableNode")]}
+    _check_parameters(p, node, valid, invalid)
+
+
+@pytest.fixture
+def fake_ui(monkeypatch):
+    """``slicer.util.loadUI`` / ``childWidgetVariables`` stand-ins (they need Qt): the .ui path is
+    recorded and must exist; the widgets are :class:`_FakeUi` built from that .ui file."""
+    if not HAVE_MRML:
+        pytest.skip("slicer-core wheel not installed (pip install slicer-core vtk==<its pin>)")
+    loaded = []
+
+    def load_ui(path):
+        assert Path(path).is_file(), path
+        loaded.append(Path(path))
+        return _FakeWidget()
+
+    monkeypatch.setattr(slicer.util, "loadUI", load_ui, raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: _FakeUi(loaded[-1]), raising=False)
+    return loaded
+
+
+def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """The Slicer-like path of opening the panel on an empty scene: module class, widget ``setup()``
+    (logic, models folder, parameter node with Slicer's wrapper and its defaults in the scene,
+    ``connectGui``, GUI state), then entering it again with a volume loaded. Stubbed besides the
+    import seams: the widgets (fake objects named after the .ui file) and ``device_summary`` (it
+    would import torch: seconds). Before the fix ``setup()`` raised in getParameterNode (defect 1)."""
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
+    parent = types.SimpleNamespace()
+    module.DualNetDenoise(parent)
+    assert parent.title == "DualNet Denoise" and parent.categories == ["Filtering.Denoising"]
+    widget = module.DualNetDenoiseWidget()
+    widget.setup()
+    assert fake_ui == [REPO / "DualNetDenoise" / "Resources" / "UI" / "DualNetDenoise.ui"]
+    p = widget._parameterNode
+    assert p is not None and p.parameterNode is scene.GetSingletonNode("DualNetDenoise", "vtkMRMLScriptedModuleNode")
+    assert set(p.parameterNode.GetParameterNames()) >= {"method", "modality", "noiseLevel", "autoNoise"}
+    ui = widget.ui
+    assert ui.applyButton.enabled is False and ui.computeDiceButton.enabled is False
+    assert ("addItem", ("Shipped model for the modality", "")) in ui.modelComboBox.calls
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1")
+    nodes.update_node_from_array(volume, mri_crop[:8].astype(np.int16), np.eye(4))
+    widget.enter()  # the first volume becomes the input; its modality is guessed
+    assert p.inputVolume is not None and p.inputVolume.GetID() == volume.GetID()
+    assert ui.applyButton.enabled is True and ui.modalityGuessLabel.text.startswith("Guess: MRI")
+    p.method = "gaussian"  # the GUI follows the parameter node
+    assert ui.ttaCheckBox.enabled is False and ui.noiseLevelSpinBox.enabled is False
+    p.autoNoise = False
+    assert ui.noiseLevelSpinBox.enabled is True
+    widget.cleanup()
+
+
+def test_training_panel_setup_outside_qt(monkeypatch, scene, tmp_path, fake_ui):
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
+    monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
+    widget = module.DualNetTrainingWidget()
+    widget.setup()
+    assert fake_ui == [REPO / "DualNetTraining" / "Resources" / "UI" / "DualNetTraining.ui"]
+    p = widget._parameterNode
+    assert p.parameterNode is scene.GetSingletonNode("DualNetTraining", "vtkMRMLScriptedModuleNode")
+    assert widget.ui.startButton.text == "Start training" and widget.ui.startButton.enabled is False
+    p.modelName = "x"
+    p.dataFolder = tmp_path
+    assert widget.ui.startButton.enabled is True and widget.ui.presetComboBox.enabled is False
+    p.stage = "pretrain"
+    assert widget.ui.presetComboBox.enabled is True
+    widget.cleanup()
+
+
+def test_module_file_logic_with_gui_seams_mocked(monkeypatch, scene, mri_node):
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
     logic = module.DualNetDenoiseLogic()
     assert isinstance(logic, DenoiseLogicBase) and logic.interactive is False
     out = logic.process(mri_node, None, modality="mri", method="gaussian")
@@ -395,21 +722,18 @@ def test_module_file_logic_with_gui_seams_mocked(monkeypatch, scene, mri_node):
                               _labelmap(scene, "B", _two_label_maps()[1], np.eye(4)))
     assert table.GetTable().GetNumberOfRows() == 3
     assert set(module.METHODS) >= {"dualnet", "bm4d", "gaussian"}
-    monkeypatch.delitem(sys.modules, "DualNetDenoise", raising=False)
 
 
-def test_in_slicer_self_test_logic_parts(monkeypatch, scene):
-    """Run DualNetDenoiseTest (the 'Reload and Test' self-test) with the GUI stubs and slicer-core's
-    real slicer.util helpers on the real scene: it must pass outside Slicer too (minus widgets)."""
-    _install_gui_stubs(monkeypatch, scene)
-    monkeypatch.delitem(sys.modules, "DualNetDenoise", raising=False)
-    import DualNetDenoise as module
-
-    result = module.DualNetDenoiseTest("runTest").run()
+@pytest.mark.parametrize("name", ["DualNetDenoise", "DualNetTraining"])
+def test_in_slicer_self_tests_logic_parts(monkeypatch, scene, tmp_path, name):
+    """Run each module's 'Reload and Test' self-test with the import seams, Slicer's wrapper and
+    slicer-core's real slicer.util helpers on the real scene: it must pass outside Slicer too (minus widgets)."""
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    module = _import_module_file(monkeypatch, scene, name)
+    result = getattr(module, f"{name}Test")("runTest").run()
     problems = [str(e[1]) for e in result.errors + result.failures]
     assert result.wasSuccessful(), "\n".join(problems)
     assert result.testsRun == 1
-    monkeypatch.delitem(sys.modules, "DualNetDenoise", raising=False)
 
 
 # ------------------------------------------------------------------------------- pure Lib pieces
@@ -574,27 +898,193 @@ def test_process_runner_with_injected_factory():
     assert calls[0][0] == ["worker", "job.json"] and calls[0][1]["stdin"] is not None
 
 
-def test_dependencies_policy(monkeypatch):
+def test_child_processes_start_without_a_console_window_on_windows(monkeypatch):
+    """Issue 10, defect 8: on Windows a child (worker, training, taskkill) opened a console window.
+    Now it starts hidden, as ``slicer.util.launchConsoleProcess`` does. Stubbed: the Windows parts of
+    ``subprocess`` (STARTUPINFO and flags, absent on Linux) and the process (a fake Popen)."""
+    import io
+
+    from DualNetDenoiseLib import process
+    from DualNetDenoiseLib.process import ProcessRunner, child_process_options
+
+    class StartupInfo:
+        dwFlags, wShowWindow = 0, 1
+
+    fake_subprocess = types.SimpleNamespace(STARTUPINFO=StartupInfo, STARTF_USESHOWWINDOW=0x1,
+                                            CREATE_NEW_PROCESS_GROUP=0x200, CREATE_NO_WINDOW=0x08000000)
+    options = child_process_options(windows=True, sp=fake_subprocess)
+    assert options["creationflags"] & 0x08000000 and options["creationflags"] & 0x200
+    assert options["startupinfo"].dwFlags & 0x1 and options["startupinfo"].wShowWindow == 0
+    assert child_process_options(windows=False) == {"start_new_session": True}
+    seen = []
+
+    class FakeProcess:
+        pid = None
+
+        def __init__(self, args, **kwargs):
+            seen.append(kwargs)
+            self.stdout = io.StringIO("")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(process, "child_process_options", lambda: child_process_options(True, fake_subprocess))
+    ProcessRunner(["worker"], popen=FakeProcess).start().wait(timeout=5)
+    assert seen[0]["startupinfo"].wShowWindow == 0 and seen[0]["creationflags"] & 0x08000000
+    assert "start_new_session" not in seen[0]
+
+
+@pytest.fixture
+def fake_env(monkeypatch):
+    """A fake Python environment for ``dependencies``: ``present`` import names, ``versions`` metadata.
+    Installers that are given to ensure_dependencies add what they install to it."""
     from DualNetDenoiseLib import dependencies as dep
 
-    present = {"scipy", "skimage", "safetensors"}
-    monkeypatch.setattr(dep, "is_installed", lambda m: m in present)
+    env = types.SimpleNamespace(present={"scipy", "skimage", "numpy"}, versions={"numpy": "1.26.4", "scipy": "1.13.1"},
+                                calls=[], questions=[])
+    monkeypatch.setattr(dep, "is_installed", lambda m: m in env.present)
+    monkeypatch.setattr(dep, "installed_version", lambda d: env.versions.get(d))
+
+    def pip_install(reqs):
+        env.calls.append(("pip", list(reqs)))
+        env.present.update({"scikit-image": "skimage"}.get(dep.requirement_name(r), dep.requirement_name(r)) for r in reqs)
+
+    def install_torch(minimum):
+        env.calls.append(("torch", minimum))
+        env.present.add("torch")
+        env.versions["torch"] = "2.5.1+cpu"
+
+    def confirm(message):
+        env.questions.append(message)
+        return env.answer
+
+    env.answer, env.pip_install, env.install_torch, env.confirm = True, pip_install, install_torch, confirm
+    return env
+
+
+def _ensure(dep, env, method, interactive=True):
+    return dep.ensure_dependencies(method, interactive=interactive, confirm=env.confirm, pip_install=env.pip_install,
+                                   install_torch=env.install_torch)
+
+
+def test_dependencies_one_confirmation_for_everything(fake_env):
+    """Issue 10, defect 4: PyTorch used to be confirmed twice (ours, then PyTorchUtils'). Now one
+    question lists PyTorch and every pip package; torch goes through the PyTorch extension with the
+    minimum version, never through pip."""
+    from DualNetDenoiseLib import dependencies as dep
+
+    assert _ensure(dep, fake_env, "dualnet") == ["torch", "safetensors>=0.4"]
+    (question,) = fake_env.questions
+    assert "PyTorch >=2.1" in question and "safetensors>=0.4" in question
+    assert fake_env.calls == [("torch", dep.MIN_TORCH), ("pip", ["safetensors>=0.4"])]
+    assert _ensure(dep, fake_env, "dualnet") == [] and len(fake_env.questions) == 1  # installed once
+    assert _ensure(dep, fake_env, "gaussian", interactive=False) == []  # no torch needed
+
+
+def test_dependencies_refusals_and_batch_messages(fake_env):
+    from DualNetDenoiseLib import dependencies as dep
+
     with pytest.raises(dep.DependencyError, match="PyTorch.*Extensions Manager"):
-        dep.ensure_dependencies("dualnet", interactive=False)
-    installed = []
-    assert dep.ensure_dependencies("dualnet", interactive=True, confirm=lambda m: True,
-                                   install_torch=lambda: installed.append("torch"),
-                                   pip_install=installed.extend) == ["torch"]
-    assert installed == ["torch"]  # torch never goes through pip
+        _ensure(dep, fake_env, "dualnet", interactive=False)  # a batch run names, never asks
+    assert fake_env.questions == [] and fake_env.calls == []
+    fake_env.answer = False
     with pytest.raises(dep.DependencyError, match="declined"):
-        dep.ensure_dependencies("dualnet", interactive=True, confirm=lambda m: False, install_torch=lambda: None)
-    assert dep.ensure_dependencies("gaussian", interactive=False) == []  # no torch needed
-    asked = []
-    got = dep.ensure_dependencies("bm4d", interactive=True, confirm=lambda m: asked.append(m) or True,
-                                  pip_install=installed.extend)
-    assert got == ["bm4d>=4.2"] and "non-commercial" in asked[0]
-    with pytest.raises(dep.DependencyError, match="bm4d"):
-        dep.ensure_dependencies("bm4d", interactive=False)
+        _ensure(dep, fake_env, "dualnet")
+    assert fake_env.calls == []
+    fake_env.answer = True
+    with pytest.raises(dep.DependencyError, match="bm4d") as err:
+        _ensure(dep, fake_env, "bm4d", interactive=False)
+    assert "\n" not in str(err.value)  # one line
+    assert _ensure(dep, fake_env, "bm4d") == ["bm4d>=4.2"] and "non-commercial" in fake_env.questions[-1]
+
+
+def test_dependencies_minimum_torch_version(fake_env):
+    from DualNetDenoiseLib import dependencies as dep
+
+    fake_env.present |= {"torch", "safetensors"}
+    fake_env.versions["torch"] = "1.13.1+cu117"
+    with pytest.raises(dep.DependencyError, match="PyTorch 1.13.1.*older than the 2.1"):
+        _ensure(dep, fake_env, "dualnet")
+    assert _ensure(dep, fake_env, "median") == []  # classical methods do not care
+    fake_env.versions["torch"] = "2.1.0a0+git"
+    assert _ensure(dep, fake_env, "dualnet") == [] and fake_env.calls == []
+    assert dep.at_least("2.10.0", "2.1") and not dep.at_least("2.0.1", "2.1") and dep.at_least("2.1", "2.1.0")
+
+
+def test_dependencies_tomli_for_training_before_python_311(fake_env):
+    """Issue 10, defect 2: Slicer <= 5.8 has Python 3.9 without tomli; training reads TOML configs."""
+    from DualNetDenoiseLib import dependencies as dep
+
+    assert "tomli" in dep.required_modules(dep.TRAINING, (3, 9))
+    assert "tomli" not in dep.required_modules(dep.TRAINING, (3, 11))
+    assert "tomli" not in dep.required_modules("dualnet", (3, 9))
+    fake_env.present |= {"torch", "safetensors"}
+    fake_env.versions["torch"] = "2.4.0"
+    plan = dep.plan_installation(dep.TRAINING, (3, 9))
+    assert plan.pip == ["tomli>=2.0"] and not plan.torch
+
+
+def test_slicer_pip_install_keeps_slicer_packages_pinned(monkeypatch, fake_env):
+    """Issue 10, defect 5: pip could upgrade Slicer's numpy/scipy while installing scikit-image. Now one
+    pip call with a constraints file pinning every installed protected package; protected packages
+    are never requested. Stubbed: ``slicer.util.pip_install`` (records its arguments and the
+    constraints file) - once with Slicer 5.6-5.8's signature, once with the newer ``interactive=``."""
+    from DualNetDenoiseLib import dependencies as dep
+
+    calls = []
+
+    def old_pip_install(requirements):  # Slicer 5.6-5.8
+        args = list(requirements)
+        calls.append((args, Path(args[args.index("-c") + 1]).read_text(encoding="utf-8"), None))
+
+    def new_pip_install(requirements, interactive=True, **kwargs):  # Slicer >= 5.9 asks by itself unless told
+        old_pip_install(requirements)
+        calls[-1] = calls[-1][:2] + (interactive,)
+
+    fake_slicer = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=old_pip_install))
+    monkeypatch.setitem(sys.modules, "slicer", fake_slicer)
+    dep.slicer_pip_install(["scikit-image>=0.21", "safetensors>=0.4"])
+    (args, constraints, interactive), = calls
+    assert args[:2] == ["scikit-image>=0.21", "safetensors>=0.4"] and args[2] == "-c"
+    assert constraints.split() == ["numpy==1.26.4", "scipy==1.13.1"] and interactive is None
+    assert not Path(args[3]).exists()  # temporary
+    fake_slicer.util.pip_install = new_pip_install
+    dep.slicer_pip_install(["tomli>=2.0"])
+    assert calls[-1][0][0] == "tomli>=2.0" and calls[-1][2] is False  # one confirmation: ours
+    for bad in ("numpy>=2", "torch", "SimpleITK==2.4", "--upgrade"):
+        with pytest.raises(dep.DependencyError):
+            dep.slicer_pip_install([bad])
+    assert len(calls) == 2
+
+
+def test_slicer_install_torch_through_the_pytorch_extension(monkeypatch, fake_env):
+    """Stubbed: the PyTorch extension's ``PyTorchUtils`` module (records installTorch's arguments)."""
+    from DualNetDenoiseLib import dependencies as dep
+
+    calls = []
+
+    class PyTorchUtilsLogic:
+        @staticmethod
+        def torchInstalled():
+            return "torch" in fake_env.present
+
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement))
+            fake_env.versions["torch"] = "2.5.1+cu121"
+            fake_env.present.add("torch")
+            return types.SimpleNamespace(__version__="2.5.1+cu121")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    dep.slicer_install_torch()
+    assert calls == [(False, ">=2.1")]  # no second question
+    dep.slicer_install_torch()
+    assert len(calls) == 1  # installed: nothing to do
+    fake_env.versions["torch"] = "2.0.0"
+    with pytest.raises(dep.DependencyError, match="older"):
+        dep.slicer_install_torch()
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    with pytest.raises(dep.DependencyError, match="Extensions Manager"):
+        dep.slicer_install_torch()
 
 
 def test_training_commands_config_and_events(tmp_path, shared_data):
@@ -632,20 +1122,23 @@ def test_training_commands_config_and_events(tmp_path, shared_data):
         training.finetune_command("py", [], "b", model, run_dir, 5)
 
 
-def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_node, tmp_path):
-    """DualNetTraining.py imported with the same GUI stubs; its command building and the loss
-    plot (real table, plot series and chart nodes) run on the real scene."""
-    _install_gui_stubs(monkeypatch, scene)
-    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
-    for name in ("DualNetDenoise", "DualNetTraining"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.syspath_prepend(str(REPO / "DualNetTraining"))
-    import DualNetTraining as module
+def _training_parameters(module, scene, volume, **values):
+    """A DualNetTraining parameter node (Slicer's wrapper) with ``values`` set."""
+    p = module.DualNetTrainingLogic().getParameterNode()
+    p.trainingVolume = volume
+    for name, value in dict(dict(modality="mri", stage="finetune", preset="tiny", steps=20, device="cpu",
+                                 modelName="unit test"), **values).items():
+        setattr(p, name, value)
+    return p
 
+
+def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_node, tmp_path):
+    """DualNetTraining.py imported with the same seams; its command building and the loss plot (real
+    table, plot series and chart nodes) run on the real scene with a real parameter node."""
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
     logic = module.DualNetTrainingLogic()
-    p = types.SimpleNamespace(trainingVolume=mri_node, dataFolder=Path("."), modality="mri", stage="finetune",
-                              preset="tiny", steps=20, device="cpu", initModel=Path("."), modelName="unit test",
-                              resume=False, lossTable=None, lossChart=None)
+    p = _training_parameters(module, scene, mri_node)
     cmd, out_model, run_dir = logic.buildCommand(p)
     assert cmd[1:4] == ["-m", "dualnet", "finetune"] and out_model.parent == tmp_path / "models"
     staged = Path(cmd[4])
@@ -669,8 +1162,76 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
     table = p.lossTable.GetTable()
     assert table.GetNumberOfRows() == 2 and table.GetValue(1, 1).ToDouble() == 0.25
     assert p.lossChart.GetNumberOfPlotSeriesNodes() == 2
-    for name in ("DualNetDenoise", "DualNetTraining"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    logic.removeWorkdir()
+
+
+def test_training_temporary_folders_are_removed(monkeypatch, scene, mri_node, tmp_path):
+    """Issue 10, defect 6: each run from the panel staged the scene volume in a new temporary folder
+    that was never removed. Now: the previous folder goes when a command is built again, when the
+    child ends (success or failure) and on shutdown - never while the child may still read it.
+    Stubbed: the child process (a fake Popen) and ``qt.QTimer`` (the test fires it)."""
+    import io
+
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
+
+    def staged():
+        return sorted(p.name for p in (tmp_path / "tmp").glob("DualNetTraining-*"))
+
+    class FakeChild:
+        exit_code, pid = 1, None
+
+        def __init__(self, args, **kwargs):
+            self.args = args
+            self.stdout = io.StringIO("DUALNET_ERROR disk full\n")
+
+        def wait(self):
+            return self.exit_code
+
+    logic = module.DualNetTrainingLogic(popen=FakeChild)
+    p = _training_parameters(module, scene, mri_node)
+    logic.buildCommand(p)
+    first = staged()
+    logic.buildCommand(p)
+    assert len(first) == 1 and len(staged()) == 1 and staged() != first  # the previous one is gone
+    finished = []
+    logic.start(p, onFinished=lambda ok, message: finished.append((ok, message)))
+    assert len(staged()) == 1  # the child may still read it
+    while not finished:
+        logic.timer.fire()
+    assert finished == [(False, "disk full")] and staged() == []
+
+    p.modelName = "second"
+    logic.start(p, onFinished=lambda ok, message: finished.append((ok, message)))
+    logic.shutdown(timeout=5)  # module unloaded while the (fake) child is still unread
+    assert staged() == [] and logic.timer.active is False
+
+    monkeypatch.setattr(module.training, "finetune_command", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        logic.buildCommand(p)
+    assert staged() == []  # a failure while staging leaves nothing behind
+
+
+def test_training_command_without_tomli_names_it(tmp_path):
+    """Issue 10, defect 2: on Python < 3.11 without tomli, ``python -m dualnet finetune ...`` ended with
+    ``invalid choice: 'finetune'`` (the core CLI swallowed the ImportError). Simulated here by hiding
+    ``tomllib`` and ``tomli`` (their import raises ModuleNotFoundError) in a child interpreter."""
+    hide = ("import sys\n"
+            "class Hide:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('tomllib', 'tomli'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            "import runpy; sys.argv[0] = 'dualnet'; runpy.run_module('dualnet', run_name='__main__')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "DualNetDenoise"))
+    for args in (["finetune", "a.nii.gz", "--model", "b.safetensors", "--out", "c.safetensors"],
+                 ["train", "--config", "c.toml", "--out", str(tmp_path / "run")]):
+        res = subprocess.run([sys.executable, "-c", hide, *args], capture_output=True, text=True, timeout=60, env=env)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and "invalid choice" not in res.stderr, res.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(f"dualnet: error: '{args[0]}' needs the Python package 'tomli'")
 
 
 def test_worker_job_errors_are_one_line(tmp_path, capsys):

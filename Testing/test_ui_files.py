@@ -4,7 +4,7 @@
 * every ``self.ui.<name>`` used in the module file exists in its .ui;
 * every ``SlicerParameterName`` names a field of the module's ``@parameterNodeWrapper`` class,
   on a widget type Slicer's GUI connectors accept for that field's type (a ``QComboBox`` needs a
-  ``Choice`` str, a ``qMRMLNodeComboBox`` the same node classes, ...);
+  ``Choice`` str, a ``qMRMLNodeComboBox`` the same node classes, a node ``Union`` with ``None``, ...);
 * node combo boxes get the scene through the ``mrmlSceneChanged`` connection.
 The module files are read with ``ast``, never imported (they import qt and slicer).
 """
@@ -33,8 +33,20 @@ CONNECTORS = {
     "QSpinBox": lambda ann: ann == "int" or ann.startswith("Annotated[int"),
     "QLineEdit": lambda ann: ann == "str",
     "ctkPathLineEdit": lambda ann: ann in ("pathlib.Path", "Path"),
-    "qMRMLNodeComboBox": lambda ann: bool(re.fullmatch(r"(Union\[)?vtkMRML\w+(, vtkMRML\w+)*\]?", ann)),
+    "qMRMLNodeComboBox": lambda ann: node_annotation_ok(ann),
 }
+
+
+def node_annotation_ok(ann: str) -> bool:
+    """A node field: ``vtkMRMLX``, ``Optional[vtkMRMLX]`` or a Union of node classes WITH ``None``.
+
+    Slicer's wrapper writes None as the default of a node field on a fresh parameter node; for a
+    ``Union`` of node classes its serializer can only do that when ``None`` is a member
+    (``TypeError: Unable to write value 'None'`` otherwise - issue 10, defect 1).
+    """
+    node = r"vtkMRML\w+"
+    return bool(re.fullmatch(node, ann) or re.fullmatch(rf"Optional\[{node}\]", ann)
+                or re.fullmatch(rf"Union\[{node}(, {node})*, None\]", ann))
 
 
 def ui_tree(module):
@@ -142,7 +154,23 @@ def test_node_selectors_receive_the_scene(module):
 
 
 def test_checker_catches_a_wrong_binding(tmp_path):
-    """The type check itself: a QCheckBox bound to a float field must be rejected."""
+    """The type check itself: a QCheckBox bound to a float field must be rejected; a Union of node
+    classes needs None (the form without it broke the panel in a real Slicer)."""
     assert not CONNECTORS["QCheckBox"]("Annotated[float, WithinRange(0.0, 1.0)]")
     assert not CONNECTORS["QComboBox"]("str")
-    assert CONNECTORS["qMRMLNodeComboBox"]("Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]")
+    node_box = CONNECTORS["qMRMLNodeComboBox"]
+    assert node_box("Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]")
+    assert node_box("vtkMRMLScalarVolumeNode") and node_box("Optional[vtkMRMLTableNode]")
+    assert not node_box("Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]")
+    assert not node_box("Union[vtkMRMLSegmentationNode, None, vtkMRMLLabelMapVolumeNode]")
+    assert not node_box("str")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_node_unions_include_none(module):
+    """Every parameter-node field that is a Union of node classes includes None (bound to a widget
+    or not); the real wrapper checks it at run time in test_slicer_logic.py."""
+    fields, _, _ = parameter_fields(module)
+    for name, (ann, _) in fields.items():
+        if ann.startswith(("Union[", "Optional[")) and "vtkMRML" in ann:
+            assert node_annotation_ok(ann), f"{module}.{name}: '{ann}' must include None"

@@ -49,6 +49,25 @@ def parse_error_line(line: str) -> Optional[str]:
     return text[len(ERROR_PREFIX):].strip() if text.startswith(ERROR_PREFIX) else None
 
 
+def child_process_options(windows: Optional[bool] = None, sp=subprocess) -> dict:
+    """``Popen`` keyword arguments for a child of the panel.
+
+    POSIX: a new session (so :func:`kill_process_tree` can kill the whole group). Windows: a new
+    process group and no console window (``CREATE_NO_WINDOW`` plus a hidden-window
+    ``STARTUPINFO``, as ``slicer.util.launchConsoleProcess`` does), so no black window pops up.
+    ``sp`` is the ``subprocess`` module (injectable: the Windows branch is tested on any OS).
+    """
+    if windows is None:
+        windows = os.name == "nt"
+    if not windows:
+        return {"start_new_session": True}
+    info = sp.STARTUPINFO()
+    info.dwFlags |= getattr(sp, "STARTF_USESHOWWINDOW", 0x1)
+    info.wShowWindow = 0  # SW_HIDE
+    flags = getattr(sp, "CREATE_NEW_PROCESS_GROUP", 0x200) | getattr(sp, "CREATE_NO_WINDOW", 0x08000000)
+    return {"creationflags": flags, "startupinfo": info}
+
+
 def kill_process_tree(proc) -> None:
     """Stop ``proc`` and every process it started.
 
@@ -76,7 +95,7 @@ def kill_process_tree(proc) -> None:
     except ImportError:
         pass
     if os.name == "nt":  # pragma: no cover - Windows only
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, **child_process_options(True))
         return
     try:
         os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -127,10 +146,7 @@ class ProcessRunner:
     def start(self) -> "ProcessRunner":
         kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                       universal_newlines=True, bufsize=1, env=self._env, cwd=self._cwd)
-        if os.name == "nt":  # pragma: no cover
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            kwargs["start_new_session"] = True
+        kwargs.update(child_process_options())
         self.proc = self._popen(self.args, **kwargs)
         self._thread = threading.Thread(target=self._read, name="DualNetProcessReader", daemon=True)
         self._thread.start()
