@@ -189,6 +189,25 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
         seed=seed,
         progress=progress,
         cancel=cancel,
+        modality=modality,
     )
     info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
     return res.denoised, (res.uncertainty if uncertainty else None), info
+
+
+def denoise_dicom(input_path: Union[str, Path], output_dir: Union[str, Path], **kwargs: Any):
+    """Denoise every CT / MR series of a DICOM folder (or file) into new derived DICOM series.
+
+    The DICOM counterpart of :func:`denoise_volume`: each source series is read with SimpleITK's
+    GDCM reader, denoised with :func:`denoise_volume` (modality from the DICOM Modality tag unless
+    ``modality=`` is given) and written with pydicom as a new series of the same study
+    (``DERIVED\\SECONDARY``, provenance, source references, per-slice geometry of the source).
+    Keyword arguments are those of :func:`dualnet.dicom_out.denoise_dicom_folder` (``method``,
+    ``modality``, ``sigma``, ``model``, ``device``, ``uncertainty_dir``, ``rescale``, ``layout``...).
+
+    Returns:
+        A :class:`dualnet.dicom_out.DicomRunReport` (per-series outcomes and skipped objects).
+    """
+    from .dicom_out import denoise_dicom_folder
+
+    return denoise_dicom_folder(input_path, output_dir, **kwargs)

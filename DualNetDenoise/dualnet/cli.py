@@ -2,7 +2,8 @@
 
 Every sub-command reads volumes with their geometry, writes outputs atomically and never over an
 input, prints one line ``dualnet: error: ...`` and exits non-zero on bad input.
-Exit codes: 0 success, 1 unexpected failure, 2 bad input or model, 130 cancelled.
+Exit codes: 0 success, 1 unexpected failure, 2 bad input or model, 3 DICOM written but sending
+(``--send``) failed, 130 cancelled.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def _parse_sigma(text: str):
 def cmd_denoise(args) -> int:
     from .api import denoise_volume
 
+    if args.dicom or args.send:
+        return _denoise_dicom(args)
+    args.modality = args.modality or "mri"
     inputs = [args.input]
     out = check_output_path(args.output, inputs, args.force)
     extra = [p for p in (args.uncertainty,) if p]
@@ -118,6 +122,62 @@ def cmd_denoise(args) -> int:
     if args.info_json:
         Path(args.info_json).write_text(json.dumps(result.info, indent=2, default=str), encoding="utf-8")
     return 0
+
+
+def _denoise_dicom(args) -> int:
+    """``denoise --dicom``: one derived DICOM series per source series; ``--send`` stores them."""
+    from .dicom_out import denoise_dicom_folder, path_inside
+    from .errors import InputError
+    from .io import atomic_write_bytes, same_path
+
+    if not args.dicom:
+        raise InputError("--send needs --dicom (only DICOM output can be sent)")
+    if args.frame is not None:
+        raise InputError("--frame does not apply to --dicom (every series and frame is written)")
+    node = None
+    if args.send:
+        from .dicom_send import parse_node
+
+        node = parse_node(args.send)
+    if args.info_json:
+        info_path = Path(args.info_json)
+        src = Path(args.input)
+        if same_path(info_path, args.output) or path_inside(info_path, src if src.is_dir() else src.parent):
+            raise InputError(f"{info_path}: --info-json must not be the output or lie in the input folder")
+        if not info_path.parent.is_dir():
+            raise InputError(f"{info_path}: folder {info_path.parent} does not exist")
+    mode = _progress_mode(args)
+    report = denoise_dicom_folder(
+        args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
+        device=args.device, tta=args.tta, mc_samples=args.mc_samples, tile=args.tile, seed=args.seed,
+        uncertainty_dir=args.uncertainty,
+        progress_factory=lambda s: ProgressPrinter(f"denoise ({args.method}) series {s.series_number}", mode),
+    )
+    for line in report.summary_lines(failed=False):
+        _info(args, line)
+    if args.info_json:
+        atomic_write_bytes(args.info_json, json.dumps(report.to_json(), indent=2, default=str).encode("utf-8"))
+    failed = [o for o in report.outcomes if o.status != "ok"]
+    for o in failed:
+        print(f"dualnet: error: {o.source.folder}: {o.error}", file=sys.stderr)
+    code = 2 if failed else 0
+    if node is not None:
+        from .dicom_send import SendError, send_files
+
+        files = report.written_files
+        try:
+            statuses = send_files(files, node)
+        except SendError as err:
+            print(f"dualnet: error: {err}", file=sys.stderr)
+            return 3
+        for st in statuses:
+            print(st.line())
+        bad = sum(not st.stored for st in statuses)
+        print(f"sent {len(statuses) - bad}/{len(statuses)} instances to {node}"
+              + (f"; {bad} failed, files kept on disk" if bad else ""))
+        if bad:
+            return 3
+    return code
 
 
 # ----------------------------------------------------------------------------- degrade
@@ -226,13 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("denoise", help="denoise a volume or 2D image",
                        description="Denoise INPUT and write OUTPUT on the same grid (float32 by default).")
     p.add_argument("input", help="input image: NRRD, NIfTI, MHA, PNG file or a DICOM series folder")
-    p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha, .png ...); never the input")
+    p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha, .png ...); never the input; "
+                                  "with --dicom a new or empty folder")
     p.add_argument("--method", default="dualnet",
                    help="dualnet (default, shipped model for the modality) or a classical baseline: "
                         "bm4d, bm3d (slice-wise), nlm, gaussian, median, diffusion")
-    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"],
+    p.add_argument("--modality", default=None, choices=["mri", "ct", "us"],
                    help="noise physics: mri = Rician magnitude, ct = Poisson-Gaussian low dose (HU), "
-                        "us = multiplicative speckle (default mri)")
+                        "us = multiplicative speckle (default mri; with --dicom: from the DICOM Modality tag)")
     p.add_argument("--model", help="DUAL-NET model file (.safetensors with its .json card); default: shipped model")
     p.add_argument("--sigma", type=_parse_sigma, default=None,
                    help="noise standard deviation in image units for classical methods, or 'auto' (estimated)")
@@ -249,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=int, help="for a 4D input, the volume index (0-based) to denoise")
     p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as INPUT")
     p.add_argument("--info-json", metavar="PATH", help="write the run's provenance (method, model, seconds) as JSON")
+    p.add_argument("--dicom", action="store_true",
+                   help="INPUT is a DICOM folder or file (nested folders and several series allowed); write each "
+                        "result as a new derived DICOM series (same patient and study, DERIVED\\SECONDARY, "
+                        "provenance) into the folder OUTPUT (one subfolder per series when there are several); "
+                        "--uncertainty PATH is then a folder too")
+    p.add_argument("--send", metavar="AET@HOST:PORT",
+                   help="with --dicom: store the written series on this DICOM node (C-STORE); one status line per "
+                        "instance, exit 3 if the node is unreachable or any instance fails (files are kept)")
     common(p)
     p.set_defaults(func=cmd_denoise)
 
@@ -295,19 +364,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_parsers(sub) -> None:
-    """Sub-commands that live in their own modules (training, evaluation)."""
+    """Sub-commands that live in their own modules (training, evaluation).
+
+    When such a module cannot be imported (e.g. ``tomli`` missing on Python < 3.11), its commands
+    stay listed and fail with one line naming the missing package, never ``invalid choice``.
+    """
     try:
         from .training.cli import add_train_parsers
 
         add_train_parsers(sub)
-    except ImportError:
-        pass
+    except ImportError as err:
+        _add_unavailable(sub, ("train", "finetune"), err)
     try:
         from .evaluate import add_evaluate_parser
 
         add_evaluate_parser(sub)
-    except ImportError:
-        pass
+    except ImportError as err:
+        _add_unavailable(sub, ("evaluate",), err)
+
+
+def _add_unavailable(sub, names: Sequence[str], err: ImportError) -> None:
+    """Placeholder sub-commands that accept any arguments and say, in one line, why they cannot run."""
+    missing = getattr(err, "name", None)
+    reason = f"needs the Python package '{missing}'" if missing else "cannot be loaded"
+    hint = " (Python < 3.11: pip install tomli)" if missing == "tomli" else ""
+
+    def fail(args) -> int:
+        print(f"dualnet: error: '{args.command}' {reason}{hint}: {err}", file=sys.stderr)
+        return 2
+
+    for name in (n for n in names if n not in sub.choices):
+        p = sub.add_parser(name, help=f"unavailable: {reason}", add_help=False, prefix_chars="\0")
+        p.add_argument("ignored", nargs="*")
+        p.set_defaults(func=fail)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

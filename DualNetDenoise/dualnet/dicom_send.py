@@ -1,0 +1,158 @@
+"""Sending written DICOM files to a DICOM node (PACS) with C-STORE (pynetdicom).
+
+Nothing is ever sent unless asked (``dualnet denoise ... --dicom --send AET@HOST:PORT``). Files
+stay on disk whatever happens; the caller reports one status line per instance and exits non-zero
+when the node is unreachable, refuses the association, or any instance was not stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+from .errors import DualNetError, InputError
+
+PathLike = Union[str, os.PathLike]
+
+#: C-STORE status codes that mean "stored" (0x0000 success; B000 / B006 / B007 warnings).
+_STORED = {0x0000: "Success", 0xB000: "Warning: coercion of data elements",
+           0xB006: "Warning: elements discarded", 0xB007: "Warning: data set does not match SOP class"}
+_FAILURES = {0xA700: "Refused: out of resources", 0xA900: "Error: data set does not match SOP class",
+             0xC000: "Error: cannot understand", 0x0122: "Refused: SOP class not supported",
+             0x0124: "Refused: not authorised", 0x0211: "Unrecognised operation", 0x0212: "Mistyped argument"}
+
+
+class SendError(DualNetError):
+    """The node could not be reached or refused the association (files are kept)."""
+
+
+@dataclass(frozen=True)
+class DicomNode:
+    """A DICOM application entity to send to: ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+def parse_node(text: str) -> DicomNode:
+    """Parse ``AET@HOST:PORT`` (IPv6 hosts in brackets: ``AET@[::1]:104``).
+
+    Raises:
+        InputError: one line saying what is wrong.
+    """
+    m = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:@\[\]]+):(\d{1,5})", str(text).strip())
+    if not m:
+        raise InputError(f"--send {text!r}: expected AET@HOST:PORT, e.g. PACS@192.168.1.10:104")
+    aet, host, port = m.group(1), m.group(2).strip("[]"), int(m.group(3))
+    if not 1 <= len(aet) <= 16 or "\\" in aet or any(ord(c) < 32 for c in aet) or not aet.strip():
+        raise InputError(f"--send {text!r}: AE title must be 1-16 characters without backslash or control characters")
+    if not 1 <= port <= 65535:
+        raise InputError(f"--send {text!r}: port must be 1..65535")
+    return DicomNode(aet, host, port)
+
+
+@dataclass
+class StoreStatus:
+    """The outcome of one C-STORE."""
+
+    path: Path
+    sop_instance_uid: str
+    status: Optional[int]
+    stored: bool
+    message: str
+
+    def line(self) -> str:
+        code = "----" if self.status is None else f"0x{self.status:04X}"
+        return f"C-STORE {'ok  ' if self.stored else 'FAIL'} {code} {self.sop_instance_uid} {self.path.name}: {self.message}"
+
+
+@contextmanager
+def _quiet_pynetdicom() -> Iterator[None]:
+    """pynetdicom logs connection failures as errors; this module reports them itself."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, calling_ae: str = "DUALNET",
+               timeout: float = 30.0) -> List[StoreStatus]:
+    """Store ``paths`` on ``node`` in one association; one :class:`StoreStatus` per file, in order.
+
+    Raises:
+        SendError: the node is unreachable, refused or aborted the association (nothing stored
+            or status unknown; the files are untouched).
+    """
+    try:
+        import pydicom
+        from pynetdicom import AE
+    except ImportError:  # pragma: no cover - declared dependency
+        raise DualNetError("sending needs pynetdicom: pip install pynetdicom") from None
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if isinstance(node, str):
+        node = parse_node(node)
+    files = [Path(p) for p in paths]
+    if not files:
+        return []
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(str(f)))
+        except Exception as err:
+            raise InputError(f"{f}: cannot read DICOM file to send ({type(err).__name__})") from None
+    ae = AE(ae_title=calling_ae)
+    for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        if hasattr(ae, attr):
+            setattr(ae, attr, timeout)
+    contexts = []
+    for ds in datasets:
+        sop = str(ds.SOPClassUID)
+        if sop not in contexts:
+            contexts.append(sop)
+    for sop in contexts:
+        ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    with _quiet_pynetdicom():
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        if not assoc.is_established:
+            why = "refused the association" if assoc.is_rejected else \
+                "no association (node unreachable, or it aborted the request)"
+            raise SendError(f"{node}: {why}; {len(files)} files kept on disk")
+        results: List[StoreStatus] = []
+        try:
+            for f, ds in zip(files, datasets):
+                uid = str(ds.SOPInstanceUID)
+                if not assoc.is_established:
+                    results.append(StoreStatus(f, uid, None, False, "not sent: association lost"))
+                    continue
+                try:
+                    status = assoc.send_c_store(ds)
+                except (ValueError, RuntimeError) as err:  # no accepted presentation context
+                    results.append(StoreStatus(f, uid, None, False, f"not sent: {err}"))
+                    continue
+                code = int(status.Status) if status is not None and "Status" in status else None
+                if code is None:
+                    results.append(StoreStatus(f, uid, None, False, "no response (timeout or connection lost)"))
+                elif code in _STORED:
+                    results.append(StoreStatus(f, uid, code, True, _STORED[code]))
+                else:
+                    message = _FAILURES.get(code) or ("Refused" if code >> 12 == 0xA else "Error" if code >> 12 == 0xC
+                                                      else "Failure")
+                    results.append(StoreStatus(f, uid, code, False, message))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return results

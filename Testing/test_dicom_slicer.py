@@ -1,0 +1,157 @@
+"""Slicer side of DICOM out, on a real MRML scene (``slicer-core`` wheel).
+
+A node "loaded from DICOM" is built the way Slicer's DICOM plugins leave it: the volume read by
+GDCM, a patient -> study -> series subject hierarchy with ``DICOM.*`` attributes and the series
+item's ``DICOMInstanceUID`` list. Then :mod:`DualNetDenoiseLib.dicomexport`:
+
+* puts the denoised node under the same study with the series attributes Slicer's *Export to
+  DICOM* dialog reads (new series number avoiding the study's numbers, description, modality,
+  frame of reference);
+* writes the full derived series with the core writer from the node (slices matched by position
+  along the normal), checked with dciodvfy and against the source instances.
+
+Slicer's export dialog and its CreateDICOMSeries CLI themselves need the application (not tested).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_helpers import dciodvfy, modality_values, require_tool, sitk_read_folder, tree_hashes
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "DualNetDenoise"))
+
+try:
+    import slicer
+except ImportError:  # pragma: no cover
+    slicer = None
+HAVE_MRML = slicer is not None and hasattr(slicer, "vtkMRMLScene")
+
+CT = "ct_ge_hispeed_head_tilt"
+
+
+@pytest.fixture
+def scene():
+    if not HAVE_MRML:
+        pytest.skip("slicer-core wheel not installed (pip install slicer-core vtk==<its pin>)")
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture
+def loaded_ct(scene, shared_data):
+    """The tilted CT as Slicer's DICOM import leaves it: node + patient/study/series items."""
+    from DualNetDenoiseLib import nodes
+    from dualnet.io import Volume
+
+    src = shared_data / "dicom" / CT
+    image, names = sitk_read_folder(src)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "2: CT head")
+    nodes.update_node_from_volume(node, Volume.from_sitk(image))
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in names]
+    h = headers[0]
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
+    sh.SetItemAttribute(patient, "DICOM.PatientName", str(h.PatientName))
+    sh.SetItemAttribute(patient, "DICOM.PatientID", str(h.PatientID))
+    study = sh.CreateStudyItem(patient, "study")
+    sh.SetItemAttribute(study, "DICOM.StudyInstanceUID", str(h.StudyInstanceUID))
+    item = sh.CreateItem(study, node)
+    sh.SetItemUID(item, "DICOM", str(h.SeriesInstanceUID))
+    sh.SetItemUID(item, "DICOMInstanceUID", " ".join(str(x.SOPInstanceUID) for x in headers))
+    for name, value in (("Modality", h.Modality), ("SeriesNumber", h.SeriesNumber),
+                        ("FrameOfReferenceUID", h.FrameOfReferenceUID), ("Manufacturer", h.Manufacturer),
+                        ("Model", h.ManufacturerModelName)):
+        sh.SetItemAttribute(item, f"DICOM.{name}", str(value))
+    # another series of the study already uses 1002: the derived series must not take it
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
+    other_item = sh.CreateItem(study, other)
+    sh.SetItemAttribute(other_item, "DICOM.SeriesNumber", "1002")
+    files = {str(x.SOPInstanceUID): str(f) for x, f in zip(headers, names)}
+    return node, study, files, src
+
+
+def denoised_node(scene, node, reverse: bool = False):
+    """What the denoise logic stores: the result on the input grid plus DualNet.* provenance.
+    ``reverse``: the same voxels stacked in the opposite slice order (as a reader may stack them)."""
+    from DualNetDenoiseLib import nodes
+    from dualnet.api import denoise_volume
+    from dualnet.io import Volume
+
+    res = denoise_volume(nodes.volume_from_node(node, squeeze_2d=False), method="gaussian", modality="ct", sigma=25.0)
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "2: CT head denoised (gaussian)")
+    vol = res.volume
+    if reverse:
+        d = np.array(vol.direction).reshape(3, 3)
+        last = np.array(vol.origin) + (vol.array.shape[0] - 1) * vol.spacing[2] * d[:, 2]
+        d[:, 2] *= -1
+        vol = Volume(vol.array[::-1].copy(), vol.spacing, tuple(last), tuple(d.ravel()))
+    nodes.update_node_from_volume(out, vol)
+    out.SetAttribute("DualNet.method", "gaussian")
+    out.SetAttribute("DualNet.model", "None")
+    out.SetAttribute("DualNet.parameters", json.dumps({"modality": "ct", "method": "gaussian", "info": res.info}))
+    return out, res.volume.array.astype(np.float64)
+
+
+def test_result_goes_into_the_source_study_with_export_attributes(scene, loaded_ct):
+    from DualNetDenoiseLib.dicomexport import place_in_source_study
+
+    node, study, _, _ = loaded_ct
+    out, _ = denoised_node(scene, node)
+    assert place_in_source_study(scene, node, out)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(out)
+    assert sh.GetItemParent(item) == study
+    attr = {n: sh.GetItemAttribute(item, n) for n in sh.GetItemAttributeNames(item)}
+    in_item = sh.GetItemByDataNode(node)
+    assert attr["DICOM.Modality"] == "CT"
+    assert attr["DICOM.SeriesNumber"] == "2002"  # 2 + 1000 is taken in this study
+    assert attr["DICOM.SeriesDescription"] == "Denoised (gaussian)"
+    assert attr["DICOM.FrameOfReferenceUID"] == sh.GetItemAttribute(in_item, "DICOM.FrameOfReferenceUID")
+    assert attr["DICOM.SeriesDate"] and attr["DICOM.ContentTime"]
+    # the names are those Slicer's export dialog reads (vtkMRMLSubjectHierarchyConstants)
+    consts = slicer.vtkMRMLSubjectHierarchyConstants
+    assert consts.GetDICOMSeriesModalityAttributeName() in attr and consts.GetDICOMSeriesNumberAttributeName() in attr
+    assert consts.GetDICOMFrameOfReferenceUIDAttributeName() in attr
+    assert sh.GetItemLevel(study) == consts.GetDICOMLevelStudy()
+
+
+def test_input_not_from_dicom_is_left_alone(scene):
+    from DualNetDenoiseLib import nodes
+    from DualNetDenoiseLib.dicomexport import place_in_source_study
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "plain")
+    nodes.update_node_from_array(node, np.zeros((2, 4, 4), np.int16), np.eye(4))
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out")
+    assert not place_in_source_study(scene, node, out)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_export_full_derived_series_from_the_node(scene, loaded_ct, tmp_path, reverse):
+    from DualNetDenoiseLib.dicomexport import export_derived_series
+
+    require_tool("dciodvfy")
+    node, _, files, src = loaded_ct
+    before = tree_hashes(src)
+    out, expected = denoised_node(scene, node, reverse)
+    derived = export_derived_series(scene, node, out, tmp_path / "export", fileForInstance=files.get)
+    assert len(derived.files) == 28
+    errors, _ = dciodvfy(derived.files, "Slicer node export")
+    assert not errors, errors[:10]
+    uid_index = {uid: k for k, uid in enumerate(files)}  # node slice k <- files in GDCM order
+    for f in derived.files:
+        ds = pydicom.dcmread(str(f))
+        uid = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        h = pydicom.dcmread(files[uid], stop_before_pixels=True)
+        assert ds.ImagePositionPatient == h.ImagePositionPatient and ds.ImageOrientationPatient == h.ImageOrientationPatient
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] and ds.StudyInstanceUID == h.StudyInstanceUID
+        assert np.abs(modality_values(ds) - expected[uid_index[uid]]).max() <= 0.5 + 1e-6
+    assert tree_hashes(src) == before
