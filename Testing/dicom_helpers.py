@@ -1,4 +1,5 @@
-"""Shared helpers of the DICOM tests: real tools (dciodvfy, storescp), independent readers, hashes.
+"""Shared helpers of the DICOM tests: real tools (dciodvfy, storescp), independent readers, hashes,
+a tiny non-image object (Basic Text SR) to be skipped.
 
 The checks read results with tools other than the project's own writer: dicom3tools' ``dciodvfy``
 for IOD conformance, SimpleITK's GDCM series reader and pydicom for geometry and values.
@@ -127,6 +128,56 @@ def wait_for_port(port: int, timeout: float = 10.0) -> bool:
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def start_storescp(folder: Path, *extra: str):
+    """dcmtk's ``storescp`` (AE title TESTSCP) on a free loopback port, writing into ``folder``; (process, port)."""
+    exe = require_tool("storescp")
+    folder.mkdir(exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([exe, "--aetitle", "TESTSCP", "--output-directory", str(folder), "--socket-timeout", "20",
+                             "--acse-timeout", "20", *extra, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if not wait_for_port(port, 10.0):
+        proc.kill()
+        out = proc.communicate(timeout=5)[0].decode(errors="replace")
+        pytest.fail(f"storescp did not start listening on port {port}: {out[-500:]}")
+    return proc, port
+
+
+def stop_process(proc) -> None:
+    """Terminate a process started by a test (kill after 5 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def basic_text_sr(like: Path, path: Path) -> None:
+    """A small Basic Text SR in the same study as ``like`` (a non-image object to skip)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = pydicom.dcmread(str(like), stop_before_pixels=True)
+    ds = Dataset()
+    for kw in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID"):
+        setattr(ds, kw, src.get(kw, ""))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.SeriesNumber = 99
+    ds.ValueType = "CONTAINER"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
 
 
 def modality_values(ds) -> np.ndarray:

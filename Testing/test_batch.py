@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -278,3 +279,153 @@ def test_error_outside_the_loop_is_one_line(folder, tmp_path, batch, monkeypatch
     monkeypatch.setattr(batch, "find_inputs", lambda folder: 1 / 0)
     assert batch.main([str(folder), str(tmp_path / "out")]) == 1
     assert error_lines(capsys.readouterr().err) == ["batch_denoise: error: ZeroDivisionError: division by zero"]
+
+
+# ------------------------------------------------------------------------------- --dicom: a whole study
+CT_SERIES, MR_SERIES = "ct_ge_hispeed_head_tilt", "mr_siemens_t1_fl2d_sag"
+
+
+@pytest.fixture
+def study(tmp_path, shared_data):
+    """An exported study in nested folders: 6 slices of the real GE CT and of the Siemens T1, a Basic
+    Text SR beside the MR files and a text file; returns (folder, {subfolder: source files})."""
+    from dicom_helpers import basic_text_sr
+
+    root = tmp_path / "study"
+    sources = {}
+    for sub, name in (("a/ct", CT_SERIES), ("b/mr", MR_SERIES)):
+        (root / sub).mkdir(parents=True)
+        files = sorted((shared_data / "dicom" / name).glob("*.dcm"))[:6]
+        for f in files:
+            shutil.copy2(f, root / sub / f.name)
+        sources[sub] = sorted((root / sub).glob("*.dcm"))
+    basic_text_sr(sources["a/ct"][0], root / "b" / "report.dcm")
+    (root / "notes.txt").write_text("not DICOM\n", encoding="utf-8")
+    return root, sources
+
+
+def test_batch_dicom_study_writes_one_derived_series_per_source(study, tmp_path):
+    import pydicom
+
+    from dicom_helpers import tree_hashes
+
+    root, sources = study
+    before = tree_hashes(root)
+    out = tmp_path / "derived"
+    res = run([root, out, "--dicom", "--method", "gaussian"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.strip() == ""
+    rows = read_rows(out / "summary.csv")
+    series_rows = [r for r in rows if r["status"] != "skipped"]
+    (sr_row,) = [r for r in rows if r["status"] == "skipped"]
+    assert sr_row["input"] == str(root / "b" / "report.dcm") and "Basic Text SR Storage (SR)" in sr_row["note"]
+    assert "report.dcm" in res.stdout and "ignored 1 non-DICOM file" in res.stdout
+    assert [(r["status"], r["modality"], r["shape_zyx"]) for r in series_rows] == [
+        ("ok", "ct", "6x512x512"), ("ok", "mri", "6x256x256")]  # modality from the DICOM Modality tag
+    assert all("from DICOM Modality" in r["note"] and float(r["sigma"]) > 0 for r in series_rows)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {
+        "volumes": 2, "skipped": 1, "failed": 0, "csv": str(out / "summary.csv")}
+    for row, (sub, files) in zip(series_rows, sources.items()):
+        assert row["input"] == str(root / sub)
+        src = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+        derived = sorted(Path(row["output"]).glob("*.dcm"))
+        assert Path(row["output"]).parent == out and len(derived) == len(files)
+        src_uids = {str(d.SOPInstanceUID) for d in src}
+        for f in derived:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+            assert ds.Modality == src[0].Modality and ds.StudyInstanceUID == src[0].StudyInstanceUID
+            assert ds.SeriesInstanceUID == row["derived_series_uid"] != src[0].SeriesInstanceUID
+            assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+            assert str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) in src_uids
+    assert series_rows[0]["derived_series_uid"] != series_rows[1]["derived_series_uid"]
+    assert tree_hashes(root) == before
+    summary = (out / "summary.csv").read_bytes()  # a second run never overwrites: refused, exit 2
+    res = run([root, out, "--dicom", "--method", "gaussian"])
+    assert res.returncode == 2 and "output folder is not empty" in res.stderr
+    assert (out / "summary.csv").read_bytes() == summary
+
+
+def sop_uids(files) -> list:
+    import pydicom
+
+    return sorted(str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID) for f in files)
+
+
+def test_batch_dicom_sends_to_a_dicom_node(study, tmp_path):
+    """``--send``: every written instance arrives at dcmtk's storescp on loopback; an unreachable
+    node exits 1 with one line and the files kept."""
+    from dicom_helpers import free_port, start_storescp, stop_process
+
+    root, _ = study
+    shutil.rmtree(root / "a")  # the MR series (and the SR) only: quicker
+    received = tmp_path / "pacs"
+    proc, port = start_storescp(received)
+    try:
+        res = run([root, tmp_path / "out", "--dicom", "--method", "gaussian", "--sigma", "25",
+                   "--send", f"TESTSCP@127.0.0.1:{port}"], timeout=120)
+    finally:
+        stop_process(proc)
+    assert res.returncode == 0, res.stderr[-2000:]
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert len(written) == 6 and f"sent 6/6 instances to TESTSCP@127.0.0.1:{port}" in res.stdout
+    assert sop_uids(received.iterdir()) == sop_uids(written)
+
+    res = run([root, tmp_path / "out2", "--dicom", "--method", "gaussian", "--sigma", "25",
+               "--send", f"PACS@127.0.0.1:{free_port()}"], timeout=120)
+    assert res.returncode == 1
+    (line,) = error_lines(res.stderr)
+    assert line.startswith("batch_denoise: error: PACS@127.0.0.1:") and "files kept on disk" in line
+    assert len(list((tmp_path / "out2").rglob("*.dcm"))) == 6
+
+
+def test_batch_dicom_refusals(study, tmp_path, batch, capsys):
+    root, _ = study
+    cases = [
+        ([root, tmp_path / "o1", "--send", "PACS@h:104"], "--send needs --dicom"),
+        ([root, tmp_path / "o2", "--dicom", "--format", ".nrrd"], "--format does not apply to --dicom"),
+        ([root, tmp_path / "o3", "--dicom", "--send", "PACS"], "expected AET@HOST:PORT"),
+        ([root, root / "derived", "--dicom"], "must not be, contain or lie inside the input folder"),
+        ([tmp_path / "study" / "a" / "ct", tmp_path / "o4", "--dicom", "--modality", "xx"], None),  # argparse
+    ]
+    for args, message in cases:
+        assert batch.main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err
+        if message:
+            assert error_lines(err) == [next(line for line in err.splitlines() if message in line)]
+    assert not (root / "derived").exists() and not any(p.name.startswith("o") for p in tmp_path.iterdir())
+    empty = tmp_path / "no_dicom"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x", encoding="utf-8")
+    assert batch.main([str(empty), str(tmp_path / "o5"), "--dicom"]) == 2
+    assert "no CT or MR DICOM image series found" in capsys.readouterr().err
+
+
+def test_batch_dicom_send_without_pynetdicom_stops_before_any_work(study, tmp_path):
+    """Slicer does not bundle pynetdicom: ``--send`` without it exits 3 with one line, nothing written."""
+    root, _ = study
+    res, seconds = run_like_slicer(tmp_path, ["--", root, tmp_path / "out", "--dicom", "--method", "gaussian",
+                                              "--send", "PACS@127.0.0.1:104"], hide=["pynetdicom"])
+    assert res.returncode == 3 and "SLICER_EXIT 3" in res.stdout and seconds < 20, res.stderr[-2000:]
+    (line,) = error_lines(res.stderr)
+    assert line.startswith("batch_denoise: error: missing Python package 'pynetdicom'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_dicom_package_missing_while_running(study, tmp_path, batch, monkeypatch, capsys):
+    """As for volume files: an ImportError inside the core stops the batch with exit 3 and one line;
+    summary.csv lists the failed series. Stubbed: the pre-check and ``dualnet.api.denoise_volume``."""
+    import dualnet.api
+
+    root, _ = study
+    shutil.rmtree(root / "a")
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    monkeypatch.setattr(batch, "check_dependencies", lambda method: None)
+    monkeypatch.setattr(dualnet.api, "denoise_volume", broken)
+    assert batch.main([str(root), str(tmp_path / "out"), "--dicom", "--method", "gaussian"]) == 3
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("batch_denoise: error: missing Python package 'skimage'") and "scikit-image" in line
+    rows = read_rows(tmp_path / "out" / "summary.csv")
+    assert [r["status"] for r in rows] == ["failed", "skipped"] and "scikit-image" in rows[0]["error"]

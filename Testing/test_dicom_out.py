@@ -18,8 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_helpers import (assert_same_grid, dciodvfy, modality_values, require_tool, sitk_read_folder,
-                           tree_hashes)
+from dicom_helpers import (assert_same_grid, basic_text_sr, dciodvfy, modality_values, require_tool,
+                           sitk_read_folder, tree_hashes)
 
 CT = "ct_ge_hispeed_head_tilt"
 MR = "mr_siemens_t1_fl2d_sag"
@@ -244,29 +244,6 @@ def test_oblique_series(dicom_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- a study folder
-def _basic_text_sr(like: Path, path: Path) -> None:
-    """A small Basic Text SR in the same study as ``like`` (a non-image object to skip)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    src = pydicom.dcmread(str(like), stop_before_pixels=True)
-    ds = Dataset()
-    for kw in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID"):
-        setattr(ds, kw, src.get(kw, ""))
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.SeriesNumber = 99
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
-
-
 def test_study_folder_with_nested_series_and_a_report(dicom_dir, tmp_path, capsys):
     study = tmp_path / "study"
     (study / "a" / "ct").mkdir(parents=True)
@@ -276,7 +253,7 @@ def test_study_folder_with_nested_series_and_a_report(dicom_dir, tmp_path, capsy
         shutil.copy2(f, study / "a" / "ct" / f.name)
     for f in sorted((dicom_dir / MR).glob("*.dcm"))[:4]:
         shutil.copy2(f, study / "b" / "mr" / f.name)
-    _basic_text_sr(ct_names[0], study / "b" / "report.dcm")
+    basic_text_sr(ct_names[0], study / "b" / "report.dcm")
     (study / "notes.txt").write_text("not DICOM\n", encoding="utf-8")
     before = tree_hashes(study)
     out = tmp_path / "derived"

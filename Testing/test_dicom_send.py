@@ -8,13 +8,12 @@ an unreachable node and a node that refuses the association give exit code 3 wit
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from dicom_helpers import free_port, require_tool, tree_hashes, wait_for_port
+from dicom_helpers import free_port, start_storescp, stop_process, tree_hashes
 
 MR = "mr_siemens_t1_fl2d_sag"
 
@@ -26,30 +25,6 @@ def small_series(shared_data, tmp_path) -> Path:
     for f in sorted((shared_data / "dicom" / MR).glob("*.dcm"))[:5]:
         shutil.copy2(f, src / f.name)
     return src
-
-
-def start_storescp(folder: Path, *extra: str):
-    exe = require_tool("storescp")
-    folder.mkdir(exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([exe, "--aetitle", "TESTSCP", "--output-directory", str(folder), "--socket-timeout", "20",
-                             "--acse-timeout", "20", *extra, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if not wait_for_port(port, 10.0):
-        proc.kill()
-        out = proc.communicate(timeout=5)[0].decode(errors="replace")
-        pytest.fail(f"storescp did not start listening on port {port}: {out[-500:]}")
-    return proc, port
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def denoise_and_send(src: Path, out: Path, node: str, capsys):
@@ -67,7 +42,7 @@ def test_store_to_storescp_arrives_complete(small_series, tmp_path, capsys):
         before = tree_hashes(small_series)
         code, stdout, err = denoise_and_send(small_series, tmp_path / "out", f"TESTSCP@127.0.0.1:{port}", capsys)
     finally:
-        stop(proc)
+        stop_process(proc)
     assert code == 0, err
     written = sorted((tmp_path / "out").glob("*.dcm"))
     assert len(written) == 5  # files kept after sending
@@ -93,7 +68,7 @@ def test_refusing_node_exits_nonzero_and_keeps_files(small_series, tmp_path, cap
     try:
         code, stdout, err = denoise_and_send(small_series, tmp_path / "out", f"TESTSCP@127.0.0.1:{port}", capsys)
     finally:
-        stop(proc)
+        stop_process(proc)
     assert code == 3
     assert "refused the association" in err
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 5

@@ -6,7 +6,8 @@ item's ``DICOMInstanceUID`` list. Then :mod:`DualNetDenoiseLib.dicomexport`:
 
 * puts the denoised node under the same study with the series attributes Slicer's *Export to
   DICOM* dialog reads (new series number avoiding the study's numbers, description, modality,
-  frame of reference);
+  frame of reference), also when the denoise logic itself made the result (in-process and
+  through its child process);
 * writes the full derived series with the core writer from the node (slices matched by position
   along the normal), checked with dciodvfy and against the source instances.
 
@@ -57,13 +58,23 @@ def loaded_ct(scene, shared_data):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "2: CT head")
     nodes.update_node_from_volume(node, Volume.from_sitk(image))
     headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in names]
+    study = add_dicom_items(scene, node, headers)
+    files = {str(x.SOPInstanceUID): str(f) for x, f in zip(headers, names)}
+    return node, study, files, src
+
+
+def add_dicom_items(scene, node, headers):
+    """Patient -> study -> series items for ``node`` as Slicer's DICOM plugin makes them, plus another
+    series of the study numbered 1002; returns the study item."""
     h = headers[0]
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
     sh.SetItemAttribute(patient, "DICOM.PatientName", str(h.PatientName))
     sh.SetItemAttribute(patient, "DICOM.PatientID", str(h.PatientID))
+    sh.SetItemUID(patient, "DICOM", str(h.PatientID))
     study = sh.CreateStudyItem(patient, "study")
     sh.SetItemAttribute(study, "DICOM.StudyInstanceUID", str(h.StudyInstanceUID))
+    sh.SetItemUID(study, "DICOM", str(h.StudyInstanceUID))
     item = sh.CreateItem(study, node)
     sh.SetItemUID(item, "DICOM", str(h.SeriesInstanceUID))
     sh.SetItemUID(item, "DICOMInstanceUID", " ".join(str(x.SOPInstanceUID) for x in headers))
@@ -75,8 +86,21 @@ def loaded_ct(scene, shared_data):
     other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
     other_item = sh.CreateItem(study, other)
     sh.SetItemAttribute(other_item, "DICOM.SeriesNumber", "1002")
-    files = {str(x.SOPInstanceUID): str(f) for x, f in zip(headers, names)}
-    return node, study, files, src
+    return study
+
+
+@pytest.fixture
+def loaded_small_ct(scene, shared_data):
+    """A small node (4 x 48 x 48 noisy HU) with the DICOM items of the first 4 tilted-CT files: enough
+    for the logic, which never reads the files."""
+    from DualNetDenoiseLib import nodes
+
+    names = sorted((shared_data / "dicom" / CT).glob("*.dcm"))[:4]
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in names]
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "2: CT head")
+    arr = np.random.default_rng(0).normal(40.0, 25.0, (4, 48, 48)).astype(np.int16)
+    nodes.update_node_from_array(node, arr, np.diag([0.5, 0.5, 5.0, 1.0]))
+    return node, add_dicom_items(scene, node, headers)
 
 
 def denoised_node(scene, node, reverse: bool = False):
@@ -122,6 +146,70 @@ def test_result_goes_into_the_source_study_with_export_attributes(scene, loaded_
     assert consts.GetDICOMSeriesModalityAttributeName() in attr and consts.GetDICOMSeriesNumberAttributeName() in attr
     assert consts.GetDICOMFrameOfReferenceUIDAttributeName() in attr
     assert sh.GetItemLevel(study) == consts.GetDICOMLevelStudy()
+
+
+def item_attributes(sh, item) -> dict:
+    return {n: sh.GetItemAttribute(item, n) for n in sh.GetItemAttributeNames(item)}
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_denoise_logic_puts_its_result_into_the_source_study(scene, loaded_small_ct, in_process):
+    """What the panel's *Apply* does (``DenoiseLogicBase.process``, cheap gaussian) on a DICOM-loaded
+    input: the result lands under the input's study, ready for *Export to DICOM*."""
+    from DualNetDenoiseLib.logic import DenoiseLogicBase
+
+    node, study = loaded_small_ct
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    in_item = sh.GetItemByDataNode(node)
+    before = item_attributes(sh, in_item)
+    out = DenoiseLogicBase().process(node, None, modality="ct", method="gaussian", noiseLevel=25.0,
+                                     inProcess=in_process)
+    item = sh.GetItemByDataNode(out)
+    assert item and sh.GetItemParent(item) == study and sh.GetItemParent(in_item) == study
+    attr = item_attributes(sh, item)
+    assert attr["DICOM.Modality"] == "CT" and attr["DICOM.SeriesNumber"] == "2002"  # 1002 is taken
+    assert attr["DICOM.SeriesDescription"] == "Denoised (gaussian)"
+    assert attr["DICOM.FrameOfReferenceUID"] == before["DICOM.FrameOfReferenceUID"]
+    assert attr["DICOM.Manufacturer"] == before["DICOM.Manufacturer"] and attr["DICOM.SeriesDate"]
+    assert not sh.GetItemUID(item, "DICOM") and not sh.GetItemUID(item, "DICOMInstanceUID")  # a new series
+    patient = sh.GetItemParent(study)  # the exporter takes patient and study tags from the parents
+    assert sh.GetItemAttribute(patient, "DICOM.PatientID") and sh.GetItemAttribute(study, "DICOM.StudyInstanceUID")
+    assert item_attributes(sh, in_item) == before  # the input's item is untouched
+    # a second run into the same node keeps its place and number
+    DenoiseLogicBase().process(node, out, modality="ct", method="gaussian", noiseLevel=25.0)
+    assert sh.GetItemByDataNode(out) == item and sh.GetItemAttribute(item, "DICOM.SeriesNumber") == "2002"
+
+
+def test_uncertainty_map_goes_into_the_study_too(scene, loaded_small_ct):
+    """The logic's store step with an uncertainty array (what a network run returns; stubbed here
+    with arrays so no network runs): both nodes are new series of the study, numbers distinct."""
+    from DualNetDenoiseLib import nodes
+    from DualNetDenoiseLib.logic import DenoiseLogicBase
+
+    node, study = loaded_small_ct
+    logic = DenoiseLogicBase()
+    params = logic._parameters("ct", "dualnet", None, None, "cpu", False, True)
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out")
+    arr = nodes.array_from_node(node).astype(np.float32)
+    unc = logic._store(node, out, nodes.get_ijk_to_ras(node), arr, params, {"sigma": 25.0}, np.ones_like(arr))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    a, b = (item_attributes(sh, sh.GetItemByDataNode(n)) for n in (out, unc))
+    assert all(sh.GetItemParent(sh.GetItemByDataNode(n)) == study for n in (out, unc))
+    assert a["DICOM.SeriesDescription"].startswith("Denoised (dualnet")
+    assert b["DICOM.SeriesDescription"].startswith("Uncertainty (dualnet")
+    assert len({a["DICOM.SeriesNumber"], b["DICOM.SeriesNumber"], "2", "1002"}) == 4
+
+
+def test_denoise_logic_leaves_a_scene_without_dicom_alone(scene):
+    """No DICOM input, no subject hierarchy: the logic adds none (and no study item)."""
+    from DualNetDenoiseLib import nodes
+    from DualNetDenoiseLib.logic import DenoiseLogicBase
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "plain")
+    nodes.update_node_from_array(node, np.random.default_rng(0).normal(100, 10, (3, 16, 16)).astype(np.float32),
+                                 np.eye(4))
+    out = DenoiseLogicBase().process(node, None, modality="mri", method="gaussian", noiseLevel=5.0)
+    assert out is not None and scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") is None
 
 
 def test_input_not_from_dicom_is_left_alone(scene):

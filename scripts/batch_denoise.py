@@ -6,14 +6,23 @@ inside Slicer without a window::
 
     python scripts/batch_denoise.py IN_DIR OUT_DIR --method bm4d --modality mri
     Slicer --no-main-window --python-script scripts/batch_denoise.py -- IN_DIR OUT_DIR --method gaussian
+    python scripts/batch_denoise.py STUDY_DIR OUT_DIR --dicom --method bm4d [--send AET@HOST:PORT]
 
 Each input ``name.ext`` gives ``OUT_DIR/name_<method>.nrrd`` (``--format`` to change);
 ``OUT_DIR/summary.csv`` lists input, output, status, seconds, noise sigma and any error.
+With ``--dicom`` every CT / MR series found under IN_DIR (nested folders, an exported study) is
+written as a new derived DICOM series in ``OUT_DIR/<NNN>_<modality>_<description>/`` (see
+``dualnet.dicom_out``), its noise model taken from the DICOM Modality tag unless ``--modality``
+is given; non-image objects (SR, RT, presentation states) are skipped; summary.csv has one row
+per series and per skipped object. OUT_DIR must be new or empty (nothing is overwritten).
+``--send`` then stores the written series with C-STORE.
 One failing volume does not stop the batch. Every failure ends the process (also inside Slicer,
 through ``slicer.util.exit``) with one line on stderr and an exit code: 0 all done, 1 a volume
-or the script failed, 2 bad arguments or folders, 3 a Python package is missing (named, with how
-to install it; an interactive Slicer offers to install it), 130 interrupted.
-Only the core (``dualnet.io``, ``dualnet.api``) and ``DualNetDenoiseLib.dependencies`` are used, no MRML nodes.
+or the script failed (also: ``--send`` did not store every instance; the files are kept),
+2 bad arguments or folders, 3 a Python package is missing (named, with how to install it; an
+interactive Slicer offers to install it), 130 interrupted.
+Only the core (``dualnet.io``, ``dualnet.api``, ``dualnet.dicom_out``, ``dualnet.dicom_send``) and
+``DualNetDenoiseLib.dependencies`` are used, no MRML nodes.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ if (_CORE / "dualnet").is_dir() and str(_CORE) not in sys.path:
     sys.path.insert(0, str(_CORE))
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
-CSV_FIELDS = ["input", "output", "status", "method", "modality", "shape_zyx", "spacing_xyz", "sigma", "seconds", "error"]
+#: the last three are filled by --dicom: source series, new Series Instance UID, skip reason / modality note
+CSV_FIELDS = ["input", "output", "status", "method", "modality", "shape_zyx", "spacing_xyz", "sigma", "seconds",
+              "error", "series", "derived_series_uid", "note"]
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING_PACKAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -138,15 +149,21 @@ def parse_args(argv):
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
     parser.add_argument("output_dir", type=Path, help="folder for results (created); must differ from input_dir")
     parser.add_argument("--method", default="dualnet", help="dualnet, bm4d, bm3d, nlm, gaussian, median, diffusion")
-    parser.add_argument("--modality", default="mri", choices=["mri", "ct", "us"])
+    parser.add_argument("--modality", default=None, choices=["mri", "ct", "us"],
+                        help="noise model (default mri; with --dicom: from each series' DICOM Modality tag)")
     parser.add_argument("--sigma", type=float, default=None, help="noise sigma in image units (classical methods); default estimated")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (network only)")
-    parser.add_argument("--format", default=".nrrd", choices=[".nrrd", ".nii.gz", ".mha", "same"],
+    parser.add_argument("--format", default=None, choices=[".nrrd", ".nii.gz", ".mha", "same"],
                         help="output format (default .nrrd; 'same' keeps the input's, DICOM -> .nrrd)")
     parser.add_argument("--csv", type=Path, default=None, help="summary CSV (default OUT_DIR/summary.csv)")
     parser.add_argument("--overwrite", action="store_true", help="redo volumes whose output exists")
+    parser.add_argument("--dicom", action="store_true",
+                        help="write every CT/MR series found (nested folders) as a new derived DICOM series "
+                             "in OUT_DIR/<NNN>_<modality>_<description>/")
+    parser.add_argument("--send", metavar="AET@HOST:PORT", default=None,
+                        help="with --dicom: store the written series on this DICOM node (C-STORE)")
     return parser.parse_args(argv)
 
 
@@ -157,6 +174,10 @@ def run(args) -> int:
     if args.output_dir.resolve() == args.input_dir.resolve():
         print("batch_denoise: output folder must differ from the input folder", file=sys.stderr)
         return 2
+    if args.dicom or args.send:
+        return run_dicom(args)
+    args.modality = args.modality or "mri"
+    args.format = args.format or ".nrrd"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     inputs = find_inputs(args.input_dir)
     if not inputs:
@@ -216,6 +237,151 @@ def denoise_all(args, inputs, rows) -> int:
             print(f"  failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
     return failed
+
+
+# ----------------------------------------------------------------------------- --dicom
+def dicom_usage_error(args) -> str:
+    """One line saying why the options do not fit ``--dicom`` ('' when they do)."""
+    if not args.dicom:
+        return "--send needs --dicom (only DICOM output can be sent)"
+    if args.format is not None:
+        return "--format does not apply to --dicom (the result is a DICOM series)"
+    if args.overwrite:
+        return "--overwrite does not apply to --dicom (each derived series goes into a new subfolder)"
+    return ""
+
+
+def check_dicom_folders(args):
+    """The parsed ``--send`` node (or None); refuses an output folder inside or around the input, or not empty.
+
+    Raises:
+        dualnet.errors.InputError: one line (bad node, overlapping folders, earlier results there).
+    """
+    from dualnet.dicom_out import path_inside
+    from dualnet.errors import InputError
+
+    out = args.output_dir
+    if path_inside(out, args.input_dir) or path_inside(args.input_dir, out):
+        raise InputError(f"{out}: output folder must not be, contain or lie inside the input folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out}: output folder is not empty; choose a new or empty folder "
+                         "(derived series are never overwritten)")
+    if not args.send:
+        return None
+    import pynetdicom  # noqa: F401 - a missing package is named (exit 3) before any work
+
+    from dualnet.dicom_send import parse_node
+
+    return parse_node(args.send)
+
+
+def run_dicom(args) -> int:
+    """``--dicom``: one derived series per source series, summary rows, optional C-STORE."""
+    usage = dicom_usage_error(args)
+    if usage:
+        print(f"batch_denoise: {usage}", file=sys.stderr)
+        return EXIT_USAGE
+    from dualnet.errors import InputError
+
+    try:
+        node = check_dicom_folders(args)
+    except InputError as err:
+        print(f"batch_denoise: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_dependencies(args.method)
+    try:
+        report = denoise_dicom(args)
+    except InputError as err:  # no image series found, unusable output folder
+        print(f"batch_denoise: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    return finish_dicom(args, report, node)
+
+
+def finish_dicom(args, report, node) -> int:
+    """Summary CSV and lines of a ``--dicom`` run, failures on stderr, then the optional C-STORE."""
+    csv_path = args.csv or (args.output_dir / "summary.csv")
+    write_summary(csv_path, dicom_rows(report, args))
+    for line in report.summary_lines()[len(report.outcomes):]:
+        print(line, flush=True)
+    missing = next((o for o in report.outcomes if o.missing_package), None)
+    if missing is not None:  # as for volume files: every further series would fail the same way
+        raise MissingPackage(series_error(missing))
+    failed = [o for o in report.outcomes if o.status != "ok"]
+    for o in failed:
+        print(f"  failed: {o.source.folder}: {o.error}", file=sys.stderr, flush=True)
+    code = EXIT_FAILED if failed else EXIT_OK
+    if node is not None and report.written_files:
+        code = send_series(report.written_files, node) or code
+    print(json.dumps({"volumes": len(report.outcomes), "skipped": sum(s.dicom for s in report.skipped),
+                      "failed": len(failed), "csv": str(csv_path)}), flush=True)
+    return code
+
+
+def denoise_dicom(args):
+    """:func:`dualnet.dicom_out.denoise_dicom_folder` on the input folder, one subfolder per series."""
+    from dualnet.dicom_out import denoise_dicom_folder
+
+    kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
+    if args.method == "dualnet":
+        kwargs.update(model=args.model, tta=args.tta)
+    return denoise_dicom_folder(args.input_dir, args.output_dir, layout="subfolders",
+                                log=lambda line: print(line, flush=True), **kwargs)
+
+
+def dicom_rows(report, args) -> list:
+    """Summary rows: one per source series (ok or failed), then one per skipped DICOM object."""
+    rows = []
+    for o in report.outcomes:
+        d = o.derived
+        rows.append({"input": str(o.source.folder or o.source.files[0].parent), "output": str(d.folder) if d else "",
+                     "status": o.status, "method": args.method, "modality": o.modality or args.modality or "",
+                     "shape_zyx": derived_shape(o), "sigma": o.info.get("sigma", ""), "seconds": f"{o.seconds:.2f}",
+                     "error": series_error(o), "series": o.source.label(),
+                     "derived_series_uid": d.series_uid if d else "", "note": o.info.get("modality_note", "")})
+    for s in report.skipped:
+        if s.dicom:
+            note = f"{s.count} files: {s.reason}" if s.count > 1 else s.reason
+            rows.append({"input": str(s.path), "status": "skipped", "method": args.method, "note": note})
+    return rows
+
+
+def series_error(outcome) -> str:
+    """The error of a series outcome; a failed import names the package and how to install it."""
+    if not outcome.missing_package:
+        return outcome.error
+    name = outcome.missing_package
+    return missing_package_message(ModuleNotFoundError(f"No module named '{name}'", name=name))
+
+
+def derived_shape(outcome) -> str:
+    """``ZxYxX`` of a written series (slices x rows x columns of its first instance); '' when none."""
+    if outcome.derived is None or not outcome.derived.files:
+        return ""
+    import pydicom
+
+    ds = pydicom.dcmread(str(outcome.derived.files[0]), stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+    return f"{len(outcome.derived.files)}x{ds.Rows}x{ds.Columns}"
+
+
+def send_series(files, node) -> int:
+    """C-STORE ``files`` to ``node``: one status line each; EXIT_FAILED (one line on stderr) unless all stored."""
+    from dualnet.dicom_send import SendError, send_files
+
+    try:
+        statuses = send_files(files, node)
+    except SendError as err:
+        print(f"batch_denoise: error: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    for st in statuses:
+        print(st.line(), flush=True)
+    bad = sum(not st.stored for st in statuses)
+    print(f"sent {len(statuses) - bad}/{len(statuses)} instances to {node}", flush=True)
+    if bad:
+        print(f"batch_denoise: error: {bad} of {len(statuses)} instances not stored on {node}; files kept on disk",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def write_summary(csv_path: Path, rows) -> None:

@@ -2,7 +2,8 @@
 
 Two routes (docs/SLICER.md, "Exporting the result to DICOM"):
 
-* :func:`place_in_source_study` puts the result node's subject-hierarchy item under the study
+* :func:`place_in_source_study` (called by the denoise logic for every result) puts the result
+  node's subject-hierarchy item under the study
   item of its DICOM-loaded input and sets the series attributes (``DICOM.Modality``,
   ``DICOM.SeriesDescription`` "Denoised (<method>, <model>)", a new ``DICOM.SeriesNumber``,
   ``DICOM.FrameOfReferenceUID`` ...) that Slicer's *Export to DICOM* dialog reads, so the
@@ -65,11 +66,15 @@ def source_series_attributes(shNode, itemID) -> Dict[str, str]:
 def place_in_source_study(scene, inputVolume, outputVolume, kind: str = "denoised") -> bool:
     """Put ``outputVolume`` in the study of its DICOM-loaded ``inputVolume``, ready for *Export to DICOM*.
 
-    Returns False (and changes nothing) when the input was not loaded from DICOM (its item has no
-    study parent). Series numbers already used in the study are avoided.
+    Returns False (and changes nothing) when the input was not loaded from DICOM (the scene has no
+    subject hierarchy, or the input's item has no study parent). Series numbers already used in the
+    study are avoided. Called by the denoise logic after every result; ``kind="uncertainty"`` for
+    an uncertainty map.
     """
     from dualnet.dicom_out import slicer_series_attributes
 
+    if scene is None or scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") is None:
+        return False  # nothing was loaded through the DICOM module (and none is created here)
     sh = _sh_node(scene)
     in_item = sh.GetItemByDataNode(inputVolume)
     if not in_item:

@@ -9,6 +9,8 @@ Rules kept here:
   IJK-to-RAS matrix bit for bit;
 * the output is named ``"<input> denoised (<method>)"`` and carries provenance attributes
   ``DualNet.method``, ``DualNet.model``, ``DualNet.parameters`` (JSON), ``DualNet.version``;
+* the results of a DICOM-loaded input go under its study in the subject hierarchy with the series
+  attributes Slicer's *Export to DICOM* reads (:func:`dicomexport.place_in_source_study`);
 * heavy work is the core's (``dualnet``), run in-process or in a child process
   (``worker.py``) whose progress lines are polled.
 """
@@ -16,6 +18,7 @@ Rules kept here:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -200,7 +203,28 @@ class DenoiseLogicBase:
             self._ensureDisplay(uncertaintyVolume, None)
             uncertaintyVolume.SetAttribute(ATTR_METHOD, params["method"])
             uncertaintyVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
+        self._placeInSourceStudy(inputVolume, outputVolume, uncertaintyVolume if uncertaintyArray is not None else None)
         return uncertaintyVolume
+
+    @staticmethod
+    def _placeInSourceStudy(inputVolume, outputVolume, uncertaintyVolume=None) -> bool:
+        """Put the results of a DICOM-loaded input into its study, ready for *Export to DICOM*.
+
+        Nothing happens for other inputs. A failure here costs only the export attributes, never
+        the result: it is logged as a warning.
+        """
+        from . import dicomexport
+
+        try:
+            scene = inputVolume.GetScene()
+            placed = dicomexport.place_in_source_study(scene, inputVolume, outputVolume)
+            if placed and uncertaintyVolume is not None:
+                dicomexport.place_in_source_study(scene, inputVolume, uncertaintyVolume, kind="uncertainty")
+            return placed
+        except Exception as err:  # noqa: BLE001 - the denoised volume is there; DICOM export is extra
+            logging.warning(f"DualNet: result not placed in the DICOM study of '{inputVolume.GetName()}': "
+                            f"{type(err).__name__}: {err}")
+            return False
 
     @staticmethod
     def _ensureDisplay(node, like) -> None:

@@ -286,6 +286,8 @@ class SeriesOutcome:
     info: Dict[str, Any] = field(default_factory=dict)
     error: str = ""
     seconds: float = 0.0
+    #: name of the Python package whose import failed (every further series would fail the same way)
+    missing_package: str = ""
 
     def line(self) -> str:
         if self.status != "ok" or self.derived is None:
@@ -1298,6 +1300,8 @@ def denoise_dicom_folder(
             outcome.error = "out of memory"
         except Exception as err:  # one broken series must not stop the others; reported as failed
             outcome.error = f"unexpected {type(err).__name__}: {err}"
+            if isinstance(err, ImportError):
+                outcome.missing_package = (getattr(err, "name", None) or "?").split(".")[0]
         outcome.seconds = round(time.perf_counter() - start, 3)
         report.outcomes.append(outcome)
         if log:
