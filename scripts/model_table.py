@@ -1,6 +1,9 @@
-"""Print the shipped models' validation numbers (from their cards) as a Markdown table.
+"""Print the shipped models' validation numbers (from their cards) as Markdown tables.
 
-    python scripts/model_table.py            # the README's "Shipped models" table
+    python scripts/model_table.py            # the README's "Shipped models" tables
+
+The numbers are those ``scripts/validate_models.py`` wrote into each card (held-out cases, BM4D /
+BM3D in the same run). The first table is the target setting; the second every level validated.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import json
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "DualNetDenoise" / "dualnet" / "weights"
-SETTING = {"mri": "Rician {:.0%} of max", "ct": "{:.0%} dose", "us": "speckle L = {:g}"}
+SETTING = {"mri": "Rician {:.1%} of max", "ct": "{:.0%} dose", "us": "speckle L = {:g}"}
 
 
 def _budget(training: dict) -> tuple:
@@ -18,19 +21,35 @@ def _budget(training: dict) -> tuple:
     return training.get("steps", "?"), minutes
 
 
-def main() -> None:
-    print("| model | preset, params | trained | held-out data (cases) | setting | noisy PSNR / SSIM | "
-          "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def _design(arch: dict) -> str:
+    ctx = int(arch.get("context", 1))
+    parts = [f"{arch.get('preset')} {'2.5D x' + str(ctx) if ctx > 1 else str(arch.get('dim')) + 'D'}"]
+    if arch.get("noise_map"):
+        parts.append("noise map")
+    return ", ".join(parts)
+
+
+def _setting(modality: str, level: float) -> str:
+    text = SETTING[modality].format(level)
+    return text.replace(".0%", "%")
+
+
+def _cards():
     for card_path in sorted(WEIGHTS.glob("dualnet_*.json")):
         card = json.loads(card_path.read_text(encoding="utf-8"))
-        v = card.get("metrics", {}).get("validation")
-        if not v:
-            continue
+        if card.get("metrics", {}).get("validation"):
+            yield card_path, card
+
+
+def main() -> None:
+    print("| model | design, params | trained | held-out data (cases) | setting | noisy PSNR / SSIM | "
+          "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D, whole / foreground |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for card_path, card in _cards():
+        v = card["metrics"]["validation"]
         t = card.get("training", {})
-        arch = card.get("architecture", {})
-        m = v["mean"]
-        s = v["setting"]
+        m, s = v["mean"], v["setting"]
+        base = "bm4d" if "bm4d" in m else next(k for k in m if k not in ("noisy", "dualnet"))
         steps, minutes = _budget(t)
         init = card.get("initialised_from") or {}
         if init:  # continued training: count the run it started from too
@@ -38,13 +57,28 @@ def main() -> None:
             steps, minutes = f"{s0} + {steps}", f"{m0:.0f} + {minutes:.0f}"
         else:
             minutes = f"{minutes:.0f}"
-        print(f"| `{card_path.stem}` | {arch.get('preset')} {arch.get('dim')}D, {card.get('parameters', '?')} | "
+        d, b = m["dualnet"], m[base]
+        print(f"| `{card_path.stem}` | {_design(card.get('architecture', {}))}, {card.get('parameters', '?')} | "
               f"{steps} steps, {minutes} min CPU | {', '.join(s['data'])} ({s['cases']}) | "
-              f"{SETTING[s['modality']].format(s['level'])}, LR x{s['lr_factor']} | "
+              f"{_setting(s['modality'], s['level'])}, LR x{s['lr_factor']} | "
               f"{m['noisy']['psnr']:.2f} / {m['noisy']['ssim']:.3f} | "
-              f"{m['dualnet']['psnr']:.2f} / {m['dualnet']['ssim']:.3f} ({m['dualnet']['seconds']:.1f}) | "
-              f"{m['bm4d']['psnr']:.2f} / {m['bm4d']['ssim']:.3f} ({m['bm4d']['seconds']:.1f}) | "
-              f"{v['psnr_gain_vs_baseline_db']:+.2f} dB |")
+              f"{d['psnr']:.2f} / {d['ssim']:.3f} ({d['seconds']:.1f}) | "
+              f"{b['psnr']:.2f} / {b['ssim']:.3f} ({b['seconds']:.1f}) | "
+              f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} dB |")
+    print()
+    print("| model | level | noisy PSNR | DUAL-NET PSNR / SSIM | BM4D PSNR / SSIM | DUAL-NET - BM4D whole / fg (dB) "
+          "| CT window [-160, 240] HU: DUAL-NET / BM4D PSNR |")
+    print("|---|---|---|---|---|---|---|")
+    for card_path, card in _cards():
+        modality = card["metrics"]["validation"]["setting"]["modality"]
+        for lev in card["metrics"].get("validation_levels", []):
+            m = lev["mean"]
+            base = "bm4d" if "bm4d" in m else next(k for k in m if k not in ("noisy", "dualnet"))
+            d, b = m["dualnet"], m[base]
+            win = (f"{d['psnr_win']:.2f} / {b['psnr_win']:.2f}" if "psnr_win" in d else "")
+            print(f"| `{card_path.stem}` | {_setting(modality, lev['level'])} | {m['noisy']['psnr']:.2f} | "
+                  f"{d['psnr']:.2f} / {d['ssim']:.3f} | {b['psnr']:.2f} / {b['ssim']:.3f} | "
+                  f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} | {win} |")
 
 
 if __name__ == "__main__":

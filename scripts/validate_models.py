@@ -6,8 +6,10 @@ setting (MRI Rician 5 % of max, CT 25 % dose, ultrasound L = 4) and at any ``--l
 Every model and BM4D (with its modality transform; BM3D for 2D ultrasound frames) denoise the
 same noisy images; PSNR / SSIM against the clean low-resolution image with data range = clean
 max - min, on the whole image and on the foreground mask (``metrics.foreground_mask``); CT also
-in the [-160, 240] HU window (both images clipped to the window, data range 400 HU). The case
-(volume, or 2D image) is the unit; the tables give means over cases.
+in the [-160, 240] HU window (both images clipped to the window, data range 400 HU). For
+DUAL-NET also the NEB's noise map against the true noise std of the simulation (ratio of the
+foreground means) and its confidence map's foreground mean and spread. The case (volume, or 2D
+image) is the unit; the tables give means over cases.
 
     python scripts/validate_models.py DualNetDenoise/dualnet/weights/dualnet_mri.safetensors \\
         --config DualNetDenoise/dualnet/configs/pretrain_mri.toml [--levels 0.02 0.05 0.1] [--no-write]
@@ -37,8 +39,9 @@ from dualnet.api import denoise_volume  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, atomic_write_bytes  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
-from dualnet.modelfile import card_path, read_card  # noqa: E402
-from dualnet.noise import DEFAULT_LEVELS  # noqa: E402
+from dualnet.inference import denoise_array  # noqa: E402
+from dualnet.modelfile import card_path, load_model, read_card  # noqa: E402
+from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
 from dualnet.training.data import read_source, resolve_path  # noqa: E402
 
@@ -59,6 +62,14 @@ def scores(ref: np.ndarray, out: np.ndarray, modality: str) -> dict:
         res["psnr_win"] = psnr(rw, ow, data_range=hi - lo)
         res["ssim_win"] = ssim(rw, ow, data_range=hi - lo)
     return res
+
+
+def neb_maps(res, true_std: np.ndarray, fg: np.ndarray) -> dict:
+    """The NEB's noise map against the true noise std (ratio of the foreground means) and its
+    confidence map's foreground mean and spread."""
+    sig, alpha = res.sigma_map, res.alpha_map
+    return {"neb_sigma_ratio_fg": float(np.mean(sig[fg]) / max(float(np.mean(true_std[fg])), 1e-12)),
+            "alpha_mean_fg": float(np.mean(alpha[fg])), "alpha_std_fg": float(np.std(alpha[fg]))}
 
 
 def validation_images(cfg, data_dir: str, max_cases: int) -> list:
@@ -83,14 +94,23 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
         noisy = Volume(d.noisy_lr.astype(np.float32), tuple(reversed(d.spacing_lr_zyx)))
         ref = d.clean_lr.astype(np.float32)
         row = {"case": Path(name).name, "shape_zyx": list(ref.shape), "noisy": scores(ref, noisy.array, modality)}
-        runs = [(n, "dualnet", {"model": m, "device": "cpu"}) for n, m in zip(names, models)]
+        runs = [(n, "dualnet", {"model": m}) for n, m in zip(names, models)]
         if baseline != "none":
             runs.append((baseline, baseline, {}))
+        true_std = noise_std_map(ref, modality, level)
+        fg = foreground_mask(ref, modality)
         for label, method, kw in runs:
             t = time.perf_counter()
-            out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
+            if method == "dualnet":  # the core's inference directly, to read the NEB maps too
+                net, card = load_model(kw["model"], "cpu")
+                res = denoise_array(noisy.array, net, card, device="cpu", modality=modality)
+                out = res.denoised
+            else:
+                out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
             row[label] = scores(ref, out, modality)
             row[label]["seconds"] = time.perf_counter() - t
+            if method == "dualnet" and res.sigma_map is not None:
+                row[label].update(neb_maps(res, true_std, fg))
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
@@ -98,6 +118,10 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     labels = ["noisy"] + [r[0] for r in runs]
     keys = KEYS + (("psnr_win", "ssim_win") if modality == "ct" else ())
     summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
+    for m in labels[1:]:
+        for k in ("neb_sigma_ratio_fg", "alpha_mean_fg", "alpha_std_fg"):
+            if all(k in r[m] for r in rows):
+                summary[m][k] = round(float(np.mean([r[m][k] for r in rows])), 4)
     for m in labels[1:]:
         summary[m]["seconds"] = round(float(np.mean([r[m]["seconds"] for r in rows])), 2)
     return {"level": level, "mean": summary, "per_case": rows}
