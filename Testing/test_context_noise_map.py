@@ -132,3 +132,26 @@ def test_train_then_denoise_with_estimated_noise_model(tmp_path, mri_crop):
     ft = finetune([(noisy, (1.0, 1.0, 1.0))], res.model_path, tmp_path / "ft.safetensors", ft_cfg)
     _, ft_card = modelfile.load_model(ft.model_path, "cpu")
     assert ft_card["architecture"] == card["architecture"] and ft_card["stage"] == "finetune"
+
+
+def test_ct_fill_values_pass_through_and_are_air_for_the_network():
+    """Scanner fill values (-3024 HU outside the field of view) never reach the network (it was
+    trained on air there, as degrade() raises them to -1024 HU) and come out unchanged."""
+    from dualnet.degrade import degrade
+    from dualnet.inference import denoise_array
+
+    seen = []
+
+    class Recorder(CentreModel):
+        def forward(self, x):
+            seen.append(float(x.min()))
+            return super().forward(x)
+
+    vol = np.full((3, 24, 24), 40.0, np.float32)
+    vol[:, :, :4] = -3024.0
+    card = {"modality": "ct", "normalisation": {"method": "hu_window", "hu_low": -1000.0, "hu_high": 1000.0}}
+    res = denoise_array(vol, Recorder(0, 1, False), card, device="cpu")
+    assert np.all(res.denoised[:, :, :4] == -3024.0) and np.allclose(res.denoised[:, :, 4:], 40.0, atol=1e-3)
+    assert min(seen) >= (-1024.0 + 1000.0) / 2000.0 - 1e-6
+    d = degrade(vol, "ct", 0.25, lr_factor=1, rng=0)
+    assert float(d.clean_lr.min()) == -1024.0  # the reference is air, as the simulated scan is

@@ -29,6 +29,14 @@ def _design(arch: dict) -> str:
     return ", ".join(parts)
 
 
+def _data(paths: list) -> str:
+    """Validation sources, files of one folder collapsed to ``folder/ (n files)``."""
+    groups: dict = {}
+    for p in paths:
+        groups.setdefault(str(Path(p).parent) if p.endswith((".nii.gz", ".png", ".nrrd", ".mha")) else p, []).append(p)
+    return ", ".join(", ".join(v) if len(v) <= 2 else f"{k}/ ({len(v)} files)" for k, v in groups.items())
+
+
 def _setting(modality: str, level: float) -> str:
     text = SETTING[modality].format(level)
     return text.replace(".0%", "%")
@@ -59,7 +67,7 @@ def main() -> None:
             minutes = f"{minutes:.0f}"
         d, b = m["dualnet"], m[base]
         print(f"| `{card_path.stem}` | {_design(card.get('architecture', {}))}, {card.get('parameters', '?')} | "
-              f"{steps} steps, {minutes} min CPU | {', '.join(s['data'])} ({s['cases']}) | "
+              f"{steps} steps, {minutes} min CPU | {_data(s['data'])} ({s['cases']}) | "
               f"{_setting(s['modality'], s['level'])}, LR x{s['lr_factor']} | "
               f"{m['noisy']['psnr']:.2f} / {m['noisy']['ssim']:.3f} | "
               f"{d['psnr']:.2f} / {d['ssim']:.3f} ({d['seconds']:.1f}) | "

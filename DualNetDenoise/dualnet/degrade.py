@@ -23,6 +23,11 @@ from .errors import InputError
 from .io import Volume
 from .noise import DEFAULT_LEVELS, MODALITIES, RngLike, add_noise, as_generator, mri_sigma_from_level
 
+#: CT values below this (scanner fill values outside the field of view, e.g. -2048 or -3024 HU)
+#: are set to it before simulating: the Poisson-Gaussian model cannot represent less than air,
+#: so the clean reference would otherwise differ from any denoised result by thousands of HU there.
+CT_FLOOR_HU: float = -1024.0
+
 FactorLike = Union[int, Sequence[int]]
 _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
@@ -124,7 +129,8 @@ def degrade(
     """Simulate a low-resolution noisy acquisition of ``clean`` (see the module docstring).
 
     Args:
-        clean: HR clean image, (z, y, x) or (y, x), file units (MRI a.u., CT HU, US 0..255).
+        clean: HR clean image, (z, y, x) or (y, x), file units (MRI a.u., CT HU, US 0..255);
+            CT values below :data:`CT_FLOOR_HU` (fill values) are raised to it first.
         modality: ``"mri"``, ``"ct"`` or ``"us"``.
         level: noise level in :func:`dualnet.noise.add_noise` units (``None`` = default).
             For MRI the sigma is ``level * clean_lr.max()``.
@@ -143,6 +149,8 @@ def degrade(
     if not np.isfinite(arr).all():
         raise InputError("degrade needs finite voxel values (found NaN or Inf)")
     lev = DEFAULT_LEVELS[m] if level is None else float(level)
+    if m == "ct":  # fill values outside the scan field (-2048, -3024) are not attenuation: air
+        arr = np.maximum(arr, np.asarray(CT_FLOOR_HU, dtype=arr.dtype))
     f = lr_factors(arr.ndim, lr_factor, anisotropy)
     clean_lr, clean_hr = downsample(arr, f, blur_fwhm)
     noisy = add_noise(clean_lr, m, lev, as_generator(rng)).astype(np.float32)

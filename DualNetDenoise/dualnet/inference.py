@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .degrade import CT_FLOOR_HU
 from .errors import InputError, ModelError
 from .progress import CancelToken, ProgressFn, check_cancel, report
 
@@ -281,6 +282,10 @@ def denoise_array(
     vol = arr[None] if arr.ndim == 2 else arr
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
+    vol_in = vol
+    fill = _ct_fill(vol, modality or (card or {}).get("modality"))
+    if fill is not None:  # scanner fill values: the network sees air there, the output keeps them
+        vol = np.where(fill, np.float32(CT_FLOOR_HU), vol).astype(np.float32)
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
     xn, norm_params = normalise(vol, spec)
     nmap = None
@@ -350,7 +355,10 @@ def denoise_array(
 
     squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
     scale = norm_params["scale"]
-    denoised = squeeze(denormalise(outputs["out"], norm_params))
+    denoised_vol = denormalise(outputs["out"], norm_params)
+    if fill is not None:
+        denoised_vol[fill] = vol_in[fill]
+    denoised = squeeze(denoised_vol)
     unc = outputs.get("unc")
     sigma = outputs.get("sigma")
     alpha = outputs.get("alpha")
@@ -403,6 +411,18 @@ def _tile_shape(tile: TileArg, dim: int, arch: Dict[str, Any], dev: Any,
 def _batches(items: List[Any], size: int) -> Iterator[List[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def _ct_fill(vol: np.ndarray, modality: Optional[str]) -> Optional[np.ndarray]:
+    """Mask of CT fill values outside the scan field (below ``estimate.CT_PADDING_HU``), or None
+    when the data are not CT or have none. Training never shows the network such values
+    (``degrade`` raises them to air), so inference does the same and keeps them in the output."""
+    if modality != "ct":
+        return None
+    from .estimate import CT_PADDING_HU
+
+    mask = vol < CT_PADDING_HU
+    return mask if mask.any() else None
 
 
 def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: int
