@@ -57,7 +57,8 @@ def assess(args, progress) -> None:
         rows.append(f"{lab},{dice[lab]:.6f},{int((a.array == lab).sum())},{int((b.array == lab).sum())}")
     mean = sum(dice.values()) / len(dice) if dice else float("nan")
     if args.outputTable:
-        atomic_write_bytes(args.outputTable, ("\n".join(rows) + "\n").encode("utf-8"))
+        atomic_write_bytes(args.outputTable, ("\n".join(rows) + "\n").encode("utf-8"),
+                           inputs=[args.labelA, args.labelB])
     print("\n".join(rows), flush=True)
     write_return_parameters(args.returnparameterfile, {"meanDice": f"{mean:.6f}"})
 

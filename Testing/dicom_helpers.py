@@ -9,8 +9,10 @@ A missing tool makes the test FAIL with the package to install (never a silent s
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
+import sys
 import subprocess
 import warnings
 from collections import Counter
@@ -28,7 +30,11 @@ class DicomValidatorWarning(UserWarning):
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """Path of the Debian tool ``name``; the virtual environment's bin folder is skipped, since
+    pynetdicom installs Python apps of the same names (``storescp``, ``echoscu``, ...) there."""
+    venv_bin = os.path.dirname(sys.executable)
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.abspath(d) != os.path.abspath(venv_bin)]
+    path = shutil.which(name, path=os.pathsep.join(dirs))
     if not path:
         pytest.fail(f"{name} not found: install the Debian package {TOOLS.get(name, name)} "
                     f"(apt-get install -y {TOOLS.get(name, name)}); .ci/run does this before the tests")

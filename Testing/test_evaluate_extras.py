@@ -19,6 +19,8 @@ from test_evaluate import synthetic_study
 
 REPO = Path(__file__).resolve().parents[1]
 MRI_MODEL = REPO / "DualNetDenoise" / "dualnet" / "weights" / "dualnet_mri.safetensors"
+# the report mechanics of ablations: a model that needs no noise model of its (synthetic) input
+ABLATION_MODEL = REPO / "DualNetDenoise" / "dualnet" / "weights" / "ablation" / "dualnet_mri_ref.safetensors"
 
 
 def _read_csv(path: Path):
@@ -108,8 +110,9 @@ def test_inference_returns_neb_maps_in_input_units():
 
     net, card = modelfile.load_model(MRI_MODEL, device="cpu")
     x = np.random.default_rng(0).normal(100.0, 10.0, (3, 24, 24)).astype(np.float32)
-    a = inference.denoise_array(x, net, card, device="cpu")
-    b = inference.denoise_array(10 * x, net, card, device="cpu")
+    # the shipped model takes the noise model of its input: variance 10^2, then 100^2 for 10 x
+    a = inference.denoise_array(x, net, card, device="cpu", noise_coef=(100.0, 0.0, 0.0))
+    b = inference.denoise_array(10 * x, net, card, device="cpu", noise_coef=(10000.0, 0.0, 0.0))
     for arr in (a.denoised, a.sigma_map, a.alpha_map):
         assert arr.shape == x.shape and arr.dtype == np.float32 and np.isfinite(arr).all()
     assert 0 <= a.alpha_map.min() <= a.alpha_map.max() <= 1 and a.sigma_map.min() > 0
@@ -199,12 +202,12 @@ ABLATIONS = f"""
 [methods.dualnet_ref]
 kind = "network"
 ablation = true
-model = {{ mri = "{MRI_MODEL.as_posix()}" }}
+model = {{ mri = "{ABLATION_MODEL.as_posix()}" }}
 description = "full model, ablation budget"
 [methods.dualnet_noneb]
 kind = "network"
 ablation = true
-model = {{ mri = "{MRI_MODEL.as_posix()}" }}
+model = {{ mri = "{ABLATION_MODEL.as_posix()}" }}
 [methods.dualnet_nonl]
 kind = "network"
 ablation = true

@@ -176,8 +176,9 @@ def test_cuda_oom_halves_tiles_then_falls_back_to_cpu(monkeypatch):
     import dualnet.inference as inf
 
     class FakeCudaModel(Identity):
-        def to(self, dev):  # CPU-only torch cannot move to CUDA
-            self.dev = torch.device(dev)
+        def to(self, dev=None, **kwargs):  # CPU-only torch cannot move to CUDA; layout changes are no-ops
+            if dev is not None:
+                self.dev = torch.device(dev)
             return self
 
     tiles_tried = []

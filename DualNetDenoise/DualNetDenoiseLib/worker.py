@@ -100,14 +100,16 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     _print_progress(0.0, "reading input")
     volume = read_volume(job["input"])
     out, unc, info = run_denoise(volume, progress=_print_progress, **params)
+    outputs = [job["output"], job.get("uncertainty_output")]
     write_volume(out, job["output"], inputs=[job["input"]])
     if unc is not None and job.get("uncertainty_output"):
-        write_volume(unc, job["uncertainty_output"], inputs=[job["input"]])
+        write_volume(unc, job["uncertainty_output"], inputs=[job["input"]], outputs=outputs[:1])
     info = jsonable(info)
     if job.get("info_output"):
         from dualnet.io import atomic_write_bytes
 
-        atomic_write_bytes(job["info_output"], json.dumps(info, indent=1).encode("utf-8"))
+        atomic_write_bytes(job["info_output"], json.dumps(info, indent=1).encode("utf-8"), inputs=[job["input"]],
+                           outputs=outputs)
     _print_progress(1.0, "done")
     return info
 

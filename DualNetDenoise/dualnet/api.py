@@ -112,6 +112,9 @@ def denoise_volume(
     modality = check_modality(modality)
     method = str(method).lower()
     arr = validate_input(volume)
+    src = volume.path or "input volume"
+    check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
+                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, "modality": modality, "input_shape_zyx": list(arr.shape)}
@@ -128,18 +131,70 @@ def denoise_volume(
 
         if method not in baselines.METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(all_methods())}")
-        if tta or uncertainty:
-            raise InputError(f"--tta and --uncertainty apply to the network only, not to {method}")
         if sigma is None:
-            sigma = _estimate_sigma(arr, modality)
+            try:
+                sigma = _estimate_sigma(arr, modality)
+            except InputError as err:
+                raise InputError(f"{src}: {err}") from None
             info["sigma_estimated"] = True
         info["sigma"] = float(sigma)
         out = baselines.denoise(
             arr, method, modality, sigma=sigma, spacing_zyx=volume.spacing_zyx, progress=progress, cancel=cancel
         )
+    _check_result(out, src, method, info)
+    if unc_volume is not None:
+        _check_result(unc_volume.array, src, method, info, what="uncertainty map")
     info["seconds"] = round(time.perf_counter() - start, 3)
     report(progress, 1.0, "done")
     return DenoiseResult(volume.with_array(np.asarray(out, dtype=np.float32)), unc_volume, info)
+
+
+#: Smallest ``tile``: smaller tiles are mostly overlap (minutes for a tiny volume).
+MIN_TILE = 16
+#: Plausible ``sigma`` for classical methods: this fraction of the intensity span (MRI, CT) ...
+SIGMA_SPAN = (1e-6, 10.0)
+#: ... and, for ultrasound, the relative speckle std 1 / sqrt(looks).
+SIGMA_US = (1e-3, 10.0)
+
+
+def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
+                  tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False) -> None:
+    """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
+    if method != "dualnet" and (tta or uncertainty):
+        raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
+    if tile is not None:
+        sides = [tile] if np.isscalar(tile) else list(tile)
+        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < MIN_TILE for t in sides):
+            raise InputError(f"{src}: --tile must be whole voxels >= {MIN_TILE}, got {tile!r}")
+    if uncertainty and (not isinstance(mc_samples, (int, np.integer)) or mc_samples < 2):
+        raise InputError(f"{src}: --uncertainty needs --mc-samples >= 2 (the map is their spread), got {mc_samples!r}")
+    if sigma is None or method == "dualnet":
+        return
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise InputError(f"{src}: --sigma must be a positive number, got {sigma!r}")
+    if modality == "us":
+        lo, hi, unit = SIGMA_US[0], SIGMA_US[1], "relative speckle std 1/sqrt(looks)"
+    else:
+        span = float(np.max(arr)) - float(np.min(arr))
+        if not span > 0:
+            return
+        lo, hi, unit = SIGMA_SPAN[0] * span, SIGMA_SPAN[1] * span, f"image units; intensity span {span:.4g}"
+    if not lo <= sigma <= hi:
+        raise InputError(f"{src}: --sigma {sigma:g} is outside the plausible range {lo:.3g} to {hi:.3g} ({unit})")
+
+
+def _check_result(out: np.ndarray, src: str, method: str, info: Dict[str, Any], what: str = "result") -> None:
+    """Refuse a result holding NaN / Inf, naming the cause, so it is never written."""
+    arr = np.asarray(out)
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = int(arr.size - np.count_nonzero(finite))
+    if method == "dualnet":
+        raise ModelError(f"{info.get('model', 'model')}: the network gave {bad} NaN or Inf voxels in the {what} "
+                         f"for {src} (broken weights or a degenerate normalisation in its card)")
+    raise InputError(f"{src}: {method} gave {bad} NaN or Inf voxels in the {what} "
+                     f"(sigma {info.get('sigma', 'auto')}); try another --sigma or method")
 
 
 def _estimate_sigma(arr: np.ndarray, modality: str) -> float:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import sys
+from io import StringIO
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -19,12 +21,57 @@ import numpy as np
 
 from . import __version__
 from .errors import CancelledError, DualNetError
-from .io import check_output_path, read_volume, write_volume
+from .io import atomic_write_bytes, check_output_format, check_output_path, read_volume, write_volume
 
 LEVEL_HELP = (
     "noise level: MRI = Rician sigma as a fraction of the clean maximum (0.05 = 5%%); "
     "CT = dose fraction of the full dose (0.25 = 25%%); US = number of looks L of the Gamma speckle (4)"
 )
+
+
+# ----------------------------------------------------------------------------- arguments
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line ``dualnet: error: <command>: <problem>`` (exit 2)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        where = self.prog.split()[-1] if " " in self.prog else self.prog
+        self.exit(2, f"dualnet: error: {where}: {message}\n")
+
+
+def _seed(text: str) -> int:
+    """A random seed: a whole number in 0 .. 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number 0..{2**32 - 1}, got {text!r}")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- progress
@@ -85,17 +132,24 @@ def _parse_sigma(text: str):
 
 
 def cmd_denoise(args) -> int:
-    from .api import denoise_volume
+    from .api import check_options, denoise_volume
 
     if args.dicom or args.send:
         return _denoise_dicom(args)
     args.modality = args.modality or "mri"
-    inputs = [args.input]
-    out = check_output_path(args.output, inputs, args.force)
-    extra = [p for p in (args.uncertainty,) if p]
-    for path in extra:
-        check_output_path(path, inputs + [out], False)
+    inputs = [args.input] + _model_files(args.model)
+    out = check_output_path(args.output, inputs[:1], args.force)
+    unc = check_output_path(args.uncertainty, inputs, outputs=[out]) if args.uncertainty else None
+    info_json = (check_output_path(args.info_json, inputs, outputs=[out, unc], formats=None)
+                 if args.info_json else None)
     volume = read_volume(args.input, frame=args.frame)
+    for path in (out, unc):
+        if path is not None:
+            check_output_format(path, volume.ndim)
+    check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
+                  tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta)
+    if args.method == "dualnet":
+        _verify_model(args.model, args.modality)
     bar = ProgressPrinter(f"denoise ({args.method})", _progress_mode(args))
     try:
         result = denoise_volume(
@@ -115,13 +169,31 @@ def cmd_denoise(args) -> int:
     finally:
         bar.close()
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
-    write_volume(result.volume, out, inputs=inputs, force=args.force, dtype=dtype)
-    if args.uncertainty and result.uncertainty is not None:
-        write_volume(result.uncertainty, args.uncertainty, inputs=inputs + [out])
+    write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype)
+    if unc is not None and result.uncertainty is not None:
+        write_volume(result.uncertainty, unc, inputs=inputs, outputs=[out])
     _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
-    if args.info_json:
-        Path(args.info_json).write_text(json.dumps(result.info, indent=2, default=str), encoding="utf-8")
+    if info_json is not None:
+        atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
+                           inputs=inputs, outputs=[out, unc])
     return 0
+
+
+def _verify_model(model: Optional[str], modality: str) -> None:
+    """Load the model once before any progress output, so a bad file fails with one clean line."""
+    from .api import resolve_model_path
+    from .modelfile import load_model
+
+    load_model(resolve_model_path(model, modality), device="cpu")
+
+
+def _model_files(model: Optional[str]) -> List[str]:
+    """A ``--model`` file and its card beside it: inputs no output may overwrite."""
+    if not model:
+        return []
+    from .modelfile import card_path
+
+    return [str(model), str(card_path(model))]
 
 
 def _denoise_dicom(args) -> int:
@@ -182,9 +254,12 @@ def _denoise_dicom(args) -> int:
 
 # ----------------------------------------------------------------------------- degrade
 def _parse_triplet(text: str) -> tuple:
-    parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    if len(parts) not in (1, 2, 3) or any(p < 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected factors >= 1 like '2,1,1' (z,y,x), got {text!r}")
+    try:
+        parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2, 3) or not all(np.isfinite(p) and p >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected finite factors >= 1 like '2,1,1' (z,y,x), got {text!r}")
     return tuple(parts)
 
 
@@ -193,16 +268,18 @@ def cmd_degrade(args) -> int:
     from .noise import DEFAULT_LEVELS
 
     out = check_output_path(args.output, [args.clean], args.force)
-    if args.clean_lr:
-        check_output_path(args.clean_lr, [args.clean, out])
+    lr_out = check_output_path(args.clean_lr, [args.clean], outputs=[out]) if args.clean_lr else None
     volume = read_volume(args.clean, frame=args.frame)
+    for path in (out, lr_out):
+        if path is not None:
+            check_output_format(path, volume.ndim)
     level = DEFAULT_LEVELS[args.modality] if args.level is None else args.level
     noisy, clean_lr = degrade_volume(
         volume, args.modality, level, lr_factor=args.lr_factor, anisotropy=args.anisotropy, seed=args.seed
     )
     write_volume(noisy, out, inputs=[args.clean], force=args.force)
-    if args.clean_lr:
-        write_volume(clean_lr, args.clean_lr, inputs=[args.clean, out])
+    if lr_out is not None:
+        write_volume(clean_lr, lr_out, inputs=[args.clean], outputs=[out])
     _info(args, f"wrote {out}: {args.modality} level {level}, low-resolution factor {args.lr_factor}, "
                 f"spacing {tuple(round(s, 3) for s in noisy.spacing)} mm (x, y, z)")
     return 0
@@ -213,48 +290,93 @@ def cmd_dice(args) -> int:
     from .errors import InputError
     from .metrics import dice_per_label
 
+    out = check_output_path(args.csv, [args.a, args.b], formats=None) if args.csv else None
     a = read_volume(args.a, check_finite=False)
     b = read_volume(args.b, check_finite=False)
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    for vol, name in ((a, args.a), (b, args.b)):
+        _check_label_map(vol, name, chosen=args.labels is not None)
     try:
-        scores = dice_per_label(a, b, labels=labels)
+        scores = dice_per_label(a, b, labels=args.labels)
     except InputError as err:
         raise InputError(f"{args.a} vs {args.b}: {err}") from None
-    rows = [(int(k), float(v)) for k, v in sorted(scores.items())]
+    present = set(np.unique(a.array).tolist()) | set(np.unique(b.array).tolist())
+    rows = [(int(k), float(v) if k in present else None) for k, v in sorted(scores.items())]
     for label, value in rows:
-        print(f"label {label}: Dice {value:.4f}")
-    if args.csv:
-        out = check_output_path_csv(args.csv, [args.a, args.b])
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["label", "dice"])
-            writer.writerows(rows)
-        tmp.replace(out)
+        print(f"label {label}: Dice {value:.4f}" if value is not None
+              else f"label {label}: absent from both maps (Dice undefined)")
+    if out is not None:
+        buf = StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["label", "dice"])
+        writer.writerows((label, "" if value is None else value) for label, value in rows)
+        atomic_write_bytes(out, buf.getvalue().encode("utf-8"), inputs=[args.a, args.b])
     return 0
 
 
-def check_output_path_csv(path: str, inputs: Sequence[str]) -> Path:
-    from .errors import InputError
-    from .io import same_path
+#: More distinct labels than this suggests an intensity image rather than a label map (a warning).
+MAX_LABELS = 255
 
-    out = Path(path)
-    if any(same_path(out, p) for p in inputs):
-        raise InputError(f"{out}: output path is an input file")
-    if not out.parent.exists():
-        raise InputError(f"{out}: output folder {out.parent} does not exist")
-    return out
+
+def _check_label_map(vol, name: str, chosen: bool) -> None:
+    """Refuse non-integer images; warn, unless labels were chosen, about implausibly many labels."""
+    from .errors import InputError
+
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        raise InputError(f"{name}: not a label map (non-integer or NaN values); give integer label images")
+    if not chosen:
+        count = len(np.unique(arr)) - 1
+        if count > MAX_LABELS:
+            print(f"dualnet: warning: {name}: {count:,} non-zero labels; is this an intensity image rather than "
+                  f"a label map? (--labels scores chosen labels only)", file=sys.stderr)
+
+
+def _parse_labels(text: str) -> List[int]:
+    """``--labels 1,2,5`` -> [1, 2, 5]."""
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer labels like 1,2,5, got {text!r}")
+    if not labels:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer labels like 1,2,5, got {text!r}")
+    return labels
 
 
 # ----------------------------------------------------------------------------- estimate
 def cmd_estimate(args) -> int:
+    from .errors import InputError
     from .estimate import estimate_noise
 
     volume = read_volume(args.input, frame=args.frame)
-    est = estimate_noise(volume.array.astype(np.float32), args.modality)
+    try:
+        est = estimate_noise(volume.array.astype(np.float32), args.modality)
+    except InputError as err:
+        raise InputError(f"{args.input}: {err}") from None
     fields = est.__dict__ if hasattr(est, "__dict__") else {"sigma": float(est)}
-    print(json.dumps({k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in fields.items()}))
+    result, undefined = _json_safe(fields)
+    if undefined:
+        result["undefined"] = undefined
+        result["note"] = (f"{', '.join(undefined)} undefined for this image as {args.modality}: the {args.modality} "
+                          "noise model does not fit it (is --modality right?)")
+    print(json.dumps(result, allow_nan=False))
     return 0
+
+
+def _json_safe(fields: dict, prefix: str = ""):
+    """``(fields with non-finite numbers as null, the dotted names of those fields)``: valid JSON."""
+    out, undefined = {}, []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out[key], more = _json_safe(value, f"{prefix}{key}.")
+            undefined += more
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            value = float(value)
+            out[key] = value if np.isfinite(value) else None
+            if out[key] is None:
+                undefined.append(prefix + key)
+        else:
+            out[key] = value
+    return out, undefined
 
 
 # ----------------------------------------------------------------------------- demo
@@ -268,7 +390,7 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dualnet",
         description="Denoise low-resolution MRI, CT and ultrasound volumes with DUAL-NET or classical baselines. "
         "Volumes are read and written with SimpleITK (NRRD, NIfTI, MHA, DICOM folders, PNG) keeping "
@@ -301,13 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network device; auto = CUDA, then MPS, then CPU")
     p.add_argument("--uncertainty", metavar="PATH",
                    help="also write the Monte Carlo dropout standard deviation map (image units)")
-    p.add_argument("--mc-samples", type=int, default=8, help="dropout passes for --uncertainty (default 8)")
+    p.add_argument("--mc-samples", type=_count(2), default=8,
+                   help="dropout passes for --uncertainty, at least 2 (default 8)")
     p.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation (8x slower)")
-    p.add_argument("--tile", type=int, help="sliding-window tile edge in voxels (default: from free memory)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (dropout passes)")
+    p.add_argument("--tile", type=_count(16),
+                   help="sliding-window tile edge in voxels, at least 16 (default: from free memory)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the dropout passes, 0..2^32-1 (default 0)")
     p.add_argument("--dtype", choices=["float32", "input"], default="float32",
                    help="output pixel type: float32 (default) or the input's type (rounded and clipped)")
-    p.add_argument("--frame", type=int, help="for a 4D input, the volume index (0-based) to denoise")
+    p.add_argument("--frame", type=_count(0), help="for a 4D input, the volume index (0-based) to denoise")
     p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as INPUT")
     p.add_argument("--info-json", metavar="PATH", help="write the run's provenance (method, model, seconds) as JSON")
     p.add_argument("--dicom", action="store_true",
@@ -325,15 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Blur (anti-alias), downsample by --lr-factor and add modality noise.")
     p.add_argument("clean", help="clean input volume")
     p.add_argument("output", help="noisy low-resolution output volume")
-    p.add_argument("--modality", required=True, choices=["mri", "ct", "us"])
-    p.add_argument("--level", type=float, help=LEVEL_HELP + " (default: 0.05 / 0.25 / 4)")
-    p.add_argument("--lr-factor", type=int, default=2,
+    p.add_argument("--modality", required=True, choices=["mri", "ct", "us"],
+                   help="noise to add: mri = Rician, ct = Poisson-Gaussian low dose (HU), us = Gamma speckle")
+    p.add_argument("--level", type=_positive_float, help=LEVEL_HELP + " (default: 0.05 / 0.25 / 4)")
+    p.add_argument("--lr-factor", type=_count(1), default=2,
                    help="downsampling factor of the low-resolution grid (default 2; 1 = noise only)")
     p.add_argument("--anisotropy", type=_parse_triplet, default=(1.0, 1.0, 1.0),
                    help="extra per-axis factors z,y,x multiplied into --lr-factor, e.g. 2,1,1 for thick slices")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the noise")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the noise, 0..2^32-1 (default 0)")
     p.add_argument("--clean-lr", metavar="PATH", help="also write the clean low-resolution reference")
-    p.add_argument("--frame", type=int, help="for a 4D input, the volume index (0-based)")
+    p.add_argument("--frame", type=_count(0), help="for a 4D input, the volume index (0-based)")
     p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as CLEAN")
     common(p, progress_json=False)
     p.set_defaults(func=cmd_degrade)
@@ -341,21 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dice", help="per-label Dice between two label maps on the same grid")
     p.add_argument("a", help="reference label map")
     p.add_argument("b", help="test label map (same shape, spacing, origin and direction)")
-    p.add_argument("--labels", help="comma-separated labels (default: all non-zero labels in either)")
-    p.add_argument("--csv", help="write label,dice rows to this CSV file")
+    p.add_argument("--labels", type=_parse_labels,
+                   help="comma-separated integer labels, e.g. 1,2,5 (default: all non-zero labels in either map)")
+    p.add_argument("--csv", metavar="PATH", help="also write label,dice rows to this CSV file (never an input)")
     p.set_defaults(func=cmd_dice)
 
     p = sub.add_parser("estimate", help="estimate the noise level of a volume (JSON)")
-    p.add_argument("input")
-    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"])
-    p.add_argument("--frame", type=int)
+    p.add_argument("input", help="noisy image: NRRD, NIfTI, MHA, PNG file or a DICOM series folder")
+    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"],
+                   help="noise model to fit: mri = Rician sigma, ct = Poisson-Gaussian (HU) as a dose fraction, "
+                        "us = speckle looks (default mri)")
+    p.add_argument("--frame", type=_count(0), help="for a 4D input, the volume index (0-based)")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("demo", help="degrade the bundled sample scan, denoise it, write results and a PNG")
     p.add_argument("--out", default="out/demo", help="output folder (created)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: dualnet if a shipped model exists, and bm4d)")
-    p.add_argument("--level", type=float, default=0.05, help="Rician sigma as a fraction of the maximum")
+    p.add_argument("--level", type=_positive_float, default=0.05,
+                   help="Rician sigma as a fraction of the maximum (default 0.05)")
     common(p, progress_json=False)
     p.set_defaults(func=cmd_demo)
 
@@ -399,6 +528,26 @@ def _add_unavailable(sub, names: Sequence[str], err: ImportError) -> None:
         p.set_defaults(func=fail)
 
 
+class _sigterm_as_interrupt:
+    """While a command runs, SIGTERM stops it like Ctrl-C: temporaries removed, exit 130 (main thread only)."""
+
+    def __enter__(self) -> "_sigterm_as_interrupt":
+        self.old = None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._handler)
+        except (ValueError, OSError, AttributeError):  # not the main thread / no SIGTERM
+            pass
+        return self
+
+    @staticmethod
+    def _handler(signum, frame) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -406,12 +555,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except (CancelledError, KeyboardInterrupt):
         print("dualnet: cancelled; no output written", file=sys.stderr)
         return 130
     except DualNetError as err:
         print(f"dualnet: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file system problem not caught closer to its cause
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"dualnet: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except MemoryError:
         print("dualnet: error: out of memory; try a smaller --tile or another --device", file=sys.stderr)

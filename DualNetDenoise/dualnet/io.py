@@ -8,12 +8,21 @@ atomically (temporary file in the same folder, then rename) and never over an in
 
 from __future__ import annotations
 
+import glob
+import gzip
+import hashlib
 import os
+import re
+import socket
+import struct
+import sys
 import tempfile
+import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -24,6 +33,10 @@ PathLike = Union[str, os.PathLike]
 #: Extensions SimpleITK writes, longest first so ".nii.gz" wins over ".gz".
 WRITABLE_EXTENSIONS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff")
 _INTEGER_2D_FORMATS = (".png",)
+#: Formats that hold one 2D picture without origin, direction or slice spacing: refused for 3D volumes.
+FLAT_FORMATS = (".png", ".tif", ".tiff")
+#: Formats that keep a volume's geometry (offered when a flat format is refused).
+VOLUME_FORMATS = (".nrrd", ".nii.gz", ".mha")
 
 
 @dataclass
@@ -170,23 +183,28 @@ def read_volume(
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    log = _Captured()
     try:
         if p.is_dir():
-            image = _read_dicom_series(p)
+            with quiet_itk() as log:
+                image = _read_dicom_series(p)
         else:
             if p.stat().st_size == 0:
                 raise InputError(f"{p}: file is empty")
-            image = sitk.ReadImage(str(p))
+            if _ext(p) in (".nii", ".nii.gz"):
+                check_nifti_data(p, check_finite=check_finite)
+            with quiet_itk() as log:
+                image = sitk.ReadImage(str(p))
+            _check_read_log(p, log.text)
     except InputError:
         raise
     except RuntimeError as err:
         zero = _header_zero_size(p)
         if zero:
             raise InputError(f"{p}: image has a zero-size axis ({zero})") from None
-        first = str(err).strip().splitlines()
-        detail = next((line for line in first if "ERROR" in line or "Exception" in line), "")
-        detail = detail.split(":")[-1].strip() if detail else "unreadable or truncated image file"
-        raise InputError(f"{p}: cannot read image ({detail or 'unsupported format'})") from None
+        raise InputError(f"{p}: cannot read image ({_read_failure(str(err), log.text)})") from None
+    except OSError as err:
+        raise InputError(f"{p}: cannot read ({err.strerror or err})") from None
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
@@ -219,6 +237,187 @@ def read_volume(
         bad = int((~np.isfinite(vol.array)).sum())
         raise InputError(f"{p}: {bad} voxels are NaN or Inf")
     return vol
+
+
+class _Captured:
+    """Text a C library printed on stderr inside :func:`quiet_itk` (filled when the block ends)."""
+
+    text: str = ""
+
+
+@contextmanager
+def quiet_itk() -> Iterator[_Captured]:
+    """Capture what ITK, GDCM and libtiff print on the process's stderr (file descriptor 2).
+
+    Their messages never reach the terminal; callers turn the relevant ones into one-line errors.
+    """
+    cap = _Captured()
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - closed or replaced stderr
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no stderr descriptor (some embedded interpreters)
+        yield cap
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield cap
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            cap.text = sink.read(1 << 16).decode("utf-8", "replace")
+
+
+def _read_failure(error: str, log: str) -> str:
+    """The cause of a failed read, from SimpleITK's exception and what ITK printed."""
+    text = f"{log}\n{error}"
+    low = text.lower()
+    if "not read completely" in low:  # MetaImage: "ideal = N : actual = M"
+        m = re.search(r"ideal\s*=\s*(\d+)\s*:\s*actual\s*=\s*(\d+)", text)
+        tail = f" ({m.group(1)} bytes expected, {m.group(2)} found)" if m else ""
+        return f"truncated: the voxel data the header promises is not all in the file{tail}"
+    for line in text.splitlines():
+        if "expected" in line and "received" in line or "fread got only" in line:
+            return "truncated: " + line.split(":", 1)[-1].strip().split("[nrrd]")[0].strip(" :")
+    lines = error.strip().splitlines()
+    detail = next((line for line in lines if "ERROR" in line or "Exception" in line), "")
+    detail = detail.split(":")[-1].strip() if detail else "unreadable or truncated image file"
+    return detail or "unsupported format"
+
+
+#: libtiff messages of a file cut short (it then returns the pages it could read, silently).
+_TIFF_TRUNCATED = ("Failed to read directory", "Can not read TIFF directory", "Read error on strip",
+                   "Read error at scanline")
+
+
+def _check_read_log(path: Path, log: str) -> None:
+    """Turn problems a reader only printed (and read past) into an error: a truncated TIFF."""
+    if any(msg in log for msg in _TIFF_TRUNCATED):
+        raise InputError(f"{path}: truncated or corrupt TIFF (a directory of the file cannot be read)")
+
+
+#: deflate never compresses more than ~1032:1; a gzip file promising more data is truncated.
+_MAX_DEFLATE_RATIO = 1040
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(head: bytes) -> Optional[Tuple[str, Tuple[int, ...], int, int, int]]:
+    """``(byte order, dims, datatype, bitpix, data offset)`` of a single-file NIfTI-1/2 header, else None."""
+    for order in "<>":
+        if len(head) < 4:
+            return None
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348 and len(head) >= 348 and head[344:347] == b"n+1":
+            dim = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+            offset = max(int(struct.unpack(order + "f", head[108:112])[0]), 352)
+        elif size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+            dim = struct.unpack(order + "8q", head[16:80])
+            offset = max(int(struct.unpack(order + "q", head[168:176])[0]), 544)
+        else:
+            continue
+        dims = tuple(int(d) for d in dim[1 : dim[0] + 1]) if 1 <= dim[0] <= 7 else ()
+        if not dims or min(dims) <= 0 or bitpix <= 0:
+            return None  # the reader reports these
+        return order, dims, int(datatype), int(bitpix), offset
+    return None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def check_nifti_data(path: PathLike, check_finite: bool = True) -> None:
+    """Check a ``.nii`` / ``.nii.gz`` holds all the voxel data its header promises (and, for float
+    data with ``check_finite``, no NaN / Inf, which ITK's NIfTI reader silently turns into 0).
+
+    Runs before the image is read, so a header claiming a huge size is refused without allocating.
+
+    Raises:
+        InputError: one line naming the file: truncated, implausible size, or non-finite voxels.
+    """
+    p = Path(path)
+    compressed = _ext(p) == ".nii.gz"
+    try:
+        with (gzip.open(p, "rb") if compressed else open(p, "rb")) as fh:
+            head = fh.read(540)
+    except (OSError, EOFError, zlib.error):
+        return  # not gzip / unreadable: the image reader names the problem
+    layout = _nifti_layout(head)
+    if layout is None:
+        return
+    order, dims, datatype, bitpix, offset = layout
+    nbytes = -(-int(np.prod(dims, dtype=np.float64)) * bitpix // 8)
+    expected = offset + nbytes
+    size = p.stat().st_size
+    shape = "x".join(str(d) for d in dims)
+    if compressed and expected > _MAX_DEFLATE_RATIO * size:
+        raise InputError(f"{p}: truncated or corrupt: the header promises {shape} voxels "
+                         f"({_human_bytes(nbytes)}) but the compressed file holds {_human_bytes(size)}")
+    if not compressed and size < expected:
+        raise InputError(f"{p}: truncated: the header promises {shape} voxels ({_human_bytes(expected)} with "
+                         f"the header), the file holds {_human_bytes(size)}")
+    dtype = np.dtype(order + _NIFTI_FLOATS[datatype]) if check_finite and datatype in _NIFTI_FLOATS else None
+    if compressed or dtype is not None:
+        found, bad = _scan_nifti(p, compressed, offset, expected, dtype)
+        if found < expected:
+            raise InputError(f"{p}: truncated: the header promises {shape} voxels ({_human_bytes(expected)} "
+                             f"uncompressed), the file holds {_human_bytes(found)}")
+        if bad:
+            raise InputError(f"{p}: {bad} voxels are NaN or Inf")
+
+
+def _scan_nifti(path: Path, compressed: bool, offset: int, expected: int,
+                dtype: Optional[np.dtype]) -> Tuple[int, int]:
+    """Stream a NIfTI file: ``(bytes found up to expected, non-finite voxels when dtype is given)``."""
+    found, bad, pending = 0, 0, b""
+    try:
+        with open(path, "rb") as fh:
+            for block in (_gunzip_blocks(fh) if compressed else iter(lambda: fh.read(1 << 22), b"")):
+                block = block[: expected - found]
+                start = max(0, offset - found)
+                found += len(block)
+                if dtype is not None and start < len(block):
+                    data = pending + block[start:]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:usable], dtype=dtype)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    pending = data[usable:]
+                if found >= expected:
+                    break
+    except zlib.error as err:
+        raise InputError(f"{path}: corrupt compressed data ({err})") from None
+    return found, bad
+
+
+def _gunzip_blocks(fh, chunk: int = 1 << 20, most: int = 1 << 22) -> Iterator[bytes]:
+    """Decompressed blocks (at most ``most`` bytes each) of a possibly multi-member gzip stream;
+    stops quietly where the file ends, so a truncated stream yields what it holds."""
+    d = zlib.decompressobj(31)
+    raw = b""
+    while True:
+        if not raw:
+            raw = fh.read(chunk)
+            if not raw:
+                return
+        out = d.decompress(raw, most)
+        raw = d.unconsumed_tail
+        if out:
+            yield out
+        if d.eof:
+            raw = d.unused_data + raw
+            if not raw[:2] == b"\x1f\x8b":
+                return  # trailing bytes after the last member
+            d = zlib.decompressobj(31)
 
 
 def _header_zero_size(path: Path) -> str:
@@ -274,23 +473,77 @@ def same_path(a: PathLike, b: PathLike) -> bool:
     return os.path.normcase(str(pa.resolve())) == os.path.normcase(str(pb.resolve()))
 
 
-def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), force: bool = False) -> Path:
-    """Validate an output path before long work starts.
+def check_output_path(
+    path: PathLike,
+    inputs: Iterable[PathLike] = (),
+    force: bool = False,
+    *,
+    outputs: Iterable[PathLike] = (),
+    ndim: Optional[int] = None,
+    formats: Optional[Sequence[str]] = WRITABLE_EXTENSIONS,
+) -> Path:
+    """The one guard every path the project writes goes through, before the work starts.
 
-    Refuses to write over any of ``inputs`` (unless ``force``), into a missing folder, or to a
-    format SimpleITK cannot write.
+    Refuses, with one line naming the path: any of ``inputs`` (unless ``force``) or a path inside
+    an input folder; any of ``outputs`` (the other outputs of the same call); an existing folder
+    or non-regular file (``/dev/null``, ``/proc/...``); a missing or unwritable folder (probed by
+    creating a file there); an extension outside ``formats`` (``None``: any); a flat 2D format
+    (PNG, TIFF) for a 3D volume when ``ndim`` is 3. Temporaries of ``path`` left by a killed
+    writer are removed.
     """
     out = Path(path)
+    if not str(path).strip():
+        raise InputError("empty output path")
     for src in inputs:
-        if src is not None and same_path(out, src) and not force:
+        if src is None:
+            continue
+        if same_path(out, src) and not force:
             raise InputError(f"{out}: output path is the input file; choose another name (inputs are never overwritten)")
-        if src is not None and Path(src).is_dir() and str(out.resolve()).startswith(str(Path(src).resolve()) + os.sep):
-            raise InputError(f"{out}: output would be written inside the input DICOM folder")
-    if _ext(out) not in WRITABLE_EXTENSIONS:
-        raise InputError(f"{out}: unsupported output format; use one of {', '.join(WRITABLE_EXTENSIONS)}")
-    if not out.parent.exists():
+        if Path(src).is_dir() and _inside(out, Path(src)):
+            raise InputError(f"{out}: output would be written inside the input folder {src}")
+    for other in outputs:
+        if other is not None and same_path(out, other):
+            raise InputError(f"{out}: the same path is given for two outputs of this command")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give a file name")
+    if out.exists() and not out.is_file():
+        raise InputError(f"{out}: exists and is not a regular file")
+    if formats is not None and _ext(out) not in formats:
+        raise InputError(f"{out}: unsupported output format; use one of {', '.join(formats)}")
+    if ndim is not None:
+        check_output_format(out, ndim)
+    if not out.parent.is_dir():
         raise InputError(f"{out}: output folder {out.parent} does not exist")
+    _probe_writable(out)
+    remove_stale_temporaries(out)
     return out
+
+
+def check_output_format(path: PathLike, ndim: int) -> None:
+    """Refuse a flat 2D format (PNG, TIFF) for a 3D volume: it would drop origin, direction and
+    slice spacing (and PNG all but one slice)."""
+    ext = _ext(path)
+    if ndim == 3 and ext in FLAT_FORMATS:
+        raise InputError(f"{path}: {ext} holds a 2D picture without origin, direction or slice spacing; "
+                         f"write a 3D volume as {', '.join(VOLUME_FORMATS)}")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _probe_writable(out: Path) -> None:
+    """Create and delete a file beside ``out``: a read-only or pseudo file system fails here, before any work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".probe", dir=str(out.parent))
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise InputError(f"{out}: cannot write in {out.parent} ({err.strerror or err})") from None
 
 
 def write_volume(
@@ -301,36 +554,102 @@ def write_volume(
     force: bool = False,
     dtype: Optional[np.dtype] = None,
     compress: bool = True,
+    outputs: Iterable[PathLike] = (),
+    check_finite: bool = True,
 ) -> Path:
     """Write ``volume`` atomically to ``path`` (format from the extension).
 
     Args:
         volume: the image and geometry to write.
-        path: output file; its folder must exist.
+        path: output file; its folder must exist. PNG / TIFF only for 2D images.
         inputs: paths that must never be overwritten (the sources of this output).
         force: allow writing over one of ``inputs``.
         dtype: cast the voxels first (integer types are rounded and clipped). PNG output
             is cast to uint8 (or uint16 if values exceed 255) when the array is float.
         compress: ask the writer to compress (NIfTI .gz is compressed by its extension).
+        outputs: the other outputs of the same call (never written over).
+        check_finite: refuse float voxels that are NaN or Inf (a failed computation).
 
     Returns:
         The path written.
+
+    Raises:
+        InputError: one line naming ``path`` (see :func:`check_output_path`, or the write failed:
+            disk full, folder removed...); nothing is left behind.
     """
     import SimpleITK as sitk
 
-    out = check_output_path(path, inputs, force)
+    out = check_output_path(path, inputs, force, outputs=outputs, ndim=volume.ndim)
     arr = volume.array
+    if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise InputError(f"{out}: not written: the result has {bad} NaN or Inf voxels")
     if dtype is not None:
         arr = cast_like(arr, dtype)
     ext = _ext(out)
     if ext in _INTEGER_2D_FORMATS and not np.issubdtype(arr.dtype, np.integer):
+        if arr.size and float(arr.min()) < 0:
+            raise InputError(f"{out}: PNG cannot hold negative values (minimum {float(arr.min()):.4g}); "
+                             f"write {', '.join(VOLUME_FORMATS)}")
         arr = cast_like(arr, np.uint16 if np.nanmax(arr) > 255 else np.uint8)
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     image = volume.with_array(arr).to_sitk()
+    if ext in _DETACHED_FORMATS:
+        _write_detached(image, out, compress, inputs if not force else ())
+        return out
     with atomic_path(out, suffix=f".tmp{ext}") as tmp:
-        sitk.WriteImage(image, str(tmp), compress and ext != ".png")
+        _sitk_write(image, tmp, out, compress and ext != ".png")
     return out
+
+
+#: Header formats whose voxels go to a second file named after the header.
+_DETACHED_FORMATS = (".nhdr", ".mhd")
+
+
+def _sitk_write(image, target: Path, out: Path, compress: bool) -> None:
+    """``sitk.WriteImage`` with ITK's messages captured and failures as one line naming ``out``."""
+    import SimpleITK as sitk
+
+    with quiet_itk() as log:
+        try:
+            sitk.WriteImage(image, str(target), compress)
+        except RuntimeError as err:
+            raise InputError(f"{out}: cannot write ({_write_failure(str(err), log.text)})") from None
+
+
+def _write_detached(image, out: Path, compress: bool, inputs: Iterable[PathLike]) -> None:
+    """Write a header + data file pair (``.nhdr``, ``.mhd``) in a temporary folder beside ``out``
+    under their final names, then move the data file(s) and last the header into place."""
+    import shutil
+
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmpdir", dir=str(out.parent)))
+    except OSError as err:
+        raise InputError(f"{out}: cannot write in {out.parent} ({err.strerror or err})") from None
+    try:
+        _sitk_write(image, tmpdir / out.name, out, compress)
+        files = sorted(tmpdir.iterdir(), key=lambda f: f.name == out.name)  # the header last
+        for f in files:
+            target = out.parent / f.name
+            if any(src is not None and same_path(target, src) for src in inputs):
+                raise InputError(f"{out}: its data file {target.name} would overwrite an input")
+        for f in files:
+            os.replace(f, out.parent / f.name)
+    except OSError as err:
+        raise InputError(f"{out}: cannot write ({'disk full' if err.errno == 28 else err.strerror or err})") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_failure(error: str, log: str) -> str:
+    text = f"{log}\n{error}".strip()
+    low = text.lower()
+    if "no space" in low or "disk full" in low:
+        return "disk full"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if "ERROR" in line or "rror" in line), lines[-1] if lines else "")
+    return detail.split(":")[-1].strip() or "write failed"
 
 
 def _umask() -> int:
@@ -339,30 +658,134 @@ def _umask() -> int:
     return mask
 
 
+#: Temporaries are named ``.<name>.dualnet-<host>-<pid>-<random><suffix>`` so a later run can
+#: tell those of a killed writer (dead pid on this host) from those of a live one.
+_TMP_TAG = ".dualnet-"
+_STALE_AGE_S = 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}{_TMP_TAG}{_host_tag()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> Optional[bool]:
+    """Whether a process runs on this host (None: cannot tell, e.g. on Windows)."""
+    if os.name == "nt":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: PathLike) -> List[Path]:
+    """Delete the temporaries of ``path`` that a killed writer left beside it; returns them.
+
+    A temporary is stale when the process that made it no longer runs on this host, or (other
+    host, Windows, files from older versions) when it is over an hour old.
+    """
+    out = Path(path)
+    removed: List[Path] = []
+    now, host = time.time(), _host_tag()
+    try:
+        candidates = glob.glob(os.path.join(glob.escape(str(out.parent)), "." + glob.escape(out.name) + ".*"))
+    except OSError:  # pragma: no cover
+        return removed
+    for name in candidates:
+        tmp = Path(name)
+        rest = tmp.name[len(out.name) + 1:]
+        if ".tmp" not in rest and not rest.endswith(".probe"):
+            continue
+        stale = False
+        if rest.startswith(_TMP_TAG):
+            parts = rest[len(_TMP_TAG):].split("-")
+            alive = _pid_alive(int(parts[1])) if len(parts) > 2 and parts[0] == host and parts[1].isdigit() else None
+            stale = alive is False
+        if not stale:
+            try:
+                stale = now - tmp.stat().st_mtime > _STALE_AGE_S
+            except OSError:
+                continue
+        if stale:
+            try:
+                if tmp.is_dir() and tmp.name.endswith(".tmpdir"):
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed.append(tmp)
+            except OSError:  # pragma: no cover - removed meanwhile or not ours to remove
+                pass
+    return removed
+
+
 @contextmanager
 def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it.
 
-    The suffix lets format-sniffing writers (SimpleITK) see the right extension.
+    The suffix lets format-sniffing writers (SimpleITK) see the right extension. An ``OSError``
+    (disk full, folder gone) becomes an :class:`InputError` naming ``path``.
     """
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=str(out.parent))
+    remove_stale_temporaries(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=suffix, dir=str(out.parent))
+    except OSError as err:
+        raise InputError(f"{out}: cannot write in {out.parent} ({err.strerror or err})") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, out)
+    except OSError as err:
+        _remove_quietly(tmp)
+        detail = "disk full" if getattr(err, "errno", None) == 28 else (err.strerror or str(err))
+        raise InputError(f"{out}: cannot write ({detail})") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file, fsync and a rename."""
-    with atomic_path(path) as tmp:
+def _remove_quietly(path: PathLike) -> None:
+    try:
+        if os.path.exists(path):
+            os.remove(path)
+    except OSError:  # pragma: no cover
+        pass
+
+
+def atomic_write_bytes(
+    path: PathLike,
+    data: bytes,
+    *,
+    inputs: Iterable[PathLike] = (),
+    outputs: Iterable[PathLike] = (),
+) -> Path:
+    """Write bytes to ``path`` through a temporary file, fsync and a rename, after
+    :func:`check_output_path` (never one of ``inputs`` or ``outputs``, any extension)."""
+    out = check_output_path(path, inputs, outputs=outputs, formats=None)
+    with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    return Path(path)
+    return out
+
+
+def save_figure(fig: object, path: PathLike, *, inputs: Iterable[PathLike] = (), **savefig_kw: object) -> Path:
+    """Render a matplotlib figure to PNG (or the extension's format) and write it through
+    :func:`atomic_write_bytes` (the output guard, atomic)."""
+    import io as _stdio
+
+    buf = _stdio.BytesIO()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    fig.savefig(buf, format=fmt, **savefig_kw)  # type: ignore[attr-defined]
+    return atomic_write_bytes(path, buf.getvalue(), inputs=inputs)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Iterable, Tuple, Union
 
 from .errors import InputError, ModelError
 from .io import atomic_write_bytes
@@ -43,6 +45,8 @@ NORMALISATIONS: Dict[str, Tuple[str, ...]] = {
     "fixed": ("low", "high"),
     "zscore": (),
 }
+#: Normalisation bounds beyond this overflow float32 arithmetic (the output would be NaN / Inf).
+_MAX_NORM_VALUE = 1e30
 ARCH_KEYS = ("kind", "preset", "dim", "sr", "use_neb", "use_nonlocal", "dropout")
 
 
@@ -66,29 +70,96 @@ def validate_normalisation(norm: Any, where: str = "card") -> Dict[str, Any]:
         raise ModelError(f"{where}: normalisation must be a dict with method one of "
                          f"{sorted(NORMALISATIONS)}, got {norm!r}")
     for key in NORMALISATIONS[norm["method"]]:
-        if not isinstance(norm.get(key), (int, float)) or isinstance(norm.get(key), bool):
-            raise ModelError(f"{where}: normalisation {norm['method']!r} needs a number {key!r}")
+        value = norm.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ModelError(f"{where}: normalisation {norm['method']!r} needs a finite number {key!r}, got {value!r}")
     method = norm["method"]
     if method != "zscore":
         lo, hi = (float(norm[k]) for k in NORMALISATIONS[method])
         if not hi > lo:
             raise ModelError(f"{where}: normalisation {method!r} needs low < high, got {lo}, {hi}")
+        if max(abs(lo), abs(hi)) > _MAX_NORM_VALUE:
+            raise ModelError(f"{where}: normalisation {method!r} values {lo}, {hi} are beyond float32 "
+                             f"arithmetic (|value| <= {_MAX_NORM_VALUE:g})")
+    if method == "percentile" and not 0.0 <= lo < hi <= 100.0:
+        raise ModelError(f"{where}: normalisation percentiles must lie in [0, 100], got p_low {lo}, p_high {hi}")
     return norm
 
 
-def save_model(path: PathLike, model: Any, card: Dict[str, Any]) -> Path:
-    """Write ``model``'s weights to ``path`` (``.safetensors``) and its card beside it.
+def check_finite_weights(state: Dict[str, Any], where: Union[str, Path]) -> None:
+    """ModelError naming ``where`` if any floating-point tensor of ``state`` holds NaN or Inf."""
+    import torch
 
-    ``card`` needs ``modality`` and ``normalisation``; ``training``, ``metrics``, ``version``
-    default to empty / ``"0.0.0"``. ``architecture`` is taken from ``model.config`` (a
-    different one in ``card`` is an error). Both files are written atomically. Returns the
-    weights path.
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ModelError(f"{where}: weights hold NaN or Inf ({bad[0]}{more}); the model is unusable")
+
+
+def safe_torch_load(path: Union[str, Path], what: str = "torch checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on CPU, without torch's warnings; ModelError in one line.
+
+    A file holding Python objects other than tensors and plain containers is refused without
+    running them (the message never suggests loading it unsafely).
     """
-    from safetensors.torch import save as st_save
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling / zip / format errors have many types
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = next((line.split("error:", 1)[-1].strip() for line in text.splitlines()
+                           if "WeightsUnpickler error" in line), "")
+            reason = reason.split(". Please")[0].split(" was not an allowed")[0] or "arbitrary Python objects"
+            raise ModelError(f"{path}: not a safe weights-only {what}: it holds Python objects that are "
+                             f"never run ({reason[:120]})") from None
+        msg = text.splitlines()[0] if text else type(err).__name__
+        raise ModelError(f"{path}: not a safe weights-only {what} ({msg[:160]})") from None
+
+
+def check_model_output(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
+    """Check, before any work, that a model can be saved at ``path``: ``.safetensors``, and
+    neither it nor its card is one of ``inputs`` (e.g. the base model and its card) or unwritable."""
+    from .io import check_output_path
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError(f"{path}: model files are saved as .safetensors")
+    protected = _protected(inputs)
+    check_output_path(path, protected, formats=None)
+    check_output_path(card_path(path), protected, outputs=[path], formats=None)
+    return path
+
+
+def _protected(inputs: Iterable[PathLike]) -> list:
+    """``inputs`` plus, for model files among them, their cards (and for cards, their weights)."""
+    paths = [Path(p) for p in inputs if p is not None]
+    out = list(paths)
+    out += [card_path(p) for p in paths if p.suffix in WEIGHT_SUFFIXES]
+    out += [p.with_suffix(s) for p in paths if p.suffix == ".json" for s in WEIGHT_SUFFIXES]
+    return out
+
+
+def save_model(path: PathLike, model: Any, card: Dict[str, Any], *, inputs: Iterable[PathLike] = ()) -> Path:
+    """Write ``model``'s weights to ``path`` (``.safetensors``) and its card beside it.
+
+    ``card`` needs ``modality`` and ``normalisation``; ``training``, ``metrics``, ``version``
+    default to empty / ``"0.0.0"``. ``architecture`` is taken from ``model.config`` (a
+    different one in ``card`` is an error). Weights with NaN / Inf are refused. Both files are
+    written atomically and never over ``inputs`` (a base model: its card is protected too).
+    Returns the weights path.
+    """
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    protected = _protected(inputs)
+    check_model_output(path, protected)
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "kind" not in config:
         raise ModelError(f"{path}: model has no architecture config (build it with dualnet.models)")
@@ -103,6 +174,7 @@ def save_model(path: PathLike, model: Any, card: Dict[str, Any]) -> Path:
     validate_normalisation(card.get("normalisation"), str(path))
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    check_finite_weights(state, path)
     data = st_save(state, metadata={"format": "pt", "dualnet_kind": arch["kind"]})
     out = dict(card)
     out.update(format_version=FORMAT_VERSION, architecture=arch,
@@ -114,9 +186,8 @@ def save_model(path: PathLike, model: Any, card: Dict[str, Any]) -> Path:
         text = json.dumps(out, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ModelError(f"{card_path(path)}: card is not JSON-serialisable ({err})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(card_path(path), (text + "\n").encode("utf-8"))
+    atomic_write_bytes(path, data, inputs=protected)
+    atomic_write_bytes(card_path(path), (text + "\n").encode("utf-8"), inputs=protected, outputs=[path])
     return path
 
 
@@ -161,11 +232,7 @@ def _load_pt(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any] | None]:
     """State dict (and embedded card, if any) from a .pt checkpoint, weights_only=True."""
     import torch
 
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(f"{path}: not a safe weights-only torch checkpoint ({msg})") from None
+    obj = safe_torch_load(path)
     embedded = None
     if isinstance(obj, dict):
         if isinstance(obj.get("card"), dict):
@@ -223,6 +290,7 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple[Any, Dict[str, Any]
         else:
             raise ModelError(f"{card_path(path)}: model card missing (expected beside {path.name})")
 
+    check_finite_weights(state, path)
     model = _build(card["architecture"], card_path(path))
     try:
         model.load_state_dict(state, strict=True)

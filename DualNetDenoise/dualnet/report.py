@@ -132,13 +132,23 @@ def case_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _write_csv(path: Path, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
+    """Write rows through the output guard (atomic, never over an input)."""
+    import io as _stdio
+
+    from .io import atomic_write_bytes
+
+    buf = _stdio.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def _save_figure(fig: Any, path: Path, dpi: int) -> None:
+    from .io import save_figure
+
+    save_figure(fig, path, dpi=dpi)
 
 
 def families(rows: Sequence[Dict[str, Any]]) -> "OrderedDict[Tuple[str, float], List[Dict[str, Any]]]":
@@ -289,7 +299,7 @@ def box_plots(rows: Sequence[Dict[str, Any]], methods: Sequence[str], metrics: S
         fig.suptitle(f"{modality.upper()} level {level:g} (one point per case)", fontsize=10)
         fig.tight_layout()
         path = folder / f"box_{modality}_L{level:g}.png"
-        fig.savefig(path, dpi=100)
+        _save_figure(fig, path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -328,7 +338,7 @@ def image_panels(panels: Dict[str, Dict[str, str]], methods: Sequence[str], fold
         fig.suptitle(f"{subset}: central slice of the first case (difference maps share one scale, 0..{dmax:.3g})", fontsize=9)
         fig.tight_layout()
         path = folder / f"panel_{subset}.png"
-        fig.savefig(path, dpi=90)
+        _save_figure(fig, path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -593,7 +603,7 @@ def calibration_plot(calib: Dict[str, Any], path: Path) -> Optional[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
+from ..cli import _count, _seed  # argparse types shared with the other sub-commands
 from ..errors import CancelledError, DualNetError
 
 
@@ -28,17 +29,20 @@ def add_train_parsers(subparsers) -> None:
                         "(also just mri | ct | us)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--steps", type=_count(1), default=None, help="override the number of optimiser steps")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the config's)")
     p.add_argument("--data-dir", default=None, help="base folder of relative data paths "
                    "(default: config data_dir, $DUALNET_SHARED_DATA or ../shared/data)")
-    p.add_argument("--workers", type=int, default=None, help="data-generation worker processes")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=_count(0), default=None,
+                   help="data-generation worker processes (0 = in the training process; default: the config's)")
+    p.add_argument("--batch-size", type=_count(1), default=None,
+                   help="patches per optimiser step (default: the config's)")
     p.add_argument("--export", default=None, help="also write the final model here (.safetensors + card), e.g. "
                    "DualNetDenoise/dualnet/weights/dualnet_mri.safetensors for a shipped model")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall-clock budget: the run and its cosine schedule are shortened to fit (0 = off)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="random seed of patches, noise and dropout, 0..2^32-1 (default: the config's)")
     p.add_argument("--progress-json", action="store_true", help="print DUALNET_PROGRESS {json} lines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train_main)
@@ -50,15 +54,16 @@ def add_train_parsers(subparsers) -> None:
                                           "(ss_loss = \"l2\" in a --config TOML).")
     f.add_argument("inputs", nargs="+", metavar="INPUT", help="noisy scans (files, DICOM folders, PNG frame folders)")
     f.add_argument("--model", required=True, help="base model (.safetensors with its JSON card)")
-    f.add_argument("--out", required=True, help="fine-tuned model (.safetensors)")
+    f.add_argument("--out", required=True,
+                   help="fine-tuned model (.safetensors, card beside it); never the base model or an input")
     f.add_argument("--config", default=None, help="TOML config (default: dualnet/configs/finetune.toml)")
-    f.add_argument("--steps", type=int, default=None)
-    f.add_argument("--device", default=None)
-    f.add_argument("--frame", type=int, default=None, help="4D inputs: volume index along the 4th axis")
+    f.add_argument("--steps", type=_count(1), default=None, help="override the number of optimiser steps")
+    f.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the config's)")
+    f.add_argument("--frame", type=_count(0), default=None, help="4D inputs: volume index along the 4th axis")
     f.add_argument("--run-dir", default=None, help="folder for checkpoint/log (default <out stem>_run)")
-    f.add_argument("--resume", action="store_true")
-    f.add_argument("--progress-json", action="store_true")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run folder")
+    f.add_argument("--progress-json", action="store_true", help="print DUALNET_PROGRESS {json} lines")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=finetune_main)
 
 

@@ -11,9 +11,12 @@ Both share one engine:
 * Checkpoints (``checkpoint.pt`` in ``out_dir``) are written atomically (temporary file +
   ``os.replace``) every ``checkpoint_every`` steps, on cancel (``CancelToken``) and on
   SIGINT/SIGTERM (handlers installed only in the main thread and restored afterwards). They hold
-  model, optimiser, scheduler and RNG states, the step, the best-validation weights and the log,
-  and are read with ``torch.load(weights_only=True)`` only. Every batch and every dropout mask is
-  a deterministic function of ``(seed, rank, step)``, so ``resume`` continues exactly.
+  model, optimiser, scheduler and RNG states, the step, the best-validation weights, the log and a
+  SHA-256 of all of it (checked on resume, with the step range and finite weights), and are read
+  with ``torch.load(weights_only=True)`` only. Temporaries of a killed run are removed by the next
+  save. A second Ctrl-C within a second of the first is taken as one; later, it stops at once.
+  Every batch and every dropout mask is a deterministic function of ``(seed, rank, step)``, so
+  ``resume`` continues exactly.
 * Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
   ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA), each rank draws its own batches
   (per-rank seeds) and only rank 0 validates, logs, checkpoints and exports.
@@ -48,7 +51,8 @@ from .config import TrainConfig, default_data_dir
 from . import data as tdata
 
 CHECKPOINT_FORMAT = "dualnet-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: the checkpoint carries ``sha256``, a digest of all its other entries, checked on resume.
+CHECKPOINT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_COLUMNS = ["step", "loss", "mse", "l1", "ssim", "edge", "blind", "neb", "sr", "n2v", "consistency", "tv",
                "anchor", "sure", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
@@ -136,7 +140,9 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
     from ..io import atomic_path
 
-    path = Path(path)
+    from ..io import check_output_path
+
+    path = check_output_path(path, formats=None)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
@@ -145,30 +151,87 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return path
 
 
+def checkpoint_digest(ck: Dict[str, Any]) -> str:
+    """SHA-256 over every entry of a checkpoint except ``sha256`` (tensor bytes, dtypes, shapes,
+    numbers, strings, in key order): a flipped byte or an edited step changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    _digest_into(h, {k: v for k, v in ck.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _digest_into(h, obj: Any) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"{key!r}=".encode())
+            _digest_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}|".encode())
+        for item in obj:
+            _digest_into(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a training checkpoint with ``torch.load(weights_only=True)``.
+    """Read a training checkpoint with ``torch.load(weights_only=True)`` and check it.
+
+    Checks: the digest of its contents (version 2+; :func:`checkpoint_digest`), a step in
+    ``0..config.steps``, valid JSON config / architecture / log, finite weights.
 
     Raises:
-        ModelError: one line naming the file when it is missing, corrupt or not a checkpoint.
+        ModelError: one line naming the file when it is missing, corrupt, edited or not a checkpoint.
     """
-    import torch
+    from ..modelfile import check_finite_weights, safe_torch_load
 
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{p}: no checkpoint to resume from")
-    try:
-        ck = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip / unpickler errors
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{p}: corrupt or unsafe checkpoint ({msg[:160]})") from None
+    ck = safe_torch_load(p, "checkpoint (corrupt or unsafe)")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{p}: not a dualnet training checkpoint")
-    if int(ck.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ModelError(f"{p}: checkpoint version {ck.get('version')} is newer than this dualnet")
+    version = ck.get("version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise ModelError(f"{p}: checkpoint version {version!r} is newer than this dualnet")
     for key in ("model", "optimizer", "scheduler", "step", "config", "arch"):
         if key not in ck:
             raise ModelError(f"{p}: checkpoint lacks '{key}'")
+    if version >= 2 and ck.get("sha256") != checkpoint_digest(ck):
+        raise ModelError(f"{p}: checkpoint corrupt or edited (its contents do not match its SHA-256)")
+    config = _json_entry(ck, "config", p, dict)
+    _json_entry(ck, "arch", p, dict)
+    _json_entry(ck, "log", p, list, "[]")
+    step, steps = ck["step"], config.get("steps")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ModelError(f"{p}: invalid step {step!r} in checkpoint (must be an integer >= 0)")
+    if isinstance(steps, int) and step > steps:
+        raise ModelError(f"{p}: checkpoint step {step} exceeds its run length of {steps} steps")
+    for key in ("model", "best_model"):
+        if not isinstance(ck.get(key, {}), dict):
+            raise ModelError(f"{p}: checkpoint entry '{key}' is not a state dict")
+        check_finite_weights(ck.get(key) or {}, f"{p} ({key})")
     return ck
+
+
+def _json_entry(ck: Dict[str, Any], key: str, path: Path, kind: type, default: str = "") -> Any:
+    """A JSON-encoded checkpoint entry, decoded and of type ``kind``; ModelError otherwise."""
+    text = ck.get(key, default)
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        raise ModelError(f"{path}: checkpoint '{key}' is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ModelError(f"{path}: checkpoint '{key}' is not a JSON {kind.__name__}")
+    return value
 
 
 class _SignalStop:
@@ -177,6 +240,7 @@ class _SignalStop:
     def __init__(self) -> None:
         self.flag = threading.Event()
         self.signame = ""
+        self._first = 0.0
         self._old: Dict[int, Any] = {}
 
     def __enter__(self) -> "_SignalStop":
@@ -188,9 +252,16 @@ class _SignalStop:
                     pass
         return self
 
+    #: A second Ctrl-C sooner than this after the first is a double press, not "stop at once".
+    REPEAT_S = 1.0
+
     def _handler(self, signum, frame) -> None:  # noqa: ANN001
-        if self.flag.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop at once
+        now = time.monotonic()
+        if self.flag.is_set():
+            if signum == signal.SIGINT and now - self._first > self.REPEAT_S:
+                raise KeyboardInterrupt  # a deliberate second Ctrl-C: stop at once
+            return
+        self._first = now
         self.signame = signal.Signals(signum).name
         self.flag.set()
 
@@ -377,12 +448,12 @@ class _Run:
             ax2.set_ylabel(lab)
         ax.set_title(f"{self.cfg.model} {self.cfg.modality} {self.cfg.preset} {self.cfg.dim}D ({self.cfg.stage})")
         fig.tight_layout()
-        path = self.out_dir / "loss_curve.png"
-        tmp = self.out_dir / ".loss_curve.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        from ..io import save_figure
+
+        try:
+            return save_figure(fig, self.out_dir / "loss_curve.png")
+        finally:
+            plt.close(fig)
 
 
 def _to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
@@ -451,7 +522,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
            progress: Optional[ProgressFn], cancel: Optional[CancelToken], resume: Union[bool, str, Path, None],
            progress_json: bool, show_bar: bool, command: Optional[str], card_extra: Dict[str, Any],
            export_path: Optional[Path], anchor_model=None, data_dir: Optional[Path] = None,
-           in_memory: bool = False) -> TrainResult:
+           in_memory: bool = False, protected: Sequence[Union[str, Path]] = ()) -> TrainResult:
     import torch
 
     from .losses import selfsup_loss, supervised_loss
@@ -559,6 +630,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 "best_model": run.best_state or {}, "selfsup": bool(selfsup), "total_steps": int(horizon["total"]),
                 "np_rng_note": "batches are drawn from default_rng([seed, rank, step]); no numpy state needed",
             }
+            state["sha256"] = checkpoint_digest(state)
             atomic_torch_save(state, ck_path)
             run.write_log()
             return ck_path
@@ -757,7 +829,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             target = export_path or (out_dir / "model.safetensors")
             from .. import modelfile
 
-            modelfile.save_model(target, export_model.cpu(), card)
+            modelfile.save_model(target, export_model.cpu(), card, inputs=protected)
             model.to(device)
             result.model_path = Path(target)
             result.card = card
@@ -886,16 +958,22 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
     if cfg.init_from:
         extra["initialised_from"] = _load_init(model, cfg.init_from, ddir)
     masked = cfg.model == "n2v"
+    protected = [extra["initialised_from"]["path"]] if cfg.init_from else []
+    if export_path:
+        from .. import modelfile
+
+        Path(export_path).parent.mkdir(parents=True, exist_ok=True)
+        modelfile.check_model_output(export_path, protected)  # before the work, not after
     res = _train(cfg, model, train_images, val_images, Path(out_dir), selfsup=False, masked=masked,
                  progress=progress, cancel=cancel, resume=resume, progress_json=progress_json,
                  show_bar=show_bar, command=command, card_extra=extra, data_dir=ddir, in_memory=data is not None,
-                 export_path=None)
+                 export_path=None, protected=protected)
     if export_path and res.model_path is not None:  # a second copy (e.g. the shipped weights folder)
         from .. import modelfile
 
         net, card = modelfile.load_model(res.model_path, "cpu")
         card = {k: v for k, v in card.items() if k not in ("sha256", "weights")}
-        res.model_path = modelfile.save_model(Path(export_path), net, card)
+        res.model_path = modelfile.save_model(Path(export_path), net, card, inputs=protected)
     return res
 
 
@@ -927,6 +1005,16 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     if config is None:
         config = TrainConfig.from_toml(config_dir() / "finetune.toml")
     base_path = Path(base_model_path)
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise InputError(f"{out_path}: the fine-tuned model must be a .safetensors file")
+    sources = [x for x in ([inputs] if isinstance(inputs, (str, Path)) else
+                           inputs if isinstance(inputs, (list, tuple)) else []) if isinstance(x, (str, Path))]
+    protected = [base_path, *sources]
+    try:
+        modelfile.check_model_output(out_path, protected)  # never the base model, its card or a scan
+    except ModelError as err:
+        raise InputError(str(err)) from None
     base, card = modelfile.load_model(base_path, "cpu")
     arch = architecture_of(base)
     kind = arch.get("kind", card.get("architecture", {}).get("kind", "dualnet"))
@@ -959,11 +1047,6 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                 cache[key] = tdata.noise_variance_model(img.array, modality)
                 noise_models.append({"image": img.name, **cache[key][1]})
             img.noise_var = cache[key][0]
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise InputError(f"{out_path}: the fine-tuned model must be a .safetensors file")
-    if not out_path.parent.exists():
-        raise InputError(f"{out_path}: output folder {out_path.parent} does not exist")
     anchor = copy.deepcopy(base) if cfg.lambda_anchor > 0 else None
     run_dir = Path(out_dir) if out_dir else out_path.parent / f"{out_path.stem}_run"
     extra = {"finetuned_from": {"path": str(base_path), "name": card.get("name"),
@@ -973,4 +1056,5 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
         extra["finetune_noise_models"] = noise_models[:50]
     return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
                   cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
-                  card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True)
+                  card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
+                  protected=protected)
