@@ -86,6 +86,7 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
               lr_factor: int, baseline: str) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
+    nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
     for k, (arr, spacing_zyx, name) in enumerate(images):
         if arr.ndim == 3 and arr.shape[0] == 1:
@@ -102,7 +103,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
         for label, method, kw in runs:
             t = time.perf_counter()
             if method == "dualnet":  # the core's inference directly, to read the NEB maps too
-                net, card = load_model(kw["model"], "cpu")
+                net, card = nets[kw["model"]]
                 res = denoise_array(noisy.array, net, card, device="cpu", modality=modality)
                 out = res.denoised
             else:

@@ -282,8 +282,9 @@ def denoise_array(
     vol = arr[None] if arr.ndim == 2 else arr
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
+    modality = modality or (card or {}).get("modality")
     vol_in = vol
-    fill = _ct_fill(vol, modality or (card or {}).get("modality"))
+    fill = _ct_fill(vol, modality)
     if fill is not None:  # scanner fill values: the network sees air there, the output keeps them
         vol = np.where(fill, np.float32(CT_FLOOR_HU), vol).astype(np.float32)
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
@@ -294,7 +295,6 @@ def denoise_array(
         from .training.data import noise_variance_model, variance_map
 
         if noise_coef is None:
-            modality = modality or (card or {}).get("modality")
             if modality not in ("mri", "ct", "us"):
                 raise ModelError("this model needs the noise model of its input: give noise_coef "
                                  "or the modality (mri, ct, us) to estimate it")

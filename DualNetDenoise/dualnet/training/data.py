@@ -267,20 +267,30 @@ def noise_variance_model(array: np.ndarray, modality: str) -> Tuple[Tuple[float,
     * CT: Poisson-Gaussian on ``HU + 1000``: ``var = gain (s + 1000) + sigma_e^2``.
     * US: multiplicative speckle with ``L`` looks: ``var = s^2 / L``.
     """
-    from ..estimate import CT_OFFSET_HU, estimate_noise
+    from ..estimate import estimate_noise
 
     est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
     info = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
             "method": est.method, **{k: float(v) for k, v in est.params.items()}}
-    if est.modality == "mri":
-        coef = (float(est.sigma) ** 2, 0.0, 0.0)
-    elif est.modality == "ct":
-        gain = max(float(est.params.get("gain", 0.0)), 0.0)
-        se2 = float(est.params.get("electronic_sigma", est.sigma)) ** 2
-        coef = (gain * CT_OFFSET_HU + se2, gain, 0.0) if gain > 0 else (float(est.sigma) ** 2, 0.0, 0.0)
-    else:
-        coef = (0.0, 0.0, 1.0 / max(float(est.level), 1e-3))
-    return coef, info
+    if est.modality == "ct" and float(est.params.get("gain", 0.0)) <= 0:  # no signal dependence found
+        return (float(est.sigma) ** 2, 0.0, 0.0), info
+    return variance_coef(est.modality, sigma=float(est.sigma), gain=float(est.params.get("gain", 0.0)),
+                         electronic_sigma=float(est.params.get("electronic_sigma", est.sigma)),
+                         looks=max(float(est.level), 1e-3)), info
+
+
+def variance_coef(modality: str, *, sigma: float = 0.0, gain: float = 0.0, electronic_sigma: float = 0.0,
+                  looks: float = 1.0) -> Tuple[float, float, float]:
+    """The noise variance polynomial ``(c0, c1, c2)`` (physical units) of a modality's noise model
+    from its parameters: MRI ``sigma^2``; CT ``gain (s + 1000) + electronic_sigma^2`` (HU);
+    US ``s^2 / looks``."""
+    from ..noise import CT_OFFSET_HU
+
+    if modality == "mri":
+        return (sigma ** 2, 0.0, 0.0)
+    if modality == "ct":
+        return (gain * CT_OFFSET_HU + electronic_sigma ** 2, gain, 0.0)
+    return (0.0, 0.0, 1.0 / looks)
 
 
 def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: Tuple[float, float],
@@ -426,7 +436,7 @@ class PatchSampler:
         self.levels = level_range(cfg) if not selfsup else (0.0, 0.0)
         self.spec = normalisation_spec(cfg.modality)
         self.lr_factor = 1 if selfsup else int(cfg.lr_factor)
-        self.context = int(getattr(cfg, "context", 1))
+        self.context = int(cfg.context)
         self.use_slab = bool(cfg.dim == 2 and not cfg.sr and
                              (self.context > 1 or (not selfsup and cfg.slab_degrade)))
         self._slab_axis: Optional[int] = None
@@ -541,7 +551,7 @@ class PatchSampler:
                 out["context"] = _context(noisy_n, slab_axis, self.context)
             if img.noise_var is not None:
                 out["var"] = variance_map(out["noisy"], img.noise_var, (offset, scale))
-            if getattr(cfg, "noise_map", False):
+            if cfg.noise_map:
                 if "var" not in out:
                     raise InputError("a noise-map model needs the noise model of its fine-tuning data")
                 out["nmap"] = np.sqrt(out["var"]).astype(np.float32)
@@ -583,9 +593,9 @@ class PatchSampler:
             else:
                 std = noise_std_map(clean_lr, cfg.modality, lev_eff)
             out["noisy"] = ((noisy_lr + offset) / scale).astype(np.float32)
-            if getattr(cfg, "noise_map", False):
+            if cfg.noise_map:
                 coef = physics_variance_coef(cfg.modality, lev_eff, float(deg.sigma))
-                j = float(getattr(cfg, "noise_map_jitter", 0.0))
+                j = float(cfg.noise_map_jitter)
                 if augment and j > 0:  # the map at inference is estimated: teach tolerance
                     f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
                     coef = tuple(c * f2 for c in coef)
@@ -653,14 +663,12 @@ def physics_variance_coef(modality: str, level: float, sigma: float) -> Tuple[fl
     """Noise variance polynomial ``(c0, c1, c2)`` (physical units, see
     :func:`noise_variance_model`) of the SIMULATED noise: MRI ``sigma^2`` (Rician sigma, a.u.),
     CT Poisson-Gaussian ``gain (s + 1000) + sigma_e^2`` at dose ``level``, US ``s^2 / L``."""
-    if modality == "mri":
-        return (float(sigma) ** 2, 0.0, 0.0)
     if modality == "ct":
-        from ..noise import CT_OFFSET_HU, ct_noise_parameters
+        from ..noise import ct_noise_parameters
 
         gain, se = ct_noise_parameters(float(level))
-        return (gain * CT_OFFSET_HU + se * se, gain, 0.0)
-    return (0.0, 0.0, 1.0 / float(level))
+        return variance_coef("ct", gain=gain, electronic_sigma=se)
+    return variance_coef(modality, sigma=float(sigma), looks=float(level))
 
 
 def network_input(batch: Dict[str, Any], centre: Any = None) -> Any:
