@@ -110,7 +110,7 @@ def test_boolean_flags_bare_and_with_values():
     assert cliargs.parse_cli_args(x, ["--tta=False", "in.nrrd", "out.nrrd"]).tta is False
     assert cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd"]).tta is False
     ns = cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd", "--tta"])
-    assert ns.tta is True and ns.modality == "mri" and ns.device == "auto"
+    assert ns.tta is True and ns.modality == "auto" and ns.device == "auto"
     with pytest.raises(SystemExit):
         cliargs.parse_cli_args(x, ["--modality", "pet", "in.nrrd", "out.nrrd"])
     with pytest.raises(SystemExit):

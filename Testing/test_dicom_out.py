@@ -411,3 +411,21 @@ def test_uncertainty_series(dicom_dir, tmp_path):
         d = pydicom.dcmread(str(f))
         k = index[str(d.SourceImageSequence[0].ReferencedSOPInstanceUID)]
         assert np.abs(modality_values(d) - sd[k]).max() <= derived.rescale_slope / 2 * (1 + 1e-9) + 1e-6
+
+
+def test_series_without_a_noise_model_tag_falls_back_to_the_intensities(dicom_dir, tmp_path):
+    """A copy of the real CT series re-tagged Modality OT (other): with ``auto`` the noise model
+    comes from the voxels (air at -1000 HU -> ct) and the note says so; the source is untouched."""
+    from dualnet.api import denoise_dicom
+
+    src = tmp_path / "ot"
+    shutil.copytree(dicom_dir / CT, src)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(str(f))
+        ds.Modality = "OT"
+        ds.save_as(str(f))
+    before = tree_hashes(src)
+    report = denoise_dicom(src, tmp_path / "out", method="gaussian", sigma=float(SIGMA))
+    assert report.ok and report.outcomes[0].modality == "ct"
+    assert "from the intensities" in report.outcomes[0].info["modality_note"]
+    assert tree_hashes(src) == before

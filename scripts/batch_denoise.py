@@ -4,15 +4,18 @@
 Runs with plain Python (the ``dualnet`` core from this checkout or ``pip install .``) and
 inside Slicer without a window::
 
-    python scripts/batch_denoise.py IN_DIR OUT_DIR --method bm4d --modality mri
+    python scripts/batch_denoise.py IN_DIR OUT_DIR --method bm4d
     Slicer --no-main-window --python-script scripts/batch_denoise.py -- IN_DIR OUT_DIR --method gaussian
     python scripts/batch_denoise.py STUDY_DIR OUT_DIR --dicom --method bm4d [--send AET@HOST:PORT]
 
 Each input ``name.ext`` gives ``OUT_DIR/name_<method>.nrrd`` (``--format`` to change);
-``OUT_DIR/summary.csv`` lists input, output, status, seconds, noise sigma and any error.
+``OUT_DIR/summary.csv`` lists input, output, status, modality, seconds, noise sigma and any error.
+``--modality auto`` (the default) takes each volume's modality from its DICOM Modality tag, else from
+its intensities (air at -1000 HU: CT; an 8-bit 2D image: ultrasound; otherwise MRI); the reason is
+printed and written to the ``note`` column (``dualnet.modality.choose_modality``).
 With ``--dicom`` every CT / MR series found under IN_DIR (nested folders, an exported study) is
 written as a new derived DICOM series in ``OUT_DIR/<NNN>_<modality>_<description>/`` (see
-``dualnet.dicom_out``), its noise model taken from the DICOM Modality tag unless ``--modality``
+``dualnet.dicom_out``), its noise model taken from the DICOM Modality tag unless a ``--modality``
 is given; non-image objects (SR, RT, presentation states) are skipped; summary.csv has one row
 per series and per skipped object. OUT_DIR must be new or empty (nothing is overwritten).
 ``--send`` then stores the written series with C-STORE.
@@ -41,7 +44,8 @@ if (_CORE / "dualnet").is_dir() and str(_CORE) not in sys.path:
     sys.path.insert(0, str(_CORE))
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
-#: the last three are filled by --dicom: source series, new Series Instance UID, skip reason / modality note
+#: the last three are filled by --dicom (source series, new Series Instance UID, skip reason / modality note);
+#: for volume files, note is why the modality was chosen
 CSV_FIELDS = ["input", "output", "status", "method", "modality", "shape_zyx", "spacing_xyz", "sigma", "seconds",
               "error", "series", "derived_series_uid", "note"]
 
@@ -149,9 +153,12 @@ def parse_args(argv):
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
     parser.add_argument("output_dir", type=Path, help="folder for results (created); must differ from input_dir")
     parser.add_argument("--method", default="dualnet", help="dualnet, bm4d, bm3d, nlm, gaussian, median, diffusion")
-    parser.add_argument("--modality", default=None, choices=["mri", "ct", "us"],
-                        help="noise model (default mri; with --dicom: from each series' DICOM Modality tag)")
-    parser.add_argument("--sigma", type=float, default=None, help="noise sigma in image units (classical methods); default estimated")
+    parser.add_argument("--modality", default="auto", choices=["auto", "mri", "ct", "us"],
+                        help="noise model; auto (default): from each volume's DICOM Modality tag, else from its "
+                             "intensities (air at -1000 HU: ct; 8-bit 2D image: us; otherwise mri)")
+    parser.add_argument("--sigma", type=float, default=None,
+                        help="noise sigma in image units (classical methods; the network estimates the noise "
+                             "itself); default estimated")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (network only)")
@@ -174,9 +181,11 @@ def run(args) -> int:
     if args.output_dir.resolve() == args.input_dir.resolve():
         print("batch_denoise: output folder must differ from the input folder", file=sys.stderr)
         return 2
+    if args.sigma is not None and args.method == "dualnet":
+        print("batch_denoise: warning: --sigma is used by the classical methods only; the network estimates "
+              "the noise itself (--sigma ignored)", file=sys.stderr, flush=True)
     if args.dicom or args.send:
         return run_dicom(args)
-    args.modality = args.modality or "mri"
     args.format = args.format or ".nrrd"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     inputs = find_inputs(args.input_dir)
@@ -209,7 +218,8 @@ def denoise_all(args, inputs, rows) -> int:
         if fmt == "same":
             fmt = ".nrrd" if src.is_dir() else next(s for s in VOLUME_SUFFIXES if src.name.lower().endswith(s))
         dst = args.output_dir / f"{stem(src)}_{args.method}{fmt}"
-        row = {"input": str(src), "output": str(dst), "method": args.method, "modality": args.modality}
+        row = {"input": str(src), "output": str(dst), "method": args.method,
+               "modality": "" if args.modality == "auto" else args.modality}
         print(f"[{n}/{len(inputs)}] {src.name} -> {dst.name}", flush=True)
         if dst.exists() and not args.overwrite:
             row.update(status="skipped (exists)")
@@ -224,7 +234,11 @@ def denoise_all(args, inputs, rows) -> int:
             result = api.denoise_volume(vol, **kwargs)
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
-            row.update(status="ok", shape_zyx="x".join(map(str, vol.array.shape)),
+            print(f"  modality {info.get('modality')} ({info.get('modality_reason', '')})", flush=True)
+            if info.get("warning"):
+                print(f"  warning: {info['warning']}", file=sys.stderr, flush=True)
+            row.update(status="ok", modality=info.get("modality", ""), note=info.get("modality_reason", ""),
+                       shape_zyx="x".join(map(str, vol.array.shape)),
                        spacing_xyz="x".join(f"{s:g}" for s in vol.spacing),
                        sigma=info.get("sigma", ""), seconds=f"{time.time() - t0:.2f}")
         except ImportError as err:

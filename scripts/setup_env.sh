@@ -12,8 +12,16 @@ fi
 stamp=".venv/.dualnet-installed-$extras-$(cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # torch first, pinned to the CPU build, so no dependency can pull a CUDA build.
-  python -m pip install -q -c constraints.txt "torch==2.13.0"
+  # torch first, so no dependency can pull another build. Default: the CPU build from PyTorch's
+  # CPU index (a local CPU wheel in pip's find-links is taken first where one exists); PyPI's
+  # Linux torch is a CUDA build of several GB. DUALNET_TORCH=cuda: PyPI's default (CUDA) build.
+  if [ "${DUALNET_TORCH:-cpu}" = "cuda" ]; then
+    python -m pip install -q -c constraints.txt "torch==2.13.0"
+  else
+    python -m pip install -q -c constraints.txt "torch==2.13.0" \
+      --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15
+  fi
   python -m pip install -q -c constraints.txt -e ".[$extras]"
+  python -c "import torch; print('torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
   touch "$stamp"
 fi

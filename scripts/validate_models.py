@@ -46,16 +46,19 @@ from dualnet.training.config import load_config  # noqa: E402
 from dualnet.training.data import read_source, resolve_path  # noqa: E402
 
 CT_WINDOW_HU = (-160.0, 240.0)
-KEYS = ("psnr", "ssim", "psnr_fg", "ssim_fg")
+KEYS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "bias_bg_pct")
 
 
 def scores(ref: np.ndarray, out: np.ndarray, modality: str) -> dict:
-    """PSNR / SSIM of ``out`` against ``ref``: whole image, foreground, and the CT window."""
+    """PSNR / SSIM of ``out`` against ``ref``: whole image, foreground, and the CT window; the mean
+    background error (``bias_bg_pct``)."""
     rng = float(ref.max() - ref.min())
     mask = foreground_mask(ref, modality)
     res = {"psnr": psnr(ref, out, data_range=rng), "ssim": ssim(ref, out, data_range=rng),
            "psnr_fg": psnr(ref, out, data_range=rng, mask=mask),
-           "ssim_fg": ssim(ref, out, data_range=rng, mask=mask)}
+           "ssim_fg": ssim(ref, out, data_range=rng, mask=mask),
+           # mean error outside the foreground, % of the data range (e.g. a Rician floor left in the air)
+           "bias_bg_pct": float(np.mean((out - ref)[~mask]) / max(rng, 1e-12) * 100) if (~mask).any() else 0.0}
     if modality == "ct":
         lo, hi = CT_WINDOW_HU
         rw, ow = np.clip(ref, lo, hi), np.clip(out, lo, hi)
@@ -83,8 +86,19 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
     return images
 
 
+def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray, modality: str,
+                   samples: int) -> dict:
+    """Monte-Carlo dropout std against the true error on the foreground: RMS std / RMS error (1 =
+    calibrated on average) and the correlation of the two maps (an untimed extra pass)."""
+    res = denoise_array(noisy, net, card, device="cpu", modality=modality, mc_samples=samples)
+    err = np.abs(res.denoised - ref)[fg]
+    unc = res.uncertainty[fg]
+    return {"mc_std_ratio_fg": float(np.sqrt(np.mean(unc ** 2)) / max(float(np.sqrt(np.mean(err ** 2))), 1e-12)),
+            "mc_std_corr_fg": float(np.corrcoef(unc, err)[0, 1]) if unc.std() > 0 and err.std() > 0 else 0.0}
+
+
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
-              lr_factor: int, baseline: str) -> dict:
+              lr_factor: int, baseline: str, mc_samples: int = 0) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
@@ -112,6 +126,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             row[label]["seconds"] = time.perf_counter() - t
             if method == "dualnet" and res.sigma_map is not None:
                 row[label].update(neb_maps(res, true_std, fg))
+            if method == "dualnet" and mc_samples > 0:
+                row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples))
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
@@ -120,7 +136,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     keys = KEYS + (("psnr_win", "ssim_win") if modality == "ct" else ())
     summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
     for m in labels[1:]:
-        for k in ("neb_sigma_ratio_fg", "alpha_mean_fg", "alpha_std_fg"):
+        for k in ("neb_sigma_ratio_fg", "alpha_mean_fg", "alpha_std_fg", "mc_std_ratio_fg", "mc_std_corr_fg"):
             if all(k in r[m] for r in rows):
                 summary[m][k] = round(float(np.mean([r[m][k] for r in rows])), 4)
     for m in labels[1:]:
@@ -160,6 +176,8 @@ def main() -> None:
     ap.add_argument("--baseline", default="bm4d", help="bm4d | bm3d | nlm | ... | none")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the cards unchanged")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
+    ap.add_argument("--mc-samples", type=int, default=0,
+                    help="also measure the MC-dropout std against the true error with this many passes")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -169,7 +187,8 @@ def main() -> None:
     if len(names) != len(args.models):
         ap.error("--names needs one label per model")
     images = validation_images(cfg, args.data_dir, args.max_cases)
-    results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline) for lev in levels]
+    results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples)
+               for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],

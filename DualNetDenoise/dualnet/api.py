@@ -15,9 +15,9 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .io import Volume
+from .modality import MODALITIES, check_modality, choose_modality  # noqa: F401 - check_modality is public here too
 from .progress import CancelToken, ProgressFn, check_cancel, report
 
-MODALITIES = ("mri", "ct", "us")
 MODALITY_NAMES = {"mri": "MRI (Rician)", "ct": "CT (Poisson-Gaussian low dose)", "us": "ultrasound (speckle)"}
 NETWORK_METHODS = ("dualnet",)
 
@@ -47,15 +47,6 @@ class DenoiseResult:
     volume: Volume
     uncertainty: Optional[Volume] = None
     info: Dict[str, Any] = field(default_factory=dict)
-
-
-def check_modality(modality: str) -> str:
-    m = str(modality).lower()
-    aliases = {"mr": "mri", "ultrasound": "us", "u/s": "us"}
-    m = aliases.get(m, m)
-    if m not in MODALITIES:
-        raise InputError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
-    return m
 
 
 def validate_input(volume: Volume) -> np.ndarray:
@@ -95,6 +86,8 @@ def denoise_volume(
             arbitrary units, CT Hounsfield units, ultrasound grey levels).
         method: ``"dualnet"`` or one of :func:`classical_methods`.
         modality: ``"mri"``, ``"ct"`` or ``"us"``; selects the noise model, transform and model.
+            ``"auto"``: from the DICOM Modality in ``volume.metadata``, else from the intensities
+            (:func:`dualnet.modality.choose_modality`); ``info`` records the choice and its reason.
         sigma: noise level for classical methods in image units (None: estimated).
         model: DUAL-NET model file (.safetensors with its .json card); None: the shipped model
             for the modality.
@@ -109,15 +102,16 @@ def denoise_volume(
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.
     """
-    modality = check_modality(modality)
     method = str(method).lower()
     arr = validate_input(volume)
+    choice = choose_modality(modality, arr, volume.metadata)
+    modality = choice.modality
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
                   uncertainty=uncertainty, mc_samples=mc_samples, tta=tta)
     check_cancel(cancel)
     start = time.perf_counter()
-    info: Dict[str, Any] = {"method": method, "modality": modality, "input_shape_zyx": list(arr.shape)}
+    info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
     unc_volume = None
     if method == "dualnet":
         out, unc, net_info = _denoise_network(

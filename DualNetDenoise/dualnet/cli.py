@@ -22,7 +22,13 @@ import numpy as np
 from . import __version__
 from .errors import CancelledError, DualNetError
 from .io import atomic_write_bytes, check_output_format, check_output_path, read_volume, write_volume
+from .modality import AUTO, MODALITY_CHOICES, ModalityChoice, choose_modality
 
+MODALITY_HELP = (
+    "noise physics: auto (default) = from the DICOM Modality tag, else from the intensities (air at -1000 HU: "
+    "ct; 8-bit 2D image: us; otherwise mri), said on stderr; mri = Rician magnitude, "
+    "ct = Poisson-Gaussian low dose (HU), us = multiplicative speckle"
+)
 LEVEL_HELP = (
     "noise level: MRI = Rician sigma as a fraction of the clean maximum (0.05 = 5%%); "
     "CT = dose fraction of the full dose (0.25 = 25%%); US = number of looks L of the Gamma speckle (4)"
@@ -118,6 +124,54 @@ def _info(args, message: str) -> None:
         print(message, file=sys.stderr if getattr(args, "progress_json", False) else sys.stdout)
 
 
+def _warn(message: str) -> None:
+    """One line ``dualnet: warning: ...`` on stderr (also with --quiet)."""
+    print(f"dualnet: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _say_modality(args, choice: ModalityChoice) -> None:
+    """``dualnet: modality ct (why)`` on stderr, unless --quiet; once the run succeeded, so that a failed
+    run prints its one error line only (the progress bar names the modality while it runs)."""
+    if not getattr(args, "quiet", False):
+        print(f"dualnet: modality {choice.modality} ({choice.reason})", file=sys.stderr, flush=True)
+
+
+def _read_input(path: str, frame: Optional[int]):
+    """``read_volume(path, frame=frame)``; refuses ``--frame`` for an image that is not 4D (nothing to choose).
+
+    Refused like ``--tta`` with a classical method (``api.check_options``): an option that cannot
+    apply is an error, not a silent no-op.
+    """
+    from .errors import InputError
+
+    if frame is not None:
+        dim = _image_dimension(path)
+        if dim is not None and dim != 4:
+            raise InputError(f"{path}: --frame applies to 4D images only; this image is {dim}D")
+    return read_volume(path, frame=frame)
+
+
+def _image_dimension(path: str) -> Optional[int]:
+    """Dimension from the file header (3 for a DICOM folder); None when unreadable (``read_volume`` says why)."""
+    import SimpleITK as sitk
+
+    from .io import quiet_itk
+
+    p = Path(path)
+    if p.is_dir():
+        return 3
+    if not p.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+        return int(reader.GetDimension())
+    except RuntimeError:
+        return None
+
+
 # ----------------------------------------------------------------------------- denoise
 def _parse_sigma(text: str):
     if text in (None, "auto"):
@@ -136,21 +190,22 @@ def cmd_denoise(args) -> int:
 
     if args.dicom or args.send:
         return _denoise_dicom(args)
-    args.modality = args.modality or "mri"
     inputs = [args.input] + _model_files(args.model)
     out = check_output_path(args.output, inputs[:1], args.force)
     unc = check_output_path(args.uncertainty, inputs, outputs=[out]) if args.uncertainty else None
     info_json = (check_output_path(args.info_json, inputs, outputs=[out, unc], formats=None)
                  if args.info_json else None)
-    volume = read_volume(args.input, frame=args.frame)
+    volume = _read_input(args.input, args.frame)
     for path in (out, unc):
         if path is not None:
             check_output_format(path, volume.ndim)
+    choice = choose_modality(args.modality, volume.array, volume.metadata)
+    args.modality = choice.modality
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta)
-    if args.method == "dualnet":
-        _verify_model(args.model, args.modality)
-    bar = ProgressPrinter(f"denoise ({args.method})", _progress_mode(args))
+    card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
+    _warn_ignored_options(args, card, choice)
+    bar = ProgressPrinter(f"denoise ({args.method}, {args.modality})", _progress_mode(args))
     try:
         result = denoise_volume(
             volume,
@@ -168,23 +223,37 @@ def cmd_denoise(args) -> int:
         )
     finally:
         bar.close()
+    result.info.update(choice.info())
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
     write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype)
     if unc is not None and result.uncertainty is not None:
         write_volume(result.uncertainty, unc, inputs=inputs, outputs=[out])
-    _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
     if info_json is not None:
         atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
                            inputs=inputs, outputs=[out, unc])
+    _say_modality(args, choice)
+    _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
     return 0
 
 
-def _verify_model(model: Optional[str], modality: str) -> None:
-    """Load the model once before any progress output, so a bad file fails with one clean line."""
+def _verify_model(model: Optional[str], modality: str) -> dict:
+    """Load the model once before any progress output, so a bad file fails with one clean line; its card."""
     from .api import resolve_model_path
     from .modelfile import load_model
 
-    load_model(resolve_model_path(model, modality), device="cpu")
+    return load_model(resolve_model_path(model, modality), device="cpu")[1]
+
+
+def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> None:
+    """Warn about options that will not act as the user may think: --sigma with the network, a
+    --model whose card names another modality than the one chosen."""
+    if args.method == "dualnet" and args.sigma is not None:
+        _warn("--sigma is used by the classical methods only; the network estimates the noise itself "
+              "(--sigma ignored)")
+    trained = str((card or {}).get("modality") or "").lower()
+    if args.model and choice is not None and trained and trained != choice.modality:
+        _warn(f"{args.model}: the model's card says it was trained for {trained}, but the image is denoised "
+              f"as {choice.modality} ({choice.reason}); the result may be poor: check --modality or --model")
 
 
 def _model_files(model: Optional[str]) -> List[str]:
@@ -218,6 +287,7 @@ def _denoise_dicom(args) -> int:
             raise InputError(f"{info_path}: --info-json must not be the output or lie in the input folder")
         if not info_path.parent.is_dir():
             raise InputError(f"{info_path}: folder {info_path.parent} does not exist")
+    _warn_ignored_options(args, None, None)
     mode = _progress_mode(args)
     report = denoise_dicom_folder(
         args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
@@ -269,7 +339,7 @@ def cmd_degrade(args) -> int:
 
     out = check_output_path(args.output, [args.clean], args.force)
     lr_out = check_output_path(args.clean_lr, [args.clean], outputs=[out]) if args.clean_lr else None
-    volume = read_volume(args.clean, frame=args.frame)
+    volume = _read_input(args.clean, args.frame)
     for path in (out, lr_out):
         if path is not None:
             check_output_format(path, volume.ndim)
@@ -347,12 +417,16 @@ def cmd_estimate(args) -> int:
     from .errors import InputError
     from .estimate import estimate_noise
 
-    volume = read_volume(args.input, frame=args.frame)
+    volume = _read_input(args.input, args.frame)
+    choice = choose_modality(args.modality, volume.array, volume.metadata)
+    args.modality = choice.modality
     try:
         est = estimate_noise(volume.array.astype(np.float32), args.modality)
     except InputError as err:
         raise InputError(f"{args.input}: {err}") from None
+    _say_modality(args, choice)
     fields = est.__dict__ if hasattr(est, "__dict__") else {"sigma": float(est)}
+    fields = {**fields, **choice.info()}
     result, undefined = _json_safe(fields)
     if undefined:
         result["undefined"] = undefined
@@ -413,12 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="dualnet",
                    help="dualnet (default, shipped model for the modality) or a classical baseline: "
                         "bm4d, bm3d (slice-wise), nlm, gaussian, median, diffusion")
-    p.add_argument("--modality", default=None, choices=["mri", "ct", "us"],
-                   help="noise physics: mri = Rician magnitude, ct = Poisson-Gaussian low dose (HU), "
-                        "us = multiplicative speckle (default mri; with --dicom: from the DICOM Modality tag)")
+    p.add_argument("--modality", default=AUTO, choices=MODALITY_CHOICES, help=MODALITY_HELP)
     p.add_argument("--model", help="DUAL-NET model file (.safetensors with its .json card); default: shipped model")
     p.add_argument("--sigma", type=_parse_sigma, default=None,
-                   help="noise standard deviation in image units for classical methods, or 'auto' (estimated)")
+                   help="noise standard deviation in image units for classical methods, or 'auto' (estimated); "
+                        "the network estimates the noise itself (a warning says --sigma is ignored)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="network device; auto = CUDA, then MPS, then CPU")
     p.add_argument("--uncertainty", metavar="PATH",
@@ -431,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the dropout passes, 0..2^32-1 (default 0)")
     p.add_argument("--dtype", choices=["float32", "input"], default="float32",
                    help="output pixel type: float32 (default) or the input's type (rounded and clipped)")
-    p.add_argument("--frame", type=_count(0), help="for a 4D input, the volume index (0-based) to denoise")
+    p.add_argument("--frame", type=_count(0),
+                   help="for a 4D input, the volume index (0-based) to denoise (refused for a 2D or 3D input)")
     p.add_argument("--force", action="store_true", help="allow OUTPUT to be the same file as INPUT")
     p.add_argument("--info-json", metavar="PATH", help="write the run's provenance (method, model, seconds) as JSON")
     p.add_argument("--dicom", action="store_true",
@@ -473,10 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="estimate the noise level of a volume (JSON)")
     p.add_argument("input", help="noisy image: NRRD, NIfTI, MHA, PNG file or a DICOM series folder")
-    p.add_argument("--modality", default="mri", choices=["mri", "ct", "us"],
-                   help="noise model to fit: mri = Rician sigma, ct = Poisson-Gaussian (HU) as a dose fraction, "
-                        "us = speckle looks (default mri)")
+    p.add_argument("--modality", default=AUTO, choices=MODALITY_CHOICES,
+                   help="noise model to fit: auto (default) = from the DICOM Modality tag, else from the "
+                        "intensities, said on stderr; mri = Rician sigma, ct = Poisson-Gaussian (HU) as a dose "
+                        "fraction, us = speckle looks")
     p.add_argument("--frame", type=_count(0), help="for a 4D input, the volume index (0-based)")
+    common(p, progress_json=False)
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("demo", help="degrade the bundled sample scan, denoise it, write results and a PNG")

@@ -65,7 +65,6 @@ OUTPUT_SOP_CLASS = {
 }
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 #: DICOM Modality (0008,0060) -> dualnet noise model.
-MODALITY_FROM_TAG = {"CT": "ct", "MR": "mri", "US": "us"}
 
 # Coded concepts (code value, scheme, meaning).
 CODE_SMOOTHING = ("113087", "DCM", "Smoothing")  # CID 7203 Image Derivation
@@ -1162,19 +1161,25 @@ def _referenced_series(series: DicomSeries, headers: Mapping[str, Any]):
 
 
 # ----------------------------------------------------------------------------- the whole path
-def modality_for(series: DicomSeries, requested: Optional[str] = None) -> Tuple[str, str]:
-    """(noise model, note): ``requested`` when given (not None / ``"auto"``), else from the DICOM Modality tag."""
-    from .api import check_modality
+def modality_for(series: DicomSeries, requested: Optional[str] = None,
+                 array: Optional[np.ndarray] = None) -> Tuple[str, str]:
+    """(noise model, note): ``requested`` when given (not None / ``"auto"``), else from the DICOM
+    Modality tag, else (a tag without a noise model, e.g. OT) from the voxels ``array``
+    (:func:`dualnet.modality.modality_from_intensities`)."""
+    from .modality import check_modality, modality_from_dicom, modality_from_intensities
 
     tag = series.modality.upper()
-    from_tag = MODALITY_FROM_TAG.get(tag)
+    from_tag = modality_from_dicom(tag)
     if requested and str(requested).lower() != "auto":
         chosen = check_modality(requested)
         note = "" if from_tag in (None, chosen) else f"--modality {chosen} overrides the DICOM Modality {tag}"
         return chosen, note
-    if from_tag is None:
+    if from_tag is not None:
+        return from_tag, f"modality {from_tag} from DICOM Modality {tag}"
+    if array is None:
         raise InputError(f"{series.folder}: DICOM Modality {tag or '(empty)'} has no noise model; give the modality")
-    return from_tag, f"modality {from_tag} from DICOM Modality {tag}"
+    chosen, reason = modality_from_intensities(array)
+    return chosen, f"modality {chosen} from the intensities ({reason}); DICOM Modality {tag or '(empty)'} has no noise model"
 
 
 def _slug(text: str) -> str:
@@ -1265,12 +1270,12 @@ def denoise_dicom_folder(
             unc_target = Path(uncertainty_dir) if flat else Path(uncertainty_dir) / name
         outcome = SeriesOutcome(source=series, status="failed")
         try:
-            chosen, note = modality_for(series, modality)
+            check_output_folder(target, inputs)
+            volume = read_series(series)
+            chosen, note = modality_for(series, modality, volume.array)
             outcome.modality = chosen
             if note:
                 outcome.info["modality_note"] = note
-            check_output_folder(target, inputs)
-            volume = read_series(series)
             progress = progress_factory(series) if progress_factory else None
             try:
                 result = denoise_volume(volume, method=method, modality=chosen, sigma=sigma, model=model,

@@ -114,6 +114,14 @@ class TrainConfig:
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
     # losses
     lambda_mse: float = 0.0  #: squared error (what PSNR measures)
+    #: "none": the batch's mean squared error (the noisiest patches dominate); "psnr": each
+    #: sample weighted by 1 / its own error (the gradient of the mean PSNR: every noise level
+    #: counts alike in dB); "rmse": by 1 / sqrt(its error) (the mean RMSE, between the two)
+    mse_weighting: str = "none"
+    #: MRI pretraining: "remove" takes the Rician noise floor of the clean scans' own acquisition
+    #: out of the references (sqrt(max(m^2 - 2 sigma0^2, 0)), sigma0 estimated per scan), so the
+    #: network learns the signal, not the source scanner's background floor; "keep" = as read
+    clean_floor: str = "keep"
     lambda_l1: float = 1.0
     lambda_ssim: float = 0.2
     lambda_edge: float = 0.1
@@ -159,6 +167,8 @@ class TrainConfig:
              "context / noise_map need model = 'dualnet' and sr = false"),
             (self.noise_map_jitter >= 0, "noise_map_jitter must be >= 0"),
             (self.select_on in ("ssim", "psnr"), "select_on must be 'ssim' or 'psnr'"),
+            (self.mse_weighting in ("none", "rmse", "psnr"), "mse_weighting must be 'none', 'rmse' or 'psnr'"),
+            (self.clean_floor in ("keep", "remove"), "clean_floor must be 'keep' or 'remove'"),
             (self.dropout_mode in ("element", "channel"), "dropout_mode must be 'element' or 'channel'"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.steps >= 0, "steps must be >= 0"),

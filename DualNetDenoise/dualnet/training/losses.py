@@ -160,6 +160,27 @@ def sr_loss(sr: Tensor, hr: Tensor, lr_ref: Optional[Tensor] = None) -> Tensor:
     return loss
 
 
+#: squared-error floor of the "psnr" weighting (normalised units: caps a sample at 60 dB)
+PSNR_WEIGHT_EPS = 1e-6
+
+
+#: ``mse_weighting`` -> exponent p of the per-sample weight ``(MSE + eps)^-p``
+MSE_WEIGHT_POWER = {"none": 0.0, "rmse": 0.5, "psnr": 1.0}
+
+
+def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none") -> Tensor:
+    """Mean squared error over the batch, each sample weighted by ``(its MSE + eps)^-p``
+    (weights normalised to mean 1 and not differentiated): ``"none"`` p = 0 (the noisiest patches
+    dominate), ``"psnr"`` p = 1 (the gradient of the batch's mean PSNR: every noise level counts
+    alike in dB), ``"rmse"`` p = 1/2 (the gradient of the mean RMSE, between the two)."""
+    per = (pred - clean).pow(2).flatten(1).mean(1)
+    p = MSE_WEIGHT_POWER[weighting]
+    if p == 0:
+        return per.mean()
+    w = (per.detach() + PSNR_WEIGHT_EPS).pow(-p)
+    return (per * (w / w.mean())).mean()
+
+
 def _range(clean: Tensor) -> Tensor:
     """Per-sample data range of the clean target (N,), floored at 0.1 (flat patches would
     otherwise make the SSIM constants vanish)."""
@@ -176,7 +197,7 @@ def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], 
     clean = batch["clean"]
     terms: Dict[str, Tensor] = {}
     if cfg.lambda_mse > 0:
-        terms["mse"] = cfg.lambda_mse * (pred - clean).pow(2).mean()
+        terms["mse"] = cfg.lambda_mse * weighted_mse(pred, clean, getattr(cfg, "mse_weighting", "none"))
     if cfg.lambda_l1 > 0:
         terms["l1"] = cfg.lambda_l1 * (pred - clean).abs().mean()
     if cfg.lambda_ssim > 0:

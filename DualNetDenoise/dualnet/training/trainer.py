@@ -545,6 +545,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                    command=command)
 
         model = model.to(device)
+        if cfg.dim == 2 and torch.device(device).type == "cpu":  # 22 % faster steps here (docs/design_sweep.md)
+            model = model.to(memory_format=torch.channels_last)
         model.train()
         if anchor_model is not None:
             anchor_model = anchor_model.to(device).eval()
