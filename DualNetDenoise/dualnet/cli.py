@@ -82,7 +82,16 @@ def _positive_float(text: str) -> float:
 
 # ----------------------------------------------------------------------------- progress
 class ProgressPrinter:
-    """A ``ProgressFn`` that drives a tqdm bar, JSON lines, or nothing."""
+    """A ``ProgressFn`` that drives a tqdm bar, JSON lines, or nothing.
+
+    The bar shows the remaining time only while the fraction moves: a report repeating the last
+    fraction (a heartbeat of work that gives no finer progress, e.g. a BM4D pass) shows the elapsed
+    time alone instead of an extrapolated ETA. Messages are shown whole; tqdm trims the line to
+    the terminal's width.
+    """
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
+    FORMAT_WAITING = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}] {postfix}"
 
     def __init__(self, desc: str, mode: str = "bar") -> None:
         self.mode = mode
@@ -93,16 +102,19 @@ class ProgressPrinter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=1000, desc=desc, unit="‰", leave=False, file=sys.stderr,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+                            dynamic_ncols=True, bar_format=self.FORMAT_WAITING)
 
     def __call__(self, fraction: float, message: str = "") -> None:
         if self.mode == "json":
             print("DUALNET_PROGRESS " + json.dumps({"task": self.desc, "fraction": round(fraction, 4), "message": message}),
                   flush=True)
         elif self.bar is not None:
-            self.bar.n = int(round(fraction * 1000))
+            n = int(round(fraction * 1000))
+            moved = n != self.bar.n
+            self.bar.n = n
+            self.bar.bar_format = self.FORMAT if (moved and 0 < n < 1000) else self.FORMAT_WAITING
             if message and message != self.last_message:
-                self.bar.set_postfix_str(message[:40], refresh=False)
+                self.bar.set_postfix_str(message, refresh=False)
                 self.last_message = message
             self.bar.refresh()
 

@@ -47,8 +47,12 @@ def haar_blocks(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         odd = [slice(None)] * a.ndim
         even[axis] = slice(0, None, 2)
         odd[axis] = slice(1, None, 2)
-        mean = 0.5 * (mean[tuple(even)] + mean[tuple(odd)])
-        det = (det[tuple(even)] - det[tuple(odd)]) / np.sqrt(2.0)
+        # in place after the first sum / difference: no second half-volume float64 temporary
+        m = np.add(mean[tuple(even)], mean[tuple(odd)])
+        m *= 0.5
+        d = np.subtract(det[tuple(even)], det[tuple(odd)])
+        d /= np.sqrt(2.0)
+        mean, det = m, d
     return mean, det
 
 
@@ -323,7 +327,11 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
         fov = a > CT_PADDING_HU  # leave out-of-field padding (-1024 .. -3024 fill values) out
         if mask is not None:
             fov &= np.asarray(mask, dtype=bool)
-        gain, s = poisson_gaussian_fit(a + CT_OFFSET_HU, mask=fov if not fov.all() else None)
+        # HU + 1000 in place when ``a`` is our own float64 copy (not the caller's array)
+        y = a.copy() if np.may_share_memory(a, x) else a
+        y += CT_OFFSET_HU
+        del a
+        gain, s = poisson_gaussian_fit(y, mask=fov if not fov.all() else None)
         if gain <= 0:
             sig = s
             dose = float("inf")

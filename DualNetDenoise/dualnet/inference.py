@@ -6,6 +6,13 @@ slices, z) with 2D tiles over (y, x); a 3D model runs on 3D tiles. Overlapping t
 blended with a Gaussian weight (sigma = 1/8 of the tile side), so seams vanish and the result
 depends only weakly on the tile size (max abs difference typically < 1e-2 of the intensity
 range for trained models; see ``Testing/test_inference.py`` for the checked bound).
+
+Memory: a 2D model's tiles of one slice depend only on that slice (and its ``context``
+neighbours), so 2D inference is streamed: each slice is normalised (and its noise map made) when
+its first tile is read, its blend is finished as soon as its last tile is done and written,
+de-normalised, straight into the output. Besides the input and the returned maps, peak memory is a
+few slices plus the network's activations (``benchmarks/bench_memory.py``). 3D models blend in
+whole-volume buffers.
 """
 
 from __future__ import annotations
@@ -61,6 +68,38 @@ def normalise(array: np.ndarray, spec: Dict[str, Any]) -> Tuple[np.ndarray, Dict
     ``{"offset", "scale"}`` in input units.
     """
     x = np.asarray(array)
+    params = _norm_params(x, spec)
+    out = x.astype(np.float32, copy=True)  # in place from here: one float32 copy at most
+    out -= np.float32(params["offset"])
+    out /= np.float32(params["scale"])
+    return out, params
+
+
+#: Voxels per chunk of the chunked whole-volume reductions (4 MiB of float32).
+_CHUNK_VOXELS = 1 << 20
+
+
+def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
+    """Views of ``x`` along its first axis of about ``_CHUNK_VOXELS`` voxels each."""
+    if x.ndim == 0:
+        yield x.reshape(1)
+        return
+    per = max(1, int(np.prod(x.shape[1:], dtype=np.int64)))
+    step = max(1, _CHUNK_VOXELS // per)
+    for i in range(0, x.shape[0], step):
+        yield x[i:i + step]
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """``np.isfinite(x).all()`` without a whole-volume boolean temporary."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return True
+    return all(bool(np.isfinite(c).all()) for c in _chunks(x))
+
+
+def _norm_params(x: np.ndarray, spec: Dict[str, Any]) -> Dict[str, float]:
+    """``{"offset", "scale"}`` of :func:`normalise` for the array ``x`` (no float64 copy of it:
+    the z-score std is summed chunk by chunk, equal to ``np.std`` up to float64 rounding)."""
     method = spec.get("method")
     if method == "percentile":
         lo, hi = np.percentile(x, [float(spec["p_low"]), float(spec["p_high"])])
@@ -70,15 +109,18 @@ def normalise(array: np.ndarray, spec: Dict[str, Any]) -> Tuple[np.ndarray, Dict
     elif method == "fixed":
         offset, scale = float(spec["low"]), float(spec["high"]) - float(spec["low"])
     elif method == "zscore":
-        offset, scale = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+        offset = float(x.mean(dtype=np.float64))
+        ss = 0.0
+        for c in _chunks(x):
+            d = c.astype(np.float64).ravel()
+            d -= offset
+            ss += float(np.dot(d, d))
+        scale = float(np.sqrt(ss / max(x.size, 1)))
     else:
         raise ModelError(f"unknown normalisation method {method!r} in model card")
     if not np.isfinite(scale) or scale <= 0:
         scale = 1.0  # constant image: only shift
-    out = x.astype(np.float32, copy=True)  # in place from here: one float32 copy at most
-    out -= np.float32(offset)
-    out /= np.float32(scale)
-    return out, {"offset": offset, "scale": scale}
+    return {"offset": offset, "scale": scale}
 
 
 def denormalise(array: np.ndarray, params: Dict[str, float]) -> np.ndarray:
@@ -272,7 +314,7 @@ def denoise_array(
         raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"expected a real-valued array, got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
+    if not _all_finite(arr):
         raise InputError("input contains NaN or infinite voxels")
     if not 0.0 <= overlap <= 0.9:
         raise InputError(f"overlap must be in [0, 0.9], got {overlap}")
@@ -283,18 +325,25 @@ def denoise_array(
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
     modality = modality or (card or {}).get("modality")
-    vol_in = vol
-    fill = _ct_fill(vol, modality)
-    if fill is not None:  # scanner fill values: the network sees air there, the output keeps them
-        vol = np.where(fill, np.float32(CT_FLOOR_HU), vol).astype(np.float32)
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
-    xn, norm_params = normalise(vol, spec)
-    nmap = None
+    # scanner fill values (CT): the network sees air there, the output keeps them
+    has_fill = _has_ct_fill(vol, modality)
+    xn = nmap = fill = None
+    if dim == 3:  # 3D tiles span slices: whole-volume normalised copy (and noise map)
+        fill = _ct_fill(vol, modality) if has_fill else None
+        src = np.where(fill, np.float32(CT_FLOOR_HU), vol).astype(np.float32) if fill is not None else vol
+        xn, norm_params = normalise(src, spec)
+        del src
+    elif has_fill and spec.get("method") in ("percentile", "zscore"):
+        norm_params = _norm_params(_fill_air(vol), spec)  # statistics need the air-filled volume
+    else:
+        norm_params = _norm_params(vol, spec)
     noise_info: Optional[Dict[str, Any]] = None
+    coef: Optional[Tuple[float, float, float]] = None
     if arch.get("noise_map"):
-        from .training.data import noise_variance_model, variance_map
-
         if noise_coef is None:
+            from .training.data import noise_variance_model
+
             if modality not in ("mri", "ct", "us"):
                 raise ModelError("this model needs the noise model of its input: give noise_coef "
                                  "or the modality (mri, ct, us) to estimate it")
@@ -302,11 +351,20 @@ def denoise_array(
             noise_coef, noise_info = noise_variance_model(arr, modality)
         if len(noise_coef) != 3 or not np.all(np.isfinite(noise_coef)):
             raise ModelError(f"invalid noise model {tuple(noise_coef)} (need 3 finite coefficients)")
+        coef = tuple(float(c) for c in noise_coef)  # type: ignore[assignment]
+        if dim == 3:
+            from .training.data import variance_map
 
-        smooth = (0.0, 1.0, 1.0) if dim == 2 else 1.0  # as in training: in-plane for 2D models
-        nmap = np.sqrt(variance_map(xn, tuple(float(c) for c in noise_coef),
-                                    (-norm_params["offset"], norm_params["scale"]), smooth=smooth))
-    reader = _tile_reader(xn, nmap, int(arch.get("context", 1)), dim)
+            nmap = np.sqrt(variance_map(xn, coef, (-norm_params["offset"], norm_params["scale"]),
+                                        smooth=1.0))
+    context = int(arch.get("context", 1))
+    outs: Dict[str, np.ndarray] = {}
+    sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None
+    if dim == 2:  # streamed: slices normalised on demand, blends finished slice by slice
+        reader = _SliceSource(vol, norm_params, has_fill, coef).reader(context)
+        sink = _slice_writer(outs, vol, norm_params, has_fill)
+    else:
+        reader = _tile_reader(xn, nmap, context, dim)
 
     dev = resolve_device(device)
     threads = configure_cpu_threads() if dev.type == "cpu" else None
@@ -327,8 +385,8 @@ def denoise_array(
                 model.to(dev)
                 if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
                     model.to(memory_format=torch.channels_last)
-                outputs = _run(xn.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
-                               int(mc_samples), seed, progress, cancel)
+                outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
+                               int(mc_samples), seed, progress, cancel, sink)
                 break
             except torch.cuda.OutOfMemoryError:
                 if dev.type != "cuda":
@@ -352,25 +410,167 @@ def denoise_array(
                                       f"{tile_shape} x{batch}")
     finally:
         model.train(was_training)
+    del xn, nmap, reader
 
+    if sink is None:  # 3D: whole-volume maps in normalised units, finished here in place
+        outs = _finish_volume(outputs, vol, norm_params, fill)
     squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
-    scale = norm_params["scale"]
-    denoised_vol = denormalise(outputs["out"], norm_params)
-    if fill is not None:
-        denoised_vol[fill] = vol_in[fill]
-    denoised = squeeze(denoised_vol)
-    unc = outputs.get("unc")
-    sigma = outputs.get("sigma")
-    alpha = outputs.get("alpha")
+    unc, sigma, alpha = outs.get("unc"), outs.get("sigma"), outs.get("alpha")
+    if unc is not None:  # post-hoc sigma-scaling of the MC-dropout std, fitted on validation (card)
+        info["uncertainty_scale"] = _uncertainty_scale(card)
+        unc *= np.float32(info["uncertainty_scale"])
     info.update(tile=tuple(int(t) for t in (tile_shape[1:] if dim == 2 else tile_shape)),
                 batch=batch, seconds=time.perf_counter() - t0)
     report(progress, 1.0, "done")
     return InferenceResult(
-        denoised=denoised,
-        uncertainty=None if unc is None else squeeze((unc * scale).astype(np.float32)),
-        sigma_map=None if sigma is None else squeeze((sigma * scale).astype(np.float32)),
-        alpha_map=None if alpha is None else squeeze(alpha.astype(np.float32)),
+        denoised=squeeze(outs["out"]),
+        uncertainty=None if unc is None else squeeze(unc),
+        sigma_map=None if sigma is None else squeeze(sigma),
+        alpha_map=None if alpha is None else squeeze(alpha),
         info=info)
+
+
+def _uncertainty_scale(card: Optional[Dict[str, Any]]) -> float:
+    """The card's ``uncertainty_calibration.scale`` (MC-dropout std -> expected error; 1 = none)."""
+    scale = ((card or {}).get("uncertainty_calibration") or {}).get("scale", 1.0)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not np.isfinite(scale) or scale <= 0:
+        raise ModelError(f"model card: uncertainty_calibration.scale must be a positive number, got {scale}")
+    return scale
+
+
+def _finish_map(key: str, val: np.ndarray, params: Dict[str, float]) -> np.ndarray:
+    """A blended map in normalised units -> input units (float32): ``out`` de-normalised (as
+    :func:`denormalise`, in place), ``unc`` / ``sigma`` scaled, ``alpha`` unchanged."""
+    if key == "out":
+        out = np.asarray(val, dtype=np.float32)
+        out *= np.float32(params["scale"])
+        out += np.float32(params["offset"])
+        return out
+    if key in ("unc", "sigma"):
+        return (val * params["scale"]).astype(np.float32, copy=False)
+    return val.astype(np.float32, copy=False)
+
+
+def _finish_volume(outputs: Dict[str, np.ndarray], vol: np.ndarray, params: Dict[str, float],
+                   fill: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+    """Whole-volume maps from :func:`_run` (normalised units) -> input units, fill values kept."""
+    outs = {key: _finish_map(key, val, params) for key, val in outputs.items()}
+    if fill is not None:
+        outs["out"][fill] = vol[fill]
+    return outs
+
+
+def _slice_writer(outs: Dict[str, np.ndarray], vol: np.ndarray, params: Dict[str, float],
+                  has_fill: bool) -> Callable[[int, Dict[str, np.ndarray]], None]:
+    """The ``sink`` of a streamed :func:`_run`: finishes one slice's blended maps (normalised
+    units) into input units and writes them into ``outs`` (float32 volumes of ``vol``'s shape,
+    allocated at the first slice); CT fill values of ``vol`` are copied through."""
+
+    def write(z: int, maps: Dict[str, np.ndarray]) -> None:
+        for key, val in maps.items():
+            dst = outs.get(key)
+            if dst is None:
+                dst = outs[key] = np.empty(vol.shape, np.float32)
+            val = _finish_map(key, val, params)
+            if key == "out" and has_fill:
+                fill = _fill_mask(vol[z])
+                val[fill] = vol[z][fill]
+            dst[z] = val
+
+    return write
+
+
+def _fill_mask(a: np.ndarray) -> np.ndarray:
+    from .estimate import CT_PADDING_HU
+
+    return a < CT_PADDING_HU
+
+
+def _has_ct_fill(vol: np.ndarray, modality: Optional[str]) -> bool:
+    """Whether :func:`_ct_fill` would find fill values (without building the mask)."""
+    if modality != "ct":
+        return False
+    from .estimate import CT_PADDING_HU
+
+    return any(bool((c < CT_PADDING_HU).any()) for c in _chunks(vol))
+
+
+def _fill_air(vol: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``vol`` with CT fill values raised to air (as the network sees them)."""
+    out = vol.astype(np.float32, copy=True)
+    for c_in, c_out in zip(_chunks(vol), _chunks(out)):
+        c_out[_fill_mask(c_in)] = np.float32(CT_FLOOR_HU)
+    return out
+
+
+class _SliceSource:
+    """Normalised slices and noise-std maps of a (z, y, x) volume, made on demand, slice by slice.
+
+    A slice is normalised like :func:`normalise` would on the whole volume (CT fill values raised
+    to air first, as :func:`denoise_array` does) and its noise map made like ``variance_map`` on the
+    whole normalised volume with the in-plane smoothing of 2D models, so the values are identical;
+    only the few slices a 2.5D window needs are cached.
+    """
+
+    def __init__(self, vol: np.ndarray, params: Dict[str, float], has_fill: bool,
+                 coef: Optional[Tuple[float, float, float]]) -> None:
+        self.vol = vol
+        self.offset = np.float32(params["offset"])
+        self.scale = np.float32(params["scale"])
+        self.params = params
+        self.has_fill = has_fill
+        self.coef = coef
+        self._norm: Dict[int, np.ndarray] = {}
+        self._noise: Dict[int, np.ndarray] = {}
+
+    def norm(self, z: int) -> np.ndarray:
+        z = min(max(z, 0), self.vol.shape[0] - 1)  # edge slices repeated
+        out = self._norm.get(z)
+        if out is None:
+            a = self.vol[z]
+            out = a.astype(np.float32, copy=True)
+            if self.has_fill:
+                out[_fill_mask(a)] = np.float32(CT_FLOOR_HU)
+            out -= self.offset
+            out /= self.scale
+            self._norm[z] = out
+        return out
+
+    def noise(self, z: int) -> np.ndarray:
+        out = self._noise.get(z)
+        if out is None:
+            from .training.data import variance_map
+
+            assert self.coef is not None
+            var = variance_map(self.norm(z)[None], self.coef,
+                               (-self.params["offset"], self.params["scale"]), smooth=(0.0, 1.0, 1.0))
+            out = self._noise[z] = np.sqrt(var)[0]
+        return out
+
+    def release_below(self, z: int) -> None:
+        for cache in (self._norm, self._noise):
+            for key in [k for k in cache if k < z]:
+                del cache[key]
+
+    def reader(self, context: int) -> Callable[[Tuple[slice, ...]], np.ndarray]:
+        """Like :func:`_tile_reader` for a 2D model, reading this source; tiles must come in
+        increasing z (as :func:`_tiles` lists them): slices below the window are dropped."""
+        k = max(int(context), 1) // 2
+
+        def read(s: Tuple[slice, ...]) -> np.ndarray:
+            z = s[0].start
+            self.release_below(max(z - k, 0))
+            plane = tuple(s[1:])
+            chans = [self.norm(zz)[plane] for zz in range(z - k, z + k + 1)]
+            if self.coef is not None:
+                chans.append(self.noise(z)[plane])
+            return np.stack(chans, 0)  # (K [+ 1], ty, tx)
+
+        return read
 
 
 def balanced_tile(size: int, max_tile: int, overlap: float, multiple: int = 16) -> int:
@@ -448,10 +648,17 @@ def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: 
 
 def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarray], model: Any,
          dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
-         mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken]
+         mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
+         sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None
          ) -> Dict[str, np.ndarray]:
     """Tiled passes over a normalised (z, y, x) volume of ``shape`` whose tiles ``reader``
-    returns; gives normalised-unit maps."""
+    returns; gives normalised-unit maps.
+
+    Without ``sink`` the blends are accumulated in whole-volume buffers and returned. With a
+    ``sink`` (2D models only) each slice's blend is finished as soon as its last tile is done and
+    handed over as ``sink(z, {key: (y, x) map})`` (the arrays are the sink's to keep); only the
+    slices of the current batch are held, and an empty dict is returned. The values are the same.
+    """
     import torch
 
     from .device import autocast_dtype
@@ -459,8 +666,21 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
 
     tiles = _tiles(shape, tile_shape, overlap)
     weight = gaussian_weight(tile_shape)
-    acc: Dict[str, np.ndarray] = {"out": np.zeros(shape, np.float32)}
-    wsum = np.zeros(shape, np.float32)
+    stream = sink is not None
+    if stream and dim != 2:
+        raise ValueError("streamed blending needs a 2D (slice-wise) model")
+    acc: Dict[str, np.ndarray] = {}
+    open_slices: Dict[int, Dict[str, np.ndarray]] = {}
+    done: Dict[int, int] = {}
+    if stream:  # every slice is tiled alike: one (1, y, x) weight sum serves all
+        plane = (1,) + tuple(shape[1:])
+        plane_tiles = _tiles(plane, tile_shape, overlap)
+        wsum = np.zeros(plane, np.float32)
+        for s in plane_tiles:
+            wsum[s] += weight
+    else:
+        acc["out"] = np.zeros(shape, np.float32)
+        wsum = np.zeros(shape, np.float32)
     amp = autocast_dtype(dev)
     transforms = tta_transforms(8 if tta else 1)
     gen_seed = int(seed)
@@ -499,18 +719,42 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
                 mc = torch.stack([forward(x)["out"] for _ in range(mc_samples)])
                 preds["unc"] = mc.std(0, unbiased=mc_samples > 1) if mc_samples > 1 else \
                     torch.zeros_like(mc[0])
+                del mc
                 model.eval()
+            del x, sums
             for key, val in preds.items():
                 val = val.detach().to("cpu")
                 if dim == 2:
                     val = val[:, :, None]
                 val = (val[:, 0] * w_t).numpy()
-                if key not in acc:
-                    acc[key] = np.zeros(shape, np.float32)
                 for i, s in enumerate(group):
-                    acc[key][s] += val[i]
-            for s in group:
-                wsum[s] += weight
+                    if stream:
+                        bufs = open_slices.setdefault(s[0].start, {})
+                        if key not in bufs:
+                            bufs[key] = np.zeros(plane, np.float32)
+                        bufs[key][(slice(0, 1),) + tuple(s[1:])] += val[i]
+                    else:
+                        if key not in acc:
+                            acc[key] = np.zeros(shape, np.float32)
+                        acc[key][s] += val[i]
+            del preds
+            if stream:
+                for s in group:
+                    z = s[0].start
+                    done[z] = done.get(z, 0) + 1
+                    if done[z] == len(plane_tiles):  # the slice's last tile: finish its blend
+                        del done[z]
+                        bufs = open_slices.pop(z)
+                        for val in bufs.values():
+                            val /= wsum
+                        sink(z, {key: val[0] for key, val in bufs.items()})
+            else:
+                for s in group:
+                    wsum[s] += weight
             report(progress, (b + 1) / n_batches * 0.99,
                    f"denoising: batch {b + 1}/{n_batches} ({len(tiles)} tiles)")
-    return {key: val / wsum for key, val in acc.items()}
+    if stream:
+        return {}
+    for val in acc.values():  # in place: no second whole-volume copy
+        val /= wsum
+    return acc
