@@ -58,3 +58,15 @@ def us_image(shared_data):
     from dualnet.io import read_volume
 
     return read_volume(shared_data / "us" / "images" / "0001.png")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread for inference (``DUALNET_NUM_THREADS``) and torch, restored afterwards:
+    oversubscribed threads are very slow on a shared small machine."""
+    import torch
+
+    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_helpers import visible_lines
 from dualnet.cli import main
 from dualnet.io import Volume, write_volume
 
@@ -184,10 +185,6 @@ def _state(folder: Path) -> dict:
             for p in sorted(folder.rglob("*"))}
 
 
-def _visible_lines(text: str) -> list:
-    return [line.rsplit("\r", 1)[-1].strip() for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
-
-
 def test_enough_cases():
     assert len(CASES) >= 60 and {c[0][0] for c in CASES} >= {"denoise", "degrade", "dice", "estimate",
                                                               "finetune", "train"}
@@ -203,7 +200,7 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(bad, argv, name, capf
     except SystemExit as stop:  # argparse
         code = stop.code
     out, err = capfd.readouterr()
-    lines = _visible_lines(err)
+    lines = visible_lines(err)
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("dualnet: error:"), err
     assert name in lines[0], lines[0]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dualnet.cli import main
+from cli_helpers import run_dualnet as run, visible_lines
 from dualnet.errors import InputError, ModelError
 from dualnet.io import Volume, atomic_write_bytes, read_volume, write_volume
 
@@ -45,21 +45,6 @@ def sha(path: Path) -> str:
 
 def listing(folder: Path) -> set:
     return {str(p.relative_to(folder)) for p in Path(folder).rglob("*")}
-
-
-def run(argv, capfd):
-    """``dualnet ARGV`` in this process: (exit code, stdout, stderr) as the terminal gets them (fd level)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def visible_lines(text: str) -> list:
-    """The lines a terminal shows: progress bars redraw with \\r, so only what follows the last \\r stays."""
-    return [line.rsplit("\r", 1)[-1].strip() for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
 
 
 def assert_one_error(code, out, err, name: str) -> str:

@@ -18,13 +18,7 @@ PCT = {"method": "percentile", "p_low": 0.5, "p_high": 99.5}
 CARD = {"modality": "mri", "normalisation": PCT}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread: oversubscribed threads are very slow on a shared small machine."""
-    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Identity(torch.nn.Module):

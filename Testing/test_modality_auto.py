@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dualnet.cli import main
+from cli_helpers import run_dualnet, visible_lines
 from dualnet.io import Volume, read_volume, write_volume
 from dualnet.modality import choose_modality, guess_modality, modality_from_intensities
 
@@ -23,13 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(argv, capfd):
     """``dualnet ARGV`` in this process: (exit code, stdout, stderr lines as the terminal shows them)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    out, err = capfd.readouterr()
-    lines = [x.rsplit("\r", 1)[-1].strip() for x in err.split("\n") if x.rsplit("\r", 1)[-1].strip()]
-    return code, out, lines
+    code, out, err = run_dualnet(argv, capfd)
+    return code, out, visible_lines(err)
 
 
 def lines_starting(lines, prefix):

@@ -26,12 +26,7 @@ from dualnet.models import enable_mc_dropout  # noqa: E402
 from dualnet.training.data import variance_map  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(vol, model, card, *, tile, overlap, tta, mc_samples, seed, batch, coef):
