@@ -32,7 +32,7 @@ from slicer import (
 )
 
 from DualNetDenoiseLib import dependencies, modality as modalityGuess, nodes
-from DualNetDenoiseLib.logic import METHOD_LABELS, DenoiseJob, DenoiseLogicBase
+from DualNetDenoiseLib.logic import METHOD_LABELS, DenoiseJob, DenoiseLogicBase, result_summary
 from DualNetDenoiseLib.models import ModelStore
 from DualNetDenoiseLib.process import python_executable
 
@@ -377,8 +377,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.outputVolume = job.outputVolume
             if job.uncertaintyVolume is not None:
                 p.uncertaintyVolume = job.uncertaintyVolume
-            seconds = job.info.get("seconds")
-            self.ui.statusLabel.text = _("Done in {seconds} s.").format(seconds=seconds) if seconds else _("Done.")
+            self.ui.statusLabel.text = result_summary(job.info)
             showCompareView(p.inputVolume, job.outputVolume, job.uncertaintyVolume)
         self._updateGui()
 

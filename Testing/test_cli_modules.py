@@ -232,6 +232,24 @@ def test_denoise_cli_with_model_and_bare_tta_flag(tmp_path, noisy_crop, tiny_mod
     assert np.isfinite(b.array).all() and b.array.dtype == np.float32
 
 
+def test_denoise_cli_no_guard_flag_reaches_the_core(tmp_path, noisy_crop, tiny_model):
+    """The untrained model is far worse than its input: guarded (default) the result is pulled back
+    towards the input; with --noGuard it is the network's own output."""
+    src = write(noisy_crop, tmp_path / "in.nrrd")
+    outs = {}
+    for no_guard in (False, True):
+        out = tmp_path / f"out_{no_guard}.nrrd"
+        args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+            "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "modality": "mri",
+            "noGuard": no_guard})
+        assert ("--noGuard" in args) is no_guard
+        res = run_cli("DualNetDenoiseCLI", args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[no_guard] = assert_same_geometry(src, out)[1].array
+    err = {k: float(np.mean((v - noisy_crop) ** 2)) for k, v in outs.items()}
+    assert err[False] < 0.5 * err[True], err
+
+
 def test_denoise_cli_uncertainty_output(tmp_path, noisy_crop, tiny_model):
     src = write(noisy_crop[:2], tmp_path / "in.nrrd")
     out, unc = tmp_path / "out.nrrd", tmp_path / "unc.nrrd"

@@ -148,13 +148,22 @@ def test_explicit_modality_is_honoured_and_a_card_of_another_modality_warns(tmp_
     assert lines_starting(err, "dualnet: modality ct (")
 
 
-def test_sigma_with_the_network_warns(tmp_path, mri_small, capfd):
+def test_sigma_steers_the_mri_network_and_warns_for_ct(tmp_path, mri_small, ct_slab, capfd):
+    """--sigma is the MRI network's noise level (noise map, SURE guard); the CT network models its
+    signal-dependent noise itself, so there it warns that --sigma is ignored."""
     model = tiny_model(tmp_path, "mri")
+    info = tmp_path / "info.json"
     code, _, err = run(["denoise", mri_small, tmp_path / "o.nrrd", "--model", model, "--device", "cpu",
+                        "--sigma", "20", "--info-json", info], capfd)
+    assert code == 0 and not lines_starting(err, "dualnet: warning"), err
+    res = json.loads(info.read_text())
+    assert res["sigma"] == 20.0 and res["sigma_source"] == "given"
+    ct_model = tiny_model(tmp_path, "ct")
+    code, _, err = run(["denoise", ct_slab, tmp_path / "c.nrrd", "--model", ct_model, "--device", "cpu",
                         "--sigma", "20"], capfd)
     assert code == 0, err
     warnings = lines_starting(err, "dualnet: warning:")
-    assert len(warnings) == 1 and "--sigma is used by the classical methods only" in warnings[0], err
+    assert len(warnings) == 1 and "the ct network estimates its signal-dependent noise" in warnings[0], err
     code, _, err = run(["denoise", mri_small, tmp_path / "o2.nrrd", "--method", "median", "--sigma", "20"], capfd)
     assert code == 0 and not lines_starting(err, "dualnet: warning"), err
 

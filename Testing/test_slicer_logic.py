@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DualNetDenoise"))
 
 from DualNetDenoiseLib import nodes  # noqa: E402
-from DualNetDenoiseLib.logic import DenoiseJob, DenoiseLogicBase  # noqa: E402
+from DualNetDenoiseLib.logic import DenoiseJob, DenoiseLogicBase, result_summary  # noqa: E402
 
 
 def oblique_matrix() -> np.ndarray:
@@ -179,6 +179,7 @@ def test_network_with_uncertainty_node(scene, mri_node, tmp_path):
     assert (nodes.array_from_node(logic_unc) >= 0).all()
     params = json.loads(out.GetAttribute("DualNet.parameters"))
     assert params["uncertainty"] is True and out.GetAttribute("DualNet.model") == str(model)
+    assert "inference_guard" in params["info"]  # the SURE guard's outcome is kept on the node
     with pytest.raises(ValueError, match="uncertainty volume must differ"):
         DenoiseLogicBase().process(small, out, method="dualnet", model=str(model), uncertainty=True,
                                    uncertaintyVolume=out)
@@ -1248,3 +1249,14 @@ def test_worker_job_errors_are_one_line(tmp_path, capsys):
     assert worker.main([str(job)]) == 2
     with pytest.raises(TypeError, match="unknown denoising parameters"):
         worker.run_denoise(None, metod="gaussian")
+
+
+def test_status_line_says_when_the_guard_blended():
+    """The panel's status after a run (``result_summary``; the Qt label itself cannot run here)."""
+    assert result_summary({"seconds": 3.2}) == "Done in 3.2 s."
+    assert result_summary({}) == "Done."
+    kept = result_summary({"seconds": 1, "inference_guard": {"weight": 1.0, "voxels": 5000}})
+    assert kept == "Done in 1 s."
+    blended = result_summary({"seconds": 1, "inference_guard": {"weight": 0.105, "voxels": 5000}})
+    assert "blended with the input (weight 0.10)" in blended and blended.startswith("Done in 1 s.")
+    assert result_summary({"seconds": 1, "inference_guard": {"weight": 1.0, "reason": "speckle"}}) == "Done in 1 s."

@@ -106,7 +106,7 @@ def test_streamed_blend_matches_whole_volume_reference(ct_model, ct_crop, tta, m
     coef = (120.0, 0.3, 0.0)
     # 40-voxel tiles: 3 x 2 tiles per slice, so batches (up to 16 tiles) end inside slices
     res = denoise_array(ct_crop, net, card, device="cpu", tile=40, overlap=0.25, tta=tta,
-                        mc_samples=mc, seed=4, noise_coef=coef)
+                        mc_samples=mc, seed=4, noise_coef=coef, guard=False)  # the blending alone
     assert res.info["batch"] % 6 != 0 or res.info["batch"] == 1
     ref = reference(ct_crop, net, card, tile=40, overlap=0.25, tta=tta, mc_samples=mc, seed=4,
                     batch=res.info["batch"], coef=coef)
@@ -129,11 +129,11 @@ def test_2d_image_and_estimated_noise_model(ct_model, ct_crop):
     """A single 2D slice, the noise model estimated from the input: same as the reference."""
     net, card = ct_model
     img = ct_crop[3]
-    res = denoise_array(img, net, card, device="cpu", tile=48)
+    res = denoise_array(img, net, card, device="cpu", tile=48, guard=False)
     from dualnet.training.data import noise_variance_model
 
     coef, _ = noise_variance_model(img, "ct")
-    again = denoise_array(img, net, card, device="cpu", tile=48, noise_coef=coef)
+    again = denoise_array(img, net, card, device="cpu", tile=48, noise_coef=coef, guard=False)
     ref = reference(img[None], net, card, tile=48, overlap=0.25, tta=False, mc_samples=0, seed=0,
                     batch=res.info["batch"], coef=coef)
     assert res.denoised.shape == img.shape
@@ -157,7 +157,8 @@ class Probe(torch.nn.Module):
 
 def test_no_whole_volume_temporaries():
     """Peak numpy memory of a streamed run: the returned volume plus a few slices, not the
-    normalised copy, noise map, padded context, accumulators and weight sum of a whole volume."""
+    normalised copy, noise map, padded context, accumulators and weight sum of a whole volume;
+    the SURE guard (on for CT) streams its probe pass the same way."""
     rng = np.random.default_rng(0)
     vol = rng.normal(40.0, 30.0, (96, 160, 160)).astype(np.float32)  # 9.4 MiB
     vol[:, :, :4] = -3024.0
@@ -172,6 +173,8 @@ def test_no_whole_volume_temporaries():
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+    assert res.info["guard"]["slices"] == [[9, 15], [33, 39], [57, 63], [81, 87]]
+    assert res.info["guard"]["weight"] == 1.0  # the identity: nothing to blend
     assert np.all(res.denoised[:, :, :4] == -3024.0)
     # the rest: one batch of 16 tiles (2 x 0.84 MiB), 1 MiB chunks of the input checks, the
     # normalised slices of the 2.5D window; the whole-volume version needed over 5 volumes more

@@ -162,6 +162,9 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (network only)")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="network: no SURE guard (by default MRI / CT results are blended with the input "
+                             "where SURE estimates that lowers the error)")
     parser.add_argument("--format", default=None, choices=[".nrrd", ".nii.gz", ".mha", "same"],
                         help="output format (default .nrrd; 'same' keeps the input's, DICOM -> .nrrd)")
     parser.add_argument("--csv", type=Path, default=None, help="summary CSV (default OUT_DIR/summary.csv)")
@@ -230,7 +233,7 @@ def denoise_all(args, inputs, rows) -> int:
             vol = read_volume(src)
             kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
             if args.method == "dualnet":
-                kwargs.update(model=args.model, tta=args.tta)
+                kwargs.update(model=args.model, tta=args.tta, guard=False if args.no_guard else None)
             result = api.denoise_volume(vol, **kwargs)
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
@@ -338,7 +341,7 @@ def denoise_dicom(args):
 
     kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
     if args.method == "dualnet":
-        kwargs.update(model=args.model, tta=args.tta)
+        kwargs.update(model=args.model, tta=args.tta, guard=False if args.no_guard else None)
     return denoise_dicom_folder(args.input_dir, args.output_dir, layout="subfolders",
                                 log=lambda line: print(line, flush=True), **kwargs)
 

@@ -60,9 +60,10 @@ def main() -> None:
         base = "bm4d" if "bm4d" in m else next(k for k in m if k not in ("noisy", "dualnet"))
         steps, minutes = _budget(t)
         init = card.get("initialised_from") or {}
-        if init:  # continued training: count the run it started from too
-            s0, m0 = _budget(init.get("training", {}))
-            steps, minutes = f"{s0} + {steps}", f"{m0:.0f} + {minutes:.0f}"
+        if init:  # continued training: count the runs it started from too (oldest first)
+            earlier = [_budget(t0) for t0 in [*init.get("lineage", []), init.get("training", {})]]
+            steps = " + ".join(str(s0) for s0, _ in earlier) + f" + {steps}"
+            minutes = " + ".join(f"{m0:.0f}" for _, m0 in earlier) + f" + {minutes:.0f}"
         else:
             minutes = f"{minutes:.0f}"
         d, b = m["dualnet"], m[base]

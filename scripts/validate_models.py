@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -98,7 +98,7 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
-              lr_factor: int, baseline: str, mc_samples: int = 0) -> dict:
+              lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
@@ -118,7 +118,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             t = time.perf_counter()
             if method == "dualnet":  # the core's inference directly, to read the NEB maps too
                 net, card = nets[kw["model"]]
-                res = denoise_array(noisy.array, net, card, device="cpu", modality=modality)
+                res = denoise_array(noisy.array, net, card, device="cpu", modality=modality, guard=guard)
                 out = res.denoised
             else:
                 out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     ap.add_argument("--mc-samples", type=int, default=0,
                     help="also measure the MC-dropout std against the true error with this many passes")
+    ap.add_argument("--no-guard", action="store_true",
+                    help="score the network without its SURE guard (default: as `dualnet denoise` runs it)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -187,8 +189,9 @@ def main() -> None:
     if len(names) != len(args.models):
         ap.error("--names needs one label per model")
     images = validation_images(cfg, args.data_dir, args.max_cases)
-    results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples)
-               for lev in levels]
+    guard = False if args.no_guard else None
+    results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
+                         guard) for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],

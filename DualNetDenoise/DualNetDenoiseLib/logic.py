@@ -69,6 +69,19 @@ def uncertainty_name(input_name: str, method: str) -> str:
     return f"{input_name} uncertainty ({method})"
 
 
+def result_summary(info: Dict[str, Any]) -> str:
+    """The panel's status line after a run: the time, and what the SURE guard did when it blended
+    the network's result with the input (``info`` of :func:`dualnet.api.denoise_volume`)."""
+    seconds = info.get("seconds")
+    text = f"Done in {seconds} s." if seconds else "Done."
+    guard = info.get("inference_guard") or {}
+    weight = guard.get("weight")
+    if weight is not None and weight < 0.995:
+        text += (f" SURE guard: the network's result was blended with the input (weight {weight:.2f}); "
+                 "by its estimate the network alone would be worse on this scan.")
+    return text
+
+
 def core_version() -> str:
     try:
         import dualnet

@@ -78,6 +78,7 @@ def denoise_volume(
     seed: int = 0,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    guard: Optional[bool] = None,
 ) -> DenoiseResult:
     """Denoise one volume with DUAL-NET or a classical baseline.
 
@@ -88,7 +89,9 @@ def denoise_volume(
         modality: ``"mri"``, ``"ct"`` or ``"us"``; selects the noise model, transform and model.
             ``"auto"``: from the DICOM Modality in ``volume.metadata``, else from the intensities
             (:func:`dualnet.modality.choose_modality`); ``info`` records the choice and its reason.
-        sigma: noise level for classical methods in image units (None: estimated).
+        sigma: noise std in image units (None: estimated). Classical methods use it; for MRI the
+            network uses it too (its noise map and the SURE guard: Rician sigma); the CT and
+            ultrasound networks estimate their signal-dependent noise models themselves.
         model: DUAL-NET model file (.safetensors with its .json card); None: the shipped model
             for the modality.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"`` (network only).
@@ -98,6 +101,8 @@ def denoise_volume(
         tile: tile edge in voxels for sliding-window inference (None: chosen from memory).
         progress: ``progress(fraction, message)`` callback.
         cancel: token checked between slices / tiles.
+        guard: the network's SURE guard (:mod:`dualnet.sure_guard`: the result blended with the
+            input where SURE estimates it would otherwise be worse); None = on for MRI and CT.
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.
@@ -108,15 +113,18 @@ def denoise_volume(
     modality = choice.modality
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
-                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta)
+                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
     unc_volume = None
     if method == "dualnet":
+        coef = (float(sigma) ** 2, 0.0, 0.0) if (sigma is not None and modality == "mri") else None
         out, unc, net_info = _denoise_network(
-            arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel
+            arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard
         )
+        if coef is not None:
+            info["sigma"] = float(sigma)
         info.update(net_info)
         if unc is not None:
             unc_volume = volume.with_array(unc.astype(np.float32))
@@ -152,10 +160,13 @@ SIGMA_US = (1e-3, 10.0)
 
 
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
-                  tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False) -> None:
+                  tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False,
+                  guard: Optional[bool] = None) -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
     if method != "dualnet" and (tta or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
+    if method != "dualnet" and guard is False:
+        raise InputError(f"{src}: --no-guard applies to the network only, not to {method}")
     if tile is not None:
         sides = [tile] if np.isscalar(tile) else list(tile)
         if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < MIN_TILE for t in sides):
@@ -217,7 +228,8 @@ def resolve_model_path(model: Optional[Union[str, Path]], modality: str) -> Path
     return path
 
 
-def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel):
+def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel,
+                     noise_coef=None, guard=None):
     from . import inference, modelfile
 
     path = resolve_model_path(model, modality)
@@ -239,6 +251,8 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
         progress=progress,
         cancel=cancel,
         modality=modality,
+        noise_coef=noise_coef,
+        guard=guard,
     )
     info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
     return res.denoised, (res.uncertainty if uncertainty else None), info

@@ -15,7 +15,7 @@ import signal
 import sys
 from io import StringIO
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -144,8 +144,13 @@ def _warn(message: str) -> None:
 def _say_modality(args, choice: ModalityChoice) -> None:
     """``dualnet: modality ct (why)`` on stderr, unless --quiet; once the run succeeded, so that a failed
     run prints its one error line only (the progress bar names the modality while it runs)."""
+    _note(args, f"modality {choice.modality} ({choice.reason})")
+
+
+def _note(args, message: str) -> None:
+    """``dualnet: MESSAGE`` on stderr unless --quiet: what the run chose for the user, said once it succeeded."""
     if not getattr(args, "quiet", False):
-        print(f"dualnet: modality {choice.modality} ({choice.reason})", file=sys.stderr, flush=True)
+        print(f"dualnet: {message}", file=sys.stderr, flush=True)
 
 
 def _read_input(path: str, frame: Optional[int]):
@@ -214,9 +219,13 @@ def cmd_denoise(args) -> int:
     choice = choose_modality(args.modality, volume.array, volume.metadata)
     args.modality = choice.modality
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
-                  tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta)
+                  tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
+                  guard=False if args.no_guard else None)
     card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
+    sigma_source = "given" if args.sigma is not None else None
+    if args.frame is not None and args.sigma is None and args.modality == "mri":
+        args.sigma, sigma_source = _sigma_from_frames(args.input, args.frame)
     bar = ProgressPrinter(f"denoise ({args.method}, {args.modality})", _progress_mode(args))
     try:
         result = denoise_volume(
@@ -232,10 +241,13 @@ def cmd_denoise(args) -> int:
             tile=args.tile,
             seed=args.seed,
             progress=bar,
+            guard=False if args.no_guard else None,
         )
     finally:
         bar.close()
     result.info.update(choice.info())
+    if sigma_source is not None and "sigma" in result.info:
+        result.info["sigma_source"] = sigma_source
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
     write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype)
     if unc is not None and result.uncertainty is not None:
@@ -244,6 +256,8 @@ def cmd_denoise(args) -> int:
         atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
                            inputs=inputs, outputs=[out, unc])
     _say_modality(args, choice)
+    if sigma_source not in (None, "given") and "sigma" in result.info:
+        _note(args, f"noise sigma {result.info['sigma']:.4g} from {sigma_source}")
     _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
     return 0
 
@@ -256,12 +270,28 @@ def _verify_model(model: Optional[str], modality: str) -> dict:
     return load_model(resolve_model_path(model, modality), device="cpu")[1]
 
 
+def _sigma_from_frames(path: str, frame: int) -> Tuple[Optional[float], Optional[str]]:
+    """MRI noise sigma of a 4D series from the differences between its frames around ``frame``
+    (:func:`dualnet.estimate.sigma_from_repeats`), and a phrase saying so; ``(None, None)`` for a
+    single frame or identical frames (the noise is then estimated from the image itself)."""
+    from .estimate import sigma_from_repeats
+    from .io import read_frames
+
+    frames = read_frames(path, frame)
+    if frames.shape[0] < 2:
+        return None, None
+    sigma, _ = sigma_from_repeats(frames)
+    if not np.isfinite(sigma) or sigma <= 0:  # identical frames (copies, not repeats)
+        return None, None
+    return sigma, f"the differences between {frames.shape[0]} consecutive frames (repeats)"
+
+
 def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> None:
     """Warn about options that will not act as the user may think: --sigma with the network, a
     --model whose card names another modality than the one chosen."""
-    if args.method == "dualnet" and args.sigma is not None:
-        _warn("--sigma is used by the classical methods only; the network estimates the noise itself "
-              "(--sigma ignored)")
+    if args.method == "dualnet" and args.sigma is not None and args.modality in ("ct", "us"):
+        _warn(f"--sigma is used by the classical methods and the MRI network only; the {args.modality} network "
+              "estimates its signal-dependent noise itself (--sigma ignored)")
     trained = str((card or {}).get("modality") or "").lower()
     if args.model and choice is not None and trained and trained != choice.modality:
         _warn(f"{args.model}: the model's card says it was trained for {trained}, but the image is denoised "
@@ -304,7 +334,7 @@ def _denoise_dicom(args) -> int:
     report = denoise_dicom_folder(
         args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
         device=args.device, tta=args.tta, mc_samples=args.mc_samples, tile=args.tile, seed=args.seed,
-        uncertainty_dir=args.uncertainty,
+        guard=False if args.no_guard else None, uncertainty_dir=args.uncertainty,
         progress_factory=lambda s: ProgressPrinter(f"denoise ({args.method}) series {s.series_number}", mode),
     )
     for line in report.summary_lines(failed=False):
@@ -439,6 +469,10 @@ def cmd_estimate(args) -> int:
     _say_modality(args, choice)
     fields = est.__dict__ if hasattr(est, "__dict__") else {"sigma": float(est)}
     fields = {**fields, **choice.info()}
+    if args.frame is not None and args.modality == "mri":  # what `denoise --frame` uses
+        sigma, source = _sigma_from_frames(args.input, args.frame)
+        if sigma is not None:
+            fields.update(sigma_from_frames=sigma, sigma_from_frames_source=source)
     result, undefined = _json_safe(fields)
     if undefined:
         result["undefined"] = undefined
@@ -502,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=AUTO, choices=MODALITY_CHOICES, help=MODALITY_HELP)
     p.add_argument("--model", help="DUAL-NET model file (.safetensors with its .json card); default: shipped model")
     p.add_argument("--sigma", type=_parse_sigma, default=None,
-                   help="noise standard deviation in image units for classical methods, or 'auto' (estimated); "
-                        "the network estimates the noise itself (a warning says --sigma is ignored)")
+                   help="noise standard deviation in image units, or 'auto' (estimated; for a 4D MRI with --frame, "
+                        "from the differences between its frames): used by the classical methods and the MRI "
+                        "network (noise map and SURE guard); the CT / US networks estimate the noise themselves")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="network device; auto = CUDA, then MPS, then CPU")
     p.add_argument("--uncertainty", metavar="PATH",
@@ -511,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=_count(2), default=8,
                    help="dropout passes for --uncertainty, at least 2 (default 8)")
     p.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation (8x slower)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="network: hand back its result as it is. By default (MRI, CT) one more pass over a "
+                        "quarter of the slices (4 runs spread over the volume) estimates the error by SURE and "
+                        "blends the result with the input where that lowers it (never worse than the input, by "
+                        "that estimate)")
     p.add_argument("--tile", type=_count(16),
                    help="sliding-window tile edge in voxels, at least 16 (default: from free memory)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the dropout passes, 0..2^32-1 (default 0)")

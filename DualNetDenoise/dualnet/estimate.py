@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -87,6 +87,40 @@ def sigma_gaussian_mad(x: np.ndarray, mask: Optional[np.ndarray] = None) -> floa
     if d.size < 16:
         raise InputError("too few voxels to estimate the noise level")
     return float(np.median(np.abs(d)) * _MAD_TO_SIGMA)
+
+
+def sigma_from_repeats(frames: np.ndarray, mask: Optional[np.ndarray] = None) -> Tuple[float, List[float]]:
+    """Gaussian noise std from repeated acquisitions of a still object, same units as the frames.
+
+    ``frames`` (t, z, y, x) or (t, y, x), t >= 2: e.g. the volumes of a 4D fMRI or repeated
+    series. For each consecutive pair, the std of ``a - b`` over ``mask`` (default: the
+    Otsu foreground of the mean frame, where Rician noise is Gaussian) without the voxels beyond 5
+    robust (MAD) stds, divided by ``sqrt(2)``; the smallest over the pairs: motion, drift or a
+    volume not yet at steady state only add to a difference, and over ~1e5 voxels the pairs' own
+    scatter (about 0.2 %) makes the minimum's downward bias negligible. Unlike a single-image
+    estimate it cannot mistake fine anatomy or a ghosted background for noise.
+
+    Returns ``(sigma, per-pair sigmas)``.
+    """
+    from skimage.filters import threshold_otsu
+
+    f = np.asarray(frames, dtype=np.float32)
+    if f.ndim < 3 or f.shape[0] < 2:
+        raise InputError(f"need at least 2 repeated frames (t, ...), got shape {f.shape}")
+    if mask is None:
+        mean = f.mean(0)
+        mask = mean > threshold_otsu(mean) if np.ptp(mean) > 0 else np.ones(mean.shape, bool)
+    mask = np.asarray(mask, dtype=bool)
+    if int(mask.sum()) < 100:
+        raise InputError("too few voxels to estimate the noise level from the repeats")
+    pairs = []
+    for a, b in zip(f[:-1], f[1:]):
+        d = (a - b)[mask].astype(np.float64)
+        d -= np.median(d)
+        mad = float(np.median(np.abs(d))) * _MAD_TO_SIGMA  # coarse on integer data: only the outlier bound
+        inl = d[np.abs(d) <= 5.0 * mad] if mad > 0 else d
+        pairs.append(float(np.std(inl) / np.sqrt(2.0)))
+    return float(min(pairs)), pairs
 
 
 def _hist_mode(values: np.ndarray, hi: float, bins: int = 200) -> float:

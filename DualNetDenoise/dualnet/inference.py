@@ -277,6 +277,7 @@ def denoise_array(
     cancel: Optional[CancelToken] = None,
     noise_coef: Optional[Sequence[float]] = None,
     modality: Optional[str] = None,
+    guard: Optional[bool] = None,
 ) -> InferenceResult:
     """Denoise a 2D (y, x) image or a 3D (z, y, x) volume with a DUAL-NET / baseline model.
 
@@ -303,6 +304,9 @@ def denoise_array(
         progress / cancel: see :mod:`dualnet.progress`; checked between batches of tiles.
         noise_coef: the noise variance polynomial of noise-map models (None = estimated).
         modality: ``"mri" | "ct" | "us"`` for that estimate (None = the card's ``modality``).
+        guard: SURE guard (:mod:`dualnet.sure_guard`): blend the result with the input by the
+            weight that minimises the estimated error; None = on for MRI and CT (2D models).
+            ``info["guard"]`` holds the weight and the estimates.
     """
     import torch
 
@@ -366,6 +370,8 @@ def denoise_array(
     else:
         reader = _tile_reader(xn, nmap, context, dim)
 
+    floor = _output_floor(card)  # physical units -> normalised, as the network's output
+    out_floor = None if floor is None else (floor - norm_params["offset"]) / norm_params["scale"]
     dev = resolve_device(device)
     threads = configure_cpu_threads() if dev.type == "cpu" else None
     tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
@@ -373,6 +379,7 @@ def denoise_array(
         device=dev.type, device_name=describe(dev), mode="2d-slicewise" if dim == 2 else "3d",
         overlap=overlap, tta=8 if tta else 1, mc_samples=int(mc_samples),
         passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
+        output_floor=floor,
         fallback=None, oom_retries=0, threads=threads,
         amp=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
     if noise_info is not None:
@@ -386,7 +393,7 @@ def denoise_array(
                 if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
                     model.to(memory_format=torch.channels_last)
                 outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
-                               int(mc_samples), seed, progress, cancel, sink)
+                               int(mc_samples), seed, progress, cancel, sink, out_floor)
                 break
             except torch.cuda.OutOfMemoryError:
                 if dev.type != "cuda":
@@ -414,6 +421,19 @@ def denoise_array(
 
     if sink is None:  # 3D: whole-volume maps in normalised units, finished here in place
         outs = _finish_volume(outputs, vol, norm_params, fill)
+    from .sure_guard import GUARD_MODALITIES
+
+    if guard is None:
+        guard = modality in GUARD_MODALITIES
+    if guard:
+        report(progress, 0.99, "checking the result against the input (SURE guard)")
+        info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
+                                    modality, dev, tile_shape, batch, overlap, tta, seed, cancel, out_floor)
+    else:
+        info["guard"] = None
+    if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
+        for sl in outs["out"].reshape((-1,) + outs["out"].shape[-2:]):
+            np.maximum(sl, np.float32(floor), out=sl)
     squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
     unc, sigma, alpha = outs.get("unc"), outs.get("sigma"), outs.get("alpha")
     if unc is not None:  # post-hoc sigma-scaling of the MC-dropout std, fitted on validation (card)
@@ -428,6 +448,94 @@ def denoise_array(
         sigma_map=None if sigma is None else squeeze(sigma),
         alpha_map=None if alpha is None else squeeze(alpha),
         info=info)
+
+
+def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context: int,
+                norm_params: Dict[str, float], has_fill: bool, coef: Optional[Tuple[float, float, float]],
+                modality: Optional[str], dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float,
+                tta: bool, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float]) -> Dict[str, Any]:
+    """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
+    one more streamed pass of the network over a block of central slices with a small noise probe
+    added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
+    Returns the weight and the estimates (``reason`` when the check could not run)."""
+    from . import sure_guard as sg
+
+    t0 = time.perf_counter()
+    if modality not in sg.GUARD_MODALITIES:
+        return {"weight": 1.0, "reason": f"no Gaussian noise model for {modality!r} (speckle)"}
+    if dim != 2:
+        return {"weight": 1.0, "reason": "3D model: not checked"}
+    var_coef = coef  # the network's noise model; estimated here for a model without a noise map
+    if var_coef is None:
+        from .training.data import noise_variance_model
+
+        try:
+            var_coef, _ = noise_variance_model(vol, modality)  # type: ignore[arg-type]
+        except InputError as err:  # e.g. a tiny image: the network's result stands
+            return {"weight": 1.0, "reason": f"no noise estimate ({err})"}
+    blocks = sg.guard_blocks(vol.shape[0], context)
+    # the runs with their context slices, one after the other: a run's own context comes first and
+    # last, so its inner slices see the right neighbours (the seams only feed unused slices)
+    zs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in blocks])
+    inner = np.concatenate([(np.arange(lo, hi) >= z0) & (np.arange(lo, hi) < z1) for z0, z1, lo, hi in blocks])
+    probed = _ProbedSlices(vol, out, zs, var_coef, seed, has_fill)
+    sums = sg.SureSums()
+
+    def add(i: int, maps: Dict[str, np.ndarray]) -> None:
+        if inner[i]:
+            z = int(zs[i])
+            b, eps, var, keep = probed.probe(i)
+            perturbed = _finish_map("out", maps["out"], norm_params)
+            sums.add(vol[z], out[z], perturbed, b, eps, var, sg.check_mask(modality, out[z], var, keep))
+
+    _run(probed.shape, _SliceSource(probed, norm_params, has_fill, coef).reader(context), model, dim, dev,
+         tile_shape, batch, overlap, tta, 0, seed, None, cancel, add, out_floor)
+    res = sums.result()
+    sg.blend(vol, out, res["weight"])
+    res.update(slices=[[int(z0), int(z1)] for z0, z1, _, _ in blocks], seconds=round(time.perf_counter() - t0, 3))
+    return res
+
+
+class _ProbedSlices:
+    """Slices ``zs`` of ``vol`` (in that order) with the SURE probe added, made on demand (float32):
+    entry ``i`` is ``vol[zs[i]] + eps * b`` with ``b, eps`` from :func:`dualnet.sure_guard.probe`
+    for ``(seed, i)`` and the noise variance at the network's result ``out``; CT fill values stay."""
+
+    def __init__(self, vol: np.ndarray, out: np.ndarray, zs: np.ndarray, coef: Sequence[float], seed: int,
+                 has_fill: bool) -> None:
+        self.vol, self.out, self.zs, self.coef, self.seed, self.has_fill = vol, out, zs, coef, seed, has_fill
+        self.shape = (len(zs),) + tuple(vol.shape[1:])
+
+    def probe(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(b, eps, var, keep)`` of entry ``i`` (``keep``: not a fill value; None without fill)."""
+        from . import sure_guard as sg
+
+        z = int(self.zs[i])
+        var = sg.noise_variance(self.out[z], self.coef)
+        b, eps = sg.probe(var.shape, var, self.seed, i)
+        keep = ~_fill_mask(self.vol[z]) if self.has_fill else None
+        if keep is not None:
+            eps[~keep] = 0.0
+        return b, eps, var, keep
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        b, eps, _, _ = self.probe(i)
+        return self.vol[int(self.zs[i])].astype(np.float32) + eps * b
+
+
+def _output_floor(card: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The card's ``output_floor`` (input units; e.g. 0 for magnitude MRI), None when absent. A
+    model trained with it (``nonnegative``) saw its output floored there in every forward pass."""
+    floor = (card or {}).get("output_floor")
+    if floor is None:
+        return None
+    try:
+        floor = float(floor)
+    except (TypeError, ValueError):
+        floor = float("nan")
+    if not np.isfinite(floor):
+        raise ModelError(f"model card: output_floor must be a finite number, got {card.get('output_floor')!r}")
+    return floor
 
 
 def _uncertainty_scale(card: Optional[Dict[str, Any]]) -> float:
@@ -649,8 +757,8 @@ def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: 
 def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarray], model: Any,
          dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
          mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
-         sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None
-         ) -> Dict[str, np.ndarray]:
+         sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
+         out_floor: Optional[float] = None) -> Dict[str, np.ndarray]:
     """Tiled passes over a normalised (z, y, x) volume of ``shape`` whose tiles ``reader``
     returns; gives normalised-unit maps.
 
@@ -658,6 +766,7 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     ``sink`` (2D models only) each slice's blend is finished as soon as its last tile is done and
     handed over as ``sink(z, {key: (y, x) map})`` (the arrays are the sink's to keep); only the
     slices of the current batch are held, and an empty dict is returned. The values are the same.
+    ``out_floor`` (normalised units) floors ``out`` in every pass (TTA, MC) before blending.
     """
     import torch
 
@@ -693,8 +802,11 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
                 res = model(x)
         else:
             res = model(x)
-        return {k: (v.float() if v is not None else None) for k, v in res.items()
-                if k in ("out", "sigma", "alpha")}
+        res = {k: (v.float() if v is not None else None) for k, v in res.items()
+               if k in ("out", "sigma", "alpha")}
+        if out_floor is not None:
+            res["out"] = res["out"].clamp_min(out_floor)
+        return res
 
     with torch.inference_mode(), torch.random.fork_rng(
             devices=[dev.index or 0] if dev.type == "cuda" else []):

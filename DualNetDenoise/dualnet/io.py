@@ -160,6 +160,25 @@ def _read_dicom_series(folder: Path):
     return image
 
 
+def read_frames(path: PathLike, centre: int, max_frames: int = 9) -> np.ndarray:
+    """Up to ``max_frames`` consecutive volumes of a 4D file around frame ``centre``, as a float32
+    (t, z, y, x) array (SimpleITK reads the file once; read it with :func:`read_volume` first,
+    which checks it and says what is wrong). For noise estimates from repeats."""
+    import SimpleITK as sitk
+
+    try:
+        with quiet_itk():
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(f"{path}: cannot read image ({err})") from None
+    if image.GetDimension() != 4 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: not a scalar 4D image")
+    n = int(image.GetSize()[3])
+    lo = max(0, min(int(centre) - max_frames // 2, n - max_frames))
+    hi = min(n, lo + max_frames)
+    return sitk.GetArrayViewFromImage(image)[lo:hi].astype(np.float32)
+
+
 def read_volume(
     path: PathLike,
     *,

@@ -122,6 +122,10 @@ class TrainConfig:
     #: out of the references (sqrt(max(m^2 - 2 sigma0^2, 0)), sigma0 estimated per scan), so the
     #: network learns the signal, not the source scanner's background floor; "keep" = as read
     clean_floor: str = "keep"
+    #: magnitude images (MRI): the output is floored at physical 0 in the loss (per forward pass)
+    #: and, through the card's ``output_floor``, at inference. A residual network otherwise has
+    #: to copy the Rician floor of the air exactly to cancel it, and leaves a positive bias there
+    nonnegative: bool = False
     lambda_l1: float = 1.0
     lambda_ssim: float = 0.2
     lambda_edge: float = 0.1
@@ -170,6 +174,7 @@ class TrainConfig:
             (self.mse_weighting in ("none", "rmse", "psnr"), "mse_weighting must be 'none', 'rmse' or 'psnr'"),
             (self.clean_floor in ("keep", "remove"), "clean_floor must be 'keep' or 'remove'"),
             (self.dropout_mode in ("element", "channel"), "dropout_mode must be 'element' or 'channel'"),
+            (isinstance(self.nonnegative, bool), "nonnegative must be true or false"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.steps >= 0, "steps must be >= 0"),
             (self.lr > 0, "lr must be > 0"),

@@ -621,6 +621,7 @@ class PatchSampler:
                     coef = tuple(c * f2 for c in coef)
                 out["nmap"] = np.sqrt(variance_map(out["noisy"], coef, (offset, scale))).astype(np.float32)
             out["clean"] = ((clean_lr + offset) / scale).astype(np.float32)
+            out["zero"] = np.float32(offset / scale)  # physical 0 in normalised units (output floor)
             out["std"] = (np.asarray(std, dtype=np.float32) / scale).astype(np.float32)
             out["level"] = np.float32(lev)
             if cfg.sr:

@@ -188,12 +188,21 @@ def _range(clean: Tensor) -> Tensor:
     return (flat.max(1).values - flat.min(1).values).clamp_min(0.1)
 
 
+def floor_output(pred: Tensor, batch: Dict[str, Tensor], cfg) -> Tensor:
+    """``pred`` floored at physical 0 (``batch["zero"]``, normalised units, one per sample) when
+    the config asks for a non-negative output (magnitude MRI); ``pred`` itself otherwise."""
+    if not getattr(cfg, "nonnegative", False) or "zero" not in batch:
+        return pred
+    zero = batch["zero"].to(pred.dtype).reshape((-1,) + (1,) * (pred.dim() - 1))
+    return torch.maximum(pred, zero)
+
+
 # ---------------------------------------------------------------------------------------------
 # full objectives
 # ---------------------------------------------------------------------------------------------
 def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg) -> Tuple[Tensor, Dict[str, float]]:
     """Synthetic-pair objective (see module docstring). Returns ``(total, {term: value})``."""
-    pred = out["out"].float()
+    pred = floor_output(out["out"].float(), batch, cfg)
     clean = batch["clean"]
     terms: Dict[str, Tensor] = {}
     if cfg.lambda_mse > 0:

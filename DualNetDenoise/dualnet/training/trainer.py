@@ -467,7 +467,7 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
     CT -1000..1000 HU, US 0..255) and the masked self-supervised loss (when masking)."""
     import torch
 
-    from .losses import psnr_t, selfsup_loss, ssim
+    from .losses import floor_output, psnr_t, selfsup_loss, ssim
 
     was_training = model.training
     model.eval()
@@ -480,7 +480,7 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
             b = {k: torch.as_tensor(v[i:i + bs]).to(device) for k, v in val.items()}
             with _autocast(cfg, device):
                 o = model(tdata.network_input(b))
-            pred = o["out"].float()
+            pred = floor_output(o["out"].float(), b, cfg)
             if "clean" in b:  # data range 1 = the normalisation window (MRI p0.5-p99.5, CT 2000 HU, US 255)
                 dr = torch.ones(b["clean"].shape[0], device=pred.device)
                 psnrs.append(psnr_t(pred, b["clean"], dr).cpu())
@@ -892,6 +892,8 @@ def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: 
     }
     card["metrics"] = {k: v for k, v in {"val_psnr_db": val.get("val_psnr"), "val_ssim": val.get("val_ssim"),
                                          "val_selfsup_loss": val.get("val_loss")}.items() if v is not None}
+    if cfg.nonnegative:  # physical units; inference floors every forward pass there, as the loss did
+        card["output_floor"] = 0.0
     card["version"] = __version__
     card.update(extra)
     return card
