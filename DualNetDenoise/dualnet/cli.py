@@ -218,9 +218,10 @@ def cmd_denoise(args) -> int:
             check_output_format(path, volume.ndim)
     choice = choose_modality(args.modality, volume.array, volume.metadata)
     args.modality = choice.modality
+    guard = False if args.no_guard else None
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
-                  guard=False if args.no_guard else None)
+                  guard=guard)
     card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
@@ -241,7 +242,7 @@ def cmd_denoise(args) -> int:
             tile=args.tile,
             seed=args.seed,
             progress=bar,
-            guard=False if args.no_guard else None,
+            guard=guard,
         )
     finally:
         bar.close()

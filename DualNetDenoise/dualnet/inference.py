@@ -432,8 +432,8 @@ def denoise_array(
     else:
         info["guard"] = None
     if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
-        for sl in outs["out"].reshape((-1,) + outs["out"].shape[-2:]):
-            np.maximum(sl, np.float32(floor), out=sl)
+        for c in _chunks(outs["out"]):
+            np.maximum(c, np.float32(floor), out=c)
     squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
     unc, sigma, alpha = outs.get("unc"), outs.get("sigma"), outs.get("alpha")
     if unc is not None:  # post-hoc sigma-scaling of the MC-dropout std, fitted on validation (card)
@@ -455,8 +455,8 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
                 modality: Optional[str], dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float,
                 tta: bool, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float]) -> Dict[str, Any]:
     """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
-    one more streamed pass of the network over a block of central slices with a small noise probe
-    added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
+    one more streamed pass of the network over the runs of slices of ``guard_blocks`` with a small
+    noise probe added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
     Returns the weight and the estimates (``reason`` when the check could not run)."""
     from . import sure_guard as sg
 
@@ -482,16 +482,17 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
     sums = sg.SureSums()
 
     def add(i: int, maps: Dict[str, np.ndarray]) -> None:
+        b, eps, var, keep = probed.take(i)
         if inner[i]:
             z = int(zs[i])
-            b, eps, var, keep = probed.probe(i)
             perturbed = _finish_map("out", maps["out"], norm_params)
             sums.add(vol[z], out[z], perturbed, b, eps, var, sg.check_mask(modality, out[z], var, keep))
 
     _run(probed.shape, _SliceSource(probed, norm_params, has_fill, coef).reader(context), model, dim, dev,
          tile_shape, batch, overlap, tta, 0, seed, None, cancel, add, out_floor)
     res = sums.result()
-    sg.blend(vol, out, res["weight"])
+    for y, f in zip(_chunks(vol), _chunks(out)):
+        sg.blend(y, f, res["weight"])
     res.update(slices=[[int(z0), int(z1)] for z0, z1, _, _ in blocks], seconds=round(time.perf_counter() - t0, 3))
     return res
 
@@ -499,27 +500,39 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
 class _ProbedSlices:
     """Slices ``zs`` of ``vol`` (in that order) with the SURE probe added, made on demand (float32):
     entry ``i`` is ``vol[zs[i]] + eps * b`` with ``b, eps`` from :func:`dualnet.sure_guard.probe`
-    for ``(seed, i)`` and the noise variance at the network's result ``out``; CT fill values stay."""
+    for ``(seed, i)`` and the noise variance at the network's result ``out``; CT fill values stay.
+    Each entry's probe is made once, when the network reads the entry, and kept until
+    :meth:`take` hands it to the SURE sums (a few entries at a time)."""
 
     def __init__(self, vol: np.ndarray, out: np.ndarray, zs: np.ndarray, coef: Sequence[float], seed: int,
                  has_fill: bool) -> None:
         self.vol, self.out, self.zs, self.coef, self.seed, self.has_fill = vol, out, zs, coef, seed, has_fill
         self.shape = (len(zs),) + tuple(vol.shape[1:])
+        self._probes: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
 
-    def probe(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def _probe(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(b, eps, var, keep)`` of entry ``i`` (``keep``: not a fill value; None without fill)."""
         from . import sure_guard as sg
+        from .training.data import variance_at
 
         z = int(self.zs[i])
-        var = sg.noise_variance(self.out[z], self.coef)
+        var = variance_at(self.out[z], self.coef)
         b, eps = sg.probe(var.shape, var, self.seed, i)
         keep = ~_fill_mask(self.vol[z]) if self.has_fill else None
         if keep is not None:
             eps[~keep] = 0.0
         return b, eps, var, keep
 
+    def take(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """The probe of entry ``i``, released."""
+        found = self._probes.pop(i, None)
+        return found if found is not None else self._probe(i)
+
     def __getitem__(self, i: int) -> np.ndarray:
-        b, eps, _, _ = self.probe(i)
+        found = self._probes.get(i)
+        if found is None:
+            found = self._probes[i] = self._probe(i)
+        b, eps = found[0], found[1]
         return self.vol[int(self.zs[i])].astype(np.float32) + eps * b
 
 
@@ -529,25 +542,24 @@ def _output_floor(card: Optional[Dict[str, Any]]) -> Optional[float]:
     floor = (card or {}).get("output_floor")
     if floor is None:
         return None
-    try:
-        floor = float(floor)
-    except (TypeError, ValueError):
-        floor = float("nan")
-    if not np.isfinite(floor):
-        raise ModelError(f"model card: output_floor must be a finite number, got {card.get('output_floor')!r}")
-    return floor
+    return _card_number(floor, "output_floor", "a finite number", lambda v: True)
 
 
 def _uncertainty_scale(card: Optional[Dict[str, Any]]) -> float:
     """The card's ``uncertainty_calibration.scale`` (MC-dropout std -> expected error; 1 = none)."""
     scale = ((card or {}).get("uncertainty_calibration") or {}).get("scale", 1.0)
+    return _card_number(scale, "uncertainty_calibration.scale", "a positive number", lambda v: v > 0)
+
+
+def _card_number(value: Any, name: str, what: str, ok: Callable[[float], bool]) -> float:
+    """A number read from a model card (untrusted input): finite and ``ok``, else ModelError."""
     try:
-        scale = float(scale)
+        number = float(value)
     except (TypeError, ValueError):
-        scale = float("nan")
-    if not np.isfinite(scale) or scale <= 0:
-        raise ModelError(f"model card: uncertainty_calibration.scale must be a positive number, got {scale}")
-    return scale
+        number = float("nan")
+    if not np.isfinite(number) or not ok(number):
+        raise ModelError(f"model card: {name} must be {what}, got {value!r}")
+    return number
 
 
 def _finish_map(key: str, val: np.ndarray, params: Dict[str, float]) -> np.ndarray:

@@ -16,8 +16,9 @@ divergence ``d f_i / d y_i`` is estimated by one Monte-Carlo finite difference (
 of the noise std, on 4 runs of slices spread over the volume (a quarter of it, at least 16
 slices) so the check costs a fraction of a pass. Speckle (ultrasound) is not Gaussian: no guard there.
 
-Arrays are (z, y, x) in the input's units; ``coef = (c0, c1, c2)`` is the noise variance
-polynomial ``c0 + c1 s + c2 s^2`` of :func:`dualnet.training.data.noise_variance_model`.
+Arrays are (z, y, x) in the input's units; the noise variance is the polynomial of
+:func:`dualnet.training.data.noise_variance_model` evaluated at the network's result
+(:func:`dualnet.training.data.variance_at`).
 """
 
 from __future__ import annotations
@@ -63,13 +64,6 @@ def guard_blocks(n_slices: int, context: int, n_blocks: int = BLOCKS) -> List[Tu
         if z1 > z0:
             blocks.append((z0, z1, max(z0 - h, 0), min(z1 + h, n_slices)))
     return blocks
-
-
-def noise_variance(signal: np.ndarray, coef: Sequence[float]) -> np.ndarray:
-    """Per-voxel noise variance (input units^2) at ``signal`` (input units; float32, clipped at 0)."""
-    c0, c1, c2 = (float(c) for c in coef)
-    s = np.asarray(signal, dtype=np.float32)
-    return np.maximum(c0 + c1 * s + c2 * s * s, 0.0).astype(np.float32)
 
 
 def probe(shape: Sequence[int], var: np.ndarray, seed: int, index: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -130,13 +124,9 @@ def blend_weight(noisy: np.ndarray, denoised: np.ndarray, perturbed: np.ndarray,
 
 
 def blend(noisy: np.ndarray, denoised: np.ndarray, weight: float) -> np.ndarray:
-    """``weight * denoised + (1 - weight) * noisy`` in place in ``denoised`` (float32), slice by
-    slice (no whole-volume temporary)."""
+    """``weight * denoised + (1 - weight) * noisy`` in place in ``denoised`` (float32); give it
+    chunks of a large volume (a temporary of the chunk's size is made)."""
     if weight < 1.0:
-        w, rest = np.float32(weight), np.float32(1.0 - weight)
-        flat_in = noisy.reshape((-1,) + noisy.shape[-2:]) if noisy.ndim > 2 else noisy[None]
-        flat_out = denoised.reshape((-1,) + denoised.shape[-2:]) if denoised.ndim > 2 else denoised[None]
-        for src, dst in zip(flat_in, flat_out):
-            dst *= w
-            dst += rest * src.astype(np.float32, copy=False)
+        denoised *= np.float32(weight)
+        denoised += np.float32(1.0 - weight) * np.asarray(noisy, dtype=np.float32)
     return denoised

@@ -328,9 +328,16 @@ def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: 
     if c1 == 0 and c2 == 0:  # signal-independent (MRI): no smoothing needed
         var = np.full(np.shape(noisy_n), c0, dtype=np.float32)
     else:
-        s = gaussian_filter(np.asarray(noisy_n, dtype=np.float32), smooth) * scale - offset
-        var = np.maximum(c0 + c1 * s + c2 * np.square(s), 0.0)
+        var = variance_at(gaussian_filter(np.asarray(noisy_n, dtype=np.float32), smooth) * scale - offset, coef)
     return (var / np.float32(scale * scale)).astype(np.float32)
+
+
+def variance_at(signal: np.ndarray, coef: Tuple[float, float, float]) -> np.ndarray:
+    """The noise variance polynomial ``c0 + c1 s + c2 s^2`` at ``signal`` (physical units), clipped
+    at 0 (CT fill values far below -1000 HU), float32."""
+    c0, c1, c2 = (float(c) for c in coef)
+    s = np.asarray(signal, dtype=np.float32)
+    return np.maximum(c0 + c1 * s + c2 * np.square(s), 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
