@@ -2,7 +2,7 @@
 """Slicer CLI module: DUAL-NET denoising of one volume (see DualNetDenoiseCLI.xml).
 
 The command line is parsed from the XML beside this file, exactly as Slicer builds it:
-``[--modality auto] [--model FILE] [--device auto] [--tta] [--noGuard] [--uncertaintyVolume FILE] INPUT OUTPUT``.
+``[--modality auto] [--model FILE] [--device auto] [--tta] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE] INPUT OUTPUT``.
 ``auto`` (the default) takes the modality from the DICOM Modality tag, else from the intensities
 (``dualnet.modality.choose_modality``); the choice and its reason are printed on stdout.
 """
@@ -48,7 +48,7 @@ def denoise(args, progress) -> None:
     result = api.denoise_volume(
         volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
         tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress,
-        guard=False if args.noGuard else None)
+        guard=False if args.noGuard else None, views=None if args.views == "auto" else int(args.views))
     print(f"DualNetDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",
           flush=True)  # stdout: Slicer reports any stderr output as an error
     write_volume(result.volume, args.outputVolume, inputs=inputs)

@@ -250,6 +250,24 @@ def test_denoise_cli_no_guard_flag_reaches_the_core(tmp_path, noisy_crop, tiny_m
     assert err[False] < 0.5 * err[True], err
 
 
+def test_denoise_cli_views_flag_reaches_the_core(tmp_path, noisy_crop, tiny_model):
+    """--views 3 runs the network along z, y and x (the untrained model's three views differ, so
+    their mean differs from the axial view); the tiny model's card has no training axes, so auto
+    is one view."""
+    src = write(noisy_crop[:20, :24, :28], tmp_path / "in.nrrd")
+    outs = {}
+    for views in ("auto", "1", "3"):
+        out = tmp_path / f"out_{views}.nrrd"
+        args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+            "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "modality": "mri",
+            "noGuard": True, "views": views})
+        res = run_cli("DualNetDenoiseCLI", args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[views] = assert_same_geometry(src, out)[1].array
+    np.testing.assert_array_equal(outs["auto"], outs["1"])
+    assert float(np.abs(outs["3"] - outs["1"]).max()) > 1e-3
+
+
 def test_denoise_cli_uncertainty_output(tmp_path, noisy_crop, tiny_model):
     src = write(noisy_crop[:2], tmp_path / "in.nrrd")
     out, unc = tmp_path / "out.nrrd", tmp_path / "unc.nrrd"

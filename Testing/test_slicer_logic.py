@@ -1260,3 +1260,5 @@ def test_status_line_says_when_the_guard_blended():
     blended = result_summary({"seconds": 1, "inference_guard": {"weight": 0.105, "voxels": 5000}})
     assert "blended with the input (weight 0.10)" in blended and blended.startswith("Done in 1 s.")
     assert result_summary({"seconds": 1, "inference_guard": {"weight": 1.0, "reason": "speckle"}}) == "Done in 1 s."
+    views = result_summary({"seconds": 1, "inference_views": 3, "inference_guard": {"weight": 1.0}})
+    assert views == "Done in 1 s. The network ran along axial, coronal and sagittal slices (averaged)."

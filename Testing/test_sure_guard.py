@@ -70,7 +70,8 @@ def test_guard_keeps_the_network_where_it_helps(mri_volume):
                 spacing_zyx=mri_volume.spacing_zyx, rng=1)
     clean, noisy = d.clean_lr.astype(np.float32), d.noisy_lr.astype(np.float32)
     sigma = 0.05 * float(clean.max())
-    res = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0))
+    res = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0),
+                        views=1)  # one view: its guard's slices are the checked ones
     g = res.info["guard"]
     assert g["weight"] == 1.0 and g["mse_network"] < 0.5 * g["mse_input"], g
     assert g["slices"] == [[z0, z1] for z0, z1, _, _ in sg.guard_blocks(24, 5)]
@@ -79,7 +80,8 @@ def test_guard_keeps_the_network_where_it_helps(mri_volume):
     true = lambda a: float(np.mean((a[zs] - clean[zs])[mask] ** 2))  # noqa: E731
     assert g["mse_network"] == pytest.approx(true(res.denoised), rel=0.1)
     assert g["mse_input"] == pytest.approx(true(noisy), rel=0.1)
-    off = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0), guard=False)
+    off = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0), guard=False,
+                        views=1)
     assert off.info["guard"] is None
     fg = foreground_mask(clean, "mri")
     err = lambda a: float(np.mean((a - clean)[fg] ** 2))  # noqa: E731
@@ -125,8 +127,8 @@ def test_guard_on_real_high_snr_epi_is_not_worse_than_the_input(epi):
     res = denoise_array(x, net, card, **kw)
     assert res.info["guard"]["weight"] < 0.5
     # SURE is itself an estimate: "no worse" within 1 % of the MSE (0.5 % of the RMSE); the network
-    # alone is 3x worse than the input here
-    assert err(raw.denoised) > 2 * err(x) and err(res.denoised) <= 1.01 * err(x)
+    # alone is about 2x worse than the input here (2.5x in one view, 1.9x as the mean of three)
+    assert err(raw.denoised) > 1.5 * err(x) and err(res.denoised) <= 1.01 * err(x)
 
 
 def test_cli_frame_uses_the_repeats_and_no_guard_is_network_only(tmp_path, epi, capfd):

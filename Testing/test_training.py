@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,15 +335,22 @@ def test_finetune_on_real_noisy_crop_improves_selfsup_loss(tmp_path, pretrained,
     cfg = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(
         steps=20, patch_size=32, batch_size=4, val_every=20, val_patches=4, log_every=5, lambda_anchor=0.0,
         lr=1e-3, warmup_steps=2, device="cpu", threads=2)
+    from dualnet import modelfile
+
+    base = tmp_path / "base" / "base.safetensors"  # the base model, its card saying it runs in three views
+    base.parent.mkdir()
+    shutil.copyfile(pretrained.model_path, base)
+    base_card = json.loads(modelfile.card_path(pretrained.model_path).read_text())
+    modelfile.card_path(base).write_text(json.dumps({**base_card, "orthogonal_views": True}))
     out = tmp_path / "ft.safetensors"
-    res = finetune([(mri_crop, (1.0, 1.0, 1.0))], pretrained.model_path, out, cfg)
+    res = finetune([(mri_crop, (1.0, 1.0, 1.0))], base, out, cfg)
     rows = [r for r in _csv_rows(res.log_path) if r["val_loss"]]
     before, after = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
     assert rows[0]["step"] == "0" and after < before, (before, after)
-    from dualnet import modelfile
 
     _, card = modelfile.load_model(out, "cpu")
-    assert card["stage"] == "finetune" and card["finetuned_from"]["path"] == str(pretrained.model_path)
+    assert card["stage"] == "finetune" and card["finetuned_from"]["path"] == str(base)
+    assert card["orthogonal_views"] is True  # fine-tuned, the network is run as its base is
 
 
 @pytest.mark.parametrize("kind", ["dncnn", "n2v"])

@@ -80,6 +80,8 @@ def main() -> None:
         sigma=sigma_frames, guard=False)
     run("DUAL-NET shipped, sigma from the frames + SURE guard (the default of `--frame 1`)", method="dualnet",
         model=args.model, device="cpu", sigma=sigma_frames)
+    run("DUAL-NET shipped, sigma from the frames + SURE guard, one view (`--views 1`)", method="dualnet",
+        model=args.model, device="cpu", sigma=sigma_frames, views=1)
     base_cfg = TrainConfig.from_toml(config_dir() / "finetune.toml")
     if args.steps:
         base_cfg = base_cfg.replace(steps=args.steps)

@@ -87,10 +87,10 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
 
 
 def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray, modality: str,
-                   samples: int) -> dict:
+                   samples: int, **kw) -> dict:
     """Monte-Carlo dropout std against the true error on the foreground: RMS std / RMS error (1 =
     calibrated on average) and the correlation of the two maps (an untimed extra pass)."""
-    res = denoise_array(noisy, net, card, device="cpu", modality=modality, mc_samples=samples)
+    res = denoise_array(noisy, net, card, device="cpu", modality=modality, mc_samples=samples, **kw)
     err = np.abs(res.denoised - ref)[fg]
     unc = res.uncertainty[fg]
     return {"mc_std_ratio_fg": float(np.sqrt(np.mean(unc ** 2)) / max(float(np.sqrt(np.mean(err ** 2))), 1e-12)),
@@ -98,7 +98,8 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
-              lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None) -> dict:
+              lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None,
+              views: Optional[int] = None) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
@@ -118,7 +119,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             t = time.perf_counter()
             if method == "dualnet":  # the core's inference directly, to read the NEB maps too
                 net, card = nets[kw["model"]]
-                res = denoise_array(noisy.array, net, card, device="cpu", modality=modality, guard=guard)
+                res = denoise_array(noisy.array, net, card, device="cpu", modality=modality, guard=guard,
+                                    views=views, spacing_zyx=d.spacing_lr_zyx)
                 out = res.denoised
             else:
                 out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
@@ -127,7 +129,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             if method == "dualnet" and res.sigma_map is not None:
                 row[label].update(neb_maps(res, true_std, fg))
             if method == "dualnet" and mc_samples > 0:
-                row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples))
+                row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
+                                                 views=views, spacing_zyx=d.spacing_lr_zyx))
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
@@ -180,6 +183,8 @@ def main() -> None:
                     help="also measure the MC-dropout std against the true error with this many passes")
     ap.add_argument("--no-guard", action="store_true",
                     help="score the network without its SURE guard (default: as `dualnet denoise` runs it)")
+    ap.add_argument("--views", default="auto", choices=["auto", "1", "3"],
+                    help="network slice orientations (default auto, as `dualnet denoise` runs it)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -191,7 +196,7 @@ def main() -> None:
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
-                         guard) for lev in levels]
+                         guard, None if args.views == "auto" else int(args.views)) for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],

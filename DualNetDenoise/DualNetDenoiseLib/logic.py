@@ -70,10 +70,13 @@ def uncertainty_name(input_name: str, method: str) -> str:
 
 
 def result_summary(info: Dict[str, Any]) -> str:
-    """The panel's status line after a run: the time, and what the SURE guard did when it blended
-    the network's result with the input (``info`` of :func:`dualnet.api.denoise_volume`)."""
+    """The panel's status line after a run: the time, the network's slice orientations when it ran
+    along all three, and what the SURE guard did when it blended the network's result with the
+    input (``info`` of :func:`dualnet.api.denoise_volume`)."""
     seconds = info.get("seconds")
     text = f"Done in {seconds} s." if seconds else "Done."
+    if info.get("inference_views") == 3:
+        text += " The network ran along axial, coronal and sagittal slices (averaged)."
     guard = info.get("inference_guard") or {}
     weight = guard.get("weight")
     if weight is not None and weight < 0.995:

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import InputError, ModelError
 from .io import Volume
 from .modality import MODALITIES, check_modality, choose_modality  # noqa: F401 - check_modality is public here too
+from .orthoviews import VIEW_CHOICES
 from .progress import CancelToken, ProgressFn, check_cancel, report
 
 MODALITY_NAMES = {"mri": "MRI (Rician)", "ct": "CT (Poisson-Gaussian low dose)", "us": "ultrasound (speckle)"}
@@ -79,6 +80,7 @@ def denoise_volume(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
     guard: Optional[bool] = None,
+    views: Optional[int] = None,
 ) -> DenoiseResult:
     """Denoise one volume with DUAL-NET or a classical baseline.
 
@@ -103,6 +105,9 @@ def denoise_volume(
         cancel: token checked between slices / tiles.
         guard: the network's SURE guard (:mod:`dualnet.sure_guard`: the result blended with the
             input where SURE estimates it would otherwise be worse); None = on for MRI and CT.
+        views: the network run along 1 (z) or 3 (z, y, x; averaged, three times the time)
+            orthogonal slice orientations (:mod:`dualnet.orthoviews`); None = 3 where the model was
+            trained for it (MRI) and the voxels are near-isotropic, else 1.
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.
@@ -113,7 +118,7 @@ def denoise_volume(
     modality = choice.modality
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
-                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard)
+                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard, views=views)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
@@ -121,7 +126,8 @@ def denoise_volume(
     if method == "dualnet":
         coef = (float(sigma) ** 2, 0.0, 0.0) if (sigma is not None and modality == "mri") else None
         out, unc, net_info = _denoise_network(
-            arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard
+            arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard,
+            views, volume.spacing_zyx,
         )
         if coef is not None:
             info["sigma"] = float(sigma)
@@ -161,12 +167,16 @@ SIGMA_US = (1e-3, 10.0)
 
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
                   tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False,
-                  guard: Optional[bool] = None) -> None:
+                  guard: Optional[bool] = None, views: Optional[int] = None) -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
     if method != "dualnet" and (tta or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
     if method != "dualnet" and guard is False:
         raise InputError(f"{src}: --no-guard applies to the network only, not to {method}")
+    if views is not None and method != "dualnet":
+        raise InputError(f"{src}: --views applies to the network only, not to {method}")
+    if views is not None and views not in VIEW_CHOICES:
+        raise InputError(f"{src}: --views must be one of {', '.join(map(str, VIEW_CHOICES))}, got {views!r}")
     if tile is not None:
         sides = [tile] if np.isscalar(tile) else list(tile)
         if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < MIN_TILE for t in sides):
@@ -229,7 +239,7 @@ def resolve_model_path(model: Optional[Union[str, Path]], modality: str) -> Path
 
 
 def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel,
-                     noise_coef=None, guard=None):
+                     noise_coef=None, guard=None, views=None, spacing_zyx=None):
     from . import inference, modelfile
 
     path = resolve_model_path(model, modality)
@@ -253,6 +263,8 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
         modality=modality,
         noise_coef=noise_coef,
         guard=guard,
+        views=views,
+        spacing_zyx=spacing_zyx,
     )
     info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
     return res.denoised, (res.uncertainty if uncertainty else None), info

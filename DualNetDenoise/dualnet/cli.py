@@ -190,6 +190,17 @@ def _image_dimension(path: str) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------- denoise
+def _parse_views(text: str) -> Optional[int]:
+    """``--views``: ``auto`` (None) or one of :data:`dualnet.orthoviews.VIEW_CHOICES`."""
+    from .orthoviews import VIEW_CHOICES
+
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip() not in {str(v) for v in VIEW_CHOICES}:
+        raise argparse.ArgumentTypeError(f"must be auto or one of {', '.join(map(str, VIEW_CHOICES))}, got {text!r}")
+    return int(text)
+
+
 def _parse_sigma(text: str):
     if text in (None, "auto"):
         return None
@@ -221,7 +232,7 @@ def cmd_denoise(args) -> int:
     guard = False if args.no_guard else None
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
-                  guard=guard)
+                  guard=guard, views=args.views)
     card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
@@ -243,6 +254,7 @@ def cmd_denoise(args) -> int:
             seed=args.seed,
             progress=bar,
             guard=guard,
+            views=args.views,
         )
     finally:
         bar.close()
@@ -335,7 +347,7 @@ def _denoise_dicom(args) -> int:
     report = denoise_dicom_folder(
         args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
         device=args.device, tta=args.tta, mc_samples=args.mc_samples, tile=args.tile, seed=args.seed,
-        guard=False if args.no_guard else None, uncertainty_dir=args.uncertainty,
+        guard=False if args.no_guard else None, views=args.views, uncertainty_dir=args.uncertainty,
         progress_factory=lambda s: ProgressPrinter(f"denoise ({args.method}) series {s.series_number}", mode),
     )
     for line in report.summary_lines(failed=False):
@@ -552,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quarter of the slices (4 runs spread over the volume) estimates the error by SURE and "
                         "blends the result with the input where that lowers it (never worse than the input, by "
                         "that estimate)")
+    p.add_argument("--views", type=_parse_views, default=None, metavar="{auto,1,3}",
+                   help="network: slice orientations it runs along, averaged: 1 (z) or 3 (z, y and x; about "
+                        "+0.4 dB on 2 mm MRI, three times the time); auto (default) = 3 where the model was "
+                        "trained on all three (MRI) and the voxels are near-isotropic (at most 1.5:1), else 1")
     p.add_argument("--tile", type=_count(16),
                    help="sliding-window tile edge in voxels, at least 16 (default: from free memory)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the dropout passes, 0..2^32-1 (default 0)")

@@ -27,6 +27,7 @@ import numpy as np
 
 from .degrade import CT_FLOOR_HU
 from .errors import InputError, ModelError
+from .orthoviews import choose_views
 from .progress import CancelToken, ProgressFn, check_cancel, report
 
 TileArg = Union[None, int, Sequence[int]]
@@ -278,6 +279,8 @@ def denoise_array(
     noise_coef: Optional[Sequence[float]] = None,
     modality: Optional[str] = None,
     guard: Optional[bool] = None,
+    views: Optional[int] = None,
+    spacing_zyx: Optional[Sequence[float]] = None,
 ) -> InferenceResult:
     """Denoise a 2D (y, x) image or a 3D (z, y, x) volume with a DUAL-NET / baseline model.
 
@@ -307,6 +310,10 @@ def denoise_array(
         guard: SURE guard (:mod:`dualnet.sure_guard`): blend the result with the input by the
             weight that minimises the estimated error; None = on for MRI and CT (2D models).
             ``info["guard"]`` holds the weight and the estimates.
+        views: 1 = slices along z only; 3 = a 2D model run along z, y and x and the three results
+            averaged (:mod:`dualnet.orthoviews`, three times the time); None = 3 where the model was
+            trained on all three slice orientations and the volume is near-isotropic, else 1.
+        spacing_zyx: voxel spacing in mm, (z, y, x), for that choice (None = isotropic).
     """
     import torch
 
@@ -329,6 +336,12 @@ def denoise_array(
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
     modality = modality or (card or {}).get("modality")
+    if choose_views(views, arr.shape, dim, card, spacing_zyx) == 3:
+        coef3, noise_info3 = _noise_model(arr, modality, noise_coef, progress) if arch.get("noise_map") \
+            else (noise_coef, None)
+        return _three_views(arr, model, card, progress, noise_info3, dict(
+            device=device, tile=tile, overlap=overlap, tta=tta, mc_samples=mc_samples, seed=seed,
+            cancel=cancel, noise_coef=coef3, modality=modality, guard=guard))
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
     # scanner fill values (CT): the network sees air there, the output keeps them
     has_fill = _has_ct_fill(vol, modality)
@@ -345,17 +358,7 @@ def denoise_array(
     noise_info: Optional[Dict[str, Any]] = None
     coef: Optional[Tuple[float, float, float]] = None
     if arch.get("noise_map"):
-        if noise_coef is None:
-            from .training.data import noise_variance_model
-
-            if modality not in ("mri", "ct", "us"):
-                raise ModelError("this model needs the noise model of its input: give noise_coef "
-                                 "or the modality (mri, ct, us) to estimate it")
-            report(progress, 0.0, f"estimating the {modality} noise model")
-            noise_coef, noise_info = noise_variance_model(arr, modality)
-        if len(noise_coef) != 3 or not np.all(np.isfinite(noise_coef)):
-            raise ModelError(f"invalid noise model {tuple(noise_coef)} (need 3 finite coefficients)")
-        coef = tuple(float(c) for c in noise_coef)  # type: ignore[assignment]
+        coef, noise_info = _noise_model(arr, modality, noise_coef, progress)
         if dim == 3:
             from .training.data import variance_map
 
@@ -376,7 +379,7 @@ def denoise_array(
     threads = configure_cpu_threads() if dev.type == "cpu" else None
     tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
     info: Dict[str, Any] = dict(
-        device=dev.type, device_name=describe(dev), mode="2d-slicewise" if dim == 2 else "3d",
+        device=dev.type, device_name=describe(dev), mode="2d-slicewise" if dim == 2 else "3d", views=1,
         overlap=overlap, tta=8 if tta else 1, mc_samples=int(mc_samples),
         passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
         output_floor=floor,
@@ -448,6 +451,45 @@ def denoise_array(
         sigma_map=None if sigma is None else squeeze(sigma),
         alpha_map=None if alpha is None else squeeze(alpha),
         info=info)
+
+
+def _noise_model(arr: np.ndarray, modality: Optional[str], noise_coef: Optional[Sequence[float]],
+                 progress: Optional[ProgressFn]) -> Tuple[Tuple[float, float, float], Optional[Dict[str, Any]]]:
+    """The noise variance polynomial a noise-map model is given: ``noise_coef`` checked, or
+    estimated from ``arr`` for ``modality`` (then also the estimate's info)."""
+    noise_info = None
+    if noise_coef is None:
+        from .training.data import noise_variance_model
+
+        if modality not in ("mri", "ct", "us"):
+            raise ModelError("this model needs the noise model of its input: give noise_coef "
+                             "or the modality (mri, ct, us) to estimate it")
+        report(progress, 0.0, f"estimating the {modality} noise model")
+        noise_coef, noise_info = noise_variance_model(arr, modality)
+    if len(noise_coef) != 3 or not np.all(np.isfinite(noise_coef)):
+        raise ModelError(f"invalid noise model {tuple(noise_coef)} (need 3 finite coefficients)")
+    return (float(noise_coef[0]), float(noise_coef[1]), float(noise_coef[2])), noise_info
+
+
+def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], progress: Optional[ProgressFn],
+                 noise_info: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) -> InferenceResult:
+    """:func:`denoise_array` along z, y and x (one noise model for all three), averaged
+    (:mod:`dualnet.orthoviews`); MC dropout in the first view only."""
+    from .orthoviews import denoise_views, merge_info
+
+    t0 = time.perf_counter()
+    mc = int(kwargs.pop("mc_samples"))
+
+    def run(view: np.ndarray, a: int, prog: Optional[ProgressFn]) -> InferenceResult:
+        return denoise_array(view, model, card, views=1, progress=prog, mc_samples=mc if a == 0 else 0, **kwargs)
+
+    res = denoise_views(arr, run, progress)
+    info = merge_info(res["infos"], time.perf_counter() - t0)
+    if noise_info is not None:
+        info["noise_model"] = noise_info
+    report(progress, 1.0, "done")
+    return InferenceResult(denoised=res["denoised"], uncertainty=res["uncertainty"], sigma_map=res["sigma_map"],
+                           alpha_map=res["alpha_map"], info=info)
 
 
 def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context: int,

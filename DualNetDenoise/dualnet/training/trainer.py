@@ -1058,6 +1058,8 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
              "finetune_inputs": [str(x) if isinstance(x, (str, Path)) else "array" for x in inputs][:50]}
     if noise_models:
         extra["finetune_noise_models"] = noise_models[:50]
+    if isinstance(card.get("orthogonal_views"), bool):  # the same network, run as its base is (dualnet.orthoviews)
+        extra["orthogonal_views"] = card["orthogonal_views"]
     return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
                   cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
                   card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
