@@ -385,6 +385,9 @@ def test_provenance_names_model_and_hash():
     assert prov.series_description() == f"Denoised (dualnet, {path.stem})"
     unc = prov.description("uncertainty")
     assert unc.startswith("Monte Carlo dropout standard deviation")
+    assert "tta" not in text and "views" not in text
+    ran = provenance_from_info({"model": str(path), "inference_tta": 8, "inference_views": 3}, "dualnet", "ct")
+    assert "tta x8" in ran.description() and "views z, y and x averaged" in ran.description()
 
 
 def test_uncertainty_series(dicom_dir, tmp_path):

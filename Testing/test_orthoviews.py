@@ -33,6 +33,7 @@ def test_three_views_only_where_the_model_and_the_voxels_allow_them():
     assert choose_views(None, iso, 2, None) == 1
     assert choose_views(None, iso, 3, ALL_AXES) == 1  # a 3D model
     assert choose_views(None, (8, 40, 48), 2, ALL_AXES) == 1  # too thin for slices along y and x
+    assert choose_views(None, (12, 40, 48), 2, ALL_AXES) == 3
     assert choose_views(None, (40, 48), 2, ALL_AXES) == 1  # a 2D image
     assert choose_views(3, iso, 2, {"config": {"slice_axes": [0]}}) == 3  # asked for: run anyway
     assert choose_views(1, iso, 2, ALL_AXES) == 1
@@ -60,7 +61,12 @@ class BlurLastAxis(torch.nn.Module):
 def test_each_view_is_turned_back_before_the_mean():
     vol = np.random.default_rng(0).normal(100.0, 10.0, (20, 24, 28)).astype(np.float32)
     card = {**ALL_AXES, "normalisation": {"method": "zscore"}}
-    res = denoise_array(vol, BlurLastAxis(), card, device="cpu", guard=False, modality="mri")
+    seen = []
+    res = denoise_array(vol, BlurLastAxis(), card, device="cpu", guard=False, modality="mri",
+                        progress=lambda f, msg: seen.append((f, msg)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # one bar over the three views
+    assert any(msg.startswith("view 3/3 (slices along x)") for _, msg in seen)
     blur = lambda axis: uniform_filter1d(vol.astype(np.float64), 3, axis=axis, mode="nearest")
     expected = (2 * blur(2) + blur(1)) / 3  # views z and y blur x; view x blurs y
     assert res.info["views"] == 3 and res.info["passes"] == 3

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Train the shipped models on the 2-core CPU, in the background, resumably:
 #   nohup bash scripts/train_cpu.sh [VERSION] > runs/train.log 2>&1 &
-# VERSION v5 (default): configs/pretrain_<m>.toml (MRI and CT continue weights/history/dualnet_<m>_v4;
-# ultrasound stayed at v4, which continued weights/history/dualnet_us_v3); v4 / v3:
+# VERSION v5 (default): configs/pretrain_<m>.toml (each continues weights/history/dualnet_<m>_v4; the
+# ultrasound v5 was trained in a later session, alone, and stopped after 80 of its 130 minutes); v4 / v3:
 # configs/history/pretrain_<m>_<VERSION>.toml (the CT stage 1 of v3 is configs/history/pretrain_ct_v3a.toml).
-# MRI on one core; CT then ultrasound on the other (v5: CT only). Each run has a hard wall-clock budget
+# MRI on one core; CT then ultrasound on the other. Each run has a hard wall-clock budget
 # (time_budget_s in its config), checkpoints every 250 steps and resumes from runs/<VERSION>_<m>/checkpoint.pt
 # when started again (a new budget then applies to the continued run). Exported models:
 # runs/<VERSION>_<m>/model.safetensors (+ .json card); copy them to DualNetDenoise/dualnet/weights/dualnet_<m>.*
@@ -23,5 +23,5 @@ train() {  # modality
   echo "$(date -u +%FT%TZ) $1 finished with exit code $?"
 }
 train mri &
-if [ "$version" = v5 ]; then train ct & else { train ct; train us; } & fi
+{ train ct; train us; } &
 wait

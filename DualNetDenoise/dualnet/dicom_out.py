@@ -253,8 +253,10 @@ def provenance_from_info(info: Mapping[str, Any], method: str, modality: str) ->
     if info.get("sigma") is not None:
         prov.sigma = float(info["sigma"])
         prov.sigma_estimated = bool(info.get("sigma_estimated"))
-    if info.get("tta"):
-        prov.extra["tta"] = "x8"
+    if int(info.get("inference_tta") or 1) > 1:  # the network's run, as api.denoise_volume reports it
+        prov.extra["tta"] = f"x{int(info['inference_tta'])}"
+    if int(info.get("inference_views") or 1) > 1:
+        prov.extra["views"] = "z, y and x averaged"
     return prov
 
 

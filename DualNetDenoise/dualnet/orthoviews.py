@@ -26,8 +26,9 @@ from .errors import InputError
 #: orthogonal views: largest / smallest voxel spacing at most this, or the slices along y and x
 #: would be stretched in a way the network never saw
 MAX_ANISOTROPY = 1.5
-#: fewest voxels along every axis for three views (smaller volumes: one view)
-MIN_SIZE = 16
+#: fewest voxels along every axis for three views by default (measured: +1.0 dB on 12-slice slabs of
+#: the 6 mm abdomen CT; thinner volumes: one view)
+MIN_SIZE = 12
 VIEW_CHOICES = (1, 3)
 
 
@@ -85,31 +86,38 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
     Returns the averaged maps (``denoised``, ``sigma_map``, ``alpha_map``, ``uncertainty``) and
     ``infos``, the three views' info dicts.
     """
-    from .progress import scaled
-
     sums: Dict[str, Optional[np.ndarray]] = {}
     infos = []
     for a in range(3):
         view = np.ascontiguousarray(np.moveaxis(array, a, 0)) if a else array
-        res = run(view, a, scaled(progress, a / 3, (a + 1) / 3))
+        res = run(view, a, _view_progress(progress, a))
         del view
         for key in ("denoised", "sigma_map", "alpha_map"):
             val = getattr(res, key)
             if val is None:
                 sums[key] = None
-                continue
-            val = np.moveaxis(val, 0, a)
-            if key not in sums:
-                sums[key] = val.astype(np.float32, copy=True)
+            elif a == 0:  # the first view's own array (z first already) becomes the sum
+                sums[key] = np.asarray(val, dtype=np.float32)
             else:
-                sums[key] += val  # type: ignore[operator]
+                sums[key] += np.moveaxis(val, 0, a)  # type: ignore[operator]
         if a == 0:
             sums["uncertainty"] = res.uncertainty
         infos.append(res.info)
+        del res
     for key in ("denoised", "sigma_map", "alpha_map"):
         if sums.get(key) is not None:
             sums[key] /= np.float32(3)  # type: ignore[operator]
     return {**sums, "infos": infos}
+
+
+def _view_progress(progress: Any, a: int) -> Any:
+    """Progress of view ``a`` as its third of the whole, its messages prefixed with the view."""
+    from .progress import scaled
+
+    sub = scaled(progress, a / 3, (a + 1) / 3)
+    if sub is None:
+        return None
+    return lambda fraction, message="": sub(fraction, f"view {a + 1}/3 (slices along {'zyx'[a]}): {message}")
 
 
 def merge_info(infos: List[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
