@@ -10,9 +10,10 @@ By default it is done where the network was checked for it: a card that says so
 was trained on axial slices only, yet gained 1.3 dB on the isotropic 3 mm abdomen CT) or, without
 that key, one whose training cut slices along all three axes (``config.slice_axes``); and a volume
 that is near-isotropic (the largest voxel spacing at most :data:`MAX_ANISOTROPY` times the smallest)
-and at least :data:`MIN_SIZE` voxels along every axis. Each view runs the whole single-view path (noise map, SURE guard), so the
-mean is never estimated worse than the input either (the squared error of a mean is at most the
-mean of the squared errors). Arrays are (z, y, x); spacings (z, y, x) in mm.
+and at least :data:`MIN_SIZE` voxels along every axis. Each view runs the whole single-view path
+(noise map, SURE guard), so the mean is never estimated worse than the input either (the squared
+error of a mean is at most the mean of the squared errors). Arrays are (z, y, x); spacings (z, y, x)
+in mm.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
     """Run ``run(view_array, view_index, progress)`` (a single-view :func:`dualnet.inference.denoise_array`
     returning an ``InferenceResult``) on the (z, y, x) volume seen along z, y and x, and average.
 
-    The uncertainty map, if any, is the first view's (its calibration was fitted on single views).
+    The uncertainty map, if any, is the first view's (one MC pass set instead of three; the shipped
+    cards' calibration scale is fitted for it: the first view's std against the error of the mean).
     Returns the averaged maps (``denoised``, ``sigma_map``, ``alpha_map``, ``uncertainty``) and
     ``infos``, the three views' info dicts.
     """
