@@ -130,6 +130,8 @@ class DualNetDenoiseParameterNode:
     modelPath - DUAL-NET model file; empty = shipped model for the modality.
     device - auto / cpu / cuda / mps.
     tta - x8 flip test-time augmentation (network only).
+    oneView - run the network along axial slices only (network only; default: three orthogonal views
+        averaged where the model and the voxels allow it, about 3x the time).
     uncertainty - Monte Carlo dropout uncertainty map (network only).
     outputVolume, uncertaintyVolume - results (created when empty).
     diceInputA, diceInputB, diceTable - segmentations or labelmaps to compare, result table.
@@ -143,6 +145,7 @@ class DualNetDenoiseParameterNode:
     modelPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     tta: bool = False
+    oneView: bool = False
     uncertainty: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode
@@ -249,6 +252,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         network = p is not None and p.method == "dualnet"
         self.ui.networkCollapsibleButton.enabled = network
         self.ui.ttaCheckBox.enabled = network
+        self.ui.oneViewCheckBox.enabled = network
         self.ui.uncertaintyCheckBox.enabled = network
         self.ui.uncertaintyVolumeSelector.enabled = network and p.uncertainty
         self.ui.noiseLevelSpinBox.enabled = p is not None and not p.autoNoise and not network
@@ -355,6 +359,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 waitForCompletion=False,
                 progressCallback=self.onProgress,
                 onFinished=self.onFinished,
+                views=1 if p.oneView else None,
             )
         if self._job is None:  # did not start (the error was shown)
             self.ui.progressBar.setVisible(False)
@@ -474,7 +479,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
 
     def process(self, inputVolume, outputVolume=None, modality="mri", method="dualnet", noiseLevel=None, model=None,
                 device="auto", tta=False, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
-                progressCallback=None, inProcess=None, onFinished=None, cancel=None):
+                progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None):
         import time
 
         self.setupPythonRequirements(method)  # clear message (or install on consent) before any work
@@ -482,7 +487,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         logging.info(f"DualNet: {method} on '{inputVolume.GetName() if inputVolume else None}' started")
         result = DenoiseLogicBase.process(
             self, inputVolume, outputVolume, modality, method, noiseLevel, model, device, tta, uncertainty,
-            uncertaintyVolume, waitForCompletion, progressCallback, inProcess, onFinished, cancel)
+            uncertaintyVolume, waitForCompletion, progressCallback, inProcess, onFinished, cancel, views)
         if isinstance(result, DenoiseJob):
             timer = qt.QTimer()
             timer.setInterval(100)

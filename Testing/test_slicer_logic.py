@@ -185,6 +185,34 @@ def test_network_with_uncertainty_node(scene, mri_node, tmp_path):
                                    uncertaintyVolume=out)
 
 
+def test_panel_views_reach_the_core(scene, mri_node, tmp_path):
+    """The panel's "one slice orientation" choice (``views``) reaches the core: by default a model
+    whose card allows it runs in three views on a near-isotropic volume, ``views=1`` in one; the
+    choice is kept on the output node. (The checkbox itself is Qt: not run here.)"""
+    torch = pytest.importorskip("torch")
+    from dualnet import modelfile
+    from dualnet.models import build_model
+
+    torch.manual_seed(0)
+    model = modelfile.save_model(tmp_path / "tiny.safetensors", build_model("tiny", dim=2), {
+        "modality": "mri", "normalisation": {"method": "percentile", "p_low": 0.5, "p_high": 99.5},
+        "orthogonal_views": True})
+    iso = np.diag([2.0, 2.0, 2.0, 1.0])
+    iso[:3, 3] = [12.5, -33.25, 47.0]
+    seen = {}
+    for name, matrix, views in (("iso", iso, None), ("iso", iso, 1), ("oblique", oblique_matrix(), None)):
+        cube = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        nodes.update_node_from_array(cube, nodes.array_from_node(mri_node)[:16, :32, :32], matrix)
+        out = DenoiseLogicBase().process(cube, None, modality="mri", method="dualnet", model=str(model),
+                                         device="cpu", views=views)
+        params = json.loads(out.GetAttribute("DualNet.parameters"))
+        seen[name, views] = (params["views"], params["info"]["inference_views"])
+    # the oblique node's voxels are 0.7 x 1.3 x 2.9 mm: the node's spacing reaches the core, one view
+    assert seen == {("iso", None): (None, 3), ("iso", 1): (1, 1), ("oblique", None): (None, 1)}
+    with pytest.raises(ValueError, match="views must be 1 or 3"):
+        DenoiseLogicBase().process(mri_node, None, method="dualnet", model=str(model), views=2)
+
+
 def test_process_refuses_to_overwrite_input(scene, mri_node):
     before = array_checksum(mri_node)
     with pytest.raises(ValueError, match="never overwritten"):
@@ -604,6 +632,7 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
     raw = {n: node.GetParameter(n) for n in node.GetParameterNames()}
     assert raw["method"] == "dualnet" and raw["modality"] == "mri" and raw["device"] == "auto"
     assert raw["autoNoise"] == "True" and raw["tta"] == "False" and float(raw["noiseLevel"]) == 0.0
+    assert raw["oneView"] == "False"  # three views where they apply, as the command line
     assert p.inputVolume is None and p.diceInputA is None and p.diceInputB is None
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     lab = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -613,7 +642,7 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
         "inputVolume": [mri_node, None], "outputVolume": [out], "uncertaintyVolume": [out, None],
         "modality": module.MODALITIES, "method": module.METHODS, "device": module.DEVICES,
         "autoNoise": [False, True], "noiseLevel": [0.0, 12.5, 100000.0], "modelPath": ["/models/a.safetensors", ""],
-        "tta": [True, False], "uncertainty": [True, False],
+        "tta": [True, False], "oneView": [True, False], "uncertainty": [True, False],
         "diceInputA": [seg, lab, None], "diceInputB": [lab, seg, None], "diceTable": [table],
     }
     invalid = {

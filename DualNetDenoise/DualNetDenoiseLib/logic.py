@@ -190,16 +190,18 @@ class DenoiseLogicBase:
         return outputVolume, False
 
     @staticmethod
-    def _parameters(modality, method, noiseLevel, model, device, tta, uncertainty) -> Dict[str, Any]:
+    def _parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views=None) -> Dict[str, Any]:
         if method not in METHOD_LABELS and method not in available_methods():
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
         if modality not in ("mri", "ct", "us"):
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
-        if method != "dualnet":  # test-time augmentation and MC-dropout uncertainty are network-only
-            tta, uncertainty = False, False
+        if method != "dualnet":  # test-time augmentation, MC-dropout uncertainty and views are network-only
+            tta, uncertainty, views = False, False, None
+        if views is not None and views not in (1, 3):
+            raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
         sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
         return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
-                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty)}
+                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty), "views": views}
 
     def _store(self, inputVolume, outputVolume, ijkToRAS, array, params, info, uncertaintyArray=None, uncertaintyVolume=None):
         """Write the result arrays into nodes with the input's geometry, and the provenance attributes."""
@@ -284,6 +286,7 @@ class DenoiseLogicBase:
         inProcess: Optional[bool] = None,
         onFinished: Optional[Callable[[DenoiseJob], None]] = None,
         cancel=None,
+        views: Optional[int] = None,
     ):
         """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
 
@@ -295,13 +298,15 @@ class DenoiseLogicBase:
             inProcess: run the core in this process (default when ``waitForCompletion``);
                 False runs ``worker.py`` in a child process even when waiting.
             cancel: ``dualnet.progress.CancelToken`` for in-process runs.
+            views: the network's slice orientations, 1 or 3; None = automatic (three orthogonal views
+                where the model and the voxels allow it, :mod:`dualnet.orthoviews`).
 
         Returns:
             The output node (waiting) or the :class:`DenoiseJob` (not waiting).
         """
         if inputVolume is None:
             raise ValueError("no input volume")
-        params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty)
+        params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views)
         if uncertaintyVolume is not None and uncertaintyVolume.GetID() in (
                 inputVolume.GetID(), outputVolume.GetID() if outputVolume is not None else None):
             raise ValueError("the uncertainty volume must differ from the input and output volumes")

@@ -4,7 +4,7 @@ The JSON job names an input volume file, the output file(s) and the denoising pa
 
     {"input": "in.nrrd", "output": "out.nrrd", "uncertainty_output": "unc.nrrd" | null,
      "info_output": "info.json", "method": "dualnet", "modality": "mri", "sigma": null,
-     "model": null, "device": "auto", "tta": false, "uncertainty": false}
+     "model": null, "device": "auto", "tta": false, "uncertainty": false, "views": null}
 
 It prints ``DUALNET_PROGRESS {json}`` lines while working, ``DUALNET_ERROR <line>`` on a
 user-facing error (exit code 2), and writes the outputs atomically through ``dualnet.io``.
@@ -35,6 +35,7 @@ DEFAULT_PARAMETERS: Dict[str, Any] = {
     "device": "auto",
     "tta": False,
     "uncertainty": False,
+    "views": None,
 }
 
 
@@ -60,6 +61,7 @@ def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, O
         device=p["device"],
         tta=bool(p["tta"]),
         uncertainty=bool(p["uncertainty"]),
+        views=None if p["views"] is None else int(p["views"]),
         progress=progress,
         cancel=cancel,
     )
