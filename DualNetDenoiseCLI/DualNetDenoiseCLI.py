@@ -39,6 +39,7 @@ def denoise(args, progress) -> None:
     """Denoise INPUT into OUTPUT with DUAL-NET, optionally writing the MC-dropout std map."""
     from dualnet import api
     from dualnet.io import check_output_path, read_volume, write_volume
+    from dualnet.orthoviews import parse_views
 
     inputs = [args.inputVolume]
     check_output_path(args.outputVolume, inputs)
@@ -48,7 +49,7 @@ def denoise(args, progress) -> None:
     result = api.denoise_volume(
         volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
         tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress,
-        guard=False if args.noGuard else None, views=None if args.views == "auto" else int(args.views))
+        guard=False if args.noGuard else None, views=parse_views(args.views))
     print(f"DualNetDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",
           flush=True)  # stdout: Slicer reports any stderr output as an error
     write_volume(result.volume, args.outputVolume, inputs=inputs)

@@ -17,7 +17,7 @@ from dualnet.degrade import degrade
 from dualnet.errors import InputError
 from dualnet.inference import denoise_array
 from dualnet.modelfile import default_model_path, load_model
-from dualnet.orthoviews import MAX_ANISOTROPY, choose_views
+from dualnet.orthoviews import MAX_ANISOTROPY, choose_views, parse_views
 
 ALL_AXES = {"config": {"slice_axes": [0, 1, 2]}}
 
@@ -39,6 +39,9 @@ def test_three_views_only_where_the_model_and_the_voxels_allow_them():
     assert choose_views(1, iso, 2, ALL_AXES) == 1
     with pytest.raises(InputError, match="views must be 1 or 3"):
         choose_views(2, iso, 2, ALL_AXES)
+    assert parse_views(" Auto ") is None and parse_views("1") == 1 and parse_views(3) == 3
+    with pytest.raises(InputError, match="must be auto or one of 1, 3"):
+        parse_views("2")
     with pytest.raises(InputError, match="3D"):
         choose_views(3, (40, 48), 2, ALL_AXES)
 

@@ -234,11 +234,7 @@ def denoise_all(args, inputs, rows) -> int:
         t0 = time.time()
         try:
             vol = read_volume(src)
-            kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
-            if args.method == "dualnet":
-                kwargs.update(model=args.model, tta=args.tta, guard=False if args.no_guard else None,
-                              views=None if args.views == "auto" else int(args.views))
-            result = api.denoise_volume(vol, **kwargs)
+            result = api.denoise_volume(vol, **denoise_kwargs(args))
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
             print(f"  modality {info.get('modality')} ({info.get('modality_reason', '')})", flush=True)
@@ -343,12 +339,20 @@ def denoise_dicom(args):
     """:func:`dualnet.dicom_out.denoise_dicom_folder` on the input folder, one subfolder per series."""
     from dualnet.dicom_out import denoise_dicom_folder
 
+    return denoise_dicom_folder(args.input_dir, args.output_dir, layout="subfolders",
+                                log=lambda line: print(line, flush=True), **denoise_kwargs(args))
+
+
+def denoise_kwargs(args) -> dict:
+    """The denoising options of ``args`` for :func:`dualnet.api.denoise_volume` (files and DICOM
+    series alike): the network's own options only with ``--method dualnet``."""
+    from dualnet.orthoviews import parse_views
+
     kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
     if args.method == "dualnet":
         kwargs.update(model=args.model, tta=args.tta, guard=False if args.no_guard else None,
-                      views=None if args.views == "auto" else int(args.views))
-    return denoise_dicom_folder(args.input_dir, args.output_dir, layout="subfolders",
-                                log=lambda line: print(line, flush=True), **kwargs)
+                      views=parse_views(args.views))
+    return kwargs
 
 
 def dicom_rows(report, args) -> list:

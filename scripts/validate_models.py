@@ -42,6 +42,7 @@ from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
 from dualnet.modelfile import card_path, load_model, read_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
+from dualnet.orthoviews import parse_views  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
 from dualnet.training.data import read_source, resolve_path  # noqa: E402
 
@@ -196,7 +197,7 @@ def main() -> None:
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
-                         guard, None if args.views == "auto" else int(args.views)) for lev in levels]
+                         guard, parse_views(args.views)) for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],

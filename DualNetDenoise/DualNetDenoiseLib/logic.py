@@ -197,8 +197,11 @@ class DenoiseLogicBase:
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
         if method != "dualnet":  # test-time augmentation, MC-dropout uncertainty and views are network-only
             tta, uncertainty, views = False, False, None
-        if views is not None and views not in (1, 3):
-            raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
+        if views is not None:
+            from dualnet.orthoviews import VIEW_CHOICES
+
+            if views not in VIEW_CHOICES:
+                raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
         sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
         return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
                 "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty), "views": views}

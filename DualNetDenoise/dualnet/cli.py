@@ -191,14 +191,14 @@ def _image_dimension(path: str) -> Optional[int]:
 
 # ----------------------------------------------------------------------------- denoise
 def _parse_views(text: str) -> Optional[int]:
-    """``--views``: ``auto`` (None) or one of :data:`dualnet.orthoviews.VIEW_CHOICES`."""
-    from .orthoviews import VIEW_CHOICES
+    """``--views``: :func:`dualnet.orthoviews.parse_views`, its refusal as an argparse error."""
+    from .errors import InputError
+    from .orthoviews import parse_views
 
-    if text.strip().lower() == "auto":
-        return None
-    if text.strip() not in {str(v) for v in VIEW_CHOICES}:
-        raise argparse.ArgumentTypeError(f"must be auto or one of {', '.join(map(str, VIEW_CHOICES))}, got {text!r}")
-    return int(text)
+    try:
+        return parse_views(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse_sigma(text: str):

@@ -33,6 +33,21 @@ MIN_SIZE = 12
 VIEW_CHOICES = (1, 3)
 
 
+def parse_views(text: Any) -> Optional[int]:
+    """A ``views`` option as the faces take it: ``"auto"`` -> None (the automatic choice), ``"1"`` /
+    ``"3"`` -> the number.
+
+    Raises:
+        InputError: anything else.
+    """
+    word = str(text).strip().lower()
+    if word == "auto":
+        return None
+    if word not in {str(v) for v in VIEW_CHOICES}:
+        raise InputError(f"must be auto or one of {', '.join(map(str, VIEW_CHOICES))}, got {text!r}")
+    return int(word)
+
+
 def model_allows(card: Optional[Dict[str, Any]]) -> bool:
     """Whether the model is meant to run along y and x too: the card's ``orthogonal_views``, else
     whether its training cut slices along all three axes."""
