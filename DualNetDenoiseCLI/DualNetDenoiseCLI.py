@@ -2,7 +2,8 @@
 """Slicer CLI module: DUAL-NET denoising of one volume (see DualNetDenoiseCLI.xml).
 
 The command line is parsed from the XML beside this file, exactly as Slicer builds it:
-``[--modality auto] [--model FILE] [--device auto] [--tta] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE] INPUT OUTPUT``.
+``[--modality auto] [--model FILE] [--device auto] [--tta] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE]
+[--noiseMapVolume FILE] [--confidenceVolume FILE] INPUT OUTPUT``.
 ``auto`` (the default) takes the modality from the DICOM Modality tag, else from the intensities
 (``dualnet.modality.choose_modality``); the choice and its reason are printed on stdout.
 """
@@ -36,26 +37,31 @@ XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
 
 
 def denoise(args, progress) -> None:
-    """Denoise INPUT into OUTPUT with DUAL-NET, optionally writing the MC-dropout std map."""
+    """Denoise INPUT into OUTPUT with DUAL-NET, optionally writing the MC-dropout std map and the
+    noise branch's noise-std and confidence maps."""
     from dualnet import api
     from dualnet.io import check_output_path, read_volume, write_volume
     from dualnet.orthoviews import parse_views
 
     inputs = [args.inputVolume]
-    check_output_path(args.outputVolume, inputs)
-    if args.uncertaintyVolume:
-        check_output_path(args.uncertaintyVolume, inputs)
+    extras = [(args.uncertaintyVolume, "uncertainty"), (args.noiseMapVolume, "noise_map"),
+              (args.confidenceVolume, "confidence")]
+    written = [check_output_path(args.outputVolume, inputs)]
+    for path, _ in extras:
+        if path:
+            written.append(check_output_path(path, inputs, outputs=written))
     volume = read_volume(args.inputVolume)
     result = api.denoise_volume(
         volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
         tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress,
-        guard=False if args.noGuard else None, views=parse_views(args.views))
+        guard=False if args.noGuard else None, views=parse_views(args.views),
+        neb_maps=bool(args.noiseMapVolume or args.confidenceVolume))
     print(f"DualNetDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",
           flush=True)  # stdout: Slicer reports any stderr output as an error
     write_volume(result.volume, args.outputVolume, inputs=inputs)
-    unc = getattr(result, "uncertainty_volume", None) or getattr(result, "uncertainty", None)
-    if args.uncertaintyVolume and unc is not None:
-        write_volume(unc, args.uncertaintyVolume, inputs=inputs)
+    for path, key in extras:
+        if path and getattr(result, key) is not None:
+            write_volume(getattr(result, key), path, inputs=inputs, outputs=[args.outputVolume])
 
 
 def main(argv=None) -> int:

@@ -280,6 +280,27 @@ def test_denoise_cli_uncertainty_output(tmp_path, noisy_crop, tiny_model):
     assert (u.array >= 0).all() and u.array.std() > 0  # dropout passes differ
 
 
+def test_denoise_cli_noise_branch_outputs(tmp_path, noisy_crop, tiny_model):
+    """--noiseMapVolume / --confidenceVolume: the NEB's maps on the input's grid; one of them equal
+    to the output volume is refused before anything is written."""
+    src = write(noisy_crop[:2], tmp_path / "in.nrrd")
+    out, nmap, conf = tmp_path / "out.nrrd", tmp_path / "sigma.nrrd", tmp_path / "alpha.nrrd"
+    args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+        "inputVolume": src, "outputVolume": out, "noiseMapVolume": nmap, "confidenceVolume": conf,
+        "model": tiny_model, "device": "cpu", "modality": "mri"})
+    res = run_cli("DualNetDenoiseCLI", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _, s = assert_same_geometry(src, nmap)
+    _, a = assert_same_geometry(src, conf)
+    assert (s.array > 0).all() and ((a.array >= 0) & (a.array <= 1)).all()
+    clash = tmp_path / "clash.nrrd"
+    args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+        "inputVolume": src, "outputVolume": clash, "confidenceVolume": clash, "model": tiny_model, "device": "cpu",
+        "modality": "mri"})
+    res = run_cli("DualNetDenoiseCLI", args)
+    assert res.returncode != 0 and "clash.nrrd" in res.stderr and not clash.exists()
+
+
 def test_single_oblique_slice_keeps_geometry(tmp_path, noisy_crop):
     """What every CLI does with a one-slice oblique input: read it, write a result on its grid."""
     from dualnet.io import read_volume, write_volume

@@ -79,6 +79,28 @@ def test_sampler_context_slices_and_physics_map(mri_crop):
     assert torch.equal(x[:, 5:], bt["nmap"])
 
 
+def test_slice_axes_skip_anisotropic_planes(mri_crop):
+    """``slice_max_anisotropy``: a thick-slice volume is cut only along its slice axis, an isotropic
+    one along every axis of ``slice_axes``; without the limit every axis is used for both."""
+    thick = tdata.make_image(mri_crop, (5.0, 1.0, 1.0), "thick", "mri")
+    iso = tdata.make_image(mri_crop, (1.0, 1.0, 1.0), "iso", "mri")
+
+    def axes_used(img, limit):
+        sampler = tdata.PatchSampler([img], _cfg(slice_axes=[0, 1, 2], slice_max_anisotropy=limit))
+        used = set()
+        for step in range(40):
+            sampler._crop(np.random.default_rng(step))
+            used.add(sampler._slab_axis)
+        return used
+
+    assert axes_used(thick, 1.5) == {0}
+    assert axes_used(iso, 1.5) == {0, 1, 2}
+    assert axes_used(thick, 0.0) == {0, 1, 2}
+    assert tdata._plane_anisotropy([5.0, 1.0, 2.0], 0) == 2.0 and tdata._plane_anisotropy([5.0, 1.0, 2.0], 2) == 5.0
+    with pytest.raises(Exception, match="slice_max_anisotropy"):
+        _cfg(slice_max_anisotropy=0.5)
+
+
 def test_sampler_2d_images_repeat_context_and_speckle_map(us_image):
     cfg = _cfg(modality="us", levels=[4.0, 4.0])
     img = tdata.make_image(np.asarray(us_image.array, np.float32), (1.0, 1.0), "us", "us")

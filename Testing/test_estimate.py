@@ -67,6 +67,32 @@ def test_ct_estimate_on_raw_scan_orders_doses(ct_volume):
     assert 0.05 < levels[0] <= 0.11 and levels[2] <= 0.5
 
 
+def test_own_noise_of_a_reference_adds_to_the_simulated_noise(ct_volume):
+    """A "clean" reference that carries noise of its own (here: 50 % dose noise put on the smoothed
+    real CT): own_noise_std_map finds it, and the estimate on a simulated input made from it matches
+    the simulated and the own noise together, not the simulated noise alone."""
+    from scipy.ndimage import gaussian_filter
+
+    from dualnet.training.data import noise_variance_model
+
+    smooth = gaussian_filter(ct_volume.array.astype(np.float32), 1.0)
+    reference = noise.add_noise(smooth, "ct", 0.5, 7)
+    fg = reference > -500
+    own = estimate.own_noise_std_map(reference, "ct")
+    truth_own = noise.noise_std_map(smooth, "ct", 0.5)
+    assert own.shape == reference.shape and np.all(np.isfinite(own))
+    assert own[fg].mean() == pytest.approx(truth_own[fg].mean(), rel=0.1)
+    noisy = noise.add_noise(reference, "ct", 1.0, 8)
+    sim = noise.noise_std_map(reference, "ct", 1.0)
+    coef, _ = noise_variance_model(noisy, "ct")
+    est = np.sqrt(coef[0] + coef[1] * reference)
+    total = np.sqrt(sim ** 2 + own ** 2)
+    assert est[fg].mean() == pytest.approx(total[fg].mean(), rel=0.1)
+    assert est[fg].mean() > 1.3 * sim[fg].mean()
+    # ultrasound: the reference's speckle is the signal, not noise
+    assert not estimate.own_noise_std_map(np.full((8, 9), 50.0, np.float32), "us").any()
+
+
 @pytest.mark.parametrize("looks,tol", [(1.0, 0.4), (4.0, 0.15), (10.0, 0.15)])
 def test_speckle_looks_on_real_ultrasound(us_image, looks, tol):
     noisy = noise.add_noise(us_image.array.astype(np.float32), "us", looks, 5)

@@ -125,6 +125,11 @@ CASES = [
     (["denoise", "t1.nrrd", "o.nrrd", *M, "--info-json", "m.json"], "m.json"),
     (["denoise", "t1.nrrd", "o.nrrd", *M, "--uncertainty", "o.nrrd"], "o.nrrd"),
     (["denoise", "t1.nrrd", "o.nrrd", *M, "--uncertainty", "t1.nrrd"], "t1.nrrd"),
+    (["denoise", "t1.nrrd", "o.nrrd", *M, "--noise-map", "o.nrrd"], "o.nrrd"),
+    (["denoise", "t1.nrrd", "o.nrrd", *M, "--confidence", "t1.nrrd"], "t1.nrrd"),
+    (["denoise", "t1.nrrd", "o.nrrd", *M, "--noise-map", "n.nrrd", "--confidence", "n.nrrd"], "n.nrrd"),
+    (["denoise", "t1.nrrd", "o.nrrd", *M, "--confidence", "c.png"], "c.png"),
+    (["denoise", "t1.nrrd", "o.nrrd", *G, "--noise-map", "n.nrrd"], "noise branch"),
     # denoise: bad options and models
     (["denoise", "t1.nrrd", "o.nrrd", *G, "--seed", "1e20"], "--seed"),
     (["denoise", "t1.nrrd", "o.nrrd", *G, "--seed", "-1"], "--seed"),

@@ -68,3 +68,35 @@ def test_clean_floor_applies_to_mri_sources_only(mri_crop):
     ct = TrainConfig(modality="ct", preset="tiny", dim=2, clean_floor="remove").validate()
     train_ct, _ = tdata.load_split(ct, data=[mri_crop, mri_crop])
     assert "rician_floor_sigma" not in train_ct[0].source and np.array_equal(train_ct[0].array, mri_crop)
+
+
+def test_confidence_target_and_loss_train_the_alpha_head_only_where_asked():
+    """lambda_alpha: alpha learns how close the blind-spot estimate is to the truth in noise stds;
+    off by default (the term is absent and alpha gets no gradient from it)."""
+    from dualnet.models import build_model
+    from dualnet.training.losses import confidence_target, supervised_loss
+
+    clean = torch.zeros(1, 1, 2, 2)
+    blind = torch.tensor([[[[0.0, 0.1], [0.2, -0.3]]]])
+    t = confidence_target(blind, clean, torch.full_like(clean, 0.1))
+    assert torch.allclose(t.flatten(), torch.exp(-0.5 * torch.tensor([0.0, 1.0, 4.0, 9.0])), atol=1e-6)
+
+    net = build_model("tiny", 2, context=1, noise_map=False)
+    x = torch.rand(2, 1, 16, 16)
+    batch = {"noisy": x, "clean": x * 0.9, "std": torch.full_like(x, 0.05)}
+    grads = {}
+    for lam in (0.0, 0.5):
+        cfg = TrainConfig(modality="mri", preset="tiny", dim=2, lambda_alpha=lam).validate()
+        net.zero_grad()
+        out = net(x)
+        total, terms = supervised_loss(out, batch, cfg)
+        assert ("alpha" in terms) == (lam > 0)
+        if lam > 0:
+            target = confidence_target(out["blind"], batch["clean"], batch["std"])
+            expect = lam * torch.nn.functional.binary_cross_entropy(out["alpha"].clamp(1e-6, 1 - 1e-6), target)
+            assert terms["alpha"] == pytest.approx(float(expect.detach()), rel=1e-5)
+        total.backward()
+        grads[lam] = net.neb.alpha_head.weight.grad.abs().sum().item()
+    assert grads[0.5] > 10 * grads[0.0]
+    with pytest.raises(InputError, match="lambda_alpha"):
+        TrainConfig(modality="mri", preset="tiny", dim=2, lambda_alpha=-1).validate()

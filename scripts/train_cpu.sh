@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train the shipped models on the 2-core CPU, in the background, resumably:
 #   nohup bash scripts/train_cpu.sh [VERSION] > runs/train.log 2>&1 &
-# VERSION v5 (default): configs/pretrain_<m>.toml (each continues weights/history/dualnet_<m>_v4; the
-# ultrasound v5 was trained in a later session, alone, and stopped after 80 of its 130 minutes); v4 / v3:
+# VERSION current (default): configs/pretrain_<m>.toml (MRI and CT v6, each continuing
+# weights/history/dualnet_<m>_v5; ultrasound v5, continuing weights/history/dualnet_us_v4, trained in an
+# earlier session alone and stopped after 80 of its 130 minutes); v5 / v4 / v3 (MRI, CT):
 # configs/history/pretrain_<m>_<VERSION>.toml (the CT stage 1 of v3 is configs/history/pretrain_ct_v3a.toml).
 # MRI on one core; CT then ultrasound on the other. Each run has a hard wall-clock budget
 # (time_budget_s in its config), checkpoints every 250 steps and resumes from runs/<VERSION>_<m>/checkpoint.pt
@@ -10,9 +11,9 @@
 # runs/<VERSION>_<m>/model.safetensors (+ .json card); copy them to DualNetDenoise/dualnet/weights/dualnet_<m>.*
 set -uo pipefail
 cd "$(dirname "$0")/.."
-version="${1:-v5}"
+version="${1:-current}"
 config() {  # modality
-  if [ "$version" = v5 ]; then echo "DualNetDenoise/dualnet/configs/pretrain_$1.toml"
+  if [ "$version" = current ]; then echo "DualNetDenoise/dualnet/configs/pretrain_$1.toml"
   else echo "DualNetDenoise/dualnet/configs/history/pretrain_$1_$version.toml"; fi
 }
 train() {  # modality

@@ -7,8 +7,9 @@ Every model and BM4D (with its modality transform; BM3D for 2D ultrasound frames
 same noisy images; PSNR / SSIM against the clean low-resolution image with data range = clean
 max - min, on the whole image and on the foreground mask (``metrics.foreground_mask``); CT also
 in the [-160, 240] HU window (both images clipped to the window, data range 400 HU). For
-DUAL-NET also the NEB's noise map against the true noise std of the simulation (ratio of the
-foreground means) and its confidence map's foreground mean and spread. The case (volume, or 2D
+DUAL-NET also the NEB's noise map against the true noise std of the simulation and against the
+input's whole noise, the simulated noise and the reference scan's own (ratios of the foreground
+means) and its confidence map's foreground mean and spread. The case (volume, or 2D
 image) is the unit; the tables give means over cases.
 
     python scripts/validate_models.py DualNetDenoise/dualnet/weights/dualnet_mri.safetensors \\
@@ -39,6 +40,7 @@ from dualnet.api import denoise_volume  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, atomic_write_bytes  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
+from dualnet.estimate import own_noise_std_map  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
 from dualnet.modelfile import card_path, load_model, read_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
@@ -68,11 +70,14 @@ def scores(ref: np.ndarray, out: np.ndarray, modality: str) -> dict:
     return res
 
 
-def neb_maps(res, true_std: np.ndarray, fg: np.ndarray) -> dict:
-    """The NEB's noise map against the true noise std (ratio of the foreground means) and its
-    confidence map's foreground mean and spread."""
+def neb_maps(res, true_std: np.ndarray, own_std: np.ndarray, fg: np.ndarray) -> dict:
+    """The NEB's noise map against the simulated noise std and against the input's whole noise
+    (the simulated noise and the reference scan's own, ``estimate.own_noise_std_map``), as ratios
+    of the foreground means, and its confidence map's foreground mean and spread."""
     sig, alpha = res.sigma_map, res.alpha_map
+    total = np.sqrt(np.square(true_std) + np.square(own_std))
     return {"neb_sigma_ratio_fg": float(np.mean(sig[fg]) / max(float(np.mean(true_std[fg])), 1e-12)),
+            "neb_sigma_ratio_total_fg": float(np.mean(sig[fg]) / max(float(np.mean(total[fg])), 1e-12)),
             "alpha_mean_fg": float(np.mean(alpha[fg])), "alpha_std_fg": float(np.std(alpha[fg]))}
 
 
@@ -115,6 +120,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
         if baseline != "none":
             runs.append((baseline, baseline, {}))
         true_std = noise_std_map(ref, modality, level)
+        own_std = own_noise_std_map(ref, modality)
         fg = foreground_mask(ref, modality)
         for label, method, kw in runs:
             t = time.perf_counter()
@@ -128,7 +134,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             row[label] = scores(ref, out, modality)
             row[label]["seconds"] = time.perf_counter() - t
             if method == "dualnet" and res.sigma_map is not None:
-                row[label].update(neb_maps(res, true_std, fg))
+                row[label].update(neb_maps(res, true_std, own_std, fg))
             if method == "dualnet" and mc_samples > 0:
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
                                                  views=views, spacing_zyx=d.spacing_lr_zyx))
@@ -140,7 +146,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     keys = KEYS + (("psnr_win", "ssim_win") if modality == "ct" else ())
     summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
     for m in labels[1:]:
-        for k in ("neb_sigma_ratio_fg", "alpha_mean_fg", "alpha_std_fg", "mc_std_ratio_fg", "mc_std_corr_fg"):
+        for k in ("neb_sigma_ratio_fg", "neb_sigma_ratio_total_fg", "alpha_mean_fg", "alpha_std_fg",
+                  "mc_std_ratio_fg", "mc_std_corr_fg"):
             if all(k in r[m] for r in rows):
                 summary[m][k] = round(float(np.mean([r[m][k] for r in rows])), 4)
     for m in labels[1:]:

@@ -43,11 +43,17 @@ class DenoiseResult:
         uncertainty: per-voxel standard deviation of Monte Carlo dropout passes (same units as
             the image) when requested, else None.
         info: provenance: method, modality, noise level, model card summary, device, seconds.
+        noise_map: the network's noise branch (NEB): per-voxel noise standard deviation it
+            estimated (image units), when requested (``neb_maps``), else None.
+        confidence: the NEB's confidence in [0, 1] (how close its blind-spot estimate is
+            expected to be to the noise-free image), when requested, else None.
     """
 
     volume: Volume
     uncertainty: Optional[Volume] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    noise_map: Optional[Volume] = None
+    confidence: Optional[Volume] = None
 
 
 def validate_input(volume: Volume) -> np.ndarray:
@@ -81,6 +87,7 @@ def denoise_volume(
     cancel: Optional[CancelToken] = None,
     guard: Optional[bool] = None,
     views: Optional[int] = None,
+    neb_maps: bool = False,
 ) -> DenoiseResult:
     """Denoise one volume with DUAL-NET or a classical baseline.
 
@@ -108,6 +115,8 @@ def denoise_volume(
         views: the network run along 1 (z) or 3 (z, y, x; averaged, three times the time)
             orthogonal slice orientations (:mod:`dualnet.orthoviews`); None = 3 where the model was
             trained for it (MRI) and the voxels are near-isotropic, else 1.
+        neb_maps: also return the noise branch's noise-std and confidence maps (network only; no
+            extra pass: they come from the same inference).
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.
@@ -118,14 +127,16 @@ def denoise_volume(
     modality = choice.modality
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
-                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard, views=views)
+                  uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard, views=views,
+                  neb_maps=neb_maps)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
     unc_volume = None
+    maps: Dict[str, Volume] = {}
     if method == "dualnet":
         coef = (float(sigma) ** 2, 0.0, 0.0) if (sigma is not None and modality == "mri") else None
-        out, unc, net_info = _denoise_network(
+        out, unc, net_info, neb = _denoise_network(
             arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard,
             views, volume.spacing_zyx,
         )
@@ -134,6 +145,11 @@ def denoise_volume(
         info.update(net_info)
         if unc is not None:
             unc_volume = volume.with_array(unc.astype(np.float32))
+        if neb_maps:
+            if any(v is None for v in neb.values()):
+                raise ModelError(f"{info.get('model', 'model')} has no noise-estimation branch (NEB): "
+                                 "no noise map or confidence map to give")
+            maps = {k: volume.with_array(np.asarray(v, dtype=np.float32)) for k, v in neb.items()}
     else:
         from . import baselines
 
@@ -152,9 +168,12 @@ def denoise_volume(
     _check_result(out, src, method, info)
     if unc_volume is not None:
         _check_result(unc_volume.array, src, method, info, what="uncertainty map")
+    for key, vol in maps.items():
+        _check_result(vol.array, src, method, info, what=key.replace("_", " "))
     info["seconds"] = round(time.perf_counter() - start, 3)
     report(progress, 1.0, "done")
-    return DenoiseResult(volume.with_array(np.asarray(out, dtype=np.float32)), unc_volume, info)
+    return DenoiseResult(volume.with_array(np.asarray(out, dtype=np.float32)), unc_volume, info,
+                         maps.get("noise_map"), maps.get("confidence"))
 
 
 #: Smallest ``tile``: smaller tiles are mostly overlap (minutes for a tiny volume).
@@ -167,10 +186,13 @@ SIGMA_US = (1e-3, 10.0)
 
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
                   tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False,
-                  guard: Optional[bool] = None, views: Optional[int] = None) -> None:
+                  guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False) -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
     if method != "dualnet" and (tta or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
+    if method != "dualnet" and neb_maps:
+        raise InputError(f"{src}: the noise and confidence maps come from the network's noise branch, "
+                         f"not from {method}")
     if method != "dualnet" and guard is False:
         raise InputError(f"{src}: --no-guard applies to the network only, not to {method}")
     if views is not None and method != "dualnet":
@@ -267,7 +289,8 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
         spacing_zyx=spacing_zyx,
     )
     info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
-    return res.denoised, (res.uncertainty if uncertainty else None), info
+    neb = {"noise_map": res.sigma_map, "confidence": res.alpha_map}
+    return res.denoised, (res.uncertainty if uncertainty else None), info, neb
 
 
 def denoise_dicom(input_path: Union[str, Path], output_dir: Union[str, Path], **kwargs: Any):

@@ -221,18 +221,20 @@ def cmd_denoise(args) -> int:
     inputs = [args.input] + _model_files(args.model)
     out = check_output_path(args.output, inputs[:1], args.force)
     unc = check_output_path(args.uncertainty, inputs, outputs=[out]) if args.uncertainty else None
-    info_json = (check_output_path(args.info_json, inputs, outputs=[out, unc], formats=None)
+    nmap = check_output_path(args.noise_map, inputs, outputs=[out, unc]) if args.noise_map else None
+    conf = check_output_path(args.confidence, inputs, outputs=[out, unc, nmap]) if args.confidence else None
+    extra = [p for p in (unc, nmap, conf) if p is not None]
+    info_json = (check_output_path(args.info_json, inputs, outputs=[out] + extra, formats=None)
                  if args.info_json else None)
     volume = _read_input(args.input, args.frame)
-    for path in (out, unc):
-        if path is not None:
-            check_output_format(path, volume.ndim)
+    for path in [out] + extra:
+        check_output_format(path, volume.ndim)
     choice = choose_modality(args.modality, volume.array, volume.metadata)
     args.modality = choice.modality
     guard = False if args.no_guard else None
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
-                  guard=guard, views=args.views)
+                  guard=guard, views=args.views, neb_maps=bool(nmap or conf))
     card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
@@ -255,6 +257,7 @@ def cmd_denoise(args) -> int:
             progress=bar,
             guard=guard,
             views=args.views,
+            neb_maps=bool(nmap or conf),
         )
     finally:
         bar.close()
@@ -265,9 +268,12 @@ def cmd_denoise(args) -> int:
     write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype)
     if unc is not None and result.uncertainty is not None:
         write_volume(result.uncertainty, unc, inputs=inputs, outputs=[out])
+    for path, vol in ((nmap, result.noise_map), (conf, result.confidence)):
+        if path is not None and vol is not None:
+            write_volume(vol, path, inputs=inputs, outputs=[out])
     if info_json is not None:
         atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
-                           inputs=inputs, outputs=[out, unc])
+                           inputs=inputs, outputs=[out] + extra)
     _say_modality(args, choice)
     if sigma_source not in (None, "given") and "sigma" in result.info:
         _note(args, f"noise sigma {result.info['sigma']:.4g} from {sigma_source}")
@@ -330,6 +336,9 @@ def _denoise_dicom(args) -> int:
         raise InputError("--send needs --dicom (only DICOM output can be sent)")
     if args.frame is not None:
         raise InputError("--frame does not apply to --dicom (every series and frame is written)")
+    if args.noise_map or args.confidence:
+        raise InputError("--noise-map / --confidence write image files: not with --dicom (denoise a series "
+                         "into an image file to get them)")
     node = None
     if args.send:
         from .dicom_send import parse_node
@@ -556,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network device; auto = CUDA, then MPS, then CPU")
     p.add_argument("--uncertainty", metavar="PATH",
                    help="also write the Monte Carlo dropout standard deviation map (image units)")
+    p.add_argument("--noise-map", metavar="PATH",
+                   help="network: also write its noise branch's per-voxel noise standard deviation (image units)")
+    p.add_argument("--confidence", metavar="PATH",
+                   help="network: also write its noise branch's confidence map (0..1: how close its blind-spot "
+                        "estimate is expected to be to the noise-free image; meaningful for models trained with "
+                        "lambda_alpha > 0, see the model card)")
     p.add_argument("--mc-samples", type=_count(2), default=8,
                    help="dropout passes for --uncertainty, at least 2 (default 8)")
     p.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation (8x slower)")

@@ -378,3 +378,22 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
         )
     L = speckle_looks(a, mask=mask)
     return NoiseEstimate("us", L, float(1.0 / np.sqrt(L)), "log-haar-mad", {"looks": L})
+
+
+def own_noise_std_map(reference: np.ndarray, modality: str) -> np.ndarray:
+    """Per-voxel std (image units) of the noise a real "clean" reference scan already carries,
+    estimated from the reference itself with :func:`estimate_noise` (its acquisition noise, plus
+    whatever fine structure the estimator mistakes for noise: an upper estimate).
+
+    A simulation adds noise on top of it, so the noise of the simulated input is
+    ``sqrt(simulated std^2 + own std^2)``. On real CT references it matters at high dose
+    fractions: their own quantum noise can exceed the simulated full-dose noise. Ultrasound: zero
+    (the reference's speckle is the signal the speckle model multiplies). Arrays (z, y, x) or (y, x).
+    """
+    from .training.data import noise_variance_model, variance_at
+
+    a = np.asarray(reference, dtype=np.float32)
+    if str(modality).lower() == "us":
+        return np.zeros(a.shape, np.float32)
+    coef, _ = noise_variance_model(a, modality)
+    return np.sqrt(variance_at(a, coef))

@@ -488,7 +488,7 @@ def ablation_lines(result, rows: Sequence[Dict[str, Any]], alpha: float) -> Tupl
 # ----------------------------------------------------------------------------- robustness
 ROBUST_COLUMNS = ["subset", "modality", "case", "cid", "label", "kind", "noise", "level", "in_range", "reference",
                   "psnr_noisy", "psnr_dualnet", "psnr_reference", "ssim_noisy", "ssim_dualnet", "ssim_reference",
-                  "alpha_fg", "sigma_fg", "true_std_fg", "seconds_dualnet", "seconds_reference"]
+                  "alpha_fg", "sigma_fg", "true_std_fg", "total_std_fg", "seconds_dualnet", "seconds_reference"]
 
 #: The NEB sigma counts as "off" when it differs from the true std by more than this fraction.
 SIGMA_TOLERANCE = 0.25
@@ -516,7 +516,9 @@ def robustness_lines(result) -> List[str]:
          "noise at the study level. The classical reference method is run on the same inputs. NEB alpha = the noise "
          "branch's confidence map, NEB sigma = its noise-std estimate (image units), both averaged over the "
          "foreground in the same tiling pass that produces the output; true std = the std of the noise actually "
-         "added (`dualnet.noise.noise_std_map` or the mis-specified model's), averaged over the same voxels. "
+         "added (`dualnet.noise.noise_std_map` or the mis-specified model's), averaged over the same voxels; "
+         "with the scan's own = that noise together with the noise the real reference scan already carries, "
+         "estimated on the reference (`dualnet.estimate.own_noise_std_map`). "
          "PSNR over the foreground, data range as in the main study.", ""]
     for sname, info in rob["subsets"].items():
         if "error" in info:
@@ -540,16 +542,18 @@ def robustness_lines(result) -> List[str]:
             r0 = rs[0]
             rng = "--" if r0["in_range"] is None else ("inside" if r0["in_range"] else "OUTSIDE")
             vals = {k: _mean_of(rs, k) for k in ("psnr_noisy", "psnr_dualnet", "psnr_reference", "alpha_fg",
-                                                  "sigma_fg", "true_std_fg")}
+                                                  "sigma_fg", "true_std_fg", "total_std_fg")}
             diff = vals["psnr_dualnet"] - vals["psnr_reference"]
             ratio = vals["sigma_fg"] / vals["true_std_fg"] if vals["true_std_fg"] > 0 else float("nan")
+            ratio_total = vals["sigma_fg"] / vals["total_std_fg"] if vals["total_std_fg"] > 0 else float("nan")
             body.append([r0["label"], rng, str(len(rs)), _fmt(vals["psnr_noisy"], 2), _fmt(vals["psnr_dualnet"], 2),
                          _fmt(vals["psnr_reference"], 2), _fmt(diff, 2), _fmt(vals["alpha_fg"]), _fmt(vals["sigma_fg"]),
-                         _fmt(vals["true_std_fg"]), _fmt(ratio, 2)])
+                         _fmt(vals["true_std_fg"]), _fmt(ratio, 2), _fmt(ratio_total, 2)])
             summary.append((r0, vals, diff, ratio))
         L += _md_table(["condition", "training range", "n", "PSNR fg noisy", "PSNR fg DUAL-NET",
                         f"PSNR fg {pretty(ref) if ref else 'reference'}", "DUAL-NET - reference (dB)",
-                        "NEB alpha (fg)", "NEB sigma (fg)", "true std (fg)", "sigma / true"], body)
+                        "NEB alpha (fg)", "NEB sigma (fg)", "true std (fg)", "sigma / true",
+                        "sigma / (true with the scan's own)"], body)
         L += [""] + _robustness_sentences(summary, pretty(ref) if ref else None) + [""]
     return L
 

@@ -88,6 +88,9 @@ class TrainConfig:
     patch_size: int = 64  #: LR patch edge in voxels
     batch_size: int = 16
     slice_axes: List[int] = field(default_factory=lambda: [0])  #: 2D models: array axes slices are cut along
+    #: 2D models: cut an image along an axis only where that slice's in-plane voxel sizes are within
+    #: this ratio (e.g. no coronal slices of 5 mm axial CT); 0 = every axis of ``slice_axes``
+    slice_max_anisotropy: float = 0.0
     min_foreground: float = 0.15  #: reject patches with less than this fraction of voxels above 5 % of scale
     levels: List[float] = field(default_factory=list)  #: [low, high] noise level range; empty = noise.LEVEL_RANGES
     level_sampling: str = "uniform"  #: "uniform" in [low, high] | "loguniform" (needs low > 0; favours low noise)
@@ -131,6 +134,9 @@ class TrainConfig:
     lambda_edge: float = 0.1
     lambda_neb: float = 0.05  #: NEB noise-std calibration (Gaussian KL, see losses.neb_kl)
     lambda_blind: float = 0.5  #: supervision of the blind-spot branch (pretraining)
+    #: NEB confidence map (pretraining): binary cross-entropy of alpha against how close the blind-spot
+    #: estimate is to the truth in noise stds (losses.confidence_target); 0 = alpha is an unsupervised gate
+    lambda_alpha: float = 0.0
     lambda_sr: float = 1.0  #: SR head (Charbonnier + structure consistency)
     lambda_consistency: float = 0.1  #: self-supervised: alpha-weighted |out - blind|
     lambda_tv: float = 0.0  #: weak total variation on the output
@@ -189,6 +195,9 @@ class TrainConfig:
              "level_sampling = 'loguniform' needs levels = [low, high] with low > 0"),
             (len(self.levels) in (0, 2), "levels must be [] or [low, high]"),
             (all(a in (0, 1, 2) for a in self.slice_axes) and len(self.slice_axes) > 0, "slice_axes must be in 0..2"),
+            (self.lambda_alpha >= 0, "lambda_alpha must be >= 0"),
+            (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,
+             "slice_max_anisotropy must be 0 (no limit) or >= 1"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),
         ]
         for ok, msg in checks:

@@ -111,6 +111,12 @@ class CleanImage:
     noise_var: Optional[Tuple[float, float, float]] = None
 
 
+def _plane_anisotropy(spacing_zyx: List[float], axis: int) -> float:
+    """Ratio of the larger to the smaller voxel size (mm) in the plane of a slice cut along ``axis``."""
+    plane = [float(s) for i, s in enumerate(spacing_zyx) if i != axis]
+    return max(plane) / max(min(plane), 1e-9)
+
+
 _FRAME_RE = re.compile(r"(\d+)(?=\.[A-Za-z]+$)")
 _LEADING_RE = re.compile(r"^(\d+)_")  # e.g. HC18's "010_2HC.png": frame 10
 
@@ -479,6 +485,18 @@ class PatchSampler:
         an = list(self.cfg.anisotropy) + [1.0] * 3
         return tuple(int(round(p * self.lr_factor * (an[i] if not self.selfsup else 1.0))) for i in range(3))
 
+    def _slice_axis(self, img: CleanImage, rng: np.random.Generator) -> int:
+        """A random axis of ``cfg.slice_axes`` to cut ``img`` along (a 3D image), skipping the axes
+        whose slices have in-plane voxel sizes further apart than ``cfg.slice_max_anisotropy``
+        (the first axis of ``slice_axes`` when none qualifies)."""
+        axes = list(self.cfg.slice_axes)
+        limit = float(self.cfg.slice_max_anisotropy)
+        if limit > 0:
+            sp = list(img.spacing_zyx)[-3:]
+            ok = [a for a in axes if _plane_anisotropy(sp, a) <= limit]
+            axes = ok or axes[:1]
+        return int(axes[int(rng.integers(len(axes)))])
+
     def _slab(self, img: CleanImage, rng: np.random.Generator, patch: Optional[int]) -> Tuple[np.ndarray, int, np.ndarray]:
         """2D model on a 3D image: a slab around a random slice, so that the 3D degradation
         (blur + down-sampling along every axis, as in a real LR volume) can be simulated and a
@@ -492,7 +510,7 @@ class PatchSampler:
         an = [int(round(v)) for v in (list(cfg.anisotropy) + [1.0] * 3)[:3]]
         if self.selfsup:
             an = [1, 1, 1]
-        ax = int(cfg.slice_axes[int(rng.integers(len(cfg.slice_axes)))])
+        ax = self._slice_axis(img, rng)
         p = int(patch or cfg.patch_size)
         thick = self.context if self.selfsup else (self.context + 2 if self.context > 1 else 3)
         shape = [thick * f * an[i] if i == ax else p * f * an[i] for i in range(3)]
@@ -519,7 +537,7 @@ class PatchSampler:
                     break
                 continue
             if cfg.dim == 2 and a.ndim == 3:
-                ax = int(cfg.slice_axes[int(rng.integers(len(cfg.slice_axes)))])
+                ax = self._slice_axis(img, rng)
                 a = np.take(a, int(rng.integers(a.shape[ax])), axis=ax)
                 sp = tuple(s for i, s in enumerate(img.spacing_zyx) if i != ax)
             elif cfg.dim == 3 and a.ndim == 2:

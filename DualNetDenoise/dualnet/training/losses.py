@@ -3,8 +3,13 @@ normalised intensity units of :mod:`dualnet.training.data`.
 
 Supervised synthetic pretraining (``supervised_loss``)::
 
-    L = l1 |out - clean| + ssim (1 - SSIM(out, clean)) + edge |grad out - grad clean|
-        + blind |blind - clean| + neb KL(N(0, std^2) || N(0, sigma^2)) + sr SR-loss + tv TV(out)
+    L = mse MSE(out, clean) + l1 |out - clean| + ssim (1 - SSIM(out, clean))
+        + edge |grad out - grad clean| + blind |blind - clean| + neb KL(N(0, std^2) || N(0, sigma^2))
+        + alpha BCE(alpha, exp(-((blind - clean) / std)^2 / 2)) + sr SR-loss + tv TV(out)
+
+NEB confidence (``lambda_alpha``): ``alpha`` learns how close the blind-spot estimate is to the
+truth in noise standard deviations (``confidence_target``), so it drops at edges and fine detail
+the blind spot cannot restore and where the noise is not what the noise map says.
 
 NEB calibration: the simulated per-voxel noise standard deviation ``std`` is known, so the
 predicted ``sigma`` is fitted with the KL divergence between the zero-mean Gaussians
@@ -181,6 +186,14 @@ def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none") -> Tensor
     return (per * (w / w.mean())).mean()
 
 
+def confidence_target(blind: Tensor, clean: Tensor, std: Tensor) -> Tensor:
+    """What the NEB confidence map learns: ``exp(-z^2 / 2)`` with ``z = (blind - clean) / std``, the
+    blind-spot estimate's error in noise standard deviations (1 where it is exact, 0.61 at one std,
+    0.14 at two). Not differentiated."""
+    z = (blind.detach().float() - clean) / std.clamp_min(1e-6)
+    return torch.exp(-0.5 * z * z)
+
+
 def _range(clean: Tensor) -> Tensor:
     """Per-sample data range of the clean target (N,), floored at 0.1 (flat patches would
     otherwise make the SSIM constants vanish)."""
@@ -216,6 +229,10 @@ def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], 
     blind, sigma = out.get("blind"), out.get("sigma")
     if blind is not None and cfg.lambda_blind > 0 and cfg.model == "dualnet":
         terms["blind"] = cfg.lambda_blind * (blind.float() - clean).abs().mean()
+    alpha = out.get("alpha")
+    if alpha is not None and blind is not None and getattr(cfg, "lambda_alpha", 0.0) > 0 and "std" in batch:
+        target = confidence_target(blind, clean, batch["std"])
+        terms["alpha"] = cfg.lambda_alpha * F.binary_cross_entropy(alpha.float().clamp(1e-6, 1 - 1e-6), target)
     if sigma is not None and cfg.lambda_neb > 0:
         if cfg.neb_loss == "kl" and "std" in batch:
             terms["neb"] = cfg.lambda_neb * gaussian_kl(sigma, batch["std"])
