@@ -40,7 +40,7 @@ from dualnet.api import denoise_volume  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, atomic_write_bytes  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
-from dualnet.estimate import own_noise_std_map  # noqa: E402
+from dualnet.estimate import input_noise_std_map  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
 from dualnet.modelfile import card_path, load_model, read_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
@@ -70,14 +70,13 @@ def scores(ref: np.ndarray, out: np.ndarray, modality: str) -> dict:
     return res
 
 
-def neb_maps(res, true_std: np.ndarray, own_std: np.ndarray, fg: np.ndarray) -> dict:
+def neb_maps(res, true_std: np.ndarray, total_std: np.ndarray, fg: np.ndarray) -> dict:
     """The NEB's noise map against the simulated noise std and against the input's whole noise
-    (the simulated noise and the reference scan's own, ``estimate.own_noise_std_map``), as ratios
+    (the simulated noise and the reference scan's own, ``estimate.input_noise_std_map``), as ratios
     of the foreground means, and its confidence map's foreground mean and spread."""
     sig, alpha = res.sigma_map, res.alpha_map
-    total = np.sqrt(np.square(true_std) + np.square(own_std))
     return {"neb_sigma_ratio_fg": float(np.mean(sig[fg]) / max(float(np.mean(true_std[fg])), 1e-12)),
-            "neb_sigma_ratio_total_fg": float(np.mean(sig[fg]) / max(float(np.mean(total[fg])), 1e-12)),
+            "neb_sigma_ratio_total_fg": float(np.mean(sig[fg]) / max(float(np.mean(total_std[fg])), 1e-12)),
             "alpha_mean_fg": float(np.mean(alpha[fg])), "alpha_std_fg": float(np.std(alpha[fg]))}
 
 
@@ -120,7 +119,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
         if baseline != "none":
             runs.append((baseline, baseline, {}))
         true_std = noise_std_map(ref, modality, level)
-        own_std = own_noise_std_map(ref, modality)
+        total_std = input_noise_std_map(true_std, ref, modality)
         fg = foreground_mask(ref, modality)
         for label, method, kw in runs:
             t = time.perf_counter()
@@ -134,7 +133,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             row[label] = scores(ref, out, modality)
             row[label]["seconds"] = time.perf_counter() - t
             if method == "dualnet" and res.sigma_map is not None:
-                row[label].update(neb_maps(res, true_std, own_std, fg))
+                row[label].update(neb_maps(res, true_std, total_std, fg))
             if method == "dualnet" and mc_samples > 0:
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
                                                  views=views, spacing_zyx=d.spacing_lr_zyx))

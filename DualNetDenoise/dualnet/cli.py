@@ -224,6 +224,7 @@ def cmd_denoise(args) -> int:
     nmap = check_output_path(args.noise_map, inputs, outputs=[out, unc]) if args.noise_map else None
     conf = check_output_path(args.confidence, inputs, outputs=[out, unc, nmap]) if args.confidence else None
     extra = [p for p in (unc, nmap, conf) if p is not None]
+    neb_maps = nmap is not None or conf is not None
     info_json = (check_output_path(args.info_json, inputs, outputs=[out] + extra, formats=None)
                  if args.info_json else None)
     volume = _read_input(args.input, args.frame)
@@ -234,7 +235,7 @@ def cmd_denoise(args) -> int:
     guard = False if args.no_guard else None
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
-                  guard=guard, views=args.views, neb_maps=bool(nmap or conf))
+                  guard=guard, views=args.views, neb_maps=neb_maps)
     card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
@@ -257,7 +258,7 @@ def cmd_denoise(args) -> int:
             progress=bar,
             guard=guard,
             views=args.views,
-            neb_maps=bool(nmap or conf),
+            neb_maps=neb_maps,
         )
     finally:
         bar.close()

@@ -397,3 +397,11 @@ def own_noise_std_map(reference: np.ndarray, modality: str) -> np.ndarray:
         return np.zeros(a.shape, np.float32)
     coef, _ = noise_variance_model(a, modality)
     return np.sqrt(variance_at(a, coef))
+
+
+def input_noise_std_map(simulated_std: np.ndarray, reference: np.ndarray, modality: str) -> np.ndarray:
+    """Per-voxel std (image units) of all the noise in an input simulated from a real reference:
+    ``sqrt(simulated_std^2 + own^2)`` with ``own`` from :func:`own_noise_std_map` (independent
+    noises add in variance). Arrays of the reference's shape, (z, y, x) or (y, x)."""
+    own = own_noise_std_map(reference, modality)
+    return np.sqrt(np.square(np.asarray(simulated_std, dtype=np.float32)) + np.square(own))

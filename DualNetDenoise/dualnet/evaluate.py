@@ -1135,9 +1135,9 @@ def _robust_case(
     """PSNR / SSIM (fg) of noisy, DUAL-NET and the reference method on one case under one
     condition, plus DUAL-NET's mean NEB confidence (alpha) and NEB sigma over the foreground and
     the true noise std there (modality units): of the simulated noise, and of all the input's noise
-    (with the reference scan's own, :func:`dualnet.estimate.own_noise_std_map`). Frames of an
+    (with the reference scan's own, :func:`dualnet.estimate.input_noise_std_map`). Frames of an
     ultrasound case are averaged."""
-    from .estimate import own_noise_std_map
+    from .estimate import input_noise_std_map
     from .inference import denoise_array
     from .metrics import foreground_mask
 
@@ -1159,7 +1159,7 @@ def _robust_case(
         vals.update(psnr_dualnet=m["psnr_fg"], ssim_dualnet=m["ssim_fg"],
                     alpha_fg=_mean_fg(res.alpha_map, fg), sigma_fg=_mean_fg(res.sigma_map, fg),
                     true_std_fg=_mean_fg(sd, fg),
-                    total_std_fg=_mean_fg(np.sqrt(np.square(sd) + np.square(own_noise_std_map(c, modality))), fg))
+                    total_std_fg=_mean_fg(input_noise_std_map(sd, c, modality), fg))
         if ref is not None:
             ctx = MethodContext(modality, spacing, cond.level, int(seed), ref_opts, cfg_dir, device, None, cancel)
             t1 = time.perf_counter()
