@@ -133,7 +133,8 @@ class DualNetDenoiseParameterNode:
     oneView - run the network along axial slices only (network only; default: three orthogonal views
         averaged where the model and the voxels allow it, about 3x the time).
     uncertainty - Monte Carlo dropout uncertainty map (network only).
-    outputVolume, uncertaintyVolume - results (created when empty).
+    nebMaps - the network's noise-branch maps: per-voxel noise sigma (image units) and confidence (0..1).
+    outputVolume, uncertaintyVolume, noiseMapVolume, confidenceVolume - results (created when empty).
     diceInputA, diceInputB, diceTable - segmentations or labelmaps to compare, result table.
     """
 
@@ -147,8 +148,11 @@ class DualNetDenoiseParameterNode:
     tta: bool = False
     oneView: bool = False
     uncertainty: bool = False
+    nebMaps: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode
+    noiseMapVolume: vtkMRMLScalarVolumeNode
+    confidenceVolume: vtkMRMLScalarVolumeNode
     # a Union of node types must include None: Slicer's wrapper writes None as the default of a fresh node
     diceInputA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     diceInputB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
@@ -255,6 +259,9 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.oneViewCheckBox.enabled = network
         self.ui.uncertaintyCheckBox.enabled = network
         self.ui.uncertaintyVolumeSelector.enabled = network and p.uncertainty
+        self.ui.nebMapsCheckBox.enabled = network
+        self.ui.noiseMapVolumeSelector.enabled = network and p.nebMaps
+        self.ui.confidenceVolumeSelector.enabled = network and p.nebMaps
         self.ui.noiseLevelSpinBox.enabled = p is not None and not p.autoNoise and not network
         if running:
             self.ui.applyButton.text = _("Cancel")
@@ -360,6 +367,9 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 progressCallback=self.onProgress,
                 onFinished=self.onFinished,
                 views=1 if p.oneView else None,
+                nebMaps=p.nebMaps,
+                noiseMapVolume=p.noiseMapVolume if p.nebMaps else None,
+                confidenceVolume=p.confidenceVolume if p.nebMaps else None,
             )
         if self._job is None:  # did not start (the error was shown)
             self.ui.progressBar.setVisible(False)
@@ -380,8 +390,9 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             p = self._parameterNode
             p.outputVolume = job.outputVolume
-            if job.uncertaintyVolume is not None:
-                p.uncertaintyVolume = job.uncertaintyVolume
+            for name in ("uncertaintyVolume", "noiseMapVolume", "confidenceVolume"):
+                if getattr(job, name) is not None:
+                    setattr(p, name, getattr(job, name))
             self.ui.statusLabel.text = result_summary(job.info)
             showCompareView(p.inputVolume, job.outputVolume, job.uncertaintyVolume)
         self._updateGui()
@@ -479,7 +490,8 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
 
     def process(self, inputVolume, outputVolume=None, modality="mri", method="dualnet", noiseLevel=None, model=None,
                 device="auto", tta=False, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
-                progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None):
+                progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None, nebMaps=False,
+                noiseMapVolume=None, confidenceVolume=None):
         import time
 
         self.setupPythonRequirements(method)  # clear message (or install on consent) before any work
@@ -487,7 +499,8 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         logging.info(f"DualNet: {method} on '{inputVolume.GetName() if inputVolume else None}' started")
         result = DenoiseLogicBase.process(
             self, inputVolume, outputVolume, modality, method, noiseLevel, model, device, tta, uncertainty,
-            uncertaintyVolume, waitForCompletion, progressCallback, inProcess, onFinished, cancel, views)
+            uncertaintyVolume, waitForCompletion, progressCallback, inProcess, onFinished, cancel, views, nebMaps,
+            noiseMapVolume, confidenceVolume)
         if isinstance(result, DenoiseJob):
             timer = qt.QTimer()
             timer.setInterval(100)

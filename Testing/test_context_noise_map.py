@@ -101,6 +101,29 @@ def test_slice_axes_skip_anisotropic_planes(mri_crop):
         _cfg(slice_max_anisotropy=0.5)
 
 
+def test_gamma_contrast_changes_tissue_contrast_not_range(mri_crop):
+    """``gamma_jitter``: the clean crop's contrast changes by a power law that keeps 0, the peak and
+    the order of the intensities; the sampler draws different contrasts; CT (calibrated HU) refuses it."""
+    peak = float(np.max(mri_crop))
+    outs = [tdata.gamma_contrast(mri_crop, peak, 0.5, np.random.default_rng(s)) for s in range(6)]
+    for out in outs:
+        assert out.dtype == np.float32 and out.shape == mri_crop.shape
+        assert np.isclose(out.max(), peak, rtol=1e-5) and out.min() >= 0
+        flat, src = out.ravel(), mri_crop.ravel()
+        order = np.argsort(src, kind="stable")
+        assert np.all(np.diff(flat[order]) >= -1e-3 * peak)  # monotone
+    mid = float(np.median(mri_crop[mri_crop > 0.1 * peak]))
+    moved = [float(np.median(o[mri_crop > 0.1 * peak])) for o in outs]
+    assert max(moved) - min(moved) > 0.05 * mid  # the mid-grey tissue really moves
+    assert all(peak * (mid / peak) ** 1.5 - 1e-3 <= m <= peak * (mid / peak) ** (1 / 1.5) + 1e-3 for m in moved)
+    img = tdata.make_image(mri_crop, (1.0, 1.0, 1.0), "t1", "mri")
+    plain = tdata.PatchSampler([img], _cfg()).batch(3)
+    jittered = tdata.PatchSampler([img], _cfg(gamma_jitter=0.5)).batch(3)
+    assert not np.allclose(plain["clean"], jittered["clean"])
+    with pytest.raises(Exception, match="gamma_jitter"):
+        _cfg(modality="ct", gamma_jitter=0.2)
+
+
 def test_sampler_2d_images_repeat_context_and_speckle_map(us_image):
     cfg = _cfg(modality="us", levels=[4.0, 4.0])
     img = tdata.make_image(np.asarray(us_image.array, np.float32), (1.0, 1.0), "us", "us")

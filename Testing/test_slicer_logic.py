@@ -185,6 +185,50 @@ def test_network_with_uncertainty_node(scene, mri_node, tmp_path):
                                    uncertaintyVolume=out)
 
 
+def test_panel_noise_branch_maps(scene, mri_crop):
+    """The panel's "noise-branch maps" (``nebMaps``): the shipped MRI model's per-voxel noise sigma and
+    confidence come back as two new nodes on the input's geometry, in process and through the worker
+    child process alike; given nodes are reused; a map node that is the output or the other map is
+    refused; a classical method gives no maps. The sigma map follows the true noise (the real T1
+    with Rician noise of known sigma)."""
+    pytest.importorskip("torch")
+    from dualnet.noise import add_rician
+
+    clean = np.asarray(mri_crop[:12, :48, :48], dtype=np.float32)
+    sigma = 0.05 * float(clean.max())
+    noisy = add_rician(clean, sigma, np.random.default_rng(3)).astype(np.float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "noisy T1")
+    nodes.update_node_from_array(node, noisy, oblique_matrix())
+    logic = DenoiseLogicBase()
+    out = logic.process(node, None, modality="mri", method="dualnet", device="cpu", views=1, nebMaps=True)
+    sig_node = scene.GetFirstNodeByName("noisy T1 noise sigma (dualnet)")
+    conf_node = scene.GetFirstNodeByName("noisy T1 noise-branch confidence (dualnet)")
+    assert sig_node is not None and conf_node is not None
+    assert logic.lastMapVolumes == {"noise_map": sig_node, "confidence": conf_node}
+    fg = clean > 0.2 * clean.max()
+    sig, conf = nodes.array_from_node(sig_node), nodes.array_from_node(conf_node)
+    for n in (sig_node, conf_node):
+        assert np.array_equal(nodes.get_ijk_to_ras(n), oblique_matrix()) and nodes.array_from_node(n).shape == noisy.shape
+        assert n.GetAttribute("DualNet.sourceNodeID") == node.GetID()
+    assert 0.6 < float(np.mean(sig[fg])) / sigma < 1.6
+    assert conf.min() >= 0 and conf.max() <= 1
+    assert json.loads(out.GetAttribute("DualNet.parameters"))["neb_maps"] is True
+    # through the worker child process into the same nodes (reused, not duplicated)
+    n_before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    job = logic.process(node, out, modality="mri", method="dualnet", device="cpu", views=1, nebMaps=True,
+                        noiseMapVolume=sig_node, confidenceVolume=conf_node, waitForCompletion=False)
+    job.wait()
+    assert job.error is None and job.noiseMapVolume is sig_node and job.confidenceVolume is conf_node
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == n_before
+    assert np.allclose(nodes.array_from_node(sig_node), sig, rtol=1e-4, atol=1e-4 * sigma)
+    with pytest.raises(ValueError, match="noise sigma volume must differ from the input and output"):
+        logic.process(node, out, method="dualnet", nebMaps=True, noiseMapVolume=out)
+    with pytest.raises(ValueError, match="confidence volume must differ from the noise sigma volume"):
+        logic.process(node, None, method="dualnet", nebMaps=True, noiseMapVolume=sig_node, confidenceVolume=sig_node)
+    logic.process(node, out, modality="mri", method="gaussian", nebMaps=True)
+    assert logic.lastMapVolumes == {} and json.loads(out.GetAttribute("DualNet.parameters"))["neb_maps"] is False
+
+
 def test_panel_views_reach_the_core(scene, mri_node, tmp_path):
     """The panel's "one slice orientation" choice (``views``) reaches the core: by default a model
     whose card allows it runs in three views on a near-isotropic volume, ``views=1`` in one; the
@@ -642,7 +686,8 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
         "inputVolume": [mri_node, None], "outputVolume": [out], "uncertaintyVolume": [out, None],
         "modality": module.MODALITIES, "method": module.METHODS, "device": module.DEVICES,
         "autoNoise": [False, True], "noiseLevel": [0.0, 12.5, 100000.0], "modelPath": ["/models/a.safetensors", ""],
-        "tta": [True, False], "oneView": [True, False], "uncertainty": [True, False],
+        "tta": [True, False], "oneView": [True, False], "uncertainty": [True, False], "nebMaps": [True, False],
+        "noiseMapVolume": [out, None], "confidenceVolume": [out, None],
         "diceInputA": [seg, lab, None], "diceInputB": [lab, seg, None], "diceTable": [table],
     }
     invalid = {
@@ -719,6 +764,10 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     assert ui.applyButton.enabled is True and ui.modalityGuessLabel.text.startswith("Guess: MRI")
     p.method = "gaussian"  # the GUI follows the parameter node
     assert ui.ttaCheckBox.enabled is False and ui.noiseLevelSpinBox.enabled is False
+    assert ui.nebMapsCheckBox.enabled is False and ui.noiseMapVolumeSelector.enabled is False
+    p.method, p.nebMaps = "dualnet", True
+    assert ui.nebMapsCheckBox.enabled is True and ui.confidenceVolumeSelector.enabled is True
+    p.method = "gaussian"
     p.autoNoise = False
     assert ui.noiseLevelSpinBox.enabled is True
     widget.cleanup()

@@ -104,7 +104,7 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
               lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None,
-              views: Optional[int] = None) -> dict:
+              views: Optional[int] = None, tta: bool = False) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
@@ -126,7 +126,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             if method == "dualnet":  # the core's inference directly, to read the NEB maps too
                 net, card = nets[kw["model"]]
                 res = denoise_array(noisy.array, net, card, device="cpu", modality=modality, guard=guard,
-                                    views=views, spacing_zyx=d.spacing_lr_zyx)
+                                    views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta)
                 out = res.denoised
             else:
                 out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
@@ -192,6 +192,7 @@ def main() -> None:
                     help="score the network without its SURE guard (default: as `dualnet denoise` runs it)")
     ap.add_argument("--views", default="auto", choices=["auto", "1", "3"],
                     help="network slice orientations (default auto, as `dualnet denoise` runs it)")
+    ap.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation of the network")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -203,7 +204,7 @@ def main() -> None:
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
-                         guard, parse_views(args.views)) for lev in levels]
+                         guard, parse_views(args.views), args.tta) for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],

@@ -65,8 +65,13 @@ def output_name(input_name: str, method: str) -> str:
     return f"{input_name} denoised ({method})"
 
 
-def uncertainty_name(input_name: str, method: str) -> str:
-    return f"{input_name} uncertainty ({method})"
+#: Node name suffix of each extra result map (``worker.MAP_KINDS``).
+MAP_NAMES = {"uncertainty": "uncertainty", "noise_map": "noise sigma", "confidence": "noise-branch confidence"}
+
+
+def map_name(input_name: str, kind: str, method: str) -> str:
+    """Name of the node created for an extra result map (``kind`` in ``worker.MAP_KINDS``)."""
+    return f"{input_name} {MAP_NAMES[kind]} ({method})"
 
 
 def result_summary(info: Dict[str, Any]) -> str:
@@ -100,7 +105,8 @@ class DenoiseJob:
     Attributes:
         done: the run ended (success, error or cancel).
         error: one-line message when it failed or was cancelled, else None.
-        outputVolume, uncertaintyVolume: nodes filled in when it succeeded.
+        outputVolume, uncertaintyVolume, noiseMapVolume, confidenceVolume: nodes filled in when it
+            succeeded (the last three only when asked for).
     """
 
     def __init__(self, logic: "DenoiseLogicBase", runner: ProcessRunner, workdir: str, job: dict, finish: Callable,
@@ -115,6 +121,8 @@ class DenoiseJob:
         self.error: Optional[str] = None
         self.outputVolume = None
         self.uncertaintyVolume = None
+        self.noiseMapVolume = None
+        self.confidenceVolume = None
         self.info: Dict[str, Any] = {}
         self.discardOnFailure = None
 
@@ -190,13 +198,14 @@ class DenoiseLogicBase:
         return outputVolume, False
 
     @staticmethod
-    def _parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views=None) -> Dict[str, Any]:
+    def _parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views=None,
+                    nebMaps=False) -> Dict[str, Any]:
         if method not in METHOD_LABELS and method not in available_methods():
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
         if modality not in ("mri", "ct", "us"):
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
-        if method != "dualnet":  # test-time augmentation, MC-dropout uncertainty and views are network-only
-            tta, uncertainty, views = False, False, None
+        if method != "dualnet":  # TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
+            tta, uncertainty, views, nebMaps = False, False, None, False
         if views is not None:
             from dualnet.orthoviews import VIEW_CHOICES
 
@@ -204,10 +213,15 @@ class DenoiseLogicBase:
                 raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
         sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
         return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
-                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty), "views": views}
+                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty), "views": views,
+                "neb_maps": bool(nebMaps)}
 
-    def _store(self, inputVolume, outputVolume, ijkToRAS, array, params, info, uncertaintyArray=None, uncertaintyVolume=None):
-        """Write the result arrays into nodes with the input's geometry, and the provenance attributes."""
+    def _store(self, inputVolume, outputVolume, ijkToRAS, array, params, info, maps=None, mapVolumes=None):
+        """Write the result arrays into nodes with the input's geometry, and the provenance attributes.
+
+        ``maps``: kind -> array of the extra result maps (``worker.MAP_KINDS``); ``mapVolumes``: kind ->
+        the node to write each into (a new node when missing). Returns kind -> node of the maps written.
+        """
         nodes.update_node_from_array(outputVolume, array, ijkToRAS)
         self._ensureDisplay(outputVolume, inputVolume)
         model = info.get("model") or params.get("model") or ("shipped default" if params["method"] == "dualnet" else "")
@@ -216,16 +230,20 @@ class DenoiseLogicBase:
         outputVolume.SetAttribute(ATTR_PARAMETERS, json.dumps({**params, "info": jsonable(info)}, sort_keys=True))
         outputVolume.SetAttribute(ATTR_VERSION, core_version())
         outputVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
-        if uncertaintyArray is not None:
-            if uncertaintyVolume is None:
-                uncertaintyVolume = self._scene(inputVolume).AddNewNodeByClass(
-                    "vtkMRMLScalarVolumeNode", uncertainty_name(inputVolume.GetName(), params["method"]))
-            nodes.update_node_from_array(uncertaintyVolume, uncertaintyArray, ijkToRAS)
-            self._ensureDisplay(uncertaintyVolume, None)
-            uncertaintyVolume.SetAttribute(ATTR_METHOD, params["method"])
-            uncertaintyVolume.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
-        self._placeInSourceStudy(inputVolume, outputVolume, uncertaintyVolume if uncertaintyArray is not None else None)
-        return uncertaintyVolume
+        written = {}
+        for kind, mapArray in (maps or {}).items():
+            node = (mapVolumes or {}).get(kind)
+            if node is None:
+                node = self._scene(inputVolume).AddNewNodeByClass(
+                    "vtkMRMLScalarVolumeNode", map_name(inputVolume.GetName(), kind, params["method"]))
+            nodes.update_node_from_array(node, mapArray, ijkToRAS)
+            self._ensureDisplay(node, None)
+            node.SetAttribute(ATTR_METHOD, params["method"])
+            node.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
+            written[kind] = node
+        # the MC-dropout map has a DICOM form (a derived series); the noise branch's maps do not
+        self._placeInSourceStudy(inputVolume, outputVolume, written.get("uncertainty"))
+        return written
 
     @staticmethod
     def _placeInSourceStudy(inputVolume, outputVolume, uncertaintyVolume=None) -> bool:
@@ -290,6 +308,9 @@ class DenoiseLogicBase:
         onFinished: Optional[Callable[[DenoiseJob], None]] = None,
         cancel=None,
         views: Optional[int] = None,
+        nebMaps: bool = False,
+        noiseMapVolume=None,
+        confidenceVolume=None,
     ):
         """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
 
@@ -303,16 +324,20 @@ class DenoiseLogicBase:
             cancel: ``dualnet.progress.CancelToken`` for in-process runs.
             views: the network's slice orientations, 1 or 3; None = automatic (three orthogonal views
                 where the model and the voxels allow it, :mod:`dualnet.orthoviews`).
+            nebMaps: also give the network's noise branch maps: the per-voxel noise standard
+                deviation it estimated (image units) into ``noiseMapVolume`` and its confidence
+                (0..1) into ``confidenceVolume`` (nodes created when None).
 
         Returns:
             The output node (waiting) or the :class:`DenoiseJob` (not waiting).
         """
         if inputVolume is None:
             raise ValueError("no input volume")
-        params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views)
-        if uncertaintyVolume is not None and uncertaintyVolume.GetID() in (
-                inputVolume.GetID(), outputVolume.GetID() if outputVolume is not None else None):
-            raise ValueError("the uncertainty volume must differ from the input and output volumes")
+        params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views, nebMaps)
+        mapVolumes = {kind: node for kind, node, wanted in (
+            ("uncertainty", uncertaintyVolume, params["uncertainty"]), ("noise_map", noiseMapVolume, params["neb_maps"]),
+            ("confidence", confidenceVolume, params["neb_maps"])) if wanted and node is not None}
+        self._checkDistinct(inputVolume, outputVolume, mapVolumes)
         if inProcess is None:
             inProcess = waitForCompletion
         if inProcess and not waitForCompletion:
@@ -326,18 +351,19 @@ class DenoiseLogicBase:
             try:
                 volume = nodes.volume_from_node(inputVolume)
                 t0 = time.time()
-                out, unc, info = run_denoise(volume, progress=progressCallback, cancel=cancel, **params)
+                out, maps, info = run_denoise(volume, progress=progressCallback, cancel=cancel, **params)
                 info.setdefault("seconds", round(time.time() - t0, 3))
-                self.lastUncertaintyVolume = self._store(
+                self.lastMapVolumes = self._store(
                     inputVolume, outputVolume, ijkToRAS, self._expand(out.array, shape), params, info,
-                    self._expand(unc.array, shape) if unc is not None else None, uncertaintyVolume)
+                    {kind: self._expand(vol.array, shape) for kind, vol in maps.items()}, mapVolumes)
+                self.lastUncertaintyVolume = self.lastMapVolumes.get("uncertainty")
             except BaseException:
                 if created:  # no empty "denoised" node left behind by a failed run
                     self._scene(inputVolume).RemoveNode(outputVolume)
                 raise
             self.lastInfo = info
             return outputVolume
-        job = self.startJob(inputVolume, outputVolume, params, ijkToRAS, shape, uncertaintyVolume, progressCallback,
+        job = self.startJob(inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes, progressCallback,
                             onFinished, removeOutputOnFailure=created)
         if waitForCompletion:
             job.wait()
@@ -348,9 +374,24 @@ class DenoiseLogicBase:
             return outputVolume
         return job
 
-    def startJob(self, inputVolume, outputVolume, params, ijkToRAS, shape, uncertaintyVolume=None,
+    @staticmethod
+    def _checkDistinct(inputVolume, outputVolume, mapVolumes) -> None:
+        """Refuse a result map node that is the input, the output or another map's node."""
+        taken = {inputVolume.GetID(): "input", outputVolume.GetID() if outputVolume is not None else None: "output"}
+        for kind, node in mapVolumes.items():
+            label = MAP_NAMES[kind]
+            if node.GetID() in taken:
+                raise ValueError(f"the {label} volume must differ from the input and output volumes"
+                                 if taken[node.GetID()] in ("input", "output") else
+                                 f"the {label} volume must differ from the {taken[node.GetID()]} volume")
+            taken[node.GetID()] = label
+
+    def startJob(self, inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes=None,
                  progressCallback=None, onFinished=None, removeOutputOnFailure=False) -> DenoiseJob:
         """Write the input to a temporary file and start ``worker.py`` on it.
+
+        ``mapVolumes``: kind -> node for the extra result maps asked for in ``params`` (missing ones
+        are created when the run ends).
 
         ``removeOutputOnFailure``: remove ``outputVolume`` from the scene when the run fails or is
         cancelled (used when the logic created that node itself).
@@ -361,8 +402,10 @@ class DenoiseLogicBase:
         volume = nodes.volume_from_node(inputVolume)
         inPath = os.path.join(workdir, "input.nrrd")
         write_volume(volume, inPath)
+        wanted = {"uncertainty": params["uncertainty"], "noise_map": params.get("neb_maps"),
+                  "confidence": params.get("neb_maps")}
         job = {**params, "input": inPath, "output": os.path.join(workdir, "output.nrrd"),
-               "uncertainty_output": os.path.join(workdir, "uncertainty.nrrd") if params["uncertainty"] else None,
+               **{f"{kind}_output": os.path.join(workdir, f"{kind}.nrrd") if on else None for kind, on in wanted.items()},
                "info_output": os.path.join(workdir, "info.json")}
         jobPath = os.path.join(workdir, "job.json")
         Path(jobPath).write_text(json.dumps(job), encoding="utf-8")
@@ -375,14 +418,19 @@ class DenoiseLogicBase:
             from dualnet.io import read_volume
 
             out = read_volume(j.job["output"], check_finite=False)
-            unc = None
-            if j.job.get("uncertainty_output") and os.path.exists(j.job["uncertainty_output"]):
-                unc = self._expand(read_volume(j.job["uncertainty_output"], check_finite=False).array, shape)
+            maps = {}
+            for kind in wanted:
+                path = j.job.get(f"{kind}_output")
+                if path and os.path.exists(path):
+                    maps[kind] = self._expand(read_volume(path, check_finite=False).array, shape)
             info = json.loads(Path(j.job["info_output"]).read_text(encoding="utf-8")) if os.path.exists(j.job["info_output"]) else {}
             j.info = info
             j.outputVolume = outputVolume
-            j.uncertaintyVolume = self._store(inputVolume, outputVolume, ijkToRAS, self._expand(out.array, shape),
-                                              params, info, unc, uncertaintyVolume)
+            written = self._store(inputVolume, outputVolume, ijkToRAS, self._expand(out.array, shape),
+                                  params, info, maps, mapVolumes)
+            j.uncertaintyVolume = written.get("uncertainty")
+            j.noiseMapVolume = written.get("noise_map")
+            j.confidenceVolume = written.get("confidence")
 
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"

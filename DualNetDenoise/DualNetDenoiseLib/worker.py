@@ -3,8 +3,10 @@
 The JSON job names an input volume file, the output file(s) and the denoising parameters::
 
     {"input": "in.nrrd", "output": "out.nrrd", "uncertainty_output": "unc.nrrd" | null,
+     "noise_map_output": "sigma.nrrd" | null, "confidence_output": "alpha.nrrd" | null,
      "info_output": "info.json", "method": "dualnet", "modality": "mri", "sigma": null,
-     "model": null, "device": "auto", "tta": false, "uncertainty": false, "views": null}
+     "model": null, "device": "auto", "tta": false, "uncertainty": false, "views": null,
+     "neb_maps": false}
 
 It prints ``DUALNET_PROGRESS {json}`` lines while working, ``DUALNET_ERROR <line>`` on a
 user-facing error (exit code 2), and writes the outputs atomically through ``dualnet.io``.
@@ -36,14 +38,21 @@ DEFAULT_PARAMETERS: Dict[str, Any] = {
     "tta": False,
     "uncertainty": False,
     "views": None,
+    "neb_maps": False,
 }
 
+#: The extra result maps a run can give (keys of :func:`run_denoise`'s maps; ``<kind>_output`` in a job):
+#: the MC-dropout std, and the noise branch's per-voxel noise std and confidence.
+MAP_KINDS = ("uncertainty", "noise_map", "confidence")
 
-def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, Optional[Any], Dict[str, Any]]:
+
+def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     """Denoise a ``dualnet.io.Volume`` with ``dualnet.api.denoise_volume``.
 
-    Returns ``(volume, uncertainty volume or None, info)``. Unknown parameter names raise
-    ``TypeError`` so a typo in a job file cannot be silently ignored.
+    Returns ``(volume, maps, info)``: ``maps`` holds the extra result volumes that were asked for
+    (:data:`MAP_KINDS`: ``uncertainty`` with ``uncertainty``, ``noise_map`` and ``confidence`` with
+    ``neb_maps``). Unknown parameter names raise ``TypeError`` so a typo in a job file cannot be
+    silently ignored.
     """
     p = dict(DEFAULT_PARAMETERS)
     unknown = set(params) - set(p)
@@ -62,14 +71,13 @@ def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, O
         tta=bool(p["tta"]),
         uncertainty=bool(p["uncertainty"]),
         views=None if p["views"] is None else int(p["views"]),
+        neb_maps=bool(p["neb_maps"]),
         progress=progress,
         cancel=cancel,
     )
     info = dict(getattr(result, "info", None) or {})
-    unc = getattr(result, "uncertainty_volume", None)
-    if unc is None:
-        unc = getattr(result, "uncertainty", None)  # the field name of the core's DenoiseResult
-    return result.volume, unc, info
+    maps = {kind: getattr(result, kind) for kind in MAP_KINDS if getattr(result, kind, None) is not None}
+    return result.volume, maps, info
 
 
 def _print_progress(fraction: float, message: str = "") -> None:
@@ -101,11 +109,13 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     params = {k: job[k] for k in DEFAULT_PARAMETERS if k in job}
     _print_progress(0.0, "reading input")
     volume = read_volume(job["input"])
-    out, unc, info = run_denoise(volume, progress=_print_progress, **params)
-    outputs = [job["output"], job.get("uncertainty_output")]
+    out, maps, info = run_denoise(volume, progress=_print_progress, **params)
+    outputs = [job["output"]] + [job[f"{kind}_output"] for kind in MAP_KINDS if job.get(f"{kind}_output")]
     write_volume(out, job["output"], inputs=[job["input"]])
-    if unc is not None and job.get("uncertainty_output"):
-        write_volume(unc, job["uncertainty_output"], inputs=[job["input"]], outputs=outputs[:1])
+    for kind, vol in maps.items():
+        path = job.get(f"{kind}_output")
+        if path:
+            write_volume(vol, path, inputs=[job["input"]], outputs=[o for o in outputs if o != path])
     info = jsonable(info)
     if job.get("info_output"):
         from dualnet.io import atomic_write_bytes

@@ -103,6 +103,10 @@ class TrainConfig:
     elastic_prob: float = 0.25  #: probability of a light elastic deformation of the clean crop
     elastic_alpha: float = 2.0  #: elastic displacement amplitude in voxels
     intensity_jitter: float = 0.1  #: random +-fraction on the normalisation scale (robust to scale estimate)
+    #: supervised pretraining on magnitude images (MRI, US): the clean crop's contrast is changed by a
+    #: random power law, peak * (x / peak) ** g with log g uniform in [-log(1 + j), log(1 + j)], before
+    #: the noise is simulated (more tissue contrasts from few scans; 0 = off)
+    gamma_jitter: float = 0.0
     val_fraction: float = 0.2  #: files held out when no source is marked split="val"
     val_patches: int = 24  #: fixed validation patches (pre-generated with seed + 12345)
     data_dir: str = ""  #: base folder of relative data paths; "" = $DUALNET_SHARED_DATA or ../shared/data
@@ -196,6 +200,9 @@ class TrainConfig:
             (len(self.levels) in (0, 2), "levels must be [] or [low, high]"),
             (all(a in (0, 1, 2) for a in self.slice_axes) and len(self.slice_axes) > 0, "slice_axes must be in 0..2"),
             (self.lambda_alpha >= 0, "lambda_alpha must be >= 0"),
+            (self.gamma_jitter >= 0, "gamma_jitter must be >= 0"),
+            (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
+             "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,
              "slice_max_anisotropy must be 0 (no limit) or >= 1"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),

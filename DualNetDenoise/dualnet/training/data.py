@@ -611,6 +611,8 @@ class PatchSampler:
                 lev = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
             else:
                 lev = float(rng.uniform(lo, hi))
+            if augment and cfg.gamma_jitter > 0:
+                crop = gamma_contrast(crop, img.peak, cfg.gamma_jitter, rng)
             lev_eff = lev
             if cfg.modality == "mri":  # level is relative to the WHOLE image's peak, not the crop's
                 cpeak = float(np.max(np.abs(crop)))
@@ -673,6 +675,21 @@ class PatchSampler:
             levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]
         return stack([self.sample(rng, augment=False, level=None if self.selfsup else float(levels[i]), patch=patch)
                       for i in range(n)])
+
+
+def gamma_contrast(clean: np.ndarray, peak: float, jitter: float, rng: np.random.Generator) -> np.ndarray:
+    """A clean magnitude crop with its contrast changed by a random power law:
+    ``peak * (x / peak) ** g``, ``log g`` uniform in ``[-log(1 + jitter), log(1 + jitter)]``.
+
+    The image's range [0, peak] is kept (0 and the peak are fixed points) and the order of the
+    intensities too; only the tissue contrasts change. Applied before the noise is simulated, so the
+    noise physics stays that of the new image.
+    """
+    if peak <= 0:
+        return clean
+    g = float(np.exp(rng.uniform(-np.log1p(jitter), np.log1p(jitter))))
+    x = np.clip(clean / np.float32(peak), 0.0, 1.0)
+    return (np.float32(peak) * np.power(x, np.float32(g))).astype(np.float32)
 
 
 def stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
