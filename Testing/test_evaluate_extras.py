@@ -237,3 +237,19 @@ def test_ablations_section_and_missing_models(synthetic):
     # ablation variants stay out of the main statistics families
     stats = _read_csv(tmp / "out" / "stats.csv")
     assert stats and not {r["baseline"] for r in stats} & {"dualnet_ref", "dualnet_noneb"}
+
+
+def test_calibration_sentence_names_the_direction_only_when_there_is_one():
+    """The report's calibration sentence: a median ratio of about 1 is not called an over- or
+    underestimate (the study read "overestimates ... by a factor of about 1.00")."""
+    from dualnet.report import _calibration_sentence
+
+    def say(ratio, calibrated=False):
+        return _calibration_sentence("s", {"spearman": 0.1, "pearson": 0.1, "median_ratio": ratio,
+                                           "calibrated": calibrated})
+
+    assert "right on average" in say(0.998) and "estimates" not in say(0.998)
+    assert "underestimates the actual RMSE by a factor of about 1.27" in say(1.27)
+    assert "overestimates the actual RMSE by a factor of about 2.00" in say(0.5)
+    assert "it is calibrated" in say(1.0, calibrated=True)
+    assert "cannot be assessed" in say(float("nan"))

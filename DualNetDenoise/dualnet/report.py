@@ -659,6 +659,9 @@ def _calibration_sentence(sname: str, c: Dict[str, Any]) -> str:
     ratio = c["median_ratio"]
     if c["calibrated"]:
         scale = f"it is calibrated (RMSE / std within the tolerance in every decile, median {_fmt(ratio, 2)})"
+    elif np.isfinite(ratio) and 1 / 1.05 <= ratio <= 1.05:
+        scale = (f"its scale is right on average (median decile RMSE / std {_fmt(ratio, 2)}), but it is POORLY "
+                 "calibrated: some deciles fall outside the tolerance")
     elif np.isfinite(ratio) and ratio > 1:
         scale = f"it is POORLY calibrated: it underestimates the actual RMSE by a factor of about {_fmt(ratio, 2)} (median decile)"
     elif np.isfinite(ratio):
