@@ -182,7 +182,8 @@ def test_denoise_logic_puts_its_result_into_the_source_study(scene, loaded_small
 
 def test_uncertainty_map_goes_into_the_study_too(scene, loaded_small_ct):
     """The logic's store step with an uncertainty array (what a network run returns; stubbed here
-    with arrays so no network runs): both nodes are new series of the study, numbers distinct."""
+    with arrays so no network runs): both nodes are new series of the study, numbers distinct; a
+    noise-branch map is stored in a node of its own but left out of the study."""
     from DualNetDenoiseLib import nodes
     from DualNetDenoiseLib.logic import DenoiseLogicBase
 
@@ -191,13 +192,20 @@ def test_uncertainty_map_goes_into_the_study_too(scene, loaded_small_ct):
     params = logic._parameters("ct", "dualnet", None, None, "cpu", False, True)
     out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out")
     arr = nodes.array_from_node(node).astype(np.float32)
-    unc = logic._store(node, out, nodes.get_ijk_to_ras(node), arr, params, {"sigma": 25.0}, np.ones_like(arr))
+    maps = logic._store(node, out, nodes.get_ijk_to_ras(node), arr, params, {"sigma": 25.0},
+                        {"uncertainty": np.ones_like(arr), "noise_map": np.ones_like(arr)})
+    unc = maps["uncertainty"]
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     a, b = (item_attributes(sh, sh.GetItemByDataNode(n)) for n in (out, unc))
     assert all(sh.GetItemParent(sh.GetItemByDataNode(n)) == study for n in (out, unc))
     assert a["DICOM.SeriesDescription"].startswith("Denoised (dualnet")
     assert b["DICOM.SeriesDescription"].startswith("Uncertainty (dualnet")
     assert len({a["DICOM.SeriesNumber"], b["DICOM.SeriesNumber"], "2", "1002"}) == 4
+    # the noise branch's map has no DICOM form: a node of its own, not put in the study
+    noise_map = maps["noise_map"]
+    assert noise_map.GetID() not in (out.GetID(), unc.GetID())
+    item = sh.GetItemByDataNode(noise_map)
+    assert not item or sh.GetItemParent(item) != study
 
 
 def test_denoise_logic_leaves_a_scene_without_dicom_alone(scene):
