@@ -98,5 +98,17 @@ def test_confidence_target_and_loss_train_the_alpha_head_only_where_asked():
         total.backward()
         grads[lam] = net.neb.alpha_head.weight.grad.abs().sum().item()
     assert grads[0.5] > 10 * grads[0.0]
+    # alpha_detach: the term trains the head alone; the NEB features get no gradient from it
+    feats = {}
+    for detach in (False, True):
+        net.neb.detach_alpha_features = detach
+        net.zero_grad()
+        out = net(x)
+        target = confidence_target(out["blind"], batch["clean"], batch["std"])
+        torch.nn.functional.binary_cross_entropy(out["alpha"].clamp(1e-6, 1 - 1e-6), target).backward()
+        assert net.neb.alpha_head.weight.grad.abs().sum() > 0
+        feats[detach] = sum(p.grad.abs().sum().item() for p in net.neb.features.parameters() if p.grad is not None)
+    assert feats[False] > 0 and feats[True] == 0
+    net.neb.detach_alpha_features = False
     with pytest.raises(InputError, match="lambda_alpha"):
         TrainConfig(modality="mri", preset="tiny", dim=2, lambda_alpha=-1).validate()

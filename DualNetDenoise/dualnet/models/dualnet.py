@@ -106,6 +106,9 @@ class NoiseEstimationBranch(nn.Module):
         self.attn = NoiseModulatedAttention(dim, width)
         self.blind_head = conv(dim, width, cin if cout is None else cout, 1)
         self.alpha_head = conv(dim, width, 1, 1)
+        #: training only: the confidence head reads the features without sending gradient back into
+        #: them (its loss then trains the head alone; inference is unchanged). Not part of the file format.
+        self.detach_alpha_features = False
 
     def forward(self, x: torch.Tensor, noise_map: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
@@ -117,8 +120,9 @@ class NoiseEstimationBranch(nn.Module):
         else:
             sigma = F.softplus(self.sigma_head(f)) + 1e-4
         f = self.attn(f, torch.log(sigma))
+        fa = f.detach() if self.detach_alpha_features else f
         return {"blind": self.blind_head(f), "sigma": sigma,
-                "alpha": torch.sigmoid(self.alpha_head(f))}
+                "alpha": torch.sigmoid(self.alpha_head(fa))}
 
 
 class GuidedSkipGate(nn.Module):

@@ -141,6 +141,9 @@ class TrainConfig:
     #: NEB confidence map (pretraining): binary cross-entropy of alpha against how close the blind-spot
     #: estimate is to the truth in noise stds (losses.confidence_target); 0 = alpha is an unsupervised gate
     lambda_alpha: float = 0.0
+    #: the confidence head reads the NEB features detached: lambda_alpha then trains the head alone and
+    #: cannot disturb the features the restoration branch reads (a strong term otherwise costs PSNR)
+    alpha_detach: bool = False
     lambda_sr: float = 1.0  #: SR head (Charbonnier + structure consistency)
     lambda_consistency: float = 0.1  #: self-supervised: alpha-weighted |out - blind|
     lambda_tv: float = 0.0  #: weak total variation on the output
@@ -201,6 +204,7 @@ class TrainConfig:
             (all(a in (0, 1, 2) for a in self.slice_axes) and len(self.slice_axes) > 0, "slice_axes must be in 0..2"),
             (self.lambda_alpha >= 0, "lambda_alpha must be >= 0"),
             (self.gamma_jitter >= 0, "gamma_jitter must be >= 0"),
+            (isinstance(self.alpha_detach, bool), "alpha_detach must be true or false"),
             (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,

@@ -958,6 +958,8 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
     ddir = _data_dir(cfg, data_dir)
     train_images, val_images = tdata.load_split(cfg, data, ddir)
     model = build_network(cfg)
+    if getattr(model, "neb", None) is not None:
+        model.neb.detach_alpha_features = bool(cfg.alpha_detach)
     extra: Dict[str, Any] = {}
     if cfg.init_from:
         extra["initialised_from"] = _load_init(model, cfg.init_from, ddir)
