@@ -179,6 +179,9 @@ class DenoiseLogicBase:
         self.pythonExecutable = pythonExecutable
         self.interactive = interactive
         self.workerScript = str(Path(__file__).resolve().parent / "worker.py")
+        #: after an in-process run: kind -> node of the extra maps written (``worker.MAP_KINDS``)
+        self.lastMapVolumes: Dict[str, Any] = {}
+        self.lastUncertaintyVolume = None
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
