@@ -336,10 +336,11 @@ class DenoiseLogicBase:
         """
         if inputVolume is None:
             raise ValueError("no input volume")
+        from .worker import wanted_maps
+
         params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views, nebMaps)
-        mapVolumes = {kind: node for kind, node, wanted in (
-            ("uncertainty", uncertaintyVolume, params["uncertainty"]), ("noise_map", noiseMapVolume, params["neb_maps"]),
-            ("confidence", confidenceVolume, params["neb_maps"])) if wanted and node is not None}
+        given = {"uncertainty": uncertaintyVolume, "noise_map": noiseMapVolume, "confidence": confidenceVolume}
+        mapVolumes = {kind: given[kind] for kind in wanted_maps(params) if given[kind] is not None}
         self._checkDistinct(inputVolume, outputVolume, mapVolumes)
         if inProcess is None:
             inProcess = waitForCompletion
@@ -401,14 +402,16 @@ class DenoiseLogicBase:
         """
         from dualnet.io import write_volume
 
+        from .worker import MAP_KINDS, wanted_maps
+
         workdir = tempfile.mkdtemp(prefix="DualNet-")
         volume = nodes.volume_from_node(inputVolume)
         inPath = os.path.join(workdir, "input.nrrd")
         write_volume(volume, inPath)
-        wanted = {"uncertainty": params["uncertainty"], "noise_map": params.get("neb_maps"),
-                  "confidence": params.get("neb_maps")}
+        wanted = wanted_maps(params)
         job = {**params, "input": inPath, "output": os.path.join(workdir, "output.nrrd"),
-               **{f"{kind}_output": os.path.join(workdir, f"{kind}.nrrd") if on else None for kind, on in wanted.items()},
+               **{f"{kind}_output": os.path.join(workdir, f"{kind}.nrrd") if kind in wanted else None
+                  for kind in MAP_KINDS},
                "info_output": os.path.join(workdir, "info.json")}
         jobPath = os.path.join(workdir, "job.json")
         Path(jobPath).write_text(json.dumps(job), encoding="utf-8")

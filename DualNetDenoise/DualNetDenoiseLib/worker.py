@@ -46,6 +46,14 @@ DEFAULT_PARAMETERS: Dict[str, Any] = {
 MAP_KINDS = ("uncertainty", "noise_map", "confidence")
 
 
+def wanted_maps(params: Dict[str, Any]) -> Tuple[str, ...]:
+    """The extra result maps (:data:`MAP_KINDS`) that denoising parameters ask for: ``uncertainty``
+    with ``uncertainty``, ``noise_map`` and ``confidence`` with ``neb_maps``."""
+    asked = {"uncertainty": params.get("uncertainty"), "noise_map": params.get("neb_maps"),
+             "confidence": params.get("neb_maps")}
+    return tuple(kind for kind in MAP_KINDS if asked[kind])
+
+
 def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     """Denoise a ``dualnet.io.Volume`` with ``dualnet.api.denoise_volume``.
 
