@@ -105,6 +105,34 @@ def test_init_from_copies_weights_and_rejects_other_architectures(tmp_path, mri_
                  out_dir=tmp_path / "c")
 
 
+def test_init_ablation_transplants_the_shared_weights_into_a_variant(tmp_path, mri_crop):
+    """Final-budget ablations: a no-NEB variant starts from the trained full model's shared weights."""
+    full = pretrain(_cfg(steps=3, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
+    src, _ = modelfile.load_model(full.model_path, "cpu")
+    with pytest.raises(InputError, match="does not match"):  # a variant needs the explicit switch
+        pretrain(_cfg(steps=0, context=3, noise_map=True, use_neb=False, init_from=str(full.model_path)),
+                 data=[mri_crop], out_dir=tmp_path / "x")
+    res = pretrain(_cfg(steps=0, context=3, noise_map=True, use_neb=False, init_from=str(full.model_path),
+                        init_ablation=True), data=[mri_crop], out_dir=tmp_path / "b")
+    dst, card = modelfile.load_model(res.model_path, "cpu")
+    assert dst.neb is None and src.neb is not None
+    have, got = src.state_dict(), dst.state_dict()
+    for k, v in got.items():
+        if k != "srb.inc.weight":
+            assert torch.equal(v, have[k]), k
+    # the input conv: slices + noise map come first in both; the NEB's blind estimate and log sigma are gone
+    assert got["srb.inc.weight"].shape[1] == 4 and have["srb.inc.weight"].shape[1] == 6
+    assert torch.equal(got["srb.inc.weight"], have["srb.inc.weight"][:, :4])
+    moved = card["initialised_from"]["ablation_transplant"]
+    assert moved["partial"] == ["srb.inc.weight"] and moved["new"] == []
+    assert any(k.startswith("neb.") for k in moved["dropped"]) and "srb.gates.0.wg.weight" in moved["dropped"]
+    with pytest.raises(InputError, match="ablation switches"):
+        pretrain(_cfg(steps=0, context=3, noise_map=False, use_neb=False, init_from=str(full.model_path),
+                      init_ablation=True), data=[mri_crop], out_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="init_ablation needs init_from"):
+        _cfg(init_ablation=True)
+
+
 def test_sure_finetuning_lowers_the_true_error_on_one_noisy_scan(tmp_path, mri_crop):
     """No clean data reaches the fine-tuning; the clean crop only scores the result."""
     from dualnet.inference import denoise_array

@@ -294,3 +294,45 @@ class DualNet(nn.Module):
         if self.sr_head is not None:
             result["sr"] = self.sr_head(crop_to(srb["features"], sizes), result["out"])
         return result
+
+
+#: The architecture keys an ablation may change (``transplant_weights``).
+ABLATION_SWITCHES = ("use_neb", "use_nonlocal")
+
+
+def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
+    """Copy ``src``'s weights into ``dst``, which differs from it at most in the ablation switches.
+
+    For a final-budget ablation: a variant without the NEB (or with / without the bottleneck
+    attention) starts from the trained full model instead of from scratch. Weights with the same
+    name and shape are copied; the SRB input convolution keeps the weights of the input channels
+    both models share (the slices and the noise map come first in both); the rest of ``dst`` keeps
+    its initialisation. Returns the names ``copied``, ``partial`` (input conv), ``dropped`` (only in
+    ``src``) and ``new`` (only in ``dst``). ``ValueError`` when anything else differs.
+    """
+    a = {k: v for k, v in src.config.items() if k not in ABLATION_SWITCHES}
+    b = {k: v for k, v in dst.config.items() if k not in ABLATION_SWITCHES}
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"the models differ in more than the ablation switches {ABLATION_SWITCHES}: {diff}")
+    have, want = src.state_dict(), dst.state_dict()
+    report: Dict[str, List[str]] = {"copied": [], "partial": [], "dropped": [], "new": []}
+    merged = {}
+    for name, w in want.items():
+        v = have.get(name)
+        if v is not None and v.shape == w.shape:
+            merged[name] = v.clone()
+            report["copied"].append(name)
+        elif v is not None and name == "srb.inc.weight" and v.shape[0] == w.shape[0] and v.shape[2:] == w.shape[2:]:
+            shared = min(v.shape[1], w.shape[1])
+            w = w.clone()
+            w[:, :shared] = v[:, :shared]
+            merged[name] = w
+            report["partial"].append(name)
+        else:
+            merged[name] = w
+            report["new"].append(name)
+    report["dropped"] = sorted(k for k in have if k not in want)
+    dst.load_state_dict(merged)
+    return report
+

@@ -154,6 +154,9 @@ class TrainConfig:
     ss_loss: str = "l2"  #: self-supervised loss: masked "l2" | "l1" (Noise2Void), or "sure" (unmasked, Stein's unbiased risk estimate with the estimated noise model)
     sure_eps: float = 1e-3  #: SURE finite-difference step in normalised units
     init_from: str = ""  #: pretraining: start from this model file's weights (same architecture); "" = random init
+    #: init_from may differ from the configured DUAL-NET in the ablation switches (use_neb, use_nonlocal):
+    #: the weights both share are copied (models.dualnet.transplant_weights), for final-budget ablations
+    init_ablation: bool = False
     # run control
     seed: int = 0
     device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
@@ -205,6 +208,9 @@ class TrainConfig:
             (self.lambda_alpha >= 0, "lambda_alpha must be >= 0"),
             (self.gamma_jitter >= 0, "gamma_jitter must be >= 0"),
             (isinstance(self.alpha_detach, bool), "alpha_detach must be true or false"),
+            (isinstance(self.init_ablation, bool), "init_ablation must be true or false"),
+            (not self.init_ablation or (self.init_from and self.model == "dualnet"),
+             "init_ablation needs init_from and model = 'dualnet'"),
             (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,

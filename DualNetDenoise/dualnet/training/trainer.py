@@ -910,20 +910,34 @@ def _data_dir(cfg: TrainConfig, data_dir: Optional[Union[str, Path]]) -> Path:
     return default_data_dir()
 
 
-def _load_init(model, path: str, data_dir: Optional[Path]) -> Dict[str, Any]:
-    """Copy the weights of model file ``path`` (same architecture) into ``model``; card summary."""
+def _load_init(model, path: str, data_dir: Optional[Path], ablation: bool = False) -> Dict[str, Any]:
+    """Copy the weights of model file ``path`` into ``model``; card summary.
+
+    The architectures must match, or with ``ablation`` differ only in the ablation switches
+    (:func:`dualnet.models.dualnet.transplant_weights`; the summary then lists what was not copied).
+    """
     from .. import modelfile
+    from ..models.dualnet import transplant_weights
 
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists():
         p = Path(__file__).resolve().parents[1] / p  # relative to the dualnet package (weights/...)
     net, card = modelfile.load_model(p, "cpu")
     want, have = architecture_of(model), architecture_of(net)
+    summary = {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
+               "training": card.get("training", {})}
+    if ablation:
+        try:
+            moved = transplant_weights(net, model)
+        except (ValueError, AttributeError) as e:
+            raise InputError(f"init_from {p}: {e}") from None
+        summary["ablation_transplant"] = {k: moved[k] for k in ("partial", "dropped", "new")}
+        summary["ablation_transplant"]["copied"] = len(moved["copied"])
+        return summary
     if json.loads(json.dumps(want)) != json.loads(json.dumps(have)):
         raise InputError(f"init_from {p}: architecture {have} does not match the configured model {want}")
     model.load_state_dict(net.state_dict())
-    return {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
-            "training": card.get("training", {})}
+    return summary
 
 
 def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[ProgressFn] = None,
@@ -962,7 +976,7 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
         model.neb.detach_alpha_features = bool(cfg.alpha_detach)
     extra: Dict[str, Any] = {}
     if cfg.init_from:
-        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir)
+        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir, cfg.init_ablation)
     masked = cfg.model == "n2v"
     protected = [extra["initialised_from"]["path"]] if cfg.init_from else []
     if export_path:
