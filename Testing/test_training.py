@@ -150,6 +150,16 @@ def test_config_toml_round_trip(tmp_path):
         TrainConfig.from_toml(tmp_path / "bad2.toml")
 
 
+def test_confidence_head_config_trains_the_head_alone_on_the_parent_model():
+    """The last stage of the shipped MRI model: the separate confidence head on v6, same data split."""
+    cfg = TrainConfig.from_toml(config_dir() / "confidence_head_mri.toml")
+    base = TrainConfig.from_toml(config_dir() / "pretrain_mri.toml")
+    assert cfg.confidence_head == "sigma_mlp" and cfg.train_only == ["neb.confidence_head"] and cfg.init_partial
+    assert (config_dir().parent / cfg.init_from).exists(), cfg.init_from
+    assert [(d.path, d.split) for d in cfg.data] == [(d.path, d.split) for d in base.data]
+    assert cfg.alpha_detach and cfg.lambda_alpha > 0
+
+
 @pytest.mark.parametrize("name", ["pretrain_mri", "pretrain_ct", "pretrain_us", "history/continue_mri_v2",
                                   "history/continue_ct_v2", "history/pretrain_mri_v1", "history/pretrain_ct_v1",
                                   "history/pretrain_us_v1", "finetune"])

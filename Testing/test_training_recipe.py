@@ -109,6 +109,16 @@ def test_confidence_target_and_loss_train_the_alpha_head_only_where_asked():
         assert net.neb.alpha_head.weight.grad.abs().sum() > 0
         feats[detach] = sum(p.grad.abs().sum().item() for p in net.neb.features.parameters() if p.grad is not None)
     assert feats[False] > 0 and feats[True] == 0
+    # ... and the denoising loss does not reach the head through the restoration branch's gates
+    head = {}
+    for detach in (False, True):
+        net.neb.detach_alpha_features = detach
+        net.zero_grad()
+        out = net(x)
+        ((out["out"] - batch["clean"]) ** 2).mean().backward()
+        g = net.neb.alpha_head.weight.grad
+        head[detach] = 0.0 if g is None else g.abs().sum().item()
+    assert head[False] > 0 and head[True] == 0
     net.neb.detach_alpha_features = False
     with pytest.raises(InputError, match="lambda_alpha"):
         TrainConfig(modality="mri", preset="tiny", dim=2, lambda_alpha=-1).validate()

@@ -105,7 +105,7 @@ def test_init_from_copies_weights_and_rejects_other_architectures(tmp_path, mri_
                  out_dir=tmp_path / "c")
 
 
-def test_init_ablation_transplants_the_shared_weights_into_a_variant(tmp_path, mri_crop):
+def test_init_partial_transplants_the_shared_weights_into_a_variant(tmp_path, mri_crop):
     """Final-budget ablations: a no-NEB variant starts from the trained full model's shared weights."""
     full = pretrain(_cfg(steps=3, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
     src, _ = modelfile.load_model(full.model_path, "cpu")
@@ -113,7 +113,7 @@ def test_init_ablation_transplants_the_shared_weights_into_a_variant(tmp_path, m
         pretrain(_cfg(steps=0, context=3, noise_map=True, use_neb=False, init_from=str(full.model_path)),
                  data=[mri_crop], out_dir=tmp_path / "x")
     res = pretrain(_cfg(steps=0, context=3, noise_map=True, use_neb=False, init_from=str(full.model_path),
-                        init_ablation=True), data=[mri_crop], out_dir=tmp_path / "b")
+                        init_partial=True), data=[mri_crop], out_dir=tmp_path / "b")
     dst, card = modelfile.load_model(res.model_path, "cpu")
     assert dst.neb is None and src.neb is not None
     have, got = src.state_dict(), dst.state_dict()
@@ -123,14 +123,45 @@ def test_init_ablation_transplants_the_shared_weights_into_a_variant(tmp_path, m
     # the input conv: slices + noise map come first in both; the NEB's blind estimate and log sigma are gone
     assert got["srb.inc.weight"].shape[1] == 4 and have["srb.inc.weight"].shape[1] == 6
     assert torch.equal(got["srb.inc.weight"], have["srb.inc.weight"][:, :4])
-    moved = card["initialised_from"]["ablation_transplant"]
+    moved = card["initialised_from"]["transplant"]
     assert moved["partial"] == ["srb.inc.weight"] and moved["new"] == []
     assert any(k.startswith("neb.") for k in moved["dropped"]) and "srb.gates.0.wg.weight" in moved["dropped"]
-    with pytest.raises(InputError, match="ablation switches"):
+    with pytest.raises(InputError, match="differ in more than the switches"):
         pretrain(_cfg(steps=0, context=3, noise_map=False, use_neb=False, init_from=str(full.model_path),
-                      init_ablation=True), data=[mri_crop], out_dir=tmp_path / "c")
-    with pytest.raises(InputError, match="init_ablation needs init_from"):
-        _cfg(init_ablation=True)
+                      init_partial=True), data=[mri_crop], out_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="init_partial needs init_from"):
+        _cfg(init_partial=True)
+
+
+def test_a_separate_confidence_head_trains_alone_and_leaves_the_output_unchanged(tmp_path, mri_crop):
+    """confidence_head = "sigma_mlp" on a trained model: train_only keeps every other weight, and the
+    denoised output stays bit-identical (the skip gates keep their own map)."""
+    base = pretrain(_cfg(steps=3, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
+    src, _ = modelfile.load_model(base.model_path, "cpu")
+    res = pretrain(_cfg(steps=6, context=3, noise_map=True, init_from=str(base.model_path), init_partial=True,
+                        confidence_head="sigma_mlp", train_only=["neb.confidence_head"], lambda_alpha=1.0,
+                        alpha_detach=True, lr=1e-2),
+                   data=[mri_crop], out_dir=tmp_path / "b")
+    dst, card = modelfile.load_model(res.model_path, "cpu")
+    assert card["architecture"]["confidence_head"] == "sigma_mlp" and "confidence_head" not in src.config
+    have, got = src.state_dict(), dst.state_dict()
+    head = [k for k in got if k.startswith("neb.confidence_head")]
+    moved = card["initialised_from"]["transplant"]
+    assert sorted(moved["new"]) == sorted(head) and moved["dropped"] == [] and head
+    for k in have:
+        assert torch.equal(got[k], have[k]), k  # frozen
+    src.eval(), dst.eval()
+    x = torch.from_numpy(np.ascontiguousarray(mri_crop[:3, :32, :32], dtype=np.float32))[None] / float(mri_crop.max())
+    with torch.no_grad():
+        a, b = src(torch.cat([x, torch.full_like(x[:, :1], 0.02)], 1)), dst(torch.cat([x, torch.full_like(x[:, :1], 0.02)], 1))
+        b4 = dst(torch.cat([x, torch.full_like(x[:, :1], 0.08)], 1))
+    assert torch.equal(a["out"], b["out"]) and not torch.allclose(a["alpha"], b["alpha"])
+    assert not torch.allclose(b["alpha"], b4["alpha"])  # the head reads the noise level
+    assert "gate" not in b
+    with pytest.raises(InputError, match="train_only"):
+        pretrain(_cfg(steps=1, train_only=["no_such_layer"]), data=[mri_crop], out_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="confidence_head"):
+        _cfg(confidence_head="deep")
 
 
 def test_sure_finetuning_lowers_the_true_error_on_one_noisy_scan(tmp_path, mri_crop):

@@ -26,6 +26,8 @@ def _design(arch: dict) -> str:
     parts = [f"{arch.get('preset')} {'2.5D x' + str(ctx) if ctx > 1 else str(arch.get('dim')) + 'D'}"]
     if arch.get("noise_map"):
         parts.append("noise map")
+    if arch.get("confidence_head", "gate") != "gate":
+        parts.append(f"{arch['confidence_head']} confidence head")
     return ", ".join(parts)
 
 

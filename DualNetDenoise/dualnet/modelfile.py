@@ -47,7 +47,7 @@ NORMALISATIONS: Dict[str, Tuple[str, ...]] = {
 }
 #: Normalisation bounds beyond this overflow float32 arithmetic (the output would be NaN / Inf).
 _MAX_NORM_VALUE = 1e30
-ARCH_KEYS = ("kind", "preset", "dim", "sr", "use_neb", "use_nonlocal", "dropout")
+ARCH_KEYS = ("kind", "preset", "dim", "sr", "use_neb", "use_nonlocal", "dropout", "confidence_head")
 
 
 def card_path(weights_path: PathLike) -> Path:

@@ -25,8 +25,8 @@ __all__ = ["build_model", "build_baseline", "build_from_config", "count_paramete
 
 def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr: bool = False,
                 use_neb: bool = True, use_nonlocal: bool = True, dropout: float = 0.1,
-                context: int = 1, noise_map: bool = False, dropout_mode: str = "element"
-                ) -> nn.Module:
+                context: int = 1, noise_map: bool = False, dropout_mode: str = "element",
+                confidence_head: str = "gate") -> nn.Module:
     """Build DUAL-NET.
 
     Args:
@@ -39,10 +39,12 @@ def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr:
         context: adjacent slices fed as channels (2.5D; odd, 2D models only).
         noise_map: one more input channel with the physics noise std map (normalised units).
         dropout_mode: ``"element"`` (voxel-wise) or ``"channel"`` (whole feature maps, cheaper).
+        confidence_head: NEB confidence map, ``"gate"`` (the skip gates' own map, v6 models) or
+            ``"sigma_mlp"`` (a separate head of the features and the log noise std; gates unchanged).
     """
     return DualNet(preset, dim, in_channels=in_channels, sr=sr, use_neb=use_neb,
                    use_nonlocal=use_nonlocal, dropout=dropout, context=context,
-                   noise_map=noise_map, dropout_mode=dropout_mode)
+                   noise_map=noise_map, dropout_mode=dropout_mode, confidence_head=confidence_head)
 
 
 def build_baseline(kind: str, dim: int, preset: str = "tiny", *, in_channels: int = 1
@@ -71,7 +73,8 @@ def build_from_config(config: dict) -> nn.Module:
                            dropout=float(config.get("dropout", 0.1)),
                            context=int(config.get("context", 1)),
                            noise_map=bool(config.get("noise_map", False)),
-                           dropout_mode=str(config.get("dropout_mode", "element")))
+                           dropout_mode=str(config.get("dropout_mode", "element")),
+                           confidence_head=str(config.get("confidence_head", "gate")))
     return build_baseline(kind, dim, config.get("preset", "tiny"), in_channels=in_channels)
 
 

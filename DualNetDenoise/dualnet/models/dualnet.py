@@ -49,6 +49,8 @@ PRESETS: Dict[str, dict] = {
 
 #: The NEB's refinement of a physics noise map is bounded to this factor either way.
 SIGMA_REFINE_MAX = 2.0
+#: Forms of the NEB confidence map (``confidence_head``): the skip gate's own map, or a separate head.
+CONFIDENCE_HEADS = ("gate", "sigma_mlp")
 
 
 def preset_config(preset: str) -> dict:
@@ -98,16 +100,27 @@ class NoiseEstimationBranch(nn.Module):
     """NEB: blind-spot features -> sigma (softplus), noise-modulated attention, blind, alpha."""
 
     def __init__(self, dim: int, cin: int, width: int, depth: int, cout: Optional[int] = None,
-                 prior: bool = False) -> None:
+                 prior: bool = False, confidence_head: str = "gate") -> None:
         super().__init__()
+        if confidence_head not in CONFIDENCE_HEADS:
+            raise ValueError(f"confidence_head must be one of {CONFIDENCE_HEADS}, got {confidence_head!r}")
         self.features = BlindSpotBranch(dim, cin, width, depth)
         self.prior = prior
         self.sigma_head = conv(dim, width + (1 if prior else 0), 1, 1)
         self.attn = NoiseModulatedAttention(dim, width)
         self.blind_head = conv(dim, width, cin if cout is None else cout, 1)
+        # the gate map of the restoration branch's skips (1x1 conv of the features); "gate": it is also
+        # the reported confidence map; "sigma_mlp": a separate head (two 1x1 convs of [features,
+        # log sigma]: how far the blind-spot estimate is off, in noise stds, depends on the level
+        # itself) predicts the confidence, and the gate, hence the denoised output, is unchanged
         self.alpha_head = conv(dim, width, 1, 1)
-        #: training only: the confidence head reads the features without sending gradient back into
-        #: them (its loss then trains the head alone; inference is unchanged). Not part of the file format.
+        self.confidence_head = (nn.Sequential(conv(dim, width + 1, width, 1), nn.LeakyReLU(0.2),
+                                              conv(dim, width, 1, 1))
+                                if confidence_head == "sigma_mlp" else None)
+        #: training only: the confidence head is trained by its own loss alone: it reads the features
+        #: detached, and the restoration branch's gates read its output detached (DualNet.forward), so
+        #: neither the denoising loss shapes the map nor the map's loss the features. Inference is
+        #: unchanged; not part of the file format.
         self.detach_alpha_features = False
 
     def forward(self, x: torch.Tensor, noise_map: Optional[torch.Tensor] = None
@@ -119,10 +132,18 @@ class NoiseEstimationBranch(nn.Module):
             sigma = torch.exp(log_prior + math.log(SIGMA_REFINE_MAX) * corr)
         else:
             sigma = F.softplus(self.sigma_head(f)) + 1e-4
-        f = self.attn(f, torch.log(sigma))
-        fa = f.detach() if self.detach_alpha_features else f
-        return {"blind": self.blind_head(f), "sigma": sigma,
-                "alpha": torch.sigmoid(self.alpha_head(fa))}
+        log_sigma = torch.log(sigma)
+        f = self.attn(f, log_sigma)
+        if self.confidence_head is None:
+            gate = torch.sigmoid(self.alpha_head(f.detach() if self.detach_alpha_features else f))
+            alpha = gate
+            if self.detach_alpha_features:  # the gates read it detached (DualNet.forward docstring)
+                gate = gate.detach()
+        else:
+            gate = torch.sigmoid(self.alpha_head(f))
+            fc = torch.cat([f, log_sigma], 1)
+            alpha = torch.sigmoid(self.confidence_head(fc.detach() if self.detach_alpha_features else fc))
+        return {"blind": self.blind_head(f), "sigma": sigma, "alpha": alpha, "gate": gate}
 
 
 class GuidedSkipGate(nn.Module):
@@ -234,7 +255,7 @@ class DualNet(nn.Module):
     def __init__(self, preset: str = "tiny", dim: int = 2, *, in_channels: int = 1,
                  sr: bool = False, use_neb: bool = True, use_nonlocal: bool = True,
                  dropout: float = 0.1, context: int = 1, noise_map: bool = False,
-                 dropout_mode: str = "element") -> None:
+                 dropout_mode: str = "element", confidence_head: str = "gate") -> None:
         super().__init__()
         conv_nd(dim)  # validates dim
         cfg = preset_config(preset)
@@ -251,10 +272,12 @@ class DualNet(nn.Module):
                            sr=bool(sr), use_neb=bool(use_neb), use_nonlocal=bool(use_nonlocal),
                            dropout=float(dropout), context=context, noise_map=bool(noise_map),
                            dropout_mode=dropout_mode)
+        if use_neb and confidence_head != "gate":  # recorded only when it differs from the v6 form
+            self.config["confidence_head"] = confidence_head
         nw, nd = cfg["neb"]
         img_ch = in_channels * context
-        self.neb = (NoiseEstimationBranch(dim, img_ch, nw, nd, cout=in_channels, prior=self.noise_map)
-                    if use_neb else None)
+        self.neb = (NoiseEstimationBranch(dim, img_ch, nw, nd, cout=in_channels, prior=self.noise_map,
+                                          confidence_head=confidence_head) if use_neb else None)
         # SRB input: the slices, [the noise map], [blind estimate, log sigma]
         srb_in = img_ch + (1 if self.noise_map else 0) + (in_channels + 1 if use_neb else 0)
         self.srb = StructureRestorationBranch(dim, srb_in, cfg, guide_channels=2 if use_neb else 0,
@@ -282,9 +305,10 @@ class DualNet(nn.Module):
         srb_in = x
         if self.neb is not None:
             neb = self.neb(images, nmap)  # unpadded: padding would put copies of border voxels in view
+            gate = neb.pop("gate")
             result.update(neb)
             log_sigma = torch.log(neb["sigma"])
-            guide = torch.cat([neb["alpha"], log_sigma], 1)
+            guide = torch.cat([gate, log_sigma], 1)
             srb_in = torch.cat([x, neb["blind"], log_sigma], 1)
         padded, sizes = pad_to_multiple(srb_in, self.srb.stride)
         if guide is not None:
@@ -296,25 +320,27 @@ class DualNet(nn.Module):
         return result
 
 
-#: The architecture keys an ablation may change (``transplant_weights``).
-ABLATION_SWITCHES = ("use_neb", "use_nonlocal")
+#: The architecture keys a transplant may change (``transplant_weights``): the ablation switches
+#: and the form of the confidence head.
+TRANSPLANT_SWITCHES = ("use_neb", "use_nonlocal", "confidence_head")
 
 
 def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
-    """Copy ``src``'s weights into ``dst``, which differs from it at most in the ablation switches.
+    """Copy ``src``'s weights into ``dst``, which differs from it at most in ``TRANSPLANT_SWITCHES``.
 
-    For a final-budget ablation: a variant without the NEB (or with / without the bottleneck
-    attention) starts from the trained full model instead of from scratch. Weights with the same
+    For a final-budget ablation, a variant without the NEB (or with / without the bottleneck
+    attention) starts from the trained full model instead of from scratch; a separate confidence
+    head (``confidence_head``) is trained on a trained model. Weights with the same
     name and shape are copied; the SRB input convolution keeps the weights of the input channels
     both models share (the slices and the noise map come first in both); the rest of ``dst`` keeps
     its initialisation. Returns the names ``copied``, ``partial`` (input conv), ``dropped`` (only in
     ``src``) and ``new`` (only in ``dst``). ``ValueError`` when anything else differs.
     """
-    a = {k: v for k, v in src.config.items() if k not in ABLATION_SWITCHES}
-    b = {k: v for k, v in dst.config.items() if k not in ABLATION_SWITCHES}
+    a = {k: v for k, v in src.config.items() if k not in TRANSPLANT_SWITCHES}
+    b = {k: v for k, v in dst.config.items() if k not in TRANSPLANT_SWITCHES}
     if a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ValueError(f"the models differ in more than the ablation switches {ABLATION_SWITCHES}: {diff}")
+        raise ValueError(f"the models differ in more than the switches {TRANSPLANT_SWITCHES}: {diff}")
     have, want = src.state_dict(), dst.state_dict()
     report: Dict[str, List[str]] = {"copied": [], "partial": [], "dropped": [], "new": []}
     merged = {}

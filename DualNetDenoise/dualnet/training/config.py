@@ -141,9 +141,14 @@ class TrainConfig:
     #: NEB confidence map (pretraining): binary cross-entropy of alpha against how close the blind-spot
     #: estimate is to the truth in noise stds (losses.confidence_target); 0 = alpha is an unsupervised gate
     lambda_alpha: float = 0.0
-    #: the confidence head reads the NEB features detached: lambda_alpha then trains the head alone and
-    #: cannot disturb the features the restoration branch reads (a strong term otherwise costs PSNR)
+    #: the confidence head is trained by lambda_alpha alone: it reads the NEB features detached (a strong term
+    #: otherwise disturbs the features the restoration branch reads and costs PSNR) and the restoration
+    #: branch's gates read its output detached (the denoising loss otherwise keeps the map flat)
     alpha_detach: bool = False
+    #: NEB confidence map: "gate" (the skip gates' own map, as in the v6 models) or "sigma_mlp" (a separate
+    #: head of the features and the log noise std predicts it: the target depends on the level, which the
+    #: features barely carry; the gates, hence the denoised output, are unchanged)
+    confidence_head: str = "gate"
     lambda_sr: float = 1.0  #: SR head (Charbonnier + structure consistency)
     lambda_consistency: float = 0.1  #: self-supervised: alpha-weighted |out - blind|
     lambda_tv: float = 0.0  #: weak total variation on the output
@@ -154,9 +159,13 @@ class TrainConfig:
     ss_loss: str = "l2"  #: self-supervised loss: masked "l2" | "l1" (Noise2Void), or "sure" (unmasked, Stein's unbiased risk estimate with the estimated noise model)
     sure_eps: float = 1e-3  #: SURE finite-difference step in normalised units
     init_from: str = ""  #: pretraining: start from this model file's weights (same architecture); "" = random init
-    #: init_from may differ from the configured DUAL-NET in the ablation switches (use_neb, use_nonlocal):
-    #: the weights both share are copied (models.dualnet.transplant_weights), for final-budget ablations
-    init_ablation: bool = False
+    #: init_from may differ from the configured DUAL-NET in the ablation switches (use_neb, use_nonlocal)
+    #: or the confidence head (confidence_head): the weights both share are copied
+    #: (models.dualnet.transplant_weights), for final-budget ablations and new heads on trained models
+    init_partial: bool = False
+    #: train only the parameters whose names start with one of these prefixes (e.g. ["neb.confidence_head"]);
+    #: [] = all. The others keep their (init_from) values.
+    train_only: List[str] = field(default_factory=list)
     # run control
     seed: int = 0
     device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
@@ -208,9 +217,11 @@ class TrainConfig:
             (self.lambda_alpha >= 0, "lambda_alpha must be >= 0"),
             (self.gamma_jitter >= 0, "gamma_jitter must be >= 0"),
             (isinstance(self.alpha_detach, bool), "alpha_detach must be true or false"),
-            (isinstance(self.init_ablation, bool), "init_ablation must be true or false"),
-            (not self.init_ablation or (self.init_from and self.model == "dualnet"),
-             "init_ablation needs init_from and model = 'dualnet'"),
+            (isinstance(self.init_partial, bool), "init_partial must be true or false"),
+            (not self.init_partial or (self.init_from and self.model == "dualnet"),
+             "init_partial needs init_from and model = 'dualnet'"),
+            (all(isinstance(x, str) and x for x in self.train_only), "train_only must be a list of parameter-name prefixes"),
+            (self.confidence_head in ("gate", "sigma_mlp"), "confidence_head must be 'gate' or 'sigma_mlp'"),
             (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,

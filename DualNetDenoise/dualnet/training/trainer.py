@@ -351,7 +351,7 @@ def build_network(cfg: TrainConfig):
         return models.build_model(cfg.preset, cfg.dim, sr=cfg.sr, use_neb=cfg.use_neb,
                                   use_nonlocal=cfg.use_nonlocal, dropout=cfg.dropout,
                                   context=cfg.context, noise_map=cfg.noise_map,
-                                  dropout_mode=cfg.dropout_mode)
+                                  dropout_mode=cfg.dropout_mode, confidence_head=cfg.confidence_head)
     return models.build_baseline(cfg.model, cfg.dim, cfg.preset)
 
 
@@ -553,6 +553,11 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             for p in anchor_model.parameters():
                 p.requires_grad_(False)
         decay, no_decay = [], []
+        if cfg.train_only:  # e.g. a new confidence head on a trained model: the rest stays as it is
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(name.startswith(pre) for pre in cfg.train_only))
+            if not any(p.requires_grad for p in model.parameters()):
+                raise InputError(f"train_only {cfg.train_only}: no parameter of the model has these prefixes")
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
@@ -910,10 +915,10 @@ def _data_dir(cfg: TrainConfig, data_dir: Optional[Union[str, Path]]) -> Path:
     return default_data_dir()
 
 
-def _load_init(model, path: str, data_dir: Optional[Path], ablation: bool = False) -> Dict[str, Any]:
+def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False) -> Dict[str, Any]:
     """Copy the weights of model file ``path`` into ``model``; card summary.
 
-    The architectures must match, or with ``ablation`` differ only in the ablation switches
+    The architectures must match, or with ``partial`` differ only in the transplant switches
     (:func:`dualnet.models.dualnet.transplant_weights`; the summary then lists what was not copied).
     """
     from .. import modelfile
@@ -926,13 +931,13 @@ def _load_init(model, path: str, data_dir: Optional[Path], ablation: bool = Fals
     want, have = architecture_of(model), architecture_of(net)
     summary = {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
                "training": card.get("training", {})}
-    if ablation:
+    if partial:
         try:
             moved = transplant_weights(net, model)
         except (ValueError, AttributeError) as e:
             raise InputError(f"init_from {p}: {e}") from None
-        summary["ablation_transplant"] = {k: moved[k] for k in ("partial", "dropped", "new")}
-        summary["ablation_transplant"]["copied"] = len(moved["copied"])
+        summary["transplant"] = {k: moved[k] for k in ("partial", "dropped", "new")}
+        summary["transplant"]["copied"] = len(moved["copied"])
         return summary
     if json.loads(json.dumps(want)) != json.loads(json.dumps(have)):
         raise InputError(f"init_from {p}: architecture {have} does not match the configured model {want}")
@@ -976,7 +981,7 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
         model.neb.detach_alpha_features = bool(cfg.alpha_detach)
     extra: Dict[str, Any] = {}
     if cfg.init_from:
-        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir, cfg.init_ablation)
+        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir, cfg.init_partial)
     masked = cfg.model == "n2v"
     protected = [extra["initialised_from"]["path"]] if cfg.init_from else []
     if export_path:
