@@ -928,7 +928,6 @@ def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False
     if not p.is_absolute() and not p.exists():
         p = Path(__file__).resolve().parents[1] / p  # relative to the dualnet package (weights/...)
     net, card = modelfile.load_model(p, "cpu")
-    want, have = architecture_of(model), architecture_of(net)
     summary = {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
                "training": card.get("training", {})}
     if partial:
@@ -939,6 +938,7 @@ def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False
         summary["transplant"] = {k: moved[k] for k in ("partial", "dropped", "new")}
         summary["transplant"]["copied"] = len(moved["copied"])
         return summary
+    want, have = architecture_of(model), architecture_of(net)
     if json.loads(json.dumps(want)) != json.loads(json.dumps(have)):
         raise InputError(f"init_from {p}: architecture {have} does not match the configured model {want}")
     model.load_state_dict(net.state_dict())
