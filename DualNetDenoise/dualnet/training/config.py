@@ -38,6 +38,8 @@ CONFIG_VERSION = 1
 MODALITIES = ("mri", "ct", "us")
 MODELS = ("dualnet", "dncnn", "n2v")
 STAGES = ("pretrain", "finetune")
+#: validation scores export_best / patience can select on (TrainConfig.select_on)
+SELECT_ON = ("ssim", "psnr", "psnr_pooled")
 
 
 @dataclass
@@ -109,6 +111,13 @@ class TrainConfig:
     gamma_jitter: float = 0.0
     val_fraction: float = 0.2  #: files held out when no source is marked split="val"
     val_patches: int = 24  #: fixed validation patches (pre-generated with seed + 12345)
+    #: noise levels of the fixed validation patches, cycled over them (e.g. the levels a quality gate
+    #: is judged at); empty = evenly spread over ``levels``
+    val_levels: List[float] = field(default_factory=list)
+    #: foreground fraction the validation patches need; -1 = as ``min_foreground``. 0 = patches
+    #: anywhere in the held-out images, background included, as a whole-image PSNR sees them (a
+    #: model that drifts in the background is then not selected)
+    val_min_foreground: float = -1.0
     data_dir: str = ""  #: base folder of relative data paths; "" = $DUALNET_SHARED_DATA or ../shared/data
     data: List[DataSource] = field(default_factory=list)
     # optimisation
@@ -175,7 +184,10 @@ class TrainConfig:
     log_every: int = 10
     patience: int = 0  #: early stop after this many validation rounds without SSIM gain; 0 = off
     export_best: bool = True  #: export the weights of the best validation score (else the last)
-    select_on: str = "ssim"  #: validation score for export_best / patience: "ssim" | "psnr"
+    #: validation score for export_best / patience: "ssim" | "psnr" (mean of the patches' PSNRs) |
+    #: "psnr_pooled" (per validation level, the PSNR of the patches' pooled squared error, as a
+    #: whole-image PSNR; then the mean over the levels)
+    select_on: str = "ssim"
     threads: int = 0  #: torch CPU threads; 0 = torch default
     time_budget_s: float = 0.0  #: wall-clock budget; > 0: after 50 steps the run (and cosine) is shortened to fit
 
@@ -195,7 +207,10 @@ class TrainConfig:
             (not (self.context > 1 or self.noise_map) or (self.model == "dualnet" and not self.sr),
              "context / noise_map need model = 'dualnet' and sr = false"),
             (self.noise_map_jitter >= 0, "noise_map_jitter must be >= 0"),
-            (self.select_on in ("ssim", "psnr"), "select_on must be 'ssim' or 'psnr'"),
+            (self.select_on in SELECT_ON, f"select_on must be one of {SELECT_ON}"),
+            (all(v > 0 for v in self.val_levels), "val_levels must be > 0"),
+            (self.val_min_foreground == -1.0 or 0.0 <= self.val_min_foreground <= 1.0,
+             "val_min_foreground must be -1 (as min_foreground) or in [0, 1]"),
             (self.mse_weighting in ("none", "rmse", "psnr"), "mse_weighting must be 'none', 'rmse' or 'psnr'"),
             (self.clean_floor in ("keep", "remove"), "clean_floor must be 'keep' or 'remove'"),
             (self.dropout_mode in ("element", "channel"), "dropout_mode must be 'element' or 'channel'"),

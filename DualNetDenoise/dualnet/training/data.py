@@ -453,11 +453,13 @@ class PatchSampler:
     * self-supervised (``selfsup=True``, the images ARE the noisy data): ``noisy``;
     * with masking (``masked=True``): ``input`` (masked copy of ``noisy``) and ``mask``.
 
-    Randomness comes only from ``np.random.default_rng([seed, rank, step])``.
+    Randomness comes only from ``np.random.default_rng([seed, rank, step])``. ``min_foreground``
+    overrides ``cfg.min_foreground`` (the validation set's ``cfg.val_min_foreground``).
     """
 
     def __init__(self, images: List[CleanImage], cfg: "TrainConfig", *, rank: int = 0,  # noqa: F821
-                 selfsup: bool = False, masked: bool = False, seed: Optional[int] = None) -> None:
+                 selfsup: bool = False, masked: bool = False, seed: Optional[int] = None,
+                 min_foreground: Optional[float] = None) -> None:
         if not images:
             raise InputError("no images to sample patches from")
         self.images = images
@@ -465,6 +467,7 @@ class PatchSampler:
         self.rank = int(rank)
         self.selfsup = selfsup
         self.masked = masked
+        self.min_foreground = float(cfg.min_foreground if min_foreground is None else min_foreground)
         self.seed = cfg.seed if seed is None else int(seed)
         self.levels = level_range(cfg) if not selfsup else (0.0, 0.0)
         self.spec = normalisation_spec(cfg.modality)
@@ -533,7 +536,7 @@ class PatchSampler:
                 fg = float(np.mean((mid + img.params[0]) / img.params[1] > FOREGROUND_THRESHOLD))
                 if fg > best_fg:
                     best, best_fg, best_img, best_sp, self._slab_axis = crop, fg, img, tuple(img.spacing_zyx), ax
-                if fg >= cfg.min_foreground:
+                if fg >= self.min_foreground:
                     break
                 continue
             if cfg.dim == 2 and a.ndim == 3:
@@ -554,7 +557,7 @@ class PatchSampler:
             fg = float(np.mean((crop + img.params[0]) / img.params[1] > FOREGROUND_THRESHOLD))
             if fg > best_fg:
                 best, best_fg, best_img, best_sp, self._slab_axis = crop, fg, img, sp, None
-            if fg >= cfg.min_foreground:
+            if fg >= self.min_foreground:
                 break
         return np.array(best, dtype=np.float32), best_img, best_sp
 
@@ -666,10 +669,13 @@ class PatchSampler:
         return stack(samples)
 
     def fixed_set(self, n: int, seed_offset: int = 12345, patch: Optional[int] = None) -> Dict[str, np.ndarray]:
-        """A fixed validation set: ``n`` samples, no augmentation, levels evenly spread."""
+        """A fixed validation set: ``n`` samples, no augmentation, levels ``cfg.val_levels`` cycled
+        or (none given) evenly spread over the training range."""
         rng = np.random.default_rng([int(self.seed) + seed_offset, 0, 0])
         lo, hi = self.levels
-        if self.cfg.level_sampling == "loguniform" and lo > 0:
+        if self.cfg.val_levels:
+            levels = [float(self.cfg.val_levels[i % len(self.cfg.val_levels)]) for i in range(n)]
+        elif self.cfg.level_sampling == "loguniform" and lo > 0:
             levels = np.geomspace(lo, hi, n) if n > 1 else [float(np.sqrt(lo * hi))]
         else:
             levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]

@@ -55,7 +55,7 @@ CHECKPOINT_FORMAT = "dualnet-checkpoint"
 CHECKPOINT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_COLUMNS = ["step", "loss", "mse", "l1", "ssim", "edge", "blind", "neb", "alpha", "sr", "n2v", "consistency", "tv",
-               "anchor", "sure", "lr", "val_psnr", "val_ssim", "val_loss", "seconds"]
+               "anchor", "sure", "lr", "val_psnr", "val_psnr_pooled", "val_ssim", "val_loss", "seconds"]
 PROGRESS_PREFIX = "DUALNET_PROGRESS"
 
 
@@ -474,7 +474,7 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
     res: Dict[str, float] = {}
     n = next(iter(val.values())).shape[0]
     bs = max(1, min(n, cfg.batch_size))
-    psnrs, ssims, sslosses = [], [], []
+    psnrs, ssims, sslosses, sq_err = [], [], [], {}
     with torch.no_grad():
         for i in range(0, n, bs):
             b = {k: torch.as_tensor(v[i:i + bs]).to(device) for k, v in val.items()}
@@ -484,6 +484,12 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
             if "clean" in b:  # data range 1 = the normalisation window (MRI p0.5-p99.5, CT 2000 HU, US 255)
                 dr = torch.ones(b["clean"].shape[0], device=pred.device)
                 psnrs.append(psnr_t(pred, b["clean"], dr).cpu())
+                if "level" in b:  # squared error summed per level (pooled PSNR)
+                    se = ((pred - b["clean"]) ** 2).flatten(1)
+                    for lev, e, m in zip(b["level"].tolist(), se.sum(1).tolist(), [se.shape[1]] * se.shape[0]):
+                        tot = sq_err.setdefault(round(float(lev), 8), [0.0, 0])
+                        tot[0] += e
+                        tot[1] += m
                 ssims.append(ssim(pred, b["clean"], data_range=dr, reduction="none").cpu())
             if masked and "mask" in b:
                 with _autocast(cfg, device):
@@ -504,10 +510,25 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
     if psnrs:
         res["val_psnr"] = float(torch.cat(psnrs).mean())
         res["val_ssim"] = float(torch.cat(ssims).mean())
+    if sq_err:
+        res["val_psnr_pooled"] = pooled_psnr(sq_err)
     if sslosses:
         res["val_loss"] = float(sum(sslosses) / n)
     model.train(was_training)
     return res
+
+
+def pooled_psnr(sq_err: Dict[float, List[float]]) -> float:
+    """Mean over the noise levels of ``-10 log10(MSE)``, the MSE pooled over each level's patches
+    (``{level: [summed squared error, voxels]}``, data range 1): what a whole-image PSNR measures,
+    background included, rather than the mean of the patches' PSNRs."""
+    return float(np.mean([-10.0 * math.log10(max(e / max(m, 1), 1e-20)) for e, m in sq_err.values()]))
+
+
+def _score(res: Dict[str, float], cfg: TrainConfig) -> float:
+    """The validation score ``export_best`` / ``patience`` maximise (``cfg.select_on``)."""
+    key = {"psnr": "val_psnr", "psnr_pooled": "val_psnr_pooled"}.get(cfg.select_on, "val_ssim")
+    return res[key] if key in res else -res.get("val_loss", 0.0)
 
 
 def _autocast(cfg: TrainConfig, device):
@@ -612,7 +633,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         val_set = None
         card_input_val: Dict[str, float] = {}
         if is_main:
-            vs = tdata.PatchSampler(val_images, cfg, rank=0, selfsup=selfsup, masked=masked)
+            vs = tdata.PatchSampler(val_images, cfg, rank=0, selfsup=selfsup, masked=masked,
+                                    min_foreground=cfg.val_min_foreground if cfg.val_min_foreground >= 0 else None)
             val_set = vs.fixed_set(cfg.val_patches)
             cfg.save(out_dir / "config.toml")
             if "clean" in val_set:  # reference: the noisy input itself
@@ -655,6 +677,11 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         if is_main and start == 0 and cfg.steps > 0:  # baseline validation before any update
             run.last_val = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
             run.rows.append({"step": 0, "lr": float(sched.get_last_lr()[0]), "seconds": 0.0, **run.last_val})
+            if cfg.init_from and not (cfg.init_partial or cfg.train_only):
+                # a continuation of a whole model: its starting weights are a candidate for export_best
+                # too (a run that only drifts exports them); not when parts start untrained or frozen
+                run.best_score, run.best_step = _score(run.last_val, cfg), 0
+                run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             report(progress, 0.0, "initial validation: " + ", ".join(f"{k} {v:.4g}" for k, v in
                                                                    {**run.last_val, **card_input_val}.items()))
 
@@ -758,8 +785,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 if is_main and do_val:
                     res = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
                     run.last_val = res
-                    key = "val_psnr" if cfg.select_on == "psnr" else "val_ssim"
-                    score = res[key] if key in res else -res.get("val_loss", 0.0)
+                    score = _score(res, cfg)
                     if score > run.best_score + 1e-5:
                         run.best_score, run.best_step, run.bad_rounds = score, step, 0
                         run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -823,7 +849,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 result.curve_path = None
             export_model = model
             best_val = dict(run.last_val)
-            if cfg.export_best and run.best_state and run.best_step and run.best_step != step:
+            if cfg.export_best and run.best_state and run.best_step != step:
                 export_model = copy.deepcopy(model)
                 export_model.load_state_dict(run.best_state)
                 best_val = {r_k: r_v for r in run.rows if r.get("step") == run.best_step
@@ -889,13 +915,17 @@ def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: 
         },
         "validation": {
             "psnr_db": val.get("val_psnr"), "ssim": val.get("val_ssim"), "selfsup_loss": val.get("val_loss"),
-            "set": f"{cfg.val_patches} fixed patches of {cfg.patch_size} px (LR) from held-out cases, levels evenly "
-                   "spread over the training range",
+            "set": f"{cfg.val_patches} fixed patches of {cfg.patch_size} px (LR) from held-out cases, "
+                   + (f"levels {list(cfg.val_levels)} cycled" if cfg.val_levels else
+                      "levels evenly spread over the training range")
+                   + (f", at least {cfg.val_min_foreground:g} foreground" if cfg.val_min_foreground >= 0 else ""),
+            "psnr_pooled_db": val.get("val_psnr_pooled"), "selected_on": cfg.select_on,
             "data_range": "1.0 in normalised units = the normalisation window (MRI p0.5-p99.5 of the volume, "
                           "CT -1000..1000 HU, US 0..255)", "mask": "whole patch",
         },
     }
     card["metrics"] = {k: v for k, v in {"val_psnr_db": val.get("val_psnr"), "val_ssim": val.get("val_ssim"),
+                                         "val_psnr_pooled_db": val.get("val_psnr_pooled"),
                                          "val_selfsup_loss": val.get("val_loss")}.items() if v is not None}
     if cfg.nonnegative:  # physical units; inference floors every forward pass there, as the loss did
         card["output_floor"] = 0.0
