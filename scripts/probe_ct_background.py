@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Diagnostic (not a test): how much of DUAL-NET's whole-image error on the CT validation slices
+lies outside the body, and how much of it is a mean offset there.
+
+For each 2D clinical slice of the CT config's validation split, degraded as
+``scripts/validate_models.py`` does (same seeds), at ``--dose``: the background fraction, the clean
+air's mean and lowest HU, the noisy input's and the network's mean error outside the body mask
+(``metrics.foreground_mask``), the background's share of the network's squared error, and the
+whole-image PSNR as is and with that mean background error taken out (a per-slice oracle: an upper
+bound on what removing the offset is worth).
+
+    python scripts/probe_ct_background.py [--dose 0.25] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "DualNetDenoise"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from dualnet.degrade import degrade  # noqa: E402
+from dualnet.inference import denoise_array  # noqa: E402
+from dualnet.metrics import foreground_mask, psnr  # noqa: E402
+from dualnet.modelfile import load_model  # noqa: E402
+from dualnet.training.config import TrainConfig  # noqa: E402
+from validate_models import validation_images  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dose", type=float, default=0.25)
+    ap.add_argument("--model", default=str(REPO / "DualNetDenoise/dualnet/weights/dualnet_ct.safetensors"))
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    args = ap.parse_args()
+    cfg = TrainConfig.from_toml(REPO / "DualNetDenoise/dualnet/configs/pretrain_ct.toml")
+    net, card = load_model(args.model, "cpu")
+    print("| slice | outside the body | clean air mean / lowest HU | noisy mean error there (HU) | DUAL-NET's (HU) "
+          "| its share of DUAL-NET's squared error | whole-image PSNR as is / offset taken out |")
+    print("|---|---|---|---|---|---|---|")
+    for k, (arr, sp, name) in enumerate(validation_images(cfg, args.data_dir, 5)):
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, sp = arr[0], tuple(sp)[1:]
+        d = degrade(arr, "ct", args.dose, lr_factor=2, spacing_zyx=sp, rng=1000 + k)  # validate_models' seeds
+        ref, noisy = d.clean_lr.astype(np.float32), d.noisy_lr.astype(np.float32)
+        if ref.ndim != 2:
+            continue  # the 3D volume has almost no air
+        out = denoise_array(noisy, net, card, device="cpu", modality="ct").denoised
+        bg = ~foreground_mask(ref, "ct")
+        err = out - ref
+        fixed = out.copy()
+        fixed[bg] -= err[bg].mean()
+        rng = float(ref.max() - ref.min())
+        print(f"| {Path(name).name} | {bg.mean():.0%} | {ref[bg].mean():.0f} / {ref[bg].min():.0f} "
+              f"| {(noisy - ref)[bg].mean():+.1f} | {err[bg].mean():+.1f} "
+              f"| {(err[bg] ** 2).sum() / (err ** 2).sum():.0%} "
+              f"| {psnr(ref, out, data_range=rng):.2f} / {psnr(ref, fixed, data_range=rng):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
