@@ -40,7 +40,7 @@ def head_slab(mri_volume) -> np.ndarray:
 def test_validation_levels_are_cycled_and_background_patches_can_be_asked_for(head_slab):
     img = [tdata.make_image(head_slab, (1, 1, 1), "t1", "mri")]
 
-    def foreground(cfg: TrainConfig, **kw) -> float:
+    def foreground(cfg: TrainConfig, **kw) -> tuple:
         s = tdata.PatchSampler(img, cfg, **kw).fixed_set(cfg.val_patches)
         return float(np.mean(s["clean"] > tdata.FOREGROUND_THRESHOLD)), s["level"]
 

@@ -24,12 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DualNetDenoise"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from dualnet.degrade import degrade  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr  # noqa: E402
 from dualnet.modelfile import load_model  # noqa: E402
 from dualnet.training.config import TrainConfig  # noqa: E402
-from validate_models import validation_images  # noqa: E402
+from validate_models import degraded_cases, validation_images  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +42,7 @@ def main() -> None:
     print("| slice | outside the body | clean air mean / lowest HU | noisy mean error there (HU) | DUAL-NET's (HU) "
           "| its share of DUAL-NET's squared error | whole-image PSNR as is / offset taken out |")
     print("|---|---|---|---|---|---|---|")
-    for k, (arr, sp, name) in enumerate(validation_images(cfg, args.data_dir, 5)):
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr, sp = arr[0], tuple(sp)[1:]
-        d = degrade(arr, "ct", args.dose, lr_factor=2, spacing_zyx=sp, rng=1000 + k)  # validate_models' seeds
+    for d, name in degraded_cases(validation_images(cfg, args.data_dir, 5), "ct", args.dose, 2):
         ref, noisy = d.clean_lr.astype(np.float32), d.noisy_lr.astype(np.float32)
         if ref.ndim != 2:
             continue  # the 3D volume has almost no air

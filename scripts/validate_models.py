@@ -91,6 +91,15 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
     return images
 
 
+def degraded_cases(images: list, modality: str, level: float, lr_factor: int):
+    """``(degraded, name)`` for each validation image at ``level``: a one-slice 3D image as 2D,
+    degraded with the seed ``1000 + its index``, so every run of a level sees the same inputs."""
+    for k, (arr, spacing_zyx, name) in enumerate(images):
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, spacing_zyx = arr[0], tuple(spacing_zyx)[1:]
+        yield degrade(arr, modality, level, lr_factor=lr_factor, spacing_zyx=spacing_zyx, rng=1000 + k), name
+
+
 def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray, modality: str,
                    samples: int, **kw) -> dict:
     """Monte-Carlo dropout std against the true error on the foreground: RMS std / RMS error (1 =
@@ -108,10 +117,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
-    for k, (arr, spacing_zyx, name) in enumerate(images):
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr, spacing_zyx = arr[0], tuple(spacing_zyx)[1:]
-        d = degrade(arr, modality, level, lr_factor=lr_factor, spacing_zyx=spacing_zyx, rng=1000 + k)
+    for d, name in degraded_cases(images, modality, level, lr_factor):
         noisy = Volume(d.noisy_lr.astype(np.float32), tuple(reversed(d.spacing_lr_zyx)))
         ref = d.clean_lr.astype(np.float32)
         row = {"case": Path(name).name, "shape_zyx": list(ref.shape), "noisy": scores(ref, noisy.array, modality)}

@@ -486,10 +486,10 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
                 psnrs.append(psnr_t(pred, b["clean"], dr).cpu())
                 if "level" in b:  # squared error summed per level (pooled PSNR)
                     se = ((pred - b["clean"]) ** 2).flatten(1)
-                    for lev, e, m in zip(b["level"].tolist(), se.sum(1).tolist(), [se.shape[1]] * se.shape[0]):
+                    for lev, e in zip(b["level"].tolist(), se.sum(1).tolist()):
                         tot = sq_err.setdefault(round(float(lev), 8), [0.0, 0])
                         tot[0] += e
-                        tot[1] += m
+                        tot[1] += se.shape[1]
                 ssims.append(ssim(pred, b["clean"], data_range=dr, reduction="none").cpu())
             if masked and "mask" in b:
                 with _autocast(cfg, device):
@@ -523,6 +523,11 @@ def pooled_psnr(sq_err: Dict[float, List[float]]) -> float:
     (``{level: [summed squared error, voxels]}``, data range 1): what a whole-image PSNR measures,
     background included, rather than the mean of the patches' PSNRs."""
     return float(np.mean([-10.0 * math.log10(max(e / max(m, 1), 1e-20)) for e, m in sq_err.values()]))
+
+
+def _snapshot(model) -> Dict[str, Any]:
+    """A CPU copy of ``model``'s weights (the best-so-far state ``export_best`` exports)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _score(res: Dict[str, float], cfg: TrainConfig) -> float:
@@ -681,7 +686,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 # a continuation of a whole model: its starting weights are a candidate for export_best
                 # too (a run that only drifts exports them); not when parts start untrained or frozen
                 run.best_score, run.best_step = _score(run.last_val, cfg), 0
-                run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                run.best_state = _snapshot(model)
             report(progress, 0.0, "initial validation: " + ", ".join(f"{k} {v:.4g}" for k, v in
                                                                    {**run.last_val, **card_input_val}.items()))
 
@@ -788,7 +793,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                     score = _score(res, cfg)
                     if score > run.best_score + 1e-5:
                         run.best_score, run.best_step, run.bad_rounds = score, step, 0
-                        run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                        run.best_state = _snapshot(model)
                     else:
                         run.bad_rounds += 1
                         if cfg.patience > 0 and run.bad_rounds >= cfg.patience:
