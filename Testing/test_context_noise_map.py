@@ -200,3 +200,26 @@ def test_ct_fill_values_pass_through_and_are_air_for_the_network():
     assert min(seen) >= (-1024.0 + 1000.0) / 2000.0 - 1e-6
     d = degrade(vol, "ct", 0.25, lr_factor=1, rng=0)
     assert float(d.clean_lr.min()) == -1024.0  # the reference is air, as the simulated scan is
+
+
+def test_ct_output_floor_is_the_scanners_air_and_leaves_fill_values(tmp_path, ct_volume):
+    """A CT card floors the network's output at -1024 HU (no reference voxel lies below it);
+    fill values below -1100 HU still come out unchanged. The trainer writes that floor."""
+    from dualnet import modelfile
+    from dualnet.inference import denoise_array
+    from dualnet.training.trainer import pretrain
+
+    vol = np.full((3, 24, 24), 40.0, np.float32)
+    vol[:, :, :4] = -3024.0  # fill
+    vol[:, :, 4:8] = -1050.0  # noisy air below the scanner's floor
+    card = {"modality": "ct", "normalisation": {"method": "hu_window", "hu_low": -1000.0, "hu_high": 1000.0},
+            "output_floor": -1024.0}
+    res = denoise_array(vol, CentreModel(0, 1, False), card, device="cpu")
+    assert np.all(res.denoised[:, :, :4] == -3024.0)
+    np.testing.assert_allclose(res.denoised[:, :, 4:8], -1024.0, atol=1e-3)
+    np.testing.assert_allclose(res.denoised[:, :, 8:], 40.0, atol=1e-3)
+    crop = ct_volume.array[40:48, 20:68, 20:68].astype(np.float32)
+    cfg = TrainConfig(modality="ct", preset="tiny", dim=2, steps=1, patch_size=32, batch_size=2, val_patches=2,
+                      threads=1, lambda_l1=0.0, lambda_ssim=0.0, lambda_edge=0.0, lambda_mse=1.0).validate()
+    out = pretrain(cfg, data=[crop, crop[::-1].copy()], out_dir=tmp_path / "run")
+    assert modelfile.load_model(out.model_path, "cpu")[1]["output_floor"] == -1024.0

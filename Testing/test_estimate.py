@@ -119,3 +119,17 @@ def test_masked_background_is_not_taken_for_noise(mri_volume):
         estimate.sigma_rician_background(head)
     est = estimate.estimate_noise(head, "mri")
     assert est.method == "wavelet-mad-foreground" and 10 < est.sigma < 80
+
+
+@pytest.mark.parametrize("dose", [0.25, 0.5])
+def test_ct_dose_fit_is_not_bent_by_air_below_minus_1000_hu(dose):
+    """A phantom half air at -1024 HU: the air carries only the electronic variance (its bins' mean
+    lies below the zero of the counts), which must not bend the Poisson-Gaussian line."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    r = np.hypot(yy - 64, xx - 64)
+    clean = np.full((16, 128, 128), -1024.0, np.float32)
+    clean[:, r < 40] = (40.0 + 30.0 * np.sin(xx / 5.0))[r < 40]
+    clean[:, r < 20] = 700.0
+    clean[:, (r >= 40) & (r < 44)] = -300.0
+    est = estimate.estimate_noise(noise.add_noise(clean, "ct", dose, 1), "ct")
+    assert est.level == pytest.approx(dose, rel=0.02)

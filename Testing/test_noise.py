@@ -57,6 +57,22 @@ def test_ct_poisson_gaussian_moments(ct_volume):
     assert noise.noise_std_map(np.zeros(1), "ct", 0.10)[0] > noise.noise_std_map(np.zeros(1), "ct", 0.25)[0] > 25
 
 
+def test_ct_noise_is_zero_mean_below_minus_1000_hu():
+    """Air of a reconstructed scan (-1024 HU) keeps its value: only the electronic noise is added."""
+    dose = 0.25
+    gain, s = noise.ct_noise_parameters(dose)
+    air = np.full((64, 64), -1024.0, dtype=np.float32)
+    noisy = noise.add_poisson_gaussian(air, dose, 3).astype(np.float64)
+    assert abs(noisy.mean() + 1024.0) < 4 * s / 64  # the old model raised it to -1000 first
+    assert noisy.std() == pytest.approx(s, rel=0.05)
+    # at and above -1000 HU the model is the Poisson-Gaussian count model, draw for draw
+    clean = np.linspace(-1000.0, 1500.0, 4096).reshape(64, 64)
+    lam = (clean + 1000.0) / gain
+    g = np.random.default_rng(7)
+    counts = g.poisson(lam) + noise.CT_ELECTRONIC_SIGMA * g.standard_normal(clean.shape)
+    np.testing.assert_allclose(noise.add_poisson_gaussian(clean, dose, 7), counts * gain - 1000.0, atol=1e-9)
+
+
 def test_speckle_gamma_moments(us_image):
     clean = us_image.array.astype(np.float32)
     n = np.stack([noise.add_speckle(clean, 4.0, s) for s in range(4)]).astype(np.float64)

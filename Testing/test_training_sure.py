@@ -72,13 +72,22 @@ def test_noise_variance_model_matches_the_simulated_noise(modality, level, mri_c
 
 
 def test_ct_variance_map_follows_the_poisson_gaussian_line():
-    """var(HU) = gain (HU + 1000) + sigma_e^2: electronic noise only in air, more in tissue, 0 in fill."""
+    """var(HU) = gain max(HU + 1000, 0) + sigma_e^2: electronic noise only in air (also below -1000 HU,
+    where the simulation keeps the clean value), more in tissue."""
     gain, se2 = 1.5, 100.0
     coef = (gain * 1000 + se2, gain, 0.0)
     params = (1000.0, 2000.0)  # hu_window normalisation: x_n = (HU + 1000) / 2000
     var = [float(tdata.variance_map(np.full((9, 9), (hu + params[0]) / params[1], np.float32), coef, params)[4, 4])
-           * params[1] ** 2 for hu in (-3024.0, -1000.0, 0.0, 1000.0)]
-    np.testing.assert_allclose(var, [0.0, se2, gain * 1000 + se2, gain * 2000 + se2], rtol=1e-3)
+           * params[1] ** 2 for hu in (-3024.0, -1024.0, -1000.0, 0.0, 1000.0)]
+    np.testing.assert_allclose(var, [se2, se2, se2, gain * 1000 + se2, gain * 2000 + se2], rtol=1e-3)
+    # ... and that is the variance of the simulated noise, in air below -1000 HU too
+    clean = np.repeat(np.array([-1024.0, -1000.0, 0.0, 1000.0], np.float32), 20000)
+    noisy = noise.add_noise(clean, "ct", 0.25, 0)
+    g25, s25 = noise.ct_noise_parameters(0.25)
+    expect = tdata.variance_at(clean, tdata.variance_coef("ct", gain=g25, electronic_sigma=s25))
+    for hu in (-1024.0, -1000.0, 0.0, 1000.0):
+        sel = clean == hu
+        assert float(np.var(noisy[sel])) == pytest.approx(float(expect[sel][0]), rel=0.05)
 
 
 def test_loguniform_levels_favour_low_noise(mri_crop):

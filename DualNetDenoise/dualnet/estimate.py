@@ -191,7 +191,7 @@ def sigma_rician_background(x: np.ndarray, *, min_fraction: float = 0.02) -> flo
 def poisson_gaussian_fit(
     x: np.ndarray, *, mask: Optional[np.ndarray] = None, n_bins: int = 40, min_count: int = 200
 ) -> Tuple[float, float]:
-    """Fit ``var = gain * mean + sigma^2`` to local (mean, variance) pairs (Foi-style).
+    """Fit ``var = gain * max(mean, 0) + sigma^2`` to local (mean, variance) pairs (Foi-style).
 
     Local means are 2^ndim block means; local variances are robust (MAD) variances of the
     orthonormal diagonal Haar detail pooled over quantile bins of the block mean; the affine
@@ -225,7 +225,10 @@ def poisson_gaussian_fit(
         mu.append(float(np.mean(m)))
         var.append(float((np.median(np.abs(d)) * _MAD_TO_SIGMA) ** 2))
         cnt.append(idx.size)
-    mu_a, var_a, n_a = np.array(mu), np.array(var), np.array(cnt, dtype=np.float64)
+    # The Poisson term of a count is never negative: a bin whose mean lies below 0 (CT air under
+    # -1000 HU, down to -1024) carries the signal-independent variance only.
+    mu_a = np.maximum(np.array(mu), 0.0)
+    var_a, n_a = np.array(var), np.array(cnt, dtype=np.float64)
     w = n_a / np.maximum(var_a, 1e-12) ** 2
     gain, s2 = _wls_affine(mu_a, var_a, w)
     # One reweighting pass with the fitted variances (less sensitive to noisy bins).

@@ -846,8 +846,13 @@ def _cache_save(path: Path, data: Dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode("utf-8"))
 
 
-def _file_stamp(data_dir: Path, subset: Dict[str, Any]) -> List[Any]:
-    stamp = []
+def _input_stamp(data_dir: Path, subset: Dict[str, Any]) -> List[Any]:
+    """What determines a subset's noisy inputs besides its config: file sizes, noise-model version
+    (from version 2 on, so that the entries of a modality whose noise never changed stay valid)."""
+    from .noise import NOISE_MODEL_VERSION
+
+    version = NOISE_MODEL_VERSION.get(subset.get("modality"), 1)
+    stamp: List[Any] = [["noise_model", version]] if version > 1 else []
     for key in ("image",):
         if key in subset:
             p = data_dir / subset[key]
@@ -1066,6 +1071,9 @@ def mismatched_noise(clean: np.ndarray, modality: str, noise: str, match_level: 
       (:func:`dualnet.noise.add_speckle`);
     * ``poisson``: ``g Poisson(u / g)`` with ``g = (s / mean_fg(sqrt u))^2`` (signal-dependent).
 
+    CT voxels below -1000 HU (``u`` clipped to 0) keep their clean value under the last three, as
+    in :func:`dualnet.noise.add_poisson_gaussian`.
+
     Args:
         clean: clean LR image, (z, y, x) or (y, x), modality units.
         fg: bool foreground mask of ``clean``.
@@ -1097,6 +1105,8 @@ def mismatched_noise(clean: np.ndarray, modality: str, noise: str, match_level: 
         noisy, std = gain * g.poisson(u / gain) - off, np.sqrt(gain * u)
     else:
         raise InputError(f"unknown mismatch noise {noise!r}; use one of {', '.join(MISMATCH_NOISES)}")
+    if off and noise != "gaussian":  # CT below -1000 HU: noise around the clean value, not -1000
+        noisy = noisy + (x + off - u)
     return np.asarray(noisy, np.float32), np.asarray(std, np.float32)
 
 
@@ -1217,7 +1227,7 @@ def run_robustness(
         info[sname] = {"model": str(model_path), "train_range": list(train), "range_source": src,
                        "reference": ref_name, "reference_status": "ok" if reason is None else f"unavailable: {reason}"}
         conds = robustness_conditions(s, rcfg, train)
-        shash = _hash([CACHE_VERSION, __version__, s, _file_stamp(data_dir, s), file_digest(model_path),
+        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), file_digest(model_path),
                        ref_name if ref else None, ref_opts, seeds[0]])
         for case in all_cases[sname][:n_cases]:
             report(progress, _PROGRESS_MAIN + (_PROGRESS_ROBUST - _PROGRESS_MAIN) * done / max(todo, 1),
@@ -1340,7 +1350,7 @@ def run_calibration(
         except ModelError as err:
             out["errors"][sname] = str(err)
             continue
-        shash = _hash([CACHE_VERSION, __version__, s, _file_stamp(data_dir, s), file_digest(model), mc, seeds[0]])
+        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), file_digest(model), mc, seeds[0]])
         stds, errs, per_case = [], [], []
         for case in all_cases[sname][:n_cases]:
             check_cancel(cancel)
@@ -1433,7 +1443,7 @@ def run_study(
         case_info[sname] = [{"case": c.case_id, "source": c.source} for c in cases]
         lr_factor = float(s.get("lr_factor", 2))
         dr_setting = s.get("data_range", DEFAULT_DATA_RANGE[modality])
-        subset_hash = _hash([CACHE_VERSION, __version__, s, seeds, _file_stamp(data_dir, s)])
+        subset_hash = _hash([CACHE_VERSION, __version__, s, seeds, _input_stamp(data_dir, s)])
         specs, status[sname] = _method_status(cfg, method_names, modality, cfg_dir, study["device"], descriptions)
 
         degraded_memo: Dict[Tuple[float, str, int], _Degraded] = {}

@@ -435,8 +435,8 @@ def denoise_array(
     else:
         info["guard"] = None
     if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
-        for c in _chunks(outs["out"]):
-            np.maximum(c, np.float32(floor), out=c)
+        for c, v in zip(_chunks(outs["out"]), _chunks(vol)):  # CT fill values stay as they came
+            np.maximum(c, np.float32(floor), out=c, where=~_fill_mask(v) if has_fill else True)
     squeeze = (lambda a: a[0]) if arr.ndim == 2 else (lambda a: a)
     unc, sigma, alpha = outs.get("unc"), outs.get("sigma"), outs.get("alpha")
     if unc is not None:  # post-hoc sigma-scaling of the MC-dropout std, fitted on validation (card)

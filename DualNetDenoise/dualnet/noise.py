@@ -17,7 +17,10 @@ CT (image-domain Poisson-Gaussian low-dose model)
     at dose fraction ``d`` keeps each count with probability ``d`` (binomial thinning of a Poisson
     count is Poisson), so ``c ~ Poisson(d q) + N(0, sigma_e^2)`` where ``sigma_e`` is the
     electronic (detector read-out) noise in counts, independent of dose. The count is mapped back
-    with the dose-corrected scale, ``HU' = 1000 c / (d N_full) - 1000``. In the shifted domain
+    with the dose-corrected scale, ``HU' = 1000 c / (d N_full) - 1000``. The noise is zero-mean
+    around the clean value: below -1000 HU (air of a reconstructed scan, often -1024), where the
+    expected count is 0, the clean value is kept and only the electronic term is added (raising it
+    to -1000 first would bias the noisy air by up to +24 HU). In the shifted domain
     ``y = HU + 1000`` the noise is exactly Poisson-Gaussian, ``y' = g Poisson(y / g) + N(0, s^2)``,
     with gain ``g = 1000 / (d N_full)`` (HU per count) and ``s = g sigma_e`` (HU), which is what
     :func:`dualnet.vst.gat_forward` and :func:`dualnet.estimate.poisson_gaussian_fit` use.
@@ -55,6 +58,10 @@ LEVEL_RANGES: Dict[str, Tuple[float, float]] = {
     "ct": (0.10, 0.50),
     "us": (1.0, 16.0),
 }
+
+#: Version of each modality's simulated noise (part of the evaluation study's cache keys). CT 2:
+#: the noise is zero-mean around clean values below -1000 HU (version 1 raised them to -1000).
+NOISE_MODEL_VERSION: Dict[str, int] = {"mri": 1, "ct": 2, "us": 1}
 
 #: Offset that maps HU to the non-negative attenuation-proportional domain (air = 0).
 CT_OFFSET_HU: float = 1000.0
@@ -163,11 +170,19 @@ def add_poisson_gaussian(
     g = as_generator(rng)
     gain, _ = ct_noise_parameters(dose, electronic_sigma=electronic_sigma, full_dose_photons=full_dose_photons)
     # Expected counts at this dose: proportional to the attenuation (air and below -> 0).
-    lam = np.maximum(a.astype(np.float64) + CT_OFFSET_HU, 0.0) / gain
-    counts = g.poisson(lam).astype(np.float64)
+    a64 = a.astype(np.float64)
+    lam = np.maximum(a64 + CT_OFFSET_HU, 0.0) / gain
+    # The noise is added around the clean value (zero mean, as in a linear reconstruction): for
+    # HU >= -1000 this is exactly gain * counts - 1000; below -1000 (air in a reconstructed scan,
+    # often -1024) the clean value is kept instead of being raised to -1000 before the noise.
+    out = g.poisson(lam).astype(np.float64)
+    out -= lam
+    del lam
+    out *= gain
     if electronic_sigma > 0:
-        counts += electronic_sigma * g.standard_normal(a.shape)
-    return (counts * gain - CT_OFFSET_HU).astype(a.dtype, copy=False)
+        out += (gain * electronic_sigma) * g.standard_normal(a.shape)
+    out += a64
+    return out.astype(a.dtype, copy=False)
 
 
 def add_speckle(clean: np.ndarray, looks: float, rng: RngLike = None) -> np.ndarray:

@@ -5,8 +5,9 @@ additive white Gaussian with a known std, then maps back with an unbiased invers
 
 - MRI (Rician): :func:`dualnet.vst.rician_forward` (noise std 1) and the exact unbiased
   :func:`dualnet.vst.rician_inverse` (removes the Rician bias, including in the background).
-- CT (Poisson-Gaussian in ``HU + 1000``): generalized Anscombe with estimated (or given)
-  ``(gain, sigma)`` and the Makitalo-Foi exact unbiased inverse. Voxels below -1100 HU
+- CT (Poisson-Gaussian): generalized Anscombe in ``HU + 1024`` (counts from the lowest air a
+  scanner stores, so that the inverse, >= 0, does not raise air below -1000 HU) with estimated (or
+  given) ``(gain, sigma)`` and the Makitalo-Foi exact unbiased inverse. Voxels below -1100 HU
   (out-of-field padding) are left out of the fit and returned unchanged.
 - US (Gamma speckle): log transform with the ``psi(L) - ln L`` bias removed, ``exp`` back.
 
@@ -63,7 +64,7 @@ class _Transform:
 
 def _transform(a: np.ndarray, modality: str, sigma: Optional[float], stabilize: bool) -> _Transform:
     from .. import estimate, vst
-    from ..noise import CT_OFFSET_HU
+    from ..degrade import CT_FLOOR_HU
 
     if modality == "mri":
         s = float(sigma) if sigma is not None else estimate.estimate_noise(a, "mri").sigma
@@ -75,10 +76,15 @@ def _transform(a: np.ndarray, modality: str, sigma: Optional[float], stabilize: 
             vst.rician_forward(a, s), 1.0, lambda d: vst.rician_inverse(d, s), {"sigma": s, "transform": "rician-vst"}
         )
     if modality == "ct":
-        y = a + CT_OFFSET_HU
+        # Counts from the lowest air of a reconstructed scan (-1024 HU), not from -1000: the
+        # unbiased GAT inverse is >= 0, so an offset of 1000 would raise the air below -1000 HU.
+        # Above -1000 HU the fit absorbs the shift into the electronic term (var = gain (HU +
+        # 1024) + e^2 with e^2 = s^2 - 24 gain, s the electronic std in HU); the air between is close.
+        off = -CT_FLOOR_HU
+        y = a + off
         pad = a < estimate.CT_PADDING_HU  # out-of-field fill values: excluded, restored after
         gain, e = estimate.poisson_gaussian_fit(y, mask=~pad if pad.any() else None)
-        water = float(np.sqrt(gain * CT_OFFSET_HU + e * e))
+        water = float(np.sqrt(gain * off + e * e))
         if sigma is not None:  # sigma = noise std at water (HU): keep the fitted shape, rescale
             k = float(sigma) / water if water > 0 else 0.0
             gain, e, water = gain * k * k, e * k, float(sigma)
@@ -91,7 +97,7 @@ def _transform(a: np.ndarray, modality: str, sigma: Optional[float], stabilize: 
         info["transform"] = "gat"
         return _Transform(
             vst.gat_forward(y, gain, e_eff), 1.0,
-            lambda d: vst.gat_inverse_exact_unbiased(d, gain, e_eff) - CT_OFFSET_HU, info,
+            lambda d: vst.gat_inverse_exact_unbiased(d, gain, e_eff) - off, info,
         )
     # ultrasound
     looks = 1.0 / float(sigma) ** 2 if sigma is not None else estimate.speckle_looks(a)

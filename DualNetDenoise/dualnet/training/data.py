@@ -324,8 +324,8 @@ def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: 
     """Noise variance per voxel in NORMALISED units^2 for a normalised noisy patch.
 
     The signal is a Gaussian-smoothed copy of the noisy patch (``smooth`` voxels), mapped back to
-    physical units with the image's normalisation ``params = (offset, scale)``. Negative values of
-    the polynomial (CT fill values far below -1000 HU) are clipped to 0.
+    physical units with the image's normalisation ``params = (offset, scale)`` (see
+    :func:`variance_at`).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -339,11 +339,18 @@ def variance_map(noisy_n: np.ndarray, coef: Tuple[float, float, float], params: 
 
 
 def variance_at(signal: np.ndarray, coef: Tuple[float, float, float]) -> np.ndarray:
-    """The noise variance polynomial ``c0 + c1 s + c2 s^2`` at ``signal`` (physical units), clipped
-    at 0 (CT fill values far below -1000 HU), float32."""
+    """The noise variance polynomial ``c0 + c1 s + c2 s^2`` at ``signal`` (physical units), float32.
+
+    The linear term is CT's Poisson term, which counts from -1000 HU (zero counts): below it (air
+    down to -1024 HU, fill values) the variance is the electronic term ``c0 - 1000 c1``, as
+    :func:`dualnet.noise.noise_std_map` has it. Clipped at 0.
+    """
+    from ..noise import CT_OFFSET_HU
+
     c0, c1, c2 = (float(c) for c in coef)
     s = np.asarray(signal, dtype=np.float32)
-    return np.maximum(c0 + c1 * s + c2 * np.square(s), 0.0).astype(np.float32)
+    lin = c1 * np.maximum(s, np.float32(-CT_OFFSET_HU)) if c1 != 0 else 0.0
+    return np.maximum(c0 + lin + c2 * np.square(s), 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

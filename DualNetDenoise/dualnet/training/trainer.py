@@ -934,6 +934,10 @@ def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: 
                                          "val_selfsup_loss": val.get("val_loss")}.items() if v is not None}
     if cfg.nonnegative:  # physical units; inference floors every forward pass there, as the loss did
         card["output_floor"] = 0.0
+    elif cfg.modality == "ct":  # no clean CT voxel lies below the scanner's air (degrade floors it there)
+        from ..degrade import CT_FLOOR_HU
+
+        card["output_floor"] = CT_FLOOR_HU
     card["version"] = __version__
     card.update(extra)
     return card
