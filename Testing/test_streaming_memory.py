@@ -30,12 +30,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(vol, model, card, *, tile, overlap, tta, mc_samples, seed, batch, coef):
-    """Whole-volume reference of 2D (slice-wise, 2.5D + noise-map) tiled inference."""
+    """Whole-volume reference of 2D (slice-wise, 2.5D + noise-map) tiled inference; the card's
+    ``output_floor`` floors every pass (TTA, MC) and then the result, fill values excepted."""
     vol = np.asarray(vol)
     fill = vol < CT_PADDING_HU if card.get("modality") == "ct" else np.zeros(vol.shape, bool)
     xn, params = normalise(np.where(fill, np.float32(CT_FLOOR_HU), vol).astype(np.float32),
                            card["normalisation"])
     nmap = np.sqrt(variance_map(xn, coef, (-params["offset"], params["scale"]), smooth=(0.0, 1.0, 1.0)))
+    floor = card.get("output_floor")
+    floor_n = -np.inf if floor is None else (floor - params["offset"]) / params["scale"]
     k = int(model.config.get("context", 1)) // 2
     padded = np.pad(xn, ((k, k), (0, 0), (0, 0)), mode="edge")
     z_n, y_n, x_n = vol.shape
@@ -57,6 +60,7 @@ def reference(vol, model, card, *, tile, overlap, tta, mc_samples, seed, batch, 
             sums = {}
             for q, flip in transforms:
                 res = model(apply_tta(x, q, flip))
+                res["out"] = res["out"].clamp_min(floor_n)
                 for key in ("out", "sigma", "alpha"):
                     if res.get(key) is not None:
                         val = invert_tta(res[key].float(), q, flip)
@@ -64,7 +68,7 @@ def reference(vol, model, card, *, tile, overlap, tta, mc_samples, seed, batch, 
             preds = {key: v / len(transforms) for key, v in sums.items()}
             if mc_samples:
                 enable_mc_dropout(model)
-                mc = torch.stack([model(x)["out"].float() for _ in range(mc_samples)])
+                mc = torch.stack([model(x)["out"].float().clamp_min(floor_n) for _ in range(mc_samples)])
                 preds["unc"] = mc.std(0, unbiased=True)
                 model.eval()
             for key, val in preds.items():
@@ -76,6 +80,8 @@ def reference(vol, model, card, *, tile, overlap, tta, mc_samples, seed, batch, 
                 wsum[z, y:y + ty, xx:xx + tx] += weight
     maps = {key: val / wsum for key, val in acc.items()}
     out = denormalise(maps["out"], params)
+    if floor is not None:
+        out = np.maximum(out, np.float32(floor))
     out[fill] = vol[fill]
     return {"denoised": out, "sigma_map": maps["sigma"] * params["scale"], "alpha_map": maps["alpha"],
             "uncertainty": maps["unc"] * params["scale"] if "unc" in maps else None}
