@@ -259,7 +259,7 @@ def noise_std_map(clean: np.ndarray, modality: str, level: Optional[float] = Non
         modality: ``"mri"``, ``"ct"`` or ``"us"``.
         level: as in :func:`add_noise` (``None`` = default).
         kind: ``"std"`` = exact standard deviation of the noisy voxel around its mean (Rician
-            std for MRI, ``sqrt(gain (HU+1000) + s^2)`` for CT, ``x / sqrt(L)`` for US);
+            std for MRI, ``sqrt(gain max(HU+1000, 0) + s^2)`` for CT, ``x / sqrt(L)`` for US);
             ``"sigma"`` = the model's Gaussian parameter (MRI: the constant Rician sigma;
             identical to ``"std"`` for CT and US).
 
