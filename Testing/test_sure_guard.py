@@ -70,9 +70,13 @@ def test_guard_keeps_the_network_where_it_helps(mri_volume):
                 spacing_zyx=mri_volume.spacing_zyx, rng=1)
     clean, noisy = d.clean_lr.astype(np.float32), d.noisy_lr.astype(np.float32)
     sigma = 0.05 * float(clean.max())
+    ran = []  # slices per forward: the guard's pass runs the network on the checked slices only
+    hook = net.register_forward_hook(lambda m, args, out: ran.append(args[0].shape[0]))
     res = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0),
                         views=1)  # one view: its guard's slices are the checked ones
+    hook.remove()
     g = res.info["guard"]
+    assert sum(ran) == len(clean) + sum(z1 - z0 for z0, z1 in g["slices"])  # not their context slices
     assert g["weight"] == 1.0 and g["mse_network"] < 0.5 * g["mse_input"], g
     assert g["slices"] == [[z0, z1] for z0, z1, _, _ in sg.guard_blocks(24, 5)]
     zs = np.concatenate([np.arange(z0, z1) for z0, z1 in g["slices"]])

@@ -142,6 +142,36 @@ def test_init_partial_transplants_the_shared_weights_into_a_variant(tmp_path, mr
         _cfg(init_partial=True)
 
 
+def test_init_partial_widens_the_context_and_starts_from_the_same_output(tmp_path, mri_crop):
+    """More adjacent slices (context 3 -> 5): the trained model's input weights move to the middle
+    slices, the new slices start at zero weight, so the widened model starts from the same output
+    and only then learns to use them; narrowing, or widening and switching the NEB at once, is refused."""
+    base = pretrain(_cfg(steps=3, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
+    res = pretrain(_cfg(steps=0, context=5, noise_map=True, init_from=str(base.model_path), init_partial=True),
+                   data=[mri_crop], out_dir=tmp_path / "b")
+    src, _ = modelfile.load_model(base.model_path, "cpu")
+    dst, card = modelfile.load_model(res.model_path, "cpu")
+    moved = card["initialised_from"]["transplant"]
+    assert sorted(moved["partial"]) == ["neb.features.stack.0.conv.weight", "srb.inc.weight"]
+    assert moved["new"] == [] and moved["dropped"] == [] and card["architecture"]["context"] == 5
+    w = dst.state_dict()["srb.inc.weight"]
+    assert torch.equal(w[:, [0, 4]], torch.zeros_like(w[:, [0, 4]]))  # the two new slices
+    assert torch.equal(w[:, 5:], src.state_dict()["srb.inc.weight"][:, 3:])  # noise map, blind, log sigma
+    src.eval(), dst.eval()
+    x = torch.from_numpy(np.ascontiguousarray(mri_crop[:5, :32, :32], dtype=np.float32))[None] / float(mri_crop.max())
+    nmap = torch.full_like(x[:, :1], 0.03)
+    with torch.no_grad():
+        a, b = src(torch.cat([x[:, 1:4], nmap], 1)), dst(torch.cat([x, nmap], 1))
+    for key in ("out", "sigma", "alpha", "blind"):
+        assert torch.equal(a[key], b[key]), key
+    with pytest.raises(InputError, match="not narrow"):
+        pretrain(_cfg(steps=0, context=1, noise_map=True, init_from=str(base.model_path), init_partial=True),
+                 data=[mri_crop], out_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="two transplants"):
+        pretrain(_cfg(steps=0, context=5, noise_map=True, use_neb=False, init_from=str(base.model_path),
+                      init_partial=True), data=[mri_crop], out_dir=tmp_path / "d")
+
+
 def test_a_separate_confidence_head_trains_alone_and_leaves_the_output_unchanged(tmp_path, mri_crop):
     """confidence_head = "sigma_mlp" on a trained model: train_only keeps every other weight, and the
     denoised output stays bit-identical (the skip gates keep their own map)."""

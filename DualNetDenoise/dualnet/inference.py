@@ -518,20 +518,20 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
     blocks = sg.guard_blocks(vol.shape[0], context)
     # the runs with their context slices, one after the other: a run's own context comes first and
     # last, so its inner slices see the right neighbours (the seams only feed unused slices)
+    # the network runs on the inner slices only; the context slices are read as their neighbours
     zs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in blocks])
     inner = np.concatenate([(np.arange(lo, hi) >= z0) & (np.arange(lo, hi) < z1) for z0, z1, lo, hi in blocks])
-    probed = _ProbedSlices(vol, out, zs, var_coef, seed, has_fill)
+    probed = _ProbedSlices(vol, out, zs, var_coef, seed, has_fill, inner)
     sums = sg.SureSums()
 
     def add(i: int, maps: Dict[str, np.ndarray]) -> None:
         b, eps, var, keep = probed.take(i)
-        if inner[i]:
-            z = int(zs[i])
-            perturbed = _finish_map("out", maps["out"], norm_params)
-            sums.add(vol[z], out[z], perturbed, b, eps, var, sg.check_mask(modality, out[z], var, keep))
+        z = int(zs[i])
+        perturbed = _finish_map("out", maps["out"], norm_params)
+        sums.add(vol[z], out[z], perturbed, b, eps, var, sg.check_mask(modality, out[z], var, keep))
 
     _run(probed.shape, _SliceSource(probed, norm_params, has_fill, coef).reader(context), model, dim, dev,
-         tile_shape, batch, overlap, tta, 0, seed, None, cancel, add, out_floor)
+         tile_shape, batch, overlap, tta, 0, seed, None, cancel, add, out_floor, only=inner)
     res = sums.result()
     for y, f in zip(_chunks(vol), _chunks(out)):
         sg.blend(y, f, res["weight"])
@@ -543,12 +543,13 @@ class _ProbedSlices:
     """Slices ``zs`` of ``vol`` (in that order) with the SURE probe added, made on demand (float32):
     entry ``i`` is ``vol[zs[i]] + eps * b`` with ``b, eps`` from :func:`dualnet.sure_guard.probe`
     for ``(seed, i)`` and the noise variance at the network's result ``out``; CT fill values stay.
-    Each entry's probe is made once, when the network reads the entry, and kept until
-    :meth:`take` hands it to the SURE sums (a few entries at a time)."""
+    Each entry's probe is made when the network reads the entry; the probes of the entries marked in
+    ``summed`` are kept until :meth:`take` hands them to the SURE sums (a few entries at a time)."""
 
     def __init__(self, vol: np.ndarray, out: np.ndarray, zs: np.ndarray, coef: Sequence[float], seed: int,
-                 has_fill: bool) -> None:
+                 has_fill: bool, summed: np.ndarray) -> None:
         self.vol, self.out, self.zs, self.coef, self.seed, self.has_fill = vol, out, zs, coef, seed, has_fill
+        self.summed = summed
         self.shape = (len(zs),) + tuple(vol.shape[1:])
         self._probes: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
 
@@ -573,7 +574,9 @@ class _ProbedSlices:
     def __getitem__(self, i: int) -> np.ndarray:
         found = self._probes.get(i)
         if found is None:
-            found = self._probes[i] = self._probe(i)
+            found = self._probe(i)
+            if self.summed[i]:
+                self._probes[i] = found
         b, eps = found[0], found[1]
         return self.vol[int(self.zs[i])].astype(np.float32) + eps * b
 
@@ -812,7 +815,7 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
          dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
          mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
          sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
-         out_floor: Optional[float] = None) -> Dict[str, np.ndarray]:
+         out_floor: Optional[float] = None, only: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Tiled passes over a normalised (z, y, x) volume of ``shape`` whose tiles ``reader``
     returns; gives normalised-unit maps.
 
@@ -821,6 +824,8 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     handed over as ``sink(z, {key: (y, x) map})`` (the arrays are the sink's to keep); only the
     slices of the current batch are held, and an empty dict is returned. The values are the same.
     ``out_floor`` (normalised units) floors ``out`` in every pass (TTA, MC) before blending.
+    ``only`` (bool per slice, streamed 2D only): the network runs on those slices alone (the others
+    are still read as their context) and only they reach the sink.
     """
     import torch
 
@@ -832,6 +837,10 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     stream = sink is not None
     if stream and dim != 2:
         raise ValueError("streamed blending needs a 2D (slice-wise) model")
+    if only is not None:
+        if not stream:
+            raise ValueError("only= needs the streamed 2D pass")
+        tiles = [s for s in tiles if only[s[0].start]]
     acc: Dict[str, np.ndarray] = {}
     open_slices: Dict[int, Dict[str, np.ndarray]] = {}
     done: Dict[int, int] = {}

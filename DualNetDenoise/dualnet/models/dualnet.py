@@ -320,9 +320,25 @@ class DualNet(nn.Module):
         return result
 
 
-#: The architecture keys a transplant may change (``transplant_weights``): the ablation switches
-#: and the form of the confidence head.
-TRANSPLANT_SWITCHES = ("use_neb", "use_nonlocal", "confidence_head")
+#: The architecture keys a transplant may change (``transplant_weights``): the ablation switches,
+#: the form of the confidence head and the number of adjacent slices (widened only).
+TRANSPLANT_SWITCHES = ("use_neb", "use_nonlocal", "confidence_head", "context")
+#: The input convolutions whose input channels start with the slices (``transplant_weights``).
+_SLICE_INPUT_CONVS = ("srb.inc.weight", "neb.features.stack.0.conv.weight")
+
+
+def _widen_input(old: torch.Tensor, new: torch.Tensor, k_old: int, k_new: int) -> torch.Tensor:
+    """``old``'s input channels placed where they sit in a model with ``k_new`` slices.
+
+    Slice ``j`` of ``k_old`` becomes slice ``j + (k_new - k_old) // 2`` (the centre stays the centre);
+    the channels after the slices (noise map, NEB outputs) move up by ``k_new - k_old``. The new
+    slices' weights are zero, so the widened model computes exactly what ``old`` did until it learns.
+    """
+    out = torch.zeros_like(new)
+    off = (k_new - k_old) // 2
+    out[:, off:off + k_old] = old[:, :k_old]
+    out[:, k_new:] = old[:, k_old:k_old + out.shape[1] - k_new]
+    return out
 
 
 def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
@@ -330,17 +346,24 @@ def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
 
     For a final-budget ablation, a variant without the NEB (or with / without the bottleneck
     attention) starts from the trained full model instead of from scratch; a separate confidence
-    head (``confidence_head``) is trained on a trained model. Weights with the same
-    name and shape are copied; the SRB input convolution keeps the weights of the input channels
-    both models share (the slices and the noise map come first in both); the rest of ``dst`` keeps
-    its initialisation. Returns the names ``copied``, ``partial`` (input conv), ``dropped`` (only in
-    ``src``) and ``new`` (only in ``dst``). ``ValueError`` when anything else differs.
+    head (``confidence_head``) is trained on a trained model; a model with more adjacent slices
+    (``context``, widened only) starts as the trained one, its new slices weighted zero. Weights with
+    the same name and shape are copied; the SRB input convolution keeps the weights of the input
+    channels both models share (the slices and the noise map come first in both); the rest of
+    ``dst`` keeps its initialisation. Returns the names ``copied``, ``partial`` (input convs),
+    ``dropped`` (only in ``src``) and ``new`` (only in ``dst``). ``ValueError`` when anything else
+    differs.
     """
     a = {k: v for k, v in src.config.items() if k not in TRANSPLANT_SWITCHES}
     b = {k: v for k, v in dst.config.items() if k not in TRANSPLANT_SWITCHES}
     if a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise ValueError(f"the models differ in more than the switches {TRANSPLANT_SWITCHES}: {diff}")
+    k_old, k_new = src.context, dst.context
+    if k_new < k_old:
+        raise ValueError(f"a transplant may widen the context, not narrow it ({k_old} -> {k_new} slices)")
+    if k_new != k_old and src.config["use_neb"] != dst.config["use_neb"]:
+        raise ValueError("widen the context and switch the NEB in two transplants, not one")
     have, want = src.state_dict(), dst.state_dict()
     report: Dict[str, List[str]] = {"copied": [], "partial": [], "dropped": [], "new": []}
     merged = {}
@@ -349,6 +372,9 @@ def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
         if v is not None and v.shape == w.shape:
             merged[name] = v.clone()
             report["copied"].append(name)
+        elif v is not None and k_new != k_old and name in _SLICE_INPUT_CONVS:
+            merged[name] = _widen_input(v, w, k_old, k_new)
+            report["partial"].append(name)
         elif v is not None and name == "srb.inc.weight" and v.shape[0] == w.shape[0] and v.shape[2:] == w.shape[2:]:
             shared = min(v.shape[1], w.shape[1])
             w = w.clone()
