@@ -150,10 +150,13 @@ def test_config_toml_round_trip(tmp_path):
         TrainConfig.from_toml(tmp_path / "bad2.toml")
 
 
-def test_confidence_head_config_trains_the_head_alone_on_the_parent_model():
-    """The last stage of the shipped MRI model: the separate confidence head on v6, same data split."""
-    cfg = TrainConfig.from_toml(config_dir() / "confidence_head_mri.toml")
-    base = TrainConfig.from_toml(config_dir() / "pretrain_mri.toml")
+@pytest.mark.parametrize("modality", ["mri", "ct"])
+def test_confidence_head_config_trains_the_head_alone_on_the_parent_model(modality):
+    """The last stage of the shipped MRI and CT models: the separate confidence head on the parent
+    model (MRI v6, CT v7), same data split."""
+    cfg = TrainConfig.from_toml(config_dir() / f"confidence_head_{modality}.toml")
+    base = TrainConfig.from_toml(config_dir() / f"pretrain_{modality}.toml")
+    assert cfg.modality == base.modality == modality
     assert cfg.confidence_head == "sigma_mlp" and cfg.train_only == ["neb.confidence_head"] and cfg.init_partial
     assert (config_dir().parent / cfg.init_from).exists(), cfg.init_from
     assert [(d.path, d.split) for d in cfg.data] == [(d.path, d.split) for d in base.data]
