@@ -12,7 +12,6 @@ error in the background and in the foreground, in millionths of the squared maxi
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from dualnet import modelfile
 from dualnet.degrade import degrade
 from dualnet.inference import denoise_array
 from dualnet.io import read_volume
+from dualnet.training.config import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = [REPO / "DualNetDenoise/dualnet/weights/dualnet_mri.safetensors",
@@ -29,8 +29,7 @@ DEFAULT = [REPO / "DualNetDenoise/dualnet/weights/dualnet_mri.safetensors",
 
 
 def main() -> None:
-    data = Path(os.environ.get("DUALNET_SHARED_DATA", REPO.parent / "shared" / "data"))
-    vol = read_volume(data / "mri" / "voxelmorph_brain_t1.nii.gz")
+    vol = read_volume(default_data_dir() / "mri" / "voxelmorph_brain_t1.nii.gz")
     arr = vol.array.astype(np.float32)
     z0 = arr.shape[0] // 2 - 16
     d = degrade(arr[z0:z0 + 32], "mri", 0.05, lr_factor=2, spacing_zyx=vol.spacing_zyx, rng=3)

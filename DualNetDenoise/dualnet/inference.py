@@ -517,8 +517,7 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
             return {"weight": 1.0, "reason": f"no noise estimate ({err})"}
     blocks = sg.guard_blocks(vol.shape[0], context)
     # the runs with their context slices, one after the other: a run's own context comes first and
-    # last, so its inner slices see the right neighbours (the seams only feed unused slices)
-    # the network runs on the inner slices only; the context slices are read as their neighbours
+    # last, so its inner slices see the right neighbours; the network runs on the inner slices only
     zs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in blocks])
     inner = np.concatenate([(np.arange(lo, hi) >= z0) & (np.arange(lo, hi) < z1) for z0, z1, lo, hi in blocks])
     probed = _ProbedSlices(vol, out, zs, var_coef, seed, has_fill, inner)
