@@ -178,11 +178,11 @@ def test_cuda_oom_halves_tiles_then_falls_back_to_cpu(monkeypatch):
     tiles_tried = []
     real_run = inf._run
 
-    def fake_run(shape, reader, model, dim, dev, tile_shape, *args):
+    def fake_run(shape, reader, model, dim, dev, tile_shape, *args, **kwargs):
         if dev.type == "cuda":
             tiles_tried.append(tile_shape)
             raise torch.cuda.OutOfMemoryError("simulated")
-        return real_run(shape, reader, model, dim, dev, tile_shape, *args)
+        return real_run(shape, reader, model, dim, dev, tile_shape, *args, **kwargs)
 
     monkeypatch.setattr(device_mod, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(device_mod, "describe", lambda dev: torch.device(dev).type)

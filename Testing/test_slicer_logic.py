@@ -1052,10 +1052,10 @@ def test_dependencies_one_confirmation_for_everything(fake_env):
     minimum version, never through pip."""
     from DualNetDenoiseLib import dependencies as dep
 
-    assert _ensure(dep, fake_env, "dualnet") == ["torch", "safetensors>=0.4"]
+    assert _ensure(dep, fake_env, "dualnet") == ["torch", "safetensors>=0.4", "onnxruntime>=1.17"]
     (question,) = fake_env.questions
-    assert "PyTorch >=2.1" in question and "safetensors>=0.4" in question
-    assert fake_env.calls == [("torch", dep.MIN_TORCH), ("pip", ["safetensors>=0.4"])]
+    assert "PyTorch >=2.1" in question and "safetensors>=0.4" in question and "onnxruntime" in question
+    assert fake_env.calls == [("torch", dep.MIN_TORCH), ("pip", ["safetensors>=0.4", "onnxruntime>=1.17"])]
     assert _ensure(dep, fake_env, "dualnet") == [] and len(fake_env.questions) == 1  # installed once
     assert _ensure(dep, fake_env, "gaussian", interactive=False) == []  # no torch needed
 
@@ -1080,7 +1080,7 @@ def test_dependencies_refusals_and_batch_messages(fake_env):
 def test_dependencies_minimum_torch_version(fake_env):
     from DualNetDenoiseLib import dependencies as dep
 
-    fake_env.present |= {"torch", "safetensors"}
+    fake_env.present |= {"torch", "safetensors", "onnxruntime"}
     fake_env.versions["torch"] = "1.13.1+cu117"
     with pytest.raises(dep.DependencyError, match="PyTorch 1.13.1.*older than the 2.1"):
         _ensure(dep, fake_env, "dualnet")

@@ -10,7 +10,7 @@ Volumes (z, y, x), written once to a temporary folder as NIfTI:
 - ``mri_slab``  60 x 256 x 256 slab of the ADNI T1 with Rician noise at 5 %;
 - ``ct_slab``   60 x 256 x 256 of the chest CT (2x2 in-plane block average, 2 mm slices) at 25 % dose.
 
-    python benchmarks/bench_speed.py [--repeats 2] [--volumes mri_cube mri_slab ct_slab] [--tta]
+    python benchmarks/bench_speed.py [--repeats 2] [--volumes mri_cube mri_slab ct_slab] [--tta] [--torch]
 
 Prints one table (wall seconds, best of ``--repeats``; speed-up = BM4D / DUAL-NET) and the machine.
 """
@@ -18,11 +18,13 @@ Prints one table (wall seconds, best of ``--repeats``; speed-up = BM4D / DUAL-NE
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from common import REPO, machine
 
@@ -30,8 +32,6 @@ MODALITY = {"mri_cube": "mri", "mri_slab": "mri", "ct_slab": "ct"}
 
 
 def data_dir() -> Path:
-    import os
-
     env = os.environ.get("DUALNET_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
 
@@ -60,13 +60,14 @@ def write_volume(name: str, folder: Path) -> Path:
     return path
 
 
-def time_command(args: list, repeats: int) -> float:
-    """Best wall time in seconds of ``dualnet <args>`` in a fresh Python process."""
+def time_command(args: list, repeats: int, env: Optional[dict] = None) -> float:
+    """Best wall time in seconds of ``dualnet <args>`` in a fresh Python process (``env``: more
+    environment variables)."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "dualnet", *args, "-q"], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="DUAL-NET runs per volume (best is kept)")
     ap.add_argument("--bm4d-repeats", type=int, default=1)
     ap.add_argument("--tta", action="store_true", help="also time DUAL-NET with x8 test-time augmentation")
+    ap.add_argument("--torch", action="store_true",
+                    help="also time the default with the network run by PyTorch (DUALNET_BACKEND=torch)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,13 +87,15 @@ def main() -> None:
         for name in args.volumes:
             src = write_volume(name, tmp)
             mod = MODALITY[name]
-            runs = [("dualnet", [], args.repeats), ("dualnet --views 1", ["--views", "1"], args.repeats)] \
-                + ([("dualnet --tta", ["--tta"], args.repeats)] if args.tta else []) \
-                + [("bm4d", ["--method", "bm4d"], args.bm4d_repeats)]
+            torch_env = {"DUALNET_BACKEND": "torch"}
+            runs = [("dualnet", [], args.repeats, None), ("dualnet --views 1", ["--views", "1"], args.repeats, None)] \
+                + ([("dualnet, PyTorch backend", [], args.repeats, torch_env)] if args.torch else []) \
+                + ([("dualnet --tta", ["--tta"], args.repeats, None)] if args.tta else []) \
+                + [("bm4d", ["--method", "bm4d"], args.bm4d_repeats, None)]
             times = {}
-            for label, extra, reps in runs:
-                out = tmp / f"{name}_{label.replace(' ', '_')}.nii.gz"
-                times[label] = time_command(["denoise", str(src), str(out), "--modality", mod, *extra], reps)
+            for label, extra, reps, env in runs:
+                out = tmp / f"{name}_{label.replace(' ', '_').replace(',', '')}.nii.gz"
+                times[label] = time_command(["denoise", str(src), str(out), "--modality", mod, *extra], reps, env)
                 print(f"{name}: {label} {times[label]:.1f} s", flush=True)
             rows.append((name, times))
     print()

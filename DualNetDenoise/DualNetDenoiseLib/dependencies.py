@@ -3,7 +3,8 @@
 * PyTorch comes from Slicer's *PyTorch* extension (``PyTorchUtils``), which picks the build that
   fits the GPU and driver; it is never pip-installed here, and an installed torch older than
   :data:`MIN_TORCH` is refused with a message (a loaded torch cannot be replaced without a restart).
-* Other packages (safetensors, scikit-image, ``tomli`` on Python < 3.11 for training, the optional
+* Other packages (safetensors, scikit-image, onnxruntime for the network's CPU graphs, ``tomli`` on
+  Python < 3.11 for training, the optional
   bm4d/bm3d baselines) are pip-installed after the user agreed, in ONE confirmation that lists
   everything (the PyTorch extension is told not to ask again).
 * Packages Slicer ships (:data:`PROTECTED`) are never upgraded: every pip call gets a constraints
@@ -37,6 +38,7 @@ PIP_PACKAGES: Dict[str, str] = {
     "scipy": "scipy>=1.10",
     "tqdm": "tqdm>=4.60",
     "tomli": "tomli>=2.0",
+    "onnxruntime": "onnxruntime>=1.17",
 }
 #: optional baselines (non-commercial licence), installed only when the method is chosen.
 OPTIONAL_PACKAGES: Dict[str, str] = {"bm4d": "bm4d>=4.2", "bm3d": "bm3d>=4.0"}
@@ -93,6 +95,8 @@ def required_modules(method: str, python_version: Tuple[int, int] = sys.version_
     mods = ["scipy", "skimage"]
     if method in ("dualnet", TRAINING):
         mods += ["torch", "safetensors"]
+    if method == "dualnet":
+        mods.append("onnxruntime")  # the shipped models' CPU graphs (PyTorch would run them, slower)
     if method == TRAINING and tuple(python_version) < (3, 11):
         mods.append("tomli")  # dualnet.training.config reads TOML; tomllib is stdlib only from 3.11
     if method in OPTIONAL_PACKAGES:

@@ -368,11 +368,17 @@ def _network(name: str, description: Optional[str] = None) -> MethodSpec:
             from . import api
 
             base = api.resolve_model_path(_base_model_option(ctx), ctx.modality)
-            return {"base": file_digest(base), "finetune_config": file_digest(_finetune_config_path(ctx))}
-        try:
-            return {"model": file_digest(_network_model(name, ctx))}
-        except ModelError:
-            return None
+            stamp = {"base": file_digest(base), "finetune_config": file_digest(_finetune_config_path(ctx))}
+        else:
+            try:
+                stamp = {"model": file_digest(_network_model(name, ctx))}
+            except ModelError:
+                return None
+        if name.startswith("dualnet"):  # what its inference computes (orthogonal views, guard)
+            from .inference import INFERENCE_VERSION
+
+            stamp["inference"] = INFERENCE_VERSION
+        return stamp
 
     desc = description or {
         "dualnet": "DUAL-NET, shipped model for the modality (or [methods.dualnet] model)",

@@ -32,10 +32,17 @@ from .progress import CancelToken, ProgressFn, check_cancel, report
 
 TileArg = Union[None, int, Sequence[int]]
 
+#: Bump when what the default inference of a DUAL-NET model computes changes (the evaluation study's
+#: cache keys carry it). 2: the second and third orthogonal views read the first view's NEB maps, and
+#: each view's SURE guard checks a third of the slices (session 13).
+INFERENCE_VERSION = 2
 MIN_TILE = 16
 MAX_TILE_2D = 512
 MAX_TILE_3D_CPU = 96
 MAX_TILE_3D_GPU = 192
+#: ONNX Runtime (2D models on the CPU): at most this many pixels per batch. Measured on the 2-core
+#: CPU: 0.93 us per pixel for 2 x 128^2, 1.06 for 1 x 256^2, 1.35 for 2 x 256^2 (PyTorch 1.5-1.6)
+ORT_BATCH_PIXELS = 2 * 128 * 128
 
 
 @dataclass
@@ -55,6 +62,66 @@ class InferenceResult:
     sigma_map: Optional[np.ndarray]
     alpha_map: Optional[np.ndarray]
     info: Dict[str, Any] = field(default_factory=dict)
+
+
+class _SharedNeb:
+    """The NEB maps of the first orthogonal view, read by the other two (:func:`_three_views`).
+
+    The noise-estimation branch costs about a third of the network's time per slice, and what it
+    gives the restoration branch is three per-voxel maps (blind-spot estimate, log sigma, gate);
+    the second and third views read the first view's maps instead of making their own
+    (:meth:`dualnet.models.dualnet.DualNet.restore`). ``maps`` are (z, y, x) volumes of the
+    original orientation: ``blind`` and ``gate`` in normalised units, ``sigma`` in input units,
+    ``alpha``; ``scale`` is the normalisation scale (sigma / scale = the network's sigma).
+    ``axis`` is the view reading them (0 = the recording view).
+    """
+
+    def __init__(self) -> None:
+        self.maps: Dict[str, np.ndarray] = {}
+        self.scale = 1.0
+        self.axis = 0
+
+    def record(self, outs: Dict[str, np.ndarray], params: Dict[str, float]) -> None:
+        """Keep the first view's maps (``blind`` and ``gate`` are taken out of ``outs``)."""
+        self.maps = {"blind": outs.pop("blind"), "gate": outs.pop("gate"), "sigma": outs["sigma"],
+                     "alpha": outs["alpha"]}
+        self.scale = float(params["scale"])
+
+    def along(self, axis: int) -> "_SharedNeb":
+        """The same maps read by the view along ``axis`` (no copies)."""
+        view = _SharedNeb()
+        view.maps, view.scale, view.axis = self.maps, self.scale, int(axis)
+        return view
+
+    def volume(self, key: str) -> np.ndarray:
+        """A map in the reading view's orientation (a view of the array, not a copy)."""
+        return np.moveaxis(self.maps[key], self.axis, 0) if self.axis else self.maps[key]
+
+    def channels(self, zs: Optional[np.ndarray] = None) -> List[Callable[[Tuple[slice, ...]], np.ndarray]]:
+        """Readers of the three extra input channels of ``restore`` for a tile (z, y, x slices of
+        the reading view, or of its slices ``zs`` when given), in :data:`DualNet.NEB_MAPS` order."""
+        vols = [self.volume(k) for k in ("blind", "sigma", "gate")]
+        if zs is not None:
+            vols = [v[zs] for v in vols]
+        blind, sigma, gate = vols
+        scale = np.float32(self.scale)
+
+        def log_sigma(s: Tuple[slice, ...]) -> np.ndarray:
+            return np.log(np.maximum(sigma[s][0] / scale, np.float32(1e-12)))
+
+        return [lambda s: blind[s][0], log_sigma, lambda s: gate[s][0]]
+
+
+def _with_neb(read: Callable[[Tuple[slice, ...]], np.ndarray], neb: _SharedNeb,
+              zs: Optional[np.ndarray] = None) -> Callable[[Tuple[slice, ...]], np.ndarray]:
+    """A 2D tile reader with the shared NEB maps appended as channels (``restore``'s input)."""
+    extra = neb.channels(zs)
+
+    def read_with_maps(s: Tuple[slice, ...]) -> np.ndarray:
+        x = read(s)
+        return np.concatenate([x, np.stack([c(s) for c in extra]).astype(np.float32, copy=False)], 0)
+
+    return read_with_maps
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -281,6 +348,8 @@ def denoise_array(
     guard: Optional[bool] = None,
     views: Optional[int] = None,
     spacing_zyx: Optional[Sequence[float]] = None,
+    _neb: Optional[_SharedNeb] = None,
+    _views: int = 1,
 ) -> InferenceResult:
     """Denoise a 2D (y, x) image or a 3D (z, y, x) volume with a DUAL-NET / baseline model.
 
@@ -314,10 +383,14 @@ def denoise_array(
             averaged (:mod:`dualnet.orthoviews`, three times the time); None = 3 where the model was
             trained on all three slice orientations and the volume is near-isotropic, else 1.
         spacing_zyx: voxel spacing in mm, (z, y, x), for that choice (None = isotropic).
+        _neb: internal (orthogonal views): the first view records its NEB maps there, the others
+            read them instead of running the NEB (:class:`_SharedNeb`).
+        _views: internal: the number of views this one is part of (the guard checks its share).
     """
     import torch
 
     from .device import autocast_dtype, configure_cpu_threads, describe, resolve_device
+    from .onnx_backend import forward_for
 
     t0 = time.perf_counter()
     arr = np.asarray(array)
@@ -367,8 +440,13 @@ def denoise_array(
     context = int(arch.get("context", 1))
     outs: Dict[str, np.ndarray] = {}
     sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None
+    restore = _neb is not None and _neb.axis > 0  # the other views: the restoration branch alone
+    keys = ("out",) if restore else (("out", "sigma", "alpha", "blind", "gate") if _neb is not None
+                                     else ("out", "sigma", "alpha"))
     if dim == 2:  # streamed: slices normalised on demand, blends finished slice by slice
         reader = _SliceSource(vol, norm_params, has_fill, coef).reader(context)
+        if restore:
+            reader = _with_neb(reader, _neb)  # type: ignore[arg-type]
         sink = _slice_writer(outs, vol, norm_params, has_fill)
     else:
         reader = _tile_reader(xn, nmap, context, dim)
@@ -395,8 +473,14 @@ def denoise_array(
                 model.to(dev)
                 if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
                     model.to(memory_format=torch.channels_last)
+                # ONNX Runtime where the model ships the graph
+                fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
+                info["backend"] = "torch" if fast is None else "onnxruntime"
+                if fast is not None and dim == 2:  # its kernels run fastest on small batches
+                    batch = max(1, min(batch, ORT_BATCH_PIXELS // int(np.prod(tile_shape))))
                 outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
-                               int(mc_samples), seed, progress, cancel, sink, out_floor)
+                               int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
+                               restore=restore, keys=keys)
                 break
             except torch.cuda.OutOfMemoryError:
                 if dev.type != "cuda":
@@ -424,6 +508,10 @@ def denoise_array(
 
     if sink is None:  # 3D: whole-volume maps in normalised units, finished here in place
         outs = _finish_volume(outputs, vol, norm_params, fill)
+    if _neb is not None and not restore:
+        _neb.record(outs, norm_params)
+    elif restore:  # no maps of its own: the first view's are the result's
+        info["neb"] = "the first view's maps"
     from .sure_guard import GUARD_MODALITIES
 
     if guard is None:
@@ -431,7 +519,8 @@ def denoise_array(
     if guard:
         report(progress, 0.99, "checking the result against the input (SURE guard)")
         info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
-                                    modality, dev, tile_shape, batch, overlap, tta, seed, cancel, out_floor)
+                                    modality, dev, tile_shape, batch, overlap, tta, seed, cancel, out_floor,
+                                    fast, _neb if restore else None, _views)
     else:
         info["guard"] = None
     if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
@@ -480,8 +569,12 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
     t0 = time.perf_counter()
     mc = int(kwargs.pop("mc_samples"))
 
+    share = _SharedNeb() if getattr(model, "neb", None) is not None and hasattr(model, "restore") else None
+
     def run(view: np.ndarray, a: int, prog: Optional[ProgressFn]) -> InferenceResult:
-        return denoise_array(view, model, card, views=1, progress=prog, mc_samples=mc if a == 0 else 0, **kwargs)
+        return denoise_array(view, model, card, views=1, progress=prog, mc_samples=mc if a == 0 else 0,
+                             _neb=None if share is None else (share if a == 0 else share.along(a)), _views=3,
+                             **kwargs)
 
     res = denoise_views(arr, run, progress)
     info = merge_info(res["infos"], time.perf_counter() - t0)
@@ -495,10 +588,14 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
 def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context: int,
                 norm_params: Dict[str, float], has_fill: bool, coef: Optional[Tuple[float, float, float]],
                 modality: Optional[str], dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float,
-                tta: bool, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float]) -> Dict[str, Any]:
+                tta: bool, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float],
+                fast: Optional[Callable[[Any], Dict[str, Any]]] = None,
+                neb: Optional[_SharedNeb] = None, views: int = 1) -> Dict[str, Any]:
     """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
     one more streamed pass of the network over the runs of slices of ``guard_blocks`` with a small
     noise probe added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
+    One of ``views`` orthogonal views checks a ``views``-th of the slices a single view checks;
+    ``neb``: the view reads another view's NEB maps (the probe goes through the restoration branch).
     Returns the weight and the estimates (``reason`` when the check could not run)."""
     from . import sure_guard as sg
 
@@ -515,7 +612,7 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
             var_coef, _ = noise_variance_model(vol, modality)  # type: ignore[arg-type]
         except InputError as err:  # e.g. a tiny image: the network's result stands
             return {"weight": 1.0, "reason": f"no noise estimate ({err})"}
-    blocks = sg.guard_blocks(vol.shape[0], context)
+    blocks = sg.guard_blocks(vol.shape[0], context, fraction=sg.FRACTION / max(int(views), 1))
     # the runs with their context slices, one after the other: a run's own context comes first and
     # last, so its inner slices see the right neighbours; the network runs on the inner slices only
     zs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in blocks])
@@ -529,8 +626,11 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
         perturbed = _finish_map("out", maps["out"], norm_params)
         sums.add(vol[z], out[z], perturbed, b, eps, var, sg.check_mask(modality, out[z], var, keep))
 
-    _run(probed.shape, _SliceSource(probed, norm_params, has_fill, coef).reader(context), model, dim, dev,
-         tile_shape, batch, overlap, tta, 0, seed, None, cancel, add, out_floor, only=inner)
+    reader = _SliceSource(probed, norm_params, has_fill, coef).reader(context)
+    if neb is not None:  # the probe goes through the restoration branch; the NEB maps stay the view's
+        reader = _with_neb(reader, neb, zs)
+    _run(probed.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta, 0, seed, None, cancel, add,
+         out_floor, only=inner, fast=fast, restore=neb is not None, keys=("out",))
     res = sums.result()
     for y, f in zip(_chunks(vol), _chunks(out)):
         sg.blend(y, f, res["weight"])
@@ -814,7 +914,9 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
          dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
          mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
          sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
-         out_floor: Optional[float] = None, only: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+         out_floor: Optional[float] = None, only: Optional[np.ndarray] = None,
+         fast: Optional[Callable[[Any], Dict[str, Any]]] = None, restore: bool = False,
+         keys: Sequence[str] = ("out", "sigma", "alpha")) -> Dict[str, np.ndarray]:
     """Tiled passes over a normalised (z, y, x) volume of ``shape`` whose tiles ``reader``
     returns; gives normalised-unit maps.
 
@@ -824,7 +926,10 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     slices of the current batch are held, and an empty dict is returned. The values are the same.
     ``out_floor`` (normalised units) floors ``out`` in every pass (TTA, MC) before blending.
     ``only`` (bool per slice, streamed 2D only): the network runs on those slices alone (the others
-    are still read as their context) and only they reach the sink.
+    are still read as their context) and only they reach the sink. ``fast``
+    (:func:`dualnet.onnx_backend.forward_for`) replaces the deterministic forward of ``model``;
+    Monte-Carlo dropout passes always run ``model``. ``restore``: the tiles carry the NEB maps and
+    ``model.restore`` runs. ``keys``: the maps blended (of the model's outputs).
     """
     import torch
 
@@ -858,14 +963,16 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     n_batches = max(1, math.ceil(len(tiles) / batch))
     w_t = torch.from_numpy(weight)
 
-    def forward(x: Any) -> Dict[str, Any]:
+    def forward(x: Any, mc: bool = False) -> Dict[str, Any]:
+        net = model.restore if restore else model
         if amp is not None:
             with torch.autocast(device_type="cuda", dtype=amp):
-                res = model(x)
+                res = net(x)
+        elif fast is not None and not mc:
+            res = fast(x)
         else:
-            res = model(x)
-        res = {k: (v.float() if v is not None else None) for k, v in res.items()
-               if k in ("out", "sigma", "alpha")}
+            res = net(x)
+        res = {k: (v.float() if v is not None else None) for k, v in res.items() if k in keys}
         if out_floor is not None:
             res["out"] = res["out"].clamp_min(out_floor)
         return res
@@ -890,7 +997,7 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
             preds = {key: v / len(transforms) for key, v in sums.items()}
             if mc_samples:
                 enable_mc_dropout(model)
-                mc = torch.stack([forward(x)["out"] for _ in range(mc_samples)])
+                mc = torch.stack([forward(x, mc=True)["out"] for _ in range(mc_samples)])
                 preds["unc"] = mc.std(0, unbiased=mc_samples > 1) if mc_samples > 1 else \
                     torch.zeros_like(mc[0])
                 del mc

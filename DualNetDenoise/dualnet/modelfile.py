@@ -177,6 +177,7 @@ def save_model(path: PathLike, model: Any, card: Dict[str, Any], *, inputs: Iter
     check_finite_weights(state, path)
     data = st_save(state, metadata={"format": "pt", "dualnet_kind": arch["kind"]})
     out = dict(card)
+    out.pop("onnx", None)  # a graph belongs to the weights it was exported from (scripts/export_onnx.py)
     out.update(format_version=FORMAT_VERSION, architecture=arch,
                training=card.get("training", {}), metrics=card.get("metrics", {}),
                version=str(card.get("version", "0.0.0")), weights=path.name,
@@ -302,6 +303,10 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple[Any, Dict[str, Any]
     except (RuntimeError, TypeError, ValueError) as err:
         raise ModelError(f"{path}: cannot move model to {device} ({err})") from None
     model.eval()
+    if path.suffix == ".safetensors":  # the hash-checked graph for the CPU, if the card names one
+        from .onnx_backend import attach
+
+        attach(model, path, card)
     return model, card
 
 

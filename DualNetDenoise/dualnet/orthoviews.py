@@ -100,10 +100,13 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
 
     The uncertainty map, if any, is the first view's (one MC pass set instead of three; the shipped
     cards' calibration scale is fitted for it: the first view's std against the error of the mean).
+    A map that only some views return (``sigma_map`` / ``alpha_map`` where the other views read
+    the first view's NEB maps) is the mean of those that do.
     Returns the averaged maps (``denoised``, ``sigma_map``, ``alpha_map``, ``uncertainty``) and
     ``infos``, the three views' info dicts.
     """
     sums: Dict[str, Optional[np.ndarray]] = {}
+    counts: Dict[str, int] = {}
     infos = []
     for a in range(3):
         view = np.ascontiguousarray(np.moveaxis(array, a, 0)) if a else array
@@ -111,19 +114,21 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
         del view
         for key in ("denoised", "sigma_map", "alpha_map"):
             val = getattr(res, key)
-            if val is None:
-                sums[key] = None
+            if val is None:  # a map the view does not make (the NEB maps: the first view's only)
+                sums.setdefault(key, None)
             elif a == 0:  # the first view's own array (z first already) becomes the sum
                 sums[key] = np.asarray(val, dtype=np.float32)
-            else:
+                counts[key] = 1
+            elif sums.get(key) is not None:
                 sums[key] += np.moveaxis(val, 0, a)  # type: ignore[operator]
+                counts[key] += 1
         if a == 0:
             sums["uncertainty"] = res.uncertainty
         infos.append(res.info)
         del res
     for key in ("denoised", "sigma_map", "alpha_map"):
-        if sums.get(key) is not None:
-            sums[key] /= np.float32(3)  # type: ignore[operator]
+        if sums.get(key) is not None and counts[key] > 1:
+            sums[key] /= np.float32(counts[key])  # type: ignore[operator]
     return {**sums, "infos": infos}
 
 

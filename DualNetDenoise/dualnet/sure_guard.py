@@ -42,12 +42,15 @@ MIN_VOXELS = 2000
 MRI_MIN_SNR = 3.0
 
 
-def guard_blocks(n_slices: int, context: int, n_blocks: int = BLOCKS) -> List[Tuple[int, int, int, int]]:
+def guard_blocks(n_slices: int, context: int, n_blocks: int = BLOCKS, fraction: float = FRACTION
+                 ) -> List[Tuple[int, int, int, int]]:
     """``[(z0, z1, lo, hi), ...]``: ``n_blocks`` runs of slices ``[z0, z1)`` spread evenly over the
-    volume (together a quarter of it, at least ``MIN_SLICES``; all of it when it is that small),
+    volume (together ``fraction`` of it, at least ``MIN_SLICES``; all of it when it is that small),
     each with ``[lo, hi)`` the slices the network must see for them (``context // 2`` more each
-    side, clipped). Spread, not one central block: a model can fail at the ends of a volume."""
-    k = min(n_slices, max(MIN_SLICES, math.ceil(n_slices * FRACTION)))
+    side, clipped). Spread, not one central block: a model can fail at the ends of a volume.
+    Each of three orthogonal views checks a third of :data:`FRACTION`: together they check as many
+    slices as one view does."""
+    k = min(n_slices, max(MIN_SLICES, math.ceil(n_slices * fraction)))
     h = max(int(context), 1) // 2
     if k >= n_slices:
         return [(0, n_slices, 0, n_slices)]

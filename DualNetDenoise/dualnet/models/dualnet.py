@@ -12,10 +12,13 @@ instead of guessing it. ``forward`` returns a dict:
 - ``sigma`` (N, 1, *S) per-voxel noise standard deviation in normalised units (> 0, softplus),
 - ``alpha`` (N, 1, *S) per-voxel confidence of the blind estimate in [0, 1] (sigmoid),
 - ``blind`` (N, 1, *S) blind-spot estimate: voxel ``v`` never depends on input voxel ``v``,
+- ``gate``  (N, 1, *S) the skip gates' map of the NEB (the confidence map too when
+  ``confidence_head = "gate"``),
 - ``sr``    (N, 1, *(2S)) x2 super-resolved output, only when built with ``sr=True``
   (research only: not validated for clinical-looking output).
 
-With ``use_neb=False`` the values of ``sigma``, ``alpha`` and ``blind`` are ``None``.
+With ``use_neb=False`` the values of ``sigma``, ``alpha`` and ``blind`` are ``None`` (no ``gate``).
+:meth:`DualNet.restore` runs the restoration branch alone on NEB maps given as extra channels.
 """
 
 from __future__ import annotations
@@ -290,31 +293,54 @@ class DualNet(nn.Module):
         """Channels ``forward`` expects: ``context`` slices (+ 1 noise map)."""
         return self.in_channels * self.context + (1 if self.noise_map else 0)
 
+    #: maps of the NEB the restoration branch reads (:meth:`restore` takes them as extra channels)
+    NEB_MAPS = ("blind", "log_sigma", "gate")
+
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
-        if x.dim() != self.dim + 2:
-            raise ValueError(f"expected a {self.dim + 2}-D tensor (N, C, *spatial), got {tuple(x.shape)}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
+        self._check_input(x, self.input_channels)
         result: Dict[str, Optional[torch.Tensor]] = {"sigma": None, "alpha": None, "blind": None}
         img_ch = self.in_channels * self.context
-        images = x[:, :img_ch]
-        mid = (self.context // 2) * self.in_channels
-        centre = images[:, mid:mid + self.in_channels]
+        if self.neb is None:
+            result.update(self._restore(x, None))
+            return result
         nmap = x[:, img_ch:img_ch + 1] if self.noise_map else None
+        neb = self.neb(x[:, :img_ch], nmap)  # unpadded: padding would put copies of border voxels in view
+        result.update(neb)  # blind, sigma, alpha, gate (the skip gates' map)
+        result.update(self._restore(x, (neb["blind"], torch.log(neb["sigma"]), neb["gate"])))
+        return result
+
+    def restore(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        """The restoration branch alone, on NEB maps computed before (for instance along another
+        axis of the same volume): ``x`` = the usual input channels, then :data:`NEB_MAPS`
+        (blind estimate, log sigma, gate map; normalised units). Returns ``{"out": ...}`` (no SR)."""
+        if self.neb is None or self.sr_head is not None:
+            raise ValueError("restore() needs a model with an NEB and without the SR head")
+        n = self.input_channels
+        self._check_input(x, n + len(self.NEB_MAPS))
+        maps = (x[:, n:n + 1], x[:, n + 1:n + 2], x[:, n + 2:n + 3])
+        return {"out": self._restore(x[:, :n], maps)["out"]}
+
+    def _check_input(self, x: torch.Tensor, channels: int) -> None:
+        if x.dim() != self.dim + 2:
+            raise ValueError(f"expected a {self.dim + 2}-D tensor (N, C, *spatial), got {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"expected {channels} input channels, got {x.shape[1]}")
+
+    def _restore(self, x: torch.Tensor, maps: Optional[tuple]) -> Dict[str, torch.Tensor]:
+        """SRB on the input channels and the NEB's (blind, log sigma, gate) maps (None: no NEB)."""
+        mid = (self.context // 2) * self.in_channels
+        centre = x[:, mid:mid + self.in_channels]
         guide = None
         srb_in = x
-        if self.neb is not None:
-            neb = self.neb(images, nmap)  # unpadded: padding would put copies of border voxels in view
-            gate = neb.pop("gate")
-            result.update(neb)
-            log_sigma = torch.log(neb["sigma"])
+        if maps is not None:
+            blind, log_sigma, gate = maps
             guide = torch.cat([gate, log_sigma], 1)
-            srb_in = torch.cat([x, neb["blind"], log_sigma], 1)
+            srb_in = torch.cat([x, blind, log_sigma], 1)
         padded, sizes = pad_to_multiple(srb_in, self.srb.stride)
         if guide is not None:
             guide, _ = pad_to_multiple(guide, self.srb.stride)
         srb = self.srb(padded, guide)
-        result["out"] = centre - crop_to(srb["noise"], sizes)
+        result = {"out": centre - crop_to(srb["noise"], sizes)}
         if self.sr_head is not None:
             result["sr"] = self.sr_head(crop_to(srb["features"], sizes), result["out"])
         return result

@@ -1,0 +1,211 @@
+"""ONNX Runtime for the deterministic CPU forward pass of a 2D DUAL-NET (1.9x PyTorch's speed here).
+
+On the project's 2-core CPU (AVX2, no BF16) ONNX Runtime runs the shipped 2.5D networks at about
+half PyTorch's time per slice with the same results (largest difference about 1e-6 in normalised
+units; measured in ``docs/benchmarks/README.md``). A model ships its graphs beside its weights:
+
+- ``dualnet_mri.onnx`` (the forward pass) and ``dualnet_mri.restore.onnx`` (the restoration branch
+  on given NEB maps) next to ``dualnet_mri.safetensors``, exported by ``scripts/export_onnx.py``
+  from those weights (``torch.onnx`` needs the ``onnx`` package; running them needs only
+  ``onnxruntime``);
+- the card's ``onnx`` entry: ``{weights_sha256, opset, graphs: {forward: {file, sha256}, restore:
+  {...}}, ...}``.
+
+The graphs are untrusted input like the weights: :func:`attach` (called by
+:func:`dualnet.modelfile.load_model`) refuses one whose SHA-256 differs from the card's, and
+ignores, with a warning, graphs exported from other weights (``weights_sha256``). The network
+they are attached to keeps a fingerprint of its parameters; :func:`forward_for` hands out a graph
+only while they are unchanged (a model fine-tuned in memory falls back to PyTorch), for a 2D
+model on the CPU, in eval mode (Monte-Carlo dropout passes run in PyTorch), and when
+``onnxruntime`` can be imported. ``DUALNET_BACKEND=torch`` turns it off.
+
+Tensors are (N, C, H, W): ``C`` = the model's ``input_channels`` (slices, then the noise map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .errors import ModelError
+
+#: the graphs a model ships: its forward pass, and the restoration branch on given NEB maps
+#: (:meth:`dualnet.models.dualnet.DualNet.restore`, for the second and third orthogonal views)
+GRAPHS = ("forward", "restore")
+#: the forward graph's outputs, in this order (without an NEB: ``out`` only)
+OUTPUTS_NEB = ("out", "sigma", "alpha", "blind", "gate")
+OPSET = 17
+#: environment switch: "torch" = never use the graphs
+BACKEND_ENV = "DUALNET_BACKEND"
+
+
+def available() -> bool:
+    """Whether ONNX Runtime can be imported and is not switched off (``DUALNET_BACKEND=torch``)."""
+    if os.environ.get(BACKEND_ENV, "").strip().lower() == "torch":
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fingerprint(model: Any) -> str:
+    """Digest of a network's parameters and buffers (its state dict, in order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for key, val in model.state_dict().items():
+        h.update(key.encode())
+        h.update(val.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def graphs_for(model: Any, card: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
+    """The graphs this network ships: ``restore`` for a model with an NEB that runs orthogonal
+    views (:func:`dualnet.orthoviews.model_allows`; ultrasound frames have one view)."""
+    from .orthoviews import model_allows
+
+    return GRAPHS if getattr(model, "neb", None) is not None and model_allows(card) else GRAPHS[:1]
+
+
+def output_names(model: Any, graph: str = "forward") -> Tuple[str, ...]:
+    """A graph's outputs for this network."""
+    if graph == "restore" or getattr(model, "neb", None) is None:
+        return ("out",)
+    return OUTPUTS_NEB
+
+
+def input_channels(model: Any, graph: str = "forward") -> int:
+    """A graph's input channels: the model's, plus the NEB maps for ``restore``."""
+    extra = len(model.NEB_MAPS) if graph == "restore" else 0
+    return int(model.input_channels) + extra
+
+
+def export_bytes(model: Any, graph: str = "forward", example_hw: Tuple[int, int] = (37, 45)) -> bytes:
+    """The ONNX graph of a 2D DUAL-NET's eval ``forward`` or ``restore``, (N, C, H, W) with N, H, W
+    dynamic.
+
+    The example size is odd, so never a multiple of the network's stride: the padding to
+    one is traced with the size as a variable (any H, W runs). Needs the ``onnx`` package.
+    """
+    import torch
+
+    config = getattr(model, "config", {}) or {}
+    if config.get("kind") != "dualnet" or int(config.get("dim", 2)) != 2 or config.get("sr"):
+        raise ModelError("an ONNX graph is made for 2D DUAL-NET models without the SR head only")
+    if graph not in GRAPHS or (graph == "restore" and getattr(model, "neb", None) is None):
+        raise ModelError(f"no {graph!r} graph for this model")
+    names = output_names(model, graph)
+
+    class _Outputs(torch.nn.Module):
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Any) -> Any:
+            res = self.net.restore(x) if graph == "restore" else self.net(x)
+            return tuple(res[k] for k in names)
+
+    was_training = model.training
+    model.eval()
+    x = torch.rand(1, input_channels(model, graph), *example_hw)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about the size checks
+            torch.onnx.export(_Outputs(model), (x,), buf, input_names=["x"], output_names=list(names),
+                              dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, opset_version=OPSET,
+                              dynamo=False)
+    finally:
+        model.train(was_training)
+    return buf.getvalue()
+
+
+class OnnxGraphs:
+    """Checked graph files (name -> path) attached to the network they were exported from."""
+
+    def __init__(self, paths: Dict[str, Path], model_fingerprint: str) -> None:
+        self.paths = {k: Path(v) for k, v in paths.items()}
+        self.fingerprint = model_fingerprint
+        self._sessions: Dict[Tuple[str, int], Any] = {}
+
+    def session(self, graph: str, threads: int) -> Any:
+        """An ONNX Runtime session of ``graph`` with ``threads`` intra-op threads (made once)."""
+        key = (graph, max(1, int(threads)))
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = key[1]
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            self._sessions[key] = ort.InferenceSession(self.paths[graph].read_bytes(), opts,
+                                                       providers=["CPUExecutionProvider"])
+        return self._sessions[key]
+
+
+def attach(model: Any, weights_path: Path, card: Dict[str, Any]) -> Optional[OnnxGraphs]:
+    """Check the card's ``onnx`` entry against its files and attach the graphs to ``model``
+    (``model.onnx_graphs``); None (nothing attached) without an entry.
+
+    Raises:
+        ModelError: the entry is malformed, or a file's SHA-256 differs from the card's.
+    """
+    from .modelfile import card_path, sha256_file
+
+    entry = card.get("onnx")
+    model.onnx_graphs = None
+    if entry is None:
+        return None
+    where = card_path(weights_path)
+    graphs = entry.get("graphs") if isinstance(entry, dict) else None
+    if not isinstance(graphs, dict) or not graphs or any(
+            k not in GRAPHS or not isinstance(g, dict) or not all(isinstance(g.get(f), str) for f in ("file", "sha256"))
+            for k, g in graphs.items()):
+        raise ModelError(f"{where}: card 'onnx' entry needs 'graphs' of {GRAPHS}, each with 'file' and 'sha256'")
+    paths = {}
+    for name, g in graphs.items():
+        file = g["file"]
+        if Path(file).name != file or not file.endswith(".onnx"):
+            raise ModelError(f"{where}: card 'onnx' file must be a .onnx file name beside the weights, got {file!r}")
+        path = Path(weights_path).parent / file
+        if not path.is_file():
+            warnings.warn(f"{path}: ONNX graph named by the card is missing; running the network in PyTorch")
+            return None
+        if sha256_file(path).lower() != g["sha256"].lower():
+            raise ModelError(f"{path}: SHA-256 mismatch with its card (file corrupt or tampered)")
+        paths[name] = path
+    if str(entry.get("weights_sha256", "")).lower() != str(card.get("sha256", "")).lower():
+        warnings.warn(f"{where}: its ONNX graphs were exported from other weights; running the network in "
+                      "PyTorch (re-export them with scripts/export_onnx.py)")
+        return None
+    model.onnx_graphs = OnnxGraphs(paths, fingerprint(model))
+    return model.onnx_graphs
+
+
+def forward_for(model: Any, dev: Any, threads: Optional[int], graph: str = "forward"
+                ) -> Optional[Callable[[Any], Dict[str, Any]]]:
+    """A drop-in for ``model(x)`` (``graph = "forward"``) or ``model.restore(x)`` in eval mode on the
+    CPU that runs the attached graph, or None where PyTorch must run it (no such graph, not the CPU,
+    ONNX Runtime missing or switched off, or the network's parameters changed since the graphs were
+    attached). Returns a dict of float32 tensors, as the model does."""
+    graphs = getattr(model, "onnx_graphs", None)
+    if graphs is None or graph not in graphs.paths or getattr(dev, "type", str(dev)) != "cpu" \
+            or not available():
+        return None
+    if fingerprint(model) != graphs.fingerprint:
+        return None
+    import numpy as np
+    import torch
+
+    session = graphs.session(graph, int(threads or torch.get_num_threads()))
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x: Any) -> Dict[str, Any]:
+        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return {k: torch.from_numpy(v) for k, v in zip(names, session.run(None, {"x": feed}))}
+
+    return run
