@@ -44,14 +44,14 @@ def test_shipped_graphs_are_the_shipped_weights(modality):
     x = torch.rand(2, net.input_channels, 45, 38, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = net(x)
-        got = onnx_backend.forward_for(net, torch.device("cpu"), 1)(x)
+        got = onnx_backend.forward_for(net, torch.device("cpu"), 1)(x.numpy())
         assert set(got) == {"out", "sigma", "alpha", "blind", "gate"}
         for key, val in got.items():
-            np.testing.assert_allclose(val.numpy(), ref[key].numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(val, ref[key].numpy(), rtol=0, atol=1e-4)
         if "restore" in graphs.paths:
             xe = torch.cat([x, ref["blind"], torch.log(ref["sigma"]), ref["gate"]], 1)
-            got = onnx_backend.forward_for(net, torch.device("cpu"), 1, graph="restore")(xe)
-            np.testing.assert_allclose(got["out"].numpy(), ref["out"].numpy(), rtol=0, atol=1e-4)
+            got = onnx_backend.forward_for(net, torch.device("cpu"), 1, graph="restore")(xe.numpy())
+            np.testing.assert_allclose(got["out"], ref["out"].numpy(), rtol=0, atol=1e-4)
             np.testing.assert_array_equal(net.restore(xe)["out"].numpy(), ref["out"].numpy())
 
 
@@ -165,5 +165,70 @@ def test_export_script_writes_checked_graphs(tmp_path):
     assert loaded.onnx_graphs is not None
     x = torch.rand(1, loaded.input_channels, 20, 28)
     with torch.inference_mode():
-        got = onnx_backend.forward_for(loaded, torch.device("cpu"), 1)(x)["out"]
-        np.testing.assert_allclose(got.numpy(), loaded(x)["out"].numpy(), rtol=0, atol=1e-4)
+        got = onnx_backend.forward_for(loaded, torch.device("cpu"), 1)(x.numpy())["out"]
+        np.testing.assert_allclose(got, loaded(x)["out"].numpy(), rtol=0, atol=1e-4)
+
+
+def test_denoising_on_the_cpu_never_imports_pytorch(tmp_path, t1_noisy):
+    """What `dualnet denoise` loads on the CPU: the checked graphs alone; PyTorch stays unimported
+    (a fresh process; about 1.7 s of every run here), and the result is the PyTorch-loaded model's."""
+    from dualnet.io import Volume, write_volume
+
+    noisy, _ = t1_noisy
+    src = tmp_path / "noisy.nii.gz"
+    write_volume(Volume(noisy, (2.0, 2.0, 2.0)), src)
+    code = (
+        "import sys, json\n"
+        "from dualnet import api\n"
+        "from dualnet.io import read_volume, write_volume\n"
+        f"res = api.denoise_volume(read_volume({str(src)!r}), method='dualnet', modality='mri', device='cpu')\n"
+        f"write_volume(res.volume, {str(tmp_path / 'out.nii.gz')!r})\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'backend': res.info.get('inference_backend')}))\n"
+    )
+    env = {**__import__("os").environ, "DUALNET_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"torch": False, "backend": "onnxruntime"}
+    from dualnet.io import read_volume
+
+    net, card = load_model(default_model_path("mri"))
+    ref = denoise_array(noisy, net, card, device="cpu", modality="mri", spacing_zyx=(2.0, 2.0, 2.0))
+    np.testing.assert_allclose(read_volume(tmp_path / "out.nii.gz").array, ref.denoised, rtol=0,
+                               atol=1e-5 * float(noisy.max()))
+
+
+def test_graph_only_loading_and_its_limits(monkeypatch, tmp_path):
+    from dualnet import device as device_mod
+    from dualnet.errors import InputError
+    from dualnet.modelfile import load_for_inference
+
+    path = default_model_path("ct")
+    net, card = load_for_inference(path, "cpu")
+    assert isinstance(net, onnx_backend.GraphNet) and net.input_channels == 6 and onnx_backend.can_restore(net)
+    assert isinstance(load_for_inference(path, "cpu", mc=True)[0], torch.nn.Module)  # MC dropout: PyTorch
+    assert isinstance(load_for_inference(path, "cuda")[0], torch.nn.Module)
+    us, _ = load_for_inference(default_model_path("us"), "cpu")
+    assert isinstance(us, onnx_backend.GraphNet) and not onnx_backend.can_restore(us)  # one view only
+    img = np.zeros((40, 40), np.float32) - 500
+    with pytest.raises(InputError, match="Monte-Carlo dropout needs the PyTorch network"):
+        denoise_array(img, net, card, device="cpu", mc_samples=2)
+    with pytest.raises(InputError, match="runs on the CPU only"):
+        denoise_array(img, net, card, device="cuda")
+    with pytest.raises(ModelError, match="cannot train"):
+        net.train()
+    monkeypatch.setenv(onnx_backend.BACKEND_ENV, "torch")
+    assert isinstance(load_for_inference(path, "cpu")[0], torch.nn.Module)
+    # "auto" means the CPU without asking PyTorch only for a build without GPU support (read from its
+    # version.py), and only while PyTorch is not imported (here it is: then PyTorch decides)
+    assert not device_mod.cpu_without_torch("auto") and device_mod.cpu_without_torch("cpu")
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    fake = type("Spec", (), {"submodule_search_locations": [str(pkg)]})()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: fake)
+    monkeypatch.delitem(sys.modules, "torch")
+    for text, cpu in (("cuda: Optional[str] = None\nhip: Optional[str] = None\n", True),
+                      ("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n", False),
+                      ("cuda = None\nhip = '6.2'\n", False), ("", False)):
+        (pkg / "version.py").write_text(text)
+        assert device_mod.cpu_without_torch("auto") == (cpu and sys.platform != "darwin"), text

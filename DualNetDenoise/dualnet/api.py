@@ -266,7 +266,7 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
 
     path = resolve_model_path(model, modality)
     report(progress, 0.0, f"loading model {path.name}")
-    net, card = modelfile.load_model(path, device="cpu")
+    net, card = modelfile.load_for_inference(path, device, mc=bool(uncertainty and mc_samples))
     card_modality = card.get("modality")
     info: Dict[str, Any] = {"model": str(path), "model_version": card.get("version"), "model_modality": card_modality}
     if card_modality and card_modality != modality:

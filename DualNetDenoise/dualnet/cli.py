@@ -236,7 +236,8 @@ def cmd_denoise(args) -> int:
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
                   guard=guard, views=args.views, neb_maps=neb_maps)
-    card = _verify_model(args.model, args.modality) if args.method == "dualnet" else None
+    card = _verify_model(args.model, args.modality, args.device, bool(args.uncertainty)) \
+        if args.method == "dualnet" else None
     _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
     if args.frame is not None and args.sigma is None and args.modality == "mri":
@@ -282,12 +283,13 @@ def cmd_denoise(args) -> int:
     return 0
 
 
-def _verify_model(model: Optional[str], modality: str) -> dict:
-    """Load the model once before any progress output, so a bad file fails with one clean line; its card."""
+def _verify_model(model: Optional[str], modality: str, device: str = "auto", mc: bool = False) -> dict:
+    """Load the model once before any progress output, so a bad file fails with one clean line; its
+    card. Loaded as the denoising will load it (:func:`dualnet.modelfile.load_for_inference`)."""
     from .api import resolve_model_path
-    from .modelfile import load_model
+    from .modelfile import load_for_inference
 
-    return load_model(resolve_model_path(model, modality), device="cpu")[1]
+    return load_for_inference(resolve_model_path(model, modality), device, mc=mc)[1]
 
 
 def _sigma_from_frames(path: str, frame: int) -> Tuple[Optional[float], Optional[str]]:

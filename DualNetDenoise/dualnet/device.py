@@ -21,19 +21,56 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_cpu_threads(threads: Optional[int] = None) -> int:
-    """Set torch's intra-op thread count and return it.
-
-    ``threads`` None means ``$DUALNET_NUM_THREADS`` if set, else every usable core. On a
-    machine shared with other busy processes one thread can be much faster than many
-    (oversubscription); set the environment variable then.
-    """
-    import torch
-
+def cpu_threads(threads: Optional[int] = None) -> int:
+    """The CPU thread count inference uses: ``threads``, else ``$DUALNET_NUM_THREADS`` if set, else
+    every usable core. On a machine shared with other busy processes one thread can be much faster
+    than many (oversubscription); set the environment variable then."""
     if threads is None:
         env = os.environ.get("DUALNET_NUM_THREADS", "").strip()
         threads = int(env) if env.isdigit() and int(env) > 0 else cpu_count()
-    threads = max(1, int(threads))
+    return max(1, int(threads))
+
+
+class HostCPU:
+    """The CPU as a device where PyTorch is not imported (ONNX graphs): ``type`` / ``index`` as a
+    ``torch.device`` has them."""
+
+    type = "cpu"
+    index = None
+
+    def __repr__(self) -> str:
+        return "device(type='cpu')"
+
+
+def cpu_without_torch(name: Optional[str] = "auto") -> bool:
+    """Whether ``device = name`` means the CPU without importing PyTorch to find out: ``"cpu"``, or
+    ``"auto"`` while PyTorch is not imported yet and the installed build has no GPU support (CUDA,
+    ROCm; read from ``torch/version.py``) and this is not macOS (MPS)."""
+    import sys
+
+    name = (name or "auto").strip().lower()
+    if name == "cpu":
+        return True
+    if name != "auto" or "torch" in sys.modules or sys.platform == "darwin":
+        return False
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()  # type: ignore[union-attr]
+    except (ImportError, OSError, TypeError, IndexError, AttributeError, ValueError):
+        return False
+    gpu = [re.search(rf"^{k}\s*(?::[^=\n]*)?=\s*(.+)$", text, re.M) for k in ("cuda", "hip")]
+    return all(m is not None and m.group(1).strip() == "None" for m in gpu)
+
+
+def configure_cpu_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op thread count to :func:`cpu_threads` and return it."""
+    import torch
+
+    threads = cpu_threads(threads)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -76,6 +113,8 @@ def resolve_device(name: str = "auto") -> "Any":
 
 def available_memory(device: "Any") -> int:
     """Free memory in bytes usable on ``device`` (CUDA: free VRAM; else free system RAM)."""
+    if getattr(device, "type", str(device)) == "cpu":
+        return system_available_memory()
     import torch
 
     device = torch.device(device)

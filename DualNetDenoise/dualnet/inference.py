@@ -17,6 +17,7 @@ whole-volume buffers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -253,7 +254,7 @@ def _model_dims(model: Any, card: Optional[Dict[str, Any]]) -> Tuple[int, Dict[s
 
 def bytes_per_voxel(arch: Dict[str, Any]) -> float:
     """Rough peak activation memory (bytes) per input voxel of one forward pass, no grad."""
-    from .models import PRESETS
+    from .presets import PRESETS
 
     dim = int(arch.get("dim", 2))
     kind = arch.get("kind", "dualnet")
@@ -315,7 +316,12 @@ def tta_transforms(n: int) -> List[Tuple[int, bool]]:
 
 
 def apply_tta(x: Any, k: int, flip: bool) -> Any:
-    """Flip the last (x) axis if asked, then rotate by ``k`` quarter turns in (y, x)."""
+    """Flip the last (x) axis if asked, then rotate by ``k`` quarter turns in (y, x) (a numpy array
+    or a torch tensor)."""
+    if isinstance(x, np.ndarray):
+        if flip:
+            x = np.flip(x, -1)
+        return np.rot90(x, k, (-2, -1)) if k % 4 else x
     if flip:
         x = x.flip(-1)
     return x.rot90(k, (-2, -1)) if k % 4 else x
@@ -323,6 +329,10 @@ def apply_tta(x: Any, k: int, flip: bool) -> Any:
 
 def invert_tta(y: Any, k: int, flip: bool) -> Any:
     """Exact inverse of :func:`apply_tta`."""
+    if isinstance(y, np.ndarray):
+        if k % 4:
+            y = np.rot90(y, -k, (-2, -1))
+        return np.flip(y, -1) if flip else y
     if k % 4:
         y = y.rot90(-k, (-2, -1))
     return y.flip(-1) if flip else y
@@ -387,10 +397,7 @@ def denoise_array(
             read them instead of running the NEB (:class:`_SharedNeb`).
         _views: internal: the number of views this one is part of (the guard checks its share).
     """
-    import torch
-
-    from .device import autocast_dtype, configure_cpu_threads, describe, resolve_device
-    from .onnx_backend import forward_for
+    from .onnx_backend import GraphNet, forward_for
 
     t0 = time.perf_counter()
     arr = np.asarray(array)
@@ -453,16 +460,16 @@ def denoise_array(
 
     floor = _output_floor(card)  # physical units -> normalised, as the network's output
     out_floor = None if floor is None else (floor - norm_params["offset"]) / norm_params["scale"]
-    dev = resolve_device(device)
-    threads = configure_cpu_threads() if dev.type == "cpu" else None
+    graph_only = isinstance(model, GraphNet)  # ONNX graphs only: PyTorch is never imported
+    if graph_only and mc_samples:
+        raise InputError("Monte-Carlo dropout needs the PyTorch network: load it with dualnet.modelfile.load_model")
+    dev, threads, device_name, amp_name = _device(device, graph_only)
     tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
     info: Dict[str, Any] = dict(
-        device=dev.type, device_name=describe(dev), mode="2d-slicewise" if dim == 2 else "3d", views=1,
+        device=dev.type, device_name=device_name, mode="2d-slicewise" if dim == 2 else "3d", views=1,
         overlap=overlap, tta=8 if tta else 1, mc_samples=int(mc_samples),
         passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
-        output_floor=floor,
-        fallback=None, oom_retries=0, threads=threads,
-        amp=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
+        output_floor=floor, fallback=None, oom_retries=0, threads=threads, amp=amp_name)
     if noise_info is not None:
         info["noise_model"] = noise_info
 
@@ -470,9 +477,8 @@ def denoise_array(
     try:
         while True:
             try:
-                model.to(dev)
-                if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
-                    model.to(memory_format=torch.channels_last)
+                if not graph_only:
+                    _to_device(model, dev, dim)
                 # ONNX Runtime where the model ships the graph
                 fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
                 info["backend"] = "torch" if fast is None else "onnxruntime"
@@ -482,9 +488,11 @@ def denoise_array(
                                int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
                                restore=restore, keys=keys)
                 break
-            except torch.cuda.OutOfMemoryError:
-                if dev.type != "cuda":
+            except Exception as err:  # noqa: BLE001 - only a CUDA out-of-memory error is handled
+                if dev.type != "cuda" or not _cuda_oom(err):
                     raise
+                import torch
+
                 torch.cuda.empty_cache()
                 info["oom_retries"] += 1
                 smaller = tuple(max(1 if (dim == 2 and i == 0) else MIN_TILE, t // 2)
@@ -494,9 +502,8 @@ def denoise_array(
                 elif smaller != tile_shape:
                     tile_shape = smaller
                 else:
-                    dev = torch.device("cpu")
-                    info.update(device="cpu", device_name=describe(dev), fallback="cpu",
-                                amp=None, threads=configure_cpu_threads())
+                    dev, threads, device_name, _ = _device("cpu", False)
+                    info.update(device="cpu", device_name=device_name, fallback="cpu", amp=None, threads=threads)
                     tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
                     report(progress, 0.0, "warning: GPU out of memory, continuing on the CPU")
                     continue
@@ -560,6 +567,48 @@ def _noise_model(arr: np.ndarray, modality: Optional[str], noise_coef: Optional[
     return (float(noise_coef[0]), float(noise_coef[1]), float(noise_coef[2])), noise_info
 
 
+def _device(name: str, graph_only: bool) -> Tuple[Any, Optional[int], str, Optional[str]]:
+    """``(device, CPU threads or None, its description, the CUDA autocast dtype's name or None)``;
+    for ONNX graphs the CPU, without importing PyTorch.
+
+    Raises:
+        InputError: graphs only and another device was asked for, or the device is unavailable.
+    """
+    from .device import HostCPU, autocast_dtype, configure_cpu_threads, cpu_threads, describe, resolve_device
+
+    if graph_only:
+        if (name or "auto").strip().lower() not in ("auto", "cpu"):
+            raise InputError(f"device {name!r}: a network loaded as its ONNX graphs runs on the CPU only")
+        threads = cpu_threads()
+        return HostCPU(), threads, f"cpu ({threads} threads)", None
+    if (name or "").strip().lower() == "cpu":  # also the fallback after a CUDA out-of-memory error
+        import torch
+
+        dev = torch.device("cpu")
+    else:
+        dev = resolve_device(name)
+    threads = configure_cpu_threads() if dev.type == "cpu" else None
+    amp = str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None
+    return dev, threads, describe(dev), amp
+
+
+def _to_device(model: Any, dev: Any, dim: int) -> None:
+    """A PyTorch network onto ``dev`` (channels-last for 2D on the CPU: measured faster here)."""
+    import torch
+
+    model.to(dev)
+    if dim == 2 and dev.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+
+
+def _cuda_oom(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch's CUDA out-of-memory error (PyTorch is imported if it was raised)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
 def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], progress: Optional[ProgressFn],
                  noise_info: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) -> InferenceResult:
     """:func:`denoise_array` along z, y and x (one noise model for all three), averaged
@@ -569,7 +618,9 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
     t0 = time.perf_counter()
     mc = int(kwargs.pop("mc_samples"))
 
-    share = _SharedNeb() if getattr(model, "neb", None) is not None and hasattr(model, "restore") else None
+    from .onnx_backend import can_restore
+
+    share = _SharedNeb() if can_restore(model) else None
 
     def run(view: np.ndarray, a: int, prog: Optional[ProgressFn]) -> InferenceResult:
         return denoise_array(view, model, card, views=1, progress=prog, mc_samples=mc if a == 0 else 0,
@@ -910,6 +961,67 @@ def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: 
     return read
 
 
+def _torch_forward(model: Any, dev: Any, dim: int, restore: bool) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """``model`` (or ``model.restore``) in eval mode as a function of a float32 numpy batch
+    (channels-last on the CPU for 2D models, autocast on CUDA), returning float32 numpy maps."""
+    import torch
+
+    from .device import autocast_dtype
+
+    amp = autocast_dtype(dev)
+    net = model.restore if restore else model
+
+    def run(x: np.ndarray) -> Dict[str, np.ndarray]:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+        if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
+            t = t.contiguous(memory_format=torch.channels_last)
+        model.eval()
+        with torch.inference_mode():
+            if amp is not None:
+                with torch.autocast(device_type="cuda", dtype=amp):
+                    res = net(t)
+            else:
+                res = net(t)
+            return {k: v.float().to("cpu").numpy() for k, v in res.items() if v is not None}
+
+    return run
+
+
+@contextlib.contextmanager
+def _torch_mc(model: Any, dev: Any, dim: int, restore: bool, samples: int, seed: int,
+              out_floor: Optional[float]) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """Inside: a function giving the std over ``samples`` Monte-Carlo dropout passes of a numpy batch
+    (PyTorch; the dropout masks drawn from ``seed`` in order, the global RNG restored after)."""
+    import torch
+
+    from .models import enable_mc_dropout
+
+    if not hasattr(model, "parameters"):
+        raise InputError("Monte-Carlo dropout needs the PyTorch network (load it with dualnet.modelfile.load_model)")
+    net = model.restore if restore else model
+
+    def std(x: np.ndarray) -> np.ndarray:
+        enable_mc_dropout(model)
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+            if dim == 2 and dev.type == "cpu":
+                t = t.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                outs = []
+                for _ in range(samples):
+                    out = net(t)["out"].float()
+                    outs.append(out.clamp_min(out_floor) if out_floor is not None else out)
+                mc = torch.stack(outs)
+                res = mc.std(0, unbiased=samples > 1) if samples > 1 else torch.zeros_like(mc[0])
+                return res.to("cpu").numpy()
+        finally:
+            model.eval()
+
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield std
+
+
 def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarray], model: Any,
          dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
          mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
@@ -931,11 +1043,6 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     Monte-Carlo dropout passes always run ``model``. ``restore``: the tiles carry the NEB maps and
     ``model.restore`` runs. ``keys``: the maps blended (of the model's outputs).
     """
-    import torch
-
-    from .device import autocast_dtype
-    from .models import enable_mc_dropout
-
     tiles = _tiles(shape, tile_shape, overlap)
     weight = gaussian_weight(tile_shape)
     stream = sink is not None
@@ -957,57 +1064,34 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     else:
         acc["out"] = np.zeros(shape, np.float32)
         wsum = np.zeros(shape, np.float32)
-    amp = autocast_dtype(dev)
     transforms = tta_transforms(8 if tta else 1)
-    gen_seed = int(seed)
     n_batches = max(1, math.ceil(len(tiles) / batch))
-    w_t = torch.from_numpy(weight)
+    forward = fast if fast is not None else _torch_forward(model, dev, dim, restore)
+    mc_scope = _torch_mc(model, dev, dim, restore, mc_samples, int(seed), out_floor) if mc_samples else None
 
-    def forward(x: Any, mc: bool = False) -> Dict[str, Any]:
-        net = model.restore if restore else model
-        if amp is not None:
-            with torch.autocast(device_type="cuda", dtype=amp):
-                res = net(x)
-        elif fast is not None and not mc:
-            res = fast(x)
-        else:
-            res = net(x)
-        res = {k: (v.float() if v is not None else None) for k, v in res.items() if k in keys}
+    def run(x: np.ndarray) -> Dict[str, np.ndarray]:
+        res = {k: v for k, v in forward(x).items() if k in keys and v is not None}
         if out_floor is not None:
-            res["out"] = res["out"].clamp_min(out_floor)
+            res["out"] = np.maximum(res["out"], np.float32(out_floor))
         return res
 
-    with torch.inference_mode(), torch.random.fork_rng(
-            devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(gen_seed)
+    with mc_scope if mc_scope is not None else contextlib.nullcontext() as mc_std:
         for b, group in enumerate(_batches(tiles, batch)):
             check_cancel(cancel)
-            x = torch.from_numpy(np.stack([reader(s) for s in group])).to(dev)  # (B, C, *tile)
-            if dim == 2 and dev.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            model.eval()
-            sums: Dict[str, Any] = {}
+            x = np.stack([reader(s) for s in group]).astype(np.float32, copy=False)  # (B, C, *tile)
+            sums: Dict[str, np.ndarray] = {}
             for k, flip in transforms:
-                res = forward(apply_tta(x, k, flip))
-                for key, val in res.items():
-                    if val is None:
-                        continue
+                for key, val in run(apply_tta(x, k, flip)).items():
                     val = invert_tta(val, k, flip)
                     sums[key] = val if key not in sums else sums[key] + val
-            preds = {key: v / len(transforms) for key, v in sums.items()}
-            if mc_samples:
-                enable_mc_dropout(model)
-                mc = torch.stack([forward(x, mc=True)["out"] for _ in range(mc_samples)])
-                preds["unc"] = mc.std(0, unbiased=mc_samples > 1) if mc_samples > 1 else \
-                    torch.zeros_like(mc[0])
-                del mc
-                model.eval()
+            preds = {key: v / np.float32(len(transforms)) for key, v in sums.items()} if len(transforms) > 1 else sums
+            if mc_std is not None:
+                preds["unc"] = mc_std(x)
             del x, sums
             for key, val in preds.items():
-                val = val.detach().to("cpu")
                 if dim == 2:
                     val = val[:, :, None]
-                val = (val[:, 0] * w_t).numpy()
+                val = val[:, 0] * weight
                 for i, s in enumerate(group):
                     if stream:
                         bufs = open_slices.setdefault(s[0].start, {})

@@ -310,6 +310,31 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple[Any, Dict[str, Any]
     return model, card
 
 
+def load_for_inference(path: PathLike, device: Any = "auto", *, mc: bool = False) -> Tuple[Any, Dict[str, Any]]:
+    """A model file's network for denoising, and its card: its checked ONNX graphs alone
+    (:class:`dualnet.onnx_backend.GraphNet`, no PyTorch import: a process that only denoises on the
+    CPU starts about 1.7 s sooner) where they can run, else :func:`load_model` on the CPU.
+
+    The graphs run where the card names them, ONNX Runtime is importable and not switched off,
+    ``device`` means the CPU without asking PyTorch (:func:`dualnet.device.cpu_without_torch`) and no
+    Monte-Carlo dropout is wanted (``mc``). The weights' SHA-256 is checked either way.
+    """
+    from .device import cpu_without_torch
+
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not mc and path.suffix == ".safetensors" and path.is_file() and cpu_without_torch(device):
+        from .onnx_backend import load_graph_net
+
+        card = read_card(path)
+        _verify_hash(path, card)
+        net = load_graph_net(path, card)
+        if net is not None:
+            return net, card
+    return load_model(path, device="cpu")
+
+
 def _verify_hash(path: Path, card: Dict[str, Any]) -> None:
     expected = card.get("sha256")
     if not isinstance(expected, str):

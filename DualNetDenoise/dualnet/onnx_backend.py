@@ -127,7 +127,7 @@ def export_bytes(model: Any, graph: str = "forward", example_hw: Tuple[int, int]
 class OnnxGraphs:
     """Checked graph files (name -> path) attached to the network they were exported from."""
 
-    def __init__(self, paths: Dict[str, Path], model_fingerprint: str) -> None:
+    def __init__(self, paths: Dict[str, Path], model_fingerprint: Optional[str]) -> None:
         self.paths = {k: Path(v) for k, v in paths.items()}
         self.fingerprint = model_fingerprint
         self._sessions: Dict[Tuple[str, int], Any] = {}
@@ -147,9 +147,10 @@ class OnnxGraphs:
         return self._sessions[key]
 
 
-def attach(model: Any, weights_path: Path, card: Dict[str, Any]) -> Optional[OnnxGraphs]:
-    """Check the card's ``onnx`` entry against its files and attach the graphs to ``model``
-    (``model.onnx_graphs``); None (nothing attached) without an entry.
+def check_graphs(weights_path: Path, card: Dict[str, Any]) -> Optional[Dict[str, Path]]:
+    """The graph files the card names beside ``weights_path``, each checked against its SHA-256;
+    None without an ``onnx`` entry, or (with a warning) when a file is missing or the graphs were
+    exported from other weights.
 
     Raises:
         ModelError: the entry is malformed, or a file's SHA-256 differs from the card's.
@@ -157,7 +158,6 @@ def attach(model: Any, weights_path: Path, card: Dict[str, Any]) -> Optional[Onn
     from .modelfile import card_path, sha256_file
 
     entry = card.get("onnx")
-    model.onnx_graphs = None
     if entry is None:
         return None
     where = card_path(weights_path)
@@ -182,30 +182,87 @@ def attach(model: Any, weights_path: Path, card: Dict[str, Any]) -> Optional[Onn
         warnings.warn(f"{where}: its ONNX graphs were exported from other weights; running the network in "
                       "PyTorch (re-export them with scripts/export_onnx.py)")
         return None
-    model.onnx_graphs = OnnxGraphs(paths, fingerprint(model))
+    return paths
+
+
+def attach(model: Any, weights_path: Path, card: Dict[str, Any]) -> Optional[OnnxGraphs]:
+    """Check the card's graphs (:func:`check_graphs`) and attach them to the PyTorch ``model``
+    (``model.onnx_graphs``, with the fingerprint of its parameters); None when there are none."""
+    paths = check_graphs(weights_path, card)
+    model.onnx_graphs = None if paths is None else OnnxGraphs(paths, fingerprint(model))
     return model.onnx_graphs
+
+
+class GraphNet:
+    """A shipped 2D DUAL-NET as its checked ONNX graphs alone: what inference needs of a network
+    (architecture, input channels, eval mode), with no PyTorch import (:func:`load_graph_net`).
+    It runs only through :func:`forward_for`; Monte-Carlo dropout and training need the PyTorch
+    network (:func:`dualnet.modelfile.load_model`)."""
+
+    training = False
+    NEB_MAPS = ("blind", "log_sigma", "gate")
+
+    def __init__(self, card: Dict[str, Any], paths: Dict[str, Path]) -> None:
+        arch = dict(card["architecture"])
+        self.config = arch
+        self.in_channels = int(arch.get("in_channels", 1))
+        self.context = int(arch.get("context", 1))
+        self.noise_map = bool(arch.get("noise_map", False))
+        self.neb = True if arch.get("use_neb", True) else None
+        self.onnx_graphs = OnnxGraphs(paths, None)
+
+    @property
+    def input_channels(self) -> int:
+        return self.in_channels * self.context + (1 if self.noise_map else 0)
+
+    def eval(self) -> "GraphNet":
+        return self
+
+    def train(self, mode: bool = True) -> "GraphNet":
+        if mode:
+            raise ModelError("a network loaded as its ONNX graphs cannot train; load it with dualnet.modelfile.load_model")
+        return self
+
+
+def load_graph_net(weights_path: Path, card: Dict[str, Any]) -> Optional[GraphNet]:
+    """The card's checked graphs as a :class:`GraphNet` (None where there is no usable forward graph,
+    the model is not a 2D DUAL-NET, or ONNX Runtime cannot run: the caller loads it with PyTorch)."""
+    arch = card.get("architecture") or {}
+    if not available() or arch.get("kind") != "dualnet" or int(arch.get("dim", 2)) != 2 or arch.get("sr"):
+        return None
+    paths = check_graphs(weights_path, card)
+    if paths is None or "forward" not in paths:
+        return None
+    return GraphNet(card, paths)
+
+
+def can_restore(model: Any) -> bool:
+    """Whether ``model`` can run the restoration branch on given NEB maps (orthogonal views)."""
+    if getattr(model, "neb", None) is None:
+        return False
+    if isinstance(model, GraphNet):
+        return "restore" in model.onnx_graphs.paths
+    return hasattr(model, "restore")
 
 
 def forward_for(model: Any, dev: Any, threads: Optional[int], graph: str = "forward"
                 ) -> Optional[Callable[[Any], Dict[str, Any]]]:
-    """A drop-in for ``model(x)`` (``graph = "forward"``) or ``model.restore(x)`` in eval mode on the
-    CPU that runs the attached graph, or None where PyTorch must run it (no such graph, not the CPU,
-    ONNX Runtime missing or switched off, or the network's parameters changed since the graphs were
-    attached). Returns a dict of float32 tensors, as the model does."""
+    """A function running ``model`` (``graph = "forward"``) or ``model.restore`` in eval mode on a
+    float32 (N, C, H, W) numpy batch through the attached graph on the CPU, returning float32 numpy
+    maps by name; None where PyTorch must run it (no such graph, not the CPU, ONNX Runtime missing or
+    switched off, or the network's parameters changed since the graphs were attached)."""
     graphs = getattr(model, "onnx_graphs", None)
     if graphs is None or graph not in graphs.paths or getattr(dev, "type", str(dev)) != "cpu" \
             or not available():
         return None
-    if fingerprint(model) != graphs.fingerprint:
+    if graphs.fingerprint is not None and fingerprint(model) != graphs.fingerprint:
         return None
     import numpy as np
-    import torch
 
-    session = graphs.session(graph, int(threads or torch.get_num_threads()))
+    session = graphs.session(graph, int(threads or 1))
     names = [o.name for o in session.get_outputs()]
 
     def run(x: Any) -> Dict[str, Any]:
-        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return {k: torch.from_numpy(v) for k, v in zip(names, session.run(None, {"x": feed}))}
+        return dict(zip(names, session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})))
 
     return run

@@ -30,37 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..presets import PRESETS, preset_config  # noqa: F401 (re-exported: dualnet.models.PRESETS)
 from .layers import (CausalConv, CausalSpatialAttention, NoiseModulatedAttention,
                      ResidualDenseBlock, SqueezeExcite, WindowAttention, avg_pool_nd, conv,
                      conv_nd, conv_transpose_nd, crop_to, pad_to_multiple, shift_down,
                      voxel_shuffle)
 
-#: Architecture presets. ``width``: SRB channels at full resolution (doubled per level up to
-#: ``max_width``); ``levels``: number of x2 downsamplings; ``rdb``: (layers, growth) of each
-#: residual dense block, ``blocks``: RDBs per scale; ``neb``: (width, depth) of the blind-spot
-#: branch; ``heads``: attention heads at the bottleneck.
-PRESETS: Dict[str, dict] = {
-    "tiny": dict(width=16, levels=2, max_width=64, rdb=(2, 8), blocks=1, neb=(8, 3), heads=2),
-    "small": dict(width=32, levels=3, max_width=128, rdb=(4, 16), blocks=1, neb=(24, 5),
-                  heads=4),
-    "base": dict(width=64, levels=4, max_width=512, rdb=(4, 52), blocks=2, neb=(64, 8),
-                 heads=8),
-    # 2-core CPU design (2.5D + noise map): the budget goes to the SRB's full-resolution width,
-    # the NEB stays narrow (its 2*dim rotated copies run at full resolution).
-    "cpu": dict(width=24, levels=3, max_width=96, rdb=(2, 16), blocks=1, neb=(8, 2), heads=4),
-}
-
 #: The NEB's refinement of a physics noise map is bounded to this factor either way.
 SIGMA_REFINE_MAX = 2.0
 #: Forms of the NEB confidence map (``confidence_head``): the skip gate's own map, or a separate head.
 CONFIDENCE_HEADS = ("gate", "sigma_mlp")
-
-
-def preset_config(preset: str) -> dict:
-    """The hyper-parameters of a preset; ``ValueError`` for an unknown name."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return dict(PRESETS[preset])
 
 
 class BlindSpotBranch(nn.Module):
