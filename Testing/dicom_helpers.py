@@ -30,10 +30,16 @@ class DicomValidatorWarning(UserWarning):
 
 
 def require_tool(name: str) -> str:
-    """Path of the Debian tool ``name``; the virtual environment's bin folder is skipped, since
-    pynetdicom installs Python apps of the same names (``storescp``, ``echoscu``, ...) there."""
+    """Path of the Debian tool ``name``; virtual environments' bin folders (this one's, and any other
+    on PATH, e.g. an activated one) are skipped, since pynetdicom installs Python apps of the same
+    names (``storescp``, ``echoscu``, ...) there."""
     venv_bin = os.path.dirname(sys.executable)
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.abspath(d) != os.path.abspath(venv_bin)]
+
+    def is_venv_bin(d: str) -> bool:
+        d = os.path.abspath(d)
+        return d == os.path.abspath(venv_bin) or os.path.isfile(os.path.join(os.path.dirname(d), "pyvenv.cfg"))
+
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not is_venv_bin(d)]
     path = shutil.which(name, path=os.pathsep.join(dirs))
     if not path:
         pytest.fail(f"{name} not found: install the Debian package {TOOLS.get(name, name)} "

@@ -322,14 +322,13 @@ def load_for_inference(path: PathLike, device: Any = "auto", *, mc: bool = False
     from .device import cpu_without_torch
 
     path = Path(path)
-    if path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if not mc and path.suffix == ".safetensors" and path.is_file() and cpu_without_torch(device):
+    weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
+    if not mc and weights.suffix == ".safetensors" and weights.is_file() and cpu_without_torch(device):
         from .onnx_backend import load_graph_net
 
-        card = read_card(path)
-        _verify_hash(path, card)
-        net = load_graph_net(path, card)
+        card = read_card(weights)
+        _verify_hash(weights, card)
+        net = load_graph_net(weights, card)
         if net is not None:
             return net, card
     return load_model(path, device="cpu")
