@@ -961,6 +961,14 @@ def _tile_reader(xn: np.ndarray, nmap: Optional[np.ndarray], context: int, dim: 
     return read
 
 
+def _tensor(x: np.ndarray, dev: Any, dim: int) -> Any:
+    """A numpy batch as a tensor on ``dev`` (channels-last for 2D on the CPU: measured faster here)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    return t.contiguous(memory_format=torch.channels_last) if dim == 2 and dev.type == "cpu" else t
+
+
 def _torch_forward(model: Any, dev: Any, dim: int, restore: bool) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
     """``model`` (or ``model.restore``) in eval mode as a function of a float32 numpy batch
     (channels-last on the CPU for 2D models, autocast on CUDA), returning float32 numpy maps."""
@@ -972,9 +980,7 @@ def _torch_forward(model: Any, dev: Any, dim: int, restore: bool) -> Callable[[n
     net = model.restore if restore else model
 
     def run(x: np.ndarray) -> Dict[str, np.ndarray]:
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-        if dim == 2 and dev.type == "cpu":  # measured faster for 2D convs on this CPU
-            t = t.contiguous(memory_format=torch.channels_last)
+        t = _tensor(x, dev, dim)
         model.eval()
         with torch.inference_mode():
             if amp is not None:
@@ -1003,9 +1009,7 @@ def _torch_mc(model: Any, dev: Any, dim: int, restore: bool, samples: int, seed:
     def std(x: np.ndarray) -> np.ndarray:
         enable_mc_dropout(model)
         try:
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-            if dim == 2 and dev.type == "cpu":
-                t = t.contiguous(memory_format=torch.channels_last)
+            t = _tensor(x, dev, dim)
             with torch.inference_mode():
                 outs = []
                 for _ in range(samples):
