@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "DualNetDenoise"))
 
 from dualnet.io import atomic_write_bytes  # noqa: E402
-from dualnet.modelfile import card_path, load_model, read_card, sha256_file  # noqa: E402
+from dualnet.modelfile import card_path, load_model, sha256_file  # noqa: E402
 from dualnet import onnx_backend  # noqa: E402
 
 SHIPPED = [ROOT / "DualNetDenoise" / "dualnet" / "weights" / f"dualnet_{m}.safetensors" for m in ("mri", "ct", "us")]
@@ -67,7 +67,7 @@ def export(weights: Path, tol: float) -> dict:
     """Export, check and register one model's graphs; returns its card entry."""
     model, card = load_model(weights, "cpu")
     model.onnx_graphs = None
-    entry = {"weights_sha256": read_card(weights)["sha256"], "opset": onnx_backend.OPSET,
+    entry = {"weights_sha256": card["sha256"], "opset": onnx_backend.OPSET,
              "inputs": "x: (N, C, H, W) float32; C = the slices, the noise map (restore: then the NEB's "
                        "blind estimate, log sigma and gate map)",
              "graphs": {}}
@@ -88,7 +88,6 @@ def export(weights: Path, tol: float) -> dict:
         g["sha256"] = sha256_file(target)
         outputs.append(target)
     entry["max_abs_diff_vs_torch"] = float(f"{worst:.3g}")
-    card = read_card(weights)
     card["onnx"] = entry
     text = json.dumps(card, indent=card_indent(weights), allow_nan=False) + "\n"  # key order and indent kept
     atomic_write_bytes(card_path(weights), text.encode("utf-8"), inputs=[weights], outputs=outputs)

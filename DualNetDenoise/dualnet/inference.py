@@ -100,7 +100,7 @@ class _SharedNeb:
 
     def channels(self, zs: Optional[np.ndarray] = None) -> List[Callable[[Tuple[slice, ...]], np.ndarray]]:
         """Readers of the three extra input channels of ``restore`` for a tile (z, y, x slices of
-        the reading view, or of its slices ``zs`` when given), in :data:`DualNet.NEB_MAPS` order."""
+        the reading view, or of its slices ``zs`` when given), in :data:`dualnet.presets.NEB_MAPS` order."""
         vols = [self.volume(k) for k in ("blind", "sigma", "gate")]
         if zs is not None:
             vols = [v[zs] for v in vols]
@@ -1002,9 +1002,7 @@ def _torch_mc(model: Any, dev: Any, dim: int, restore: bool, samples: int, seed:
 
     from .models import enable_mc_dropout
 
-    if not hasattr(model, "parameters"):
-        raise InputError("Monte-Carlo dropout needs the PyTorch network (load it with dualnet.modelfile.load_model)")
-    net = model.restore if restore else model
+    net = model.restore if restore else model  # a PyTorch network: denoise_array refuses MC for graphs
 
     def std(x: np.ndarray) -> np.ndarray:
         enable_mc_dropout(model)

@@ -1,8 +1,9 @@
-"""ONNX Runtime for the deterministic CPU forward pass of a 2D DUAL-NET (1.9x PyTorch's speed here).
+"""ONNX Runtime for the deterministic CPU forward pass of a 2D DUAL-NET.
 
-On the project's 2-core CPU (AVX2, no BF16) ONNX Runtime runs the shipped 2.5D networks at about
-half PyTorch's time per slice with the same results (largest difference about 1e-6 in normalised
-units; measured in ``docs/benchmarks/README.md``). A model ships its graphs beside its weights:
+On the project's 2-core CPU (AVX2, no BF16) ONNX Runtime runs the shipped 2.5D networks 15-25 %
+faster per slice than PyTorch in isolation, with the same results (largest difference about 1e-6
+in normalised units; ``docs/design_sweep.md``, session 13), and without importing PyTorch
+(:class:`GraphNet`). A model ships its graphs beside its weights:
 
 - ``dualnet_mri.onnx`` (the forward pass) and ``dualnet_mri.restore.onnx`` (the restoration branch
   on given NEB maps) next to ``dualnet_mri.safetensors``, exported by ``scripts/export_onnx.py``
@@ -80,8 +81,14 @@ def output_names(model: Any, graph: str = "forward") -> Tuple[str, ...]:
 
 def input_channels(model: Any, graph: str = "forward") -> int:
     """A graph's input channels: the model's, plus the NEB maps for ``restore``."""
-    extra = len(model.NEB_MAPS) if graph == "restore" else 0
-    return int(model.input_channels) + extra
+    from .presets import NEB_MAPS
+
+    return int(model.input_channels) + (len(NEB_MAPS) if graph == "restore" else 0)
+
+
+def graph_supported(arch: Dict[str, Any]) -> bool:
+    """Whether an architecture config has ONNX graphs here: a 2D DUAL-NET without the SR head."""
+    return arch.get("kind") == "dualnet" and int(arch.get("dim", 2)) == 2 and not arch.get("sr")
 
 
 def export_bytes(model: Any, graph: str = "forward", example_hw: Tuple[int, int] = (37, 45)) -> bytes:
@@ -93,8 +100,7 @@ def export_bytes(model: Any, graph: str = "forward", example_hw: Tuple[int, int]
     """
     import torch
 
-    config = getattr(model, "config", {}) or {}
-    if config.get("kind") != "dualnet" or int(config.get("dim", 2)) != 2 or config.get("sr"):
+    if not graph_supported(getattr(model, "config", {}) or {}):
         raise ModelError("an ONNX graph is made for 2D DUAL-NET models without the SR head only")
     if graph not in GRAPHS or (graph == "restore" and getattr(model, "neb", None) is None):
         raise ModelError(f"no {graph!r} graph for this model")
@@ -200,20 +206,17 @@ class GraphNet:
     network (:func:`dualnet.modelfile.load_model`)."""
 
     training = False
-    NEB_MAPS = ("blind", "log_sigma", "gate")
 
     def __init__(self, card: Dict[str, Any], paths: Dict[str, Path]) -> None:
-        arch = dict(card["architecture"])
-        self.config = arch
-        self.in_channels = int(arch.get("in_channels", 1))
-        self.context = int(arch.get("context", 1))
-        self.noise_map = bool(arch.get("noise_map", False))
-        self.neb = True if arch.get("use_neb", True) else None
+        self.config = dict(card["architecture"])
+        self.neb = True if self.config.get("use_neb", True) else None
         self.onnx_graphs = OnnxGraphs(paths, None)
 
     @property
     def input_channels(self) -> int:
-        return self.in_channels * self.context + (1 if self.noise_map else 0)
+        from .presets import input_channels
+
+        return input_channels(self.config)
 
     def eval(self) -> "GraphNet":
         return self
@@ -227,8 +230,7 @@ class GraphNet:
 def load_graph_net(weights_path: Path, card: Dict[str, Any]) -> Optional[GraphNet]:
     """The card's checked graphs as a :class:`GraphNet` (None where there is no usable forward graph,
     the model is not a 2D DUAL-NET, or ONNX Runtime cannot run: the caller loads it with PyTorch)."""
-    arch = card.get("architecture") or {}
-    if not available() or arch.get("kind") != "dualnet" or int(arch.get("dim", 2)) != 2 or arch.get("sr"):
+    if not available() or not graph_supported(card.get("architecture") or {}):
         return None
     paths = check_graphs(weights_path, card)
     if paths is None or "forward" not in paths:

@@ -1,12 +1,18 @@
-"""Architecture presets of DUAL-NET (no PyTorch import: inference sizes its tiles from them).
+"""Architecture presets and input layout of DUAL-NET (no PyTorch import: inference sizes its tiles
+and runs the ONNX graphs from them).
 
 ``PRESETS`` maps a preset name to its hyper-parameters (used by :class:`dualnet.models.dualnet.DualNet`
-and re-exported as ``dualnet.models.PRESETS``).
+and re-exported as ``dualnet.models.PRESETS``); :func:`input_channels` and :data:`NEB_MAPS` give the
+channels of its forward pass and of its restoration branch alone.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Mapping
+
+#: maps of the NEB the restoration branch reads, in this order (``DualNet.restore`` takes them as
+#: extra channels after the input channels)
+NEB_MAPS = ("blind", "log_sigma", "gate")
 
 #: Architecture presets. ``width``: SRB channels at full resolution (doubled per level up to
 #: ``max_width``); ``levels``: number of x2 downsamplings; ``rdb``: (layers, growth) of each
@@ -29,3 +35,9 @@ def preset_config(preset: str) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[preset])
+
+
+def input_channels(arch: Mapping[str, Any]) -> int:
+    """Channels a DUAL-NET's forward pass expects for its architecture config: ``in_channels`` x
+    ``context`` slices, then the noise map if ``noise_map``."""
+    return int(arch.get("in_channels", 1)) * int(arch.get("context", 1)) + (1 if arch.get("noise_map") else 0)

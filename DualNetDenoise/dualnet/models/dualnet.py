@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..presets import PRESETS, preset_config  # noqa: F401 (re-exported: dualnet.models.PRESETS)
+from ..presets import NEB_MAPS, PRESETS, input_channels, preset_config  # noqa: F401 (PRESETS re-exported)
 from .layers import (CausalConv, CausalSpatialAttention, NoiseModulatedAttention,
                      ResidualDenseBlock, SqueezeExcite, WindowAttention, avg_pool_nd, conv,
                      conv_nd, conv_transpose_nd, crop_to, pad_to_multiple, shift_down,
@@ -270,10 +270,10 @@ class DualNet(nn.Module):
     @property
     def input_channels(self) -> int:
         """Channels ``forward`` expects: ``context`` slices (+ 1 noise map)."""
-        return self.in_channels * self.context + (1 if self.noise_map else 0)
+        return input_channels(self.config)
 
     #: maps of the NEB the restoration branch reads (:meth:`restore` takes them as extra channels)
-    NEB_MAPS = ("blind", "log_sigma", "gate")
+    NEB_MAPS = NEB_MAPS
 
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
         self._check_input(x, self.input_channels)
