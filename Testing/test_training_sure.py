@@ -6,6 +6,8 @@ real trainer; nothing is mocked.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +172,45 @@ def test_init_partial_widens_the_context_and_starts_from_the_same_output(tmp_pat
     with pytest.raises(InputError, match="two transplants"):
         pretrain(_cfg(steps=0, context=5, noise_map=True, use_neb=False, init_from=str(base.model_path),
                       init_partial=True), data=[mri_crop], out_dir=tmp_path / "d")
+
+
+def test_init_partial_adds_residual_dense_blocks_that_start_as_the_identity(tmp_path, mri_crop):
+    """More residual dense blocks at the low-resolution scales (``blocks``): the trained model's blocks
+    keep their places, each added block's fusion starts at zero, so the deeper model starts from the
+    same output; training then moves the added blocks. Removing blocks is refused."""
+    from dualnet.presets import scale_blocks
+
+    base = pretrain(_cfg(steps=3, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
+    res = pretrain(_cfg(steps=0, context=3, noise_map=True, blocks=[1, 2, 3], init_from=str(base.model_path),
+                        init_partial=True), data=[mri_crop], out_dir=tmp_path / "b")
+    src, _ = modelfile.load_model(base.model_path, "cpu")
+    dst, card = modelfile.load_model(res.model_path, "cpu")
+    assert card["architecture"]["blocks"] == [1, 2, 3] and "blocks" not in src.config
+    assert [len(b) for b in dst.srb.enc] + [len(dst.srb.bottleneck)] == [1, 2, 3]
+    moved = card["initialised_from"]["transplant"]
+    added = {re.match(r"srb\.(?:(?:enc|dec)\.\d+|bottleneck)\.\d+", k).group(0) for k in moved["new"]}
+    assert added == {"srb.enc.1.1", "srb.dec.1.1", "srb.bottleneck.1", "srb.bottleneck.2"}
+    assert moved["dropped"] == [] and moved["partial"] == []
+    got = dst.state_dict()
+    assert all(torch.count_nonzero(got[k]) == 0 for k in moved["new"] if ".fuse." in k)
+    src.eval(), dst.eval()
+    x = torch.from_numpy(np.ascontiguousarray(mri_crop[:3, :32, :32], dtype=np.float32))[None] / float(mri_crop.max())
+    inp = torch.cat([x, torch.full_like(x[:, :1], 0.03)], 1)
+    with torch.no_grad():
+        a, b = src(inp), dst(inp)
+    for key in ("out", "sigma", "alpha", "blind"):
+        assert torch.equal(a[key], b[key]), key
+    trained = pretrain(_cfg(steps=4, context=3, noise_map=True, blocks=[1, 2, 3], init_from=str(base.model_path),
+                            init_partial=True), data=[mri_crop], out_dir=tmp_path / "c")
+    deeper, _ = modelfile.load_model(trained.model_path, "cpu")
+    assert torch.count_nonzero(deeper.state_dict()["srb.bottleneck.2.fuse.weight"]) > 0  # the added block learns
+    with pytest.raises(InputError, match="not remove"):
+        pretrain(_cfg(steps=0, context=3, noise_map=True, blocks=[1, 1, 3], init_from=str(res.model_path),
+                      init_partial=True), data=[mri_crop], out_dir=tmp_path / "d")
+    with pytest.raises(ValueError, match="one per scale|3 of them"):
+        scale_blocks([1, 2], levels=2)
+    with pytest.raises(InputError, match="blocks needs"):
+        _cfg(blocks=[1, 0, 2])
 
 
 def test_a_separate_confidence_head_trains_alone_and_leaves_the_output_unchanged(tmp_path, mri_crop):

@@ -8,7 +8,7 @@ channels of its forward pass and of its restoration branch alone.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 #: maps of the NEB the restoration branch reads, in this order (``DualNet.restore`` takes them as
 #: extra channels after the input channels)
@@ -16,8 +16,8 @@ NEB_MAPS = ("blind", "log_sigma", "gate")
 
 #: Architecture presets. ``width``: SRB channels at full resolution (doubled per level up to
 #: ``max_width``); ``levels``: number of x2 downsamplings; ``rdb``: (layers, growth) of each
-#: residual dense block, ``blocks``: RDBs per scale; ``neb``: (width, depth) of the blind-spot
-#: branch; ``heads``: attention heads at the bottleneck.
+#: residual dense block, ``blocks``: RDBs per scale (one int, or one per scale: :func:`scale_blocks`);
+#: ``neb``: (width, depth) of the blind-spot branch; ``heads``: attention heads at the bottleneck.
 PRESETS: Dict[str, dict] = {
     "tiny": dict(width=16, levels=2, max_width=64, rdb=(2, 8), blocks=1, neb=(8, 3), heads=2),
     "small": dict(width=32, levels=3, max_width=128, rdb=(4, 16), blocks=1, neb=(24, 5),
@@ -35,6 +35,17 @@ def preset_config(preset: str) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[preset])
+
+
+def scale_blocks(blocks: Union[int, Sequence[int]], levels: int) -> List[int]:
+    """Residual dense blocks at each scale of the restoration branch, full resolution first and the
+    bottleneck last (``levels + 1`` numbers; the encoder and decoder of a scale have as many each).
+    An int means the same number at every scale. ``ValueError`` for anything else."""
+    per_scale = [int(blocks)] * (levels + 1) if isinstance(blocks, int) else [int(b) for b in blocks]
+    if len(per_scale) != levels + 1 or min(per_scale) < 1:
+        raise ValueError(f"blocks must be one int >= 1 or {levels + 1} of them (full resolution first, "
+                         f"bottleneck last), got {blocks!r}")
+    return per_scale
 
 
 def input_channels(arch: Mapping[str, Any]) -> int:

@@ -8,6 +8,8 @@ dict that :mod:`dualnet.modelfile` stores in the model card).
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch.nn as nn
 
 from .baselines import DNCNN_PRESETS, DnCNN, PlainUNet
@@ -26,7 +28,7 @@ __all__ = ["build_model", "build_baseline", "build_from_config", "count_paramete
 def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr: bool = False,
                 use_neb: bool = True, use_nonlocal: bool = True, dropout: float = 0.1,
                 context: int = 1, noise_map: bool = False, dropout_mode: str = "element",
-                confidence_head: str = "gate") -> nn.Module:
+                confidence_head: str = "gate", blocks: Optional[Sequence[int]] = None) -> nn.Module:
     """Build DUAL-NET.
 
     Args:
@@ -41,10 +43,13 @@ def build_model(preset: str = "tiny", dim: int = 2, *, in_channels: int = 1, sr:
         dropout_mode: ``"element"`` (voxel-wise) or ``"channel"`` (whole feature maps, cheaper).
         confidence_head: NEB confidence map, ``"gate"`` (the skip gates' own map, v6 models) or
             ``"sigma_mlp"`` (a separate head of the features and the log noise std; gates unchanged).
+        blocks: residual dense blocks per scale of the restoration branch, full resolution first
+            and the bottleneck last (``levels + 1`` ints; None = the preset's).
     """
     return DualNet(preset, dim, in_channels=in_channels, sr=sr, use_neb=use_neb,
                    use_nonlocal=use_nonlocal, dropout=dropout, context=context,
-                   noise_map=noise_map, dropout_mode=dropout_mode, confidence_head=confidence_head)
+                   noise_map=noise_map, dropout_mode=dropout_mode, confidence_head=confidence_head,
+                   blocks=blocks)
 
 
 def build_baseline(kind: str, dim: int, preset: str = "tiny", *, in_channels: int = 1
@@ -74,7 +79,8 @@ def build_from_config(config: dict) -> nn.Module:
                            context=int(config.get("context", 1)),
                            noise_map=bool(config.get("noise_map", False)),
                            dropout_mode=str(config.get("dropout_mode", "element")),
-                           confidence_head=str(config.get("confidence_head", "gate")))
+                           confidence_head=str(config.get("confidence_head", "gate")),
+                           blocks=config.get("blocks"))
     return build_baseline(kind, dim, config.get("preset", "tiny"), in_channels=in_channels)
 
 

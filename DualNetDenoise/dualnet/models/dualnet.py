@@ -24,13 +24,13 @@ With ``use_neb=False`` the values of ``sigma``, ``alpha`` and ``blind`` are ``No
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..presets import NEB_MAPS, PRESETS, input_channels, preset_config  # noqa: F401 (PRESETS re-exported)
+from ..presets import NEB_MAPS, PRESETS, input_channels, preset_config, scale_blocks  # noqa: F401 (PRESETS re-exported)
 from .layers import (CausalConv, CausalSpatialAttention, NoiseModulatedAttention,
                      ResidualDenseBlock, SqueezeExcite, WindowAttention, avg_pool_nd, conv,
                      conv_nd, conv_transpose_nd, crop_to, pad_to_multiple, shift_down,
@@ -161,15 +161,17 @@ class StructureRestorationBranch(nn.Module):
         self.widths = widths
         self.inc = conv(dim, cin, widths[0], 3)
 
-        def blocks(c: int) -> nn.Module:
-            return nn.Sequential(*[ResidualDenseBlock(dim, c, growth, layers)
-                                   for _ in range(cfg["blocks"])])
+        per_scale = scale_blocks(cfg["blocks"], self.levels)
 
-        self.enc = nn.ModuleList(blocks(widths[i]) for i in range(self.levels))
+        def blocks(scale: int) -> nn.Module:
+            return nn.Sequential(*[ResidualDenseBlock(dim, widths[scale], growth, layers)
+                                   for _ in range(per_scale[scale])])
+
+        self.enc = nn.ModuleList(blocks(i) for i in range(self.levels))
         self.down = nn.ModuleList(conv_nd(dim)(widths[i], widths[i + 1], 2, stride=2)
                                   for i in range(self.levels))
         wb = widths[-1]
-        self.bottleneck = blocks(wb)
+        self.bottleneck = blocks(self.levels)
         self.se = SqueezeExcite(dim, wb)
         self.nonlocal_attn = (WindowAttention(dim, wb, cfg["heads"], 4, dropout)
                               if use_nonlocal else None)
@@ -179,7 +181,7 @@ class StructureRestorationBranch(nn.Module):
                                    for i in range(self.levels))
         self.merge = nn.ModuleList(conv(dim, 2 * widths[i], widths[i], 1)
                                    for i in range(self.levels))
-        self.dec = nn.ModuleList(blocks(widths[i]) for i in range(self.levels))
+        self.dec = nn.ModuleList(blocks(i) for i in range(self.levels))
         # "channel": whole feature maps are dropped (Dropout2d/3d): N*C random numbers per layer
         # instead of N*C*H*W, measured ~15 % faster training steps on the 2-core CPU
         self.drop = (nn.Dropout(dropout) if dropout_mode == "element" else
@@ -237,10 +239,13 @@ class DualNet(nn.Module):
     def __init__(self, preset: str = "tiny", dim: int = 2, *, in_channels: int = 1,
                  sr: bool = False, use_neb: bool = True, use_nonlocal: bool = True,
                  dropout: float = 0.1, context: int = 1, noise_map: bool = False,
-                 dropout_mode: str = "element", confidence_head: str = "gate") -> None:
+                 dropout_mode: str = "element", confidence_head: str = "gate",
+                 blocks: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         conv_nd(dim)  # validates dim
         cfg = preset_config(preset)
+        if blocks is not None:  # RDBs per scale instead of the preset's
+            cfg["blocks"] = scale_blocks(blocks, cfg["levels"])
         context = int(context)
         if context < 1 or context % 2 == 0 or (dim == 3 and context != 1):
             raise ValueError(f"context must be an odd number of slices >= 1 (2D models only), got {context}")
@@ -256,6 +261,8 @@ class DualNet(nn.Module):
                            dropout_mode=dropout_mode)
         if use_neb and confidence_head != "gate":  # recorded only when it differs from the v6 form
             self.config["confidence_head"] = confidence_head
+        if blocks is not None:  # recorded only when it differs from the preset
+            self.config["blocks"] = list(cfg["blocks"])
         nw, nd = cfg["neb"]
         img_ch = in_channels * context
         self.neb = (NoiseEstimationBranch(dim, img_ch, nw, nd, cout=in_channels, prior=self.noise_map,
@@ -326,8 +333,9 @@ class DualNet(nn.Module):
 
 
 #: The architecture keys a transplant may change (``transplant_weights``): the ablation switches,
-#: the form of the confidence head and the number of adjacent slices (widened only).
-TRANSPLANT_SWITCHES = ("use_neb", "use_nonlocal", "confidence_head", "context")
+#: the form of the confidence head, the number of adjacent slices (widened only) and the residual
+#: dense blocks per scale (added only).
+TRANSPLANT_SWITCHES = ("use_neb", "use_nonlocal", "confidence_head", "context", "blocks")
 #: The input convolutions whose input channels start with the slices (``transplant_weights``).
 _SLICE_INPUT_CONVS = ("srb.inc.weight", "neb.features.stack.0.conv.weight")
 
@@ -346,13 +354,20 @@ def _widen_input(old: torch.Tensor, new: torch.Tensor, k_old: int, k_new: int) -
     return out
 
 
+def _blocks_of(net: DualNet) -> List[int]:
+    """Residual dense blocks per scale of ``net``'s restoration branch (full resolution first)."""
+    return [len(b) for b in net.srb.enc] + [len(net.srb.bottleneck)]
+
+
 def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
     """Copy ``src``'s weights into ``dst``, which differs from it at most in ``TRANSPLANT_SWITCHES``.
 
     For a final-budget ablation, a variant without the NEB (or with / without the bottleneck
     attention) starts from the trained full model instead of from scratch; a separate confidence
     head (``confidence_head``) is trained on a trained model; a model with more adjacent slices
-    (``context``, widened only) starts as the trained one, its new slices weighted zero. Weights with
+    (``context``, widened only) starts as the trained one, its new slices weighted zero; so does one
+    with more residual dense blocks at some scales (``blocks``, added only): an added block's 1x1
+    fusion starts at zero, so the block is the identity until it learns. Weights with
     the same name and shape are copied; the SRB input convolution keeps the weights of the input
     channels both models share (the slices and the noise map come first in both); the rest of
     ``dst`` keeps its initialisation. Returns the names ``copied``, ``partial`` (input convs),
@@ -369,6 +384,9 @@ def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
         raise ValueError(f"a transplant may widen the context, not narrow it ({k_old} -> {k_new} slices)")
     if k_new != k_old and src.config["use_neb"] != dst.config["use_neb"]:
         raise ValueError("widen the context and switch the NEB in two transplants, not one")
+    b_old, b_new = _blocks_of(src), _blocks_of(dst)
+    if any(n < o for o, n in zip(b_old, b_new)):
+        raise ValueError(f"a transplant may add residual dense blocks, not remove them ({b_old} -> {b_new})")
     have, want = src.state_dict(), dst.state_dict()
     report: Dict[str, List[str]] = {"copied": [], "partial": [], "dropped": [], "new": []}
     merged = {}
@@ -386,6 +404,9 @@ def transplant_weights(src: DualNet, dst: DualNet) -> Dict[str, List[str]]:
             w[:, :shared] = v[:, :shared]
             merged[name] = w
             report["partial"].append(name)
+        elif name.startswith(("srb.enc.", "srb.dec.", "srb.bottleneck.")) and ".fuse." in name:
+            merged[name] = torch.zeros_like(w)  # an added block starts as the identity (x + 0)
+            report["new"].append(name)
         else:
             merged[name] = w
             report["new"].append(name)

@@ -84,6 +84,9 @@ class TrainConfig:
     dropout: float = 0.1
     dropout_mode: str = "element"  #: "element" (voxel-wise) | "channel" (whole feature maps: cheaper on CPU)
     context: int = 1  #: 2D models: adjacent slices fed as input channels (2.5D; odd: 1, 3, 5, ...)
+    #: DUAL-NET: residual dense blocks per scale of the restoration branch, full resolution first and
+    #: the bottleneck last (levels + 1 ints); [] = the preset's
+    blocks: List[int] = field(default_factory=list)
     noise_map: bool = False  #: feed the physics noise-std map as an input channel (the NEB refines it)
     noise_map_jitter: float = 0.25  #: training: the map's std is off by a random factor up to 1 + this (estimation error)
     # data / patches
@@ -237,6 +240,8 @@ class TrainConfig:
              "init_partial needs init_from and model = 'dualnet'"),
             (all(isinstance(x, str) and x for x in self.train_only), "train_only must be a list of parameter-name prefixes"),
             (self.confidence_head in ("gate", "sigma_mlp"), "confidence_head must be 'gate' or 'sigma_mlp'"),
+            (not self.blocks or (self.model == "dualnet" and all(isinstance(b, int) and b >= 1 for b in self.blocks)),
+             "blocks needs model = 'dualnet' and ints >= 1 (one per scale of the preset)"),
             (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,

@@ -351,7 +351,8 @@ def build_network(cfg: TrainConfig):
         return models.build_model(cfg.preset, cfg.dim, sr=cfg.sr, use_neb=cfg.use_neb,
                                   use_nonlocal=cfg.use_nonlocal, dropout=cfg.dropout,
                                   context=cfg.context, noise_map=cfg.noise_map,
-                                  dropout_mode=cfg.dropout_mode, confidence_head=cfg.confidence_head)
+                                  dropout_mode=cfg.dropout_mode, confidence_head=cfg.confidence_head,
+                                  blocks=cfg.blocks or None)
     return models.build_baseline(cfg.model, cfg.dim, cfg.preset)
 
 
