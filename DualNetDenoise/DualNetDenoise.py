@@ -39,6 +39,9 @@ from DualNetDenoiseLib.process import python_executable
 MODALITIES = ["mri", "ct", "us"]
 METHODS = list(METHOD_LABELS)
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+#: test-time augmentation choices of the panel (``dualnet.inference.parse_tta``): the model's default,
+#: none, the 4 quarter turns, and those with their mirror images
+TTA_WORDS = ["auto", "off", "x4", "x8"]
 
 
 #
@@ -129,7 +132,8 @@ class DualNetDenoiseParameterNode:
     noiseLevel - absolute noise sigma in image units (classical methods) when autoNoise is off.
     modelPath - DUAL-NET model file; empty = shipped model for the modality.
     device - auto / cpu / cuda / mps.
-    tta - x8 flip test-time augmentation (network only).
+    tta - test-time augmentation (network only): auto (the model's default: x4 for the shipped
+        ultrasound model, none for MRI and CT), off, x4 (quarter turns) or x8 (and their mirror images).
     oneView - run the network along axial slices only (network only; default: three orthogonal views
         averaged where the model and the voxels allow it, about 3x the time).
     uncertainty - Monte Carlo dropout uncertainty map (network only).
@@ -145,7 +149,7 @@ class DualNetDenoiseParameterNode:
     noiseLevel: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     modelPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    tta: bool = False
+    tta: Annotated[str, Choice(TTA_WORDS)] = "auto"
     oneView: bool = False
     uncertainty: bool = False
     nebMaps: bool = False
@@ -255,7 +259,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._job is not None and not self._job.done
         network = p is not None and p.method == "dualnet"
         self.ui.networkCollapsibleButton.enabled = network
-        self.ui.ttaCheckBox.enabled = network
+        self.ui.ttaComboBox.enabled = network
         self.ui.oneViewCheckBox.enabled = network
         self.ui.uncertaintyCheckBox.enabled = network
         self.ui.uncertaintyVolumeSelector.enabled = network and p.uncertainty
@@ -349,6 +353,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._job = None
         with slicer.util.tryWithErrorDisplay(_("Failed to start denoising."), waitCursor=True):
+            from dualnet.inference import parse_tta
+
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
@@ -360,7 +366,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 noiseLevel=None if p.autoNoise else p.noiseLevel,
                 model=p.modelPath or None,
                 device=p.device,
-                tta=p.tta,
+                tta=parse_tta(p.tta),
                 uncertainty=p.uncertainty,
                 uncertaintyVolume=p.uncertaintyVolume if p.uncertainty else None,
                 waitForCompletion=False,

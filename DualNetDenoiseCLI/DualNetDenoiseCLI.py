@@ -2,7 +2,7 @@
 """Slicer CLI module: DUAL-NET denoising of one volume (see DualNetDenoiseCLI.xml).
 
 The command line is parsed from the XML beside this file, exactly as Slicer builds it:
-``[--modality auto] [--model FILE] [--device auto] [--tta] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE]
+``[--modality auto] [--model FILE] [--device auto] [--tta auto|off|x4|x8] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE]
 [--noiseMapVolume FILE] [--confidenceVolume FILE] INPUT OUTPUT``.
 ``auto`` (the default) takes the modality from the DICOM Modality tag, else from the intensities
 (``dualnet.modality.choose_modality``); the choice and its reason are printed on stdout.
@@ -41,6 +41,7 @@ def denoise(args, progress) -> None:
     noise branch's noise-std and confidence maps."""
     from dualnet import api
     from dualnet.io import check_output_path, read_volume, write_volume
+    from dualnet.inference import parse_tta
     from dualnet.orthoviews import parse_views
 
     inputs = [args.inputVolume]
@@ -53,7 +54,7 @@ def denoise(args, progress) -> None:
     volume = read_volume(args.inputVolume)
     result = api.denoise_volume(
         volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
-        tta=args.tta, uncertainty=bool(args.uncertaintyVolume), progress=progress,
+        tta=parse_tta(args.tta), uncertainty=bool(args.uncertaintyVolume), progress=progress,
         guard=False if args.noGuard else None, views=parse_views(args.views),
         neb_maps=bool(args.noiseMapVolume or args.confidenceVolume))
     print(f"DualNetDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",

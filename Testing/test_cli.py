@@ -187,3 +187,22 @@ def test_noise_branch_maps_are_written_with_the_input_geometry(tmp_path, small_m
     # in units of the true Rician sigma: the same at both levels (within 25 %), near 1
     assert medians[1] == pytest.approx(medians[0], rel=0.25)
     assert 0.5 < medians[0] < 2.0
+
+
+def test_tta_options_parse_and_apply_to_the_network_only(tmp_path, small_mri, capsys):
+    """``--tta`` = x8, ``--no-tta`` = none, neither = the model's default (None); both at once is a
+    usage error; ``--tta`` with a classical method is refused before anything is written, ``--no-tta``
+    asks nothing of it and is accepted."""
+    from dualnet.cli import build_parser
+
+    parse = lambda *a: build_parser().parse_args(["denoise", "in.nrrd", "out.nrrd", *a])  # noqa: E731
+    assert parse().tta is None and parse("--tta").tta == 8 and parse("--no-tta").tta == 1
+    with pytest.raises(SystemExit):
+        parse("--tta", "--no-tta")
+    capsys.readouterr()
+    out = tmp_path / "o.nrrd"
+    code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--tta"], capsys)
+    assert code == 2 and "--tta and --uncertainty apply to the network only" in _one_error_line(err)
+    assert not out.exists()
+    code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--no-tta", "-q"], capsys)
+    assert code == 0 and out.exists(), err

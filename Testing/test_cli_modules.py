@@ -103,14 +103,17 @@ def test_xml_is_valid_and_parser_is_built_from_it(name):
 
 def test_boolean_flags_bare_and_with_values():
     x = xml_path("DualNetDenoiseCLI")
-    assert cliargs.parse_cli_args(x, ["--tta", "in.nrrd", "out.nrrd"]).tta is True
-    ns = cliargs.parse_cli_args(x, ["--tta", "true", "in.nrrd", "out.nrrd"])
-    assert ns.tta is True and ns.inputVolume == "in.nrrd" and ns.outputVolume == "out.nrrd"
-    assert cliargs.parse_cli_args(x, ["--tta", "false", "in.nrrd", "out.nrrd"]).tta is False
-    assert cliargs.parse_cli_args(x, ["--tta=False", "in.nrrd", "out.nrrd"]).tta is False
-    assert cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd"]).tta is False
-    ns = cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd", "--tta"])
-    assert ns.tta is True and ns.modality == "auto" and ns.device == "auto"
+    assert cliargs.parse_cli_args(x, ["--noGuard", "in.nrrd", "out.nrrd"]).noGuard is True
+    ns = cliargs.parse_cli_args(x, ["--noGuard", "true", "in.nrrd", "out.nrrd"])
+    assert ns.noGuard is True and ns.inputVolume == "in.nrrd" and ns.outputVolume == "out.nrrd"
+    assert cliargs.parse_cli_args(x, ["--noGuard", "false", "in.nrrd", "out.nrrd"]).noGuard is False
+    assert cliargs.parse_cli_args(x, ["--noGuard=False", "in.nrrd", "out.nrrd"]).noGuard is False
+    assert cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd"]).noGuard is False
+    ns = cliargs.parse_cli_args(x, ["in.nrrd", "out.nrrd", "--noGuard"])
+    assert ns.noGuard is True and ns.modality == "auto" and ns.device == "auto" and ns.tta == "auto"
+    assert cliargs.parse_cli_args(x, ["--tta", "x4", "in.nrrd", "out.nrrd"]).tta == "x4"
+    with pytest.raises(SystemExit):
+        cliargs.parse_cli_args(x, ["--tta", "x3", "in.nrrd", "out.nrrd"])
     with pytest.raises(SystemExit):
         cliargs.parse_cli_args(x, ["--modality", "pet", "in.nrrd", "out.nrrd"])
     with pytest.raises(SystemExit):
@@ -121,10 +124,10 @@ def test_boolean_flags_bare_and_with_values():
 
 def test_slicer_command_line_order():
     args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
-        "inputVolume": "/t/in.nrrd", "outputVolume": "/t/out.nrrd", "modality": "ct", "tta": True, "device": "cpu"})
-    assert args == ["--modality", "ct", "--device", "cpu", "--tta", "/t/in.nrrd", "/t/out.nrrd"]
-    assert "--tta" not in cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"),
-                                                      {"inputVolume": "a", "outputVolume": "b", "tta": False})
+        "inputVolume": "/t/in.nrrd", "outputVolume": "/t/out.nrrd", "modality": "ct", "noGuard": True, "device": "cpu"})
+    assert args == ["--modality", "ct", "--device", "cpu", "--noGuard", "/t/in.nrrd", "/t/out.nrrd"]
+    assert "--noGuard" not in cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"),
+                                                          {"inputVolume": "a", "outputVolume": "b", "noGuard": False})
     dice = cliargs.slicer_command_line(xml_path("DiceAssessmentCLI"), {"labelA": "a", "labelB": "b"}, "/t/ret.txt")
     assert dice[:2] == ["--returnparameterfile", "/t/ret.txt"] and dice[-2:] == ["a", "b"]
 
@@ -219,17 +222,29 @@ def tiny_model(tmp_path_factory):
                                                                       "p_high": 99.5}})
 
 
-def test_denoise_cli_with_model_and_bare_tta_flag(tmp_path, noisy_crop, tiny_model):
+def test_denoise_cli_with_model_and_tta_reaches_the_core(tmp_path, noisy_crop, tiny_model):
+    """--tta x8 and --tta off give different results (the untrained model is not rotation-invariant);
+    x8 is the core's own x8 result."""
+    from dualnet.inference import denoise_array
+    from dualnet.modelfile import load_model
+
     src = write(noisy_crop[:2], tmp_path / "in.nrrd")
-    out = tmp_path / "out.nrrd"
-    args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
-        "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "tta": True, "modality": "mri"})
-    assert "--tta" in args and args[args.index("--tta") + 1] == str(src)  # bare flag right before the image
-    res = run_cli("DualNetDenoiseCLI", args)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert_filter_protocol(res.stdout)
-    _, b = assert_same_geometry(src, out)
-    assert np.isfinite(b.array).all() and b.array.dtype == np.float32
+    outs = {}
+    for tta in ("x8", "off"):
+        out = tmp_path / f"out_{tta}.nrrd"
+        args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+            "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "tta": tta,
+            "modality": "mri", "noGuard": True})
+        assert args[args.index("--tta") + 1] == tta
+        res = run_cli("DualNetDenoiseCLI", args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert_filter_protocol(res.stdout)
+        _, outs[tta] = assert_same_geometry(src, out)
+        assert np.isfinite(outs[tta].array).all() and outs[tta].array.dtype == np.float32
+    assert not np.allclose(outs["x8"].array, outs["off"].array)
+    net, card = load_model(tiny_model, "cpu")
+    core = denoise_array(noisy_crop[:2].astype(np.float32), net, card, device="cpu", tta=8, modality="mri", guard=False)
+    np.testing.assert_allclose(outs["x8"].array, core.denoised, rtol=1e-4, atol=1e-4 * float(np.abs(core.denoised).max()))
 
 
 def test_denoise_cli_no_guard_flag_reaches_the_core(tmp_path, noisy_crop, tiny_model):

@@ -90,6 +90,34 @@ def test_tta_inverts_each_transform():
     np.testing.assert_allclose(plain.denoised[:, 1:], img[:, :-1], atol=1e-6)
 
 
+def test_the_cards_tta_default_and_the_options_that_override_it():
+    """The card's ``test_time_augmentation`` (4: the quarter turns) is used when ``tta`` is None;
+    True / False / 1 / 4 / 8 override it; other values are refused, and the faces' words parse."""
+    from dualnet.errors import ModelError
+    from dualnet.inference import choose_tta, parse_tta
+
+    rng = np.random.default_rng(1)
+    img = rng.normal(0, 1, (12, 13)).astype(np.float32)
+    card = {"normalisation": {"method": "fixed", "low": 0, "high": 1}, "test_time_augmentation": 4}
+    res = denoise_array(img, ShiftX(), card, device="cpu")
+    assert res.info["tta"] == 4 and res.info["passes"] == 4
+    expected = (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:]) / 4  # each neighbour once
+    np.testing.assert_allclose(res.denoised[1:-1, 1:-1], expected, atol=1e-5)
+    off = denoise_array(img, ShiftX(), card, device="cpu", tta=False)
+    assert off.info["tta"] == 1
+    np.testing.assert_allclose(off.denoised[:, 1:], img[:, :-1], atol=1e-6)
+    assert denoise_array(img, ShiftX(), card, device="cpu", tta=8).info["passes"] == 8
+    assert choose_tta(None, {}) == 1 and choose_tta(True, card) == 8 and choose_tta(1, card) == 1
+    with pytest.raises(InputError, match="tta must be"):
+        denoise_array(img, ShiftX(), card, device="cpu", tta=3)
+    for bad in (3, True, "4"):
+        with pytest.raises(ModelError, match="test_time_augmentation"):
+            choose_tta(None, {"test_time_augmentation": bad})
+    assert [parse_tta(w) for w in ("auto", "off", "x4", "4", "X8", "on")] == [None, 1, 4, 4, 8, 8]
+    with pytest.raises(InputError, match="auto, off, on, x4 or x8"):
+        parse_tta("x2")
+
+
 def test_tile_size_independence(noisy_slab, tiny2d):
     """Two tile sizes: max abs difference below 0.5 % of the intensity range (untrained net)."""
     a = denoise_array(noisy_slab, tiny2d, CARD, device="cpu", tile=48).denoised

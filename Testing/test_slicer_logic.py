@@ -149,7 +149,7 @@ def test_process_in_process_gaussian(scene, mri_node):
     assert abs(a_out.mean() - a_in.mean()) < 0.05 * abs(a_in.mean())
     assert out.GetAttribute("DualNet.method") == "gaussian"
     params = json.loads(out.GetAttribute("DualNet.parameters"))
-    assert params["modality"] == "mri" and params["method"] == "gaussian" and params["tta"] is False
+    assert params["modality"] == "mri" and params["method"] == "gaussian" and params["tta"] is None
     assert params["info"]["sigma"] > 0  # estimated by the core, recorded
     assert out.GetAttribute("DualNet.sourceNodeID") == mri_node.GetID()
     assert fractions and fractions[-1] == pytest.approx(1.0)
@@ -675,7 +675,7 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
     assert logic.getParameterNode().parameterNode is node  # one parameter node per scene
     raw = {n: node.GetParameter(n) for n in node.GetParameterNames()}
     assert raw["method"] == "dualnet" and raw["modality"] == "mri" and raw["device"] == "auto"
-    assert raw["autoNoise"] == "True" and raw["tta"] == "False" and float(raw["noiseLevel"]) == 0.0
+    assert raw["autoNoise"] == "True" and raw["tta"] == "auto" and float(raw["noiseLevel"]) == 0.0
     assert raw["oneView"] == "False"  # three views where they apply, as the command line
     assert p.inputVolume is None and p.diceInputA is None and p.diceInputB is None
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -686,13 +686,13 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
         "inputVolume": [mri_node, None], "outputVolume": [out], "uncertaintyVolume": [out, None],
         "modality": module.MODALITIES, "method": module.METHODS, "device": module.DEVICES,
         "autoNoise": [False, True], "noiseLevel": [0.0, 12.5, 100000.0], "modelPath": ["/models/a.safetensors", ""],
-        "tta": [True, False], "oneView": [True, False], "uncertainty": [True, False], "nebMaps": [True, False],
+        "tta": module.TTA_WORDS, "oneView": [True, False], "uncertainty": [True, False], "nebMaps": [True, False],
         "noiseMapVolume": [out, None], "confidenceVolume": [out, None],
         "diceInputA": [seg, lab, None], "diceInputB": [lab, seg, None], "diceTable": [table],
     }
     invalid = {
         "inputVolume": [table], "diceInputA": [mri_node, table], "diceTable": [mri_node],
-        "modality": ["pet", None], "method": ["fast", None], "device": ["tpu"],
+        "modality": ["pet", None], "method": ["fast", None], "device": ["tpu"], "tta": ["x3", True],
         "noiseLevel": [-1.0, 1e6, None], "autoNoise": ["yes", None], "modelPath": [3],
     }
     _check_parameters(p, node, valid, invalid)
@@ -763,7 +763,7 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     assert p.inputVolume is not None and p.inputVolume.GetID() == volume.GetID()
     assert ui.applyButton.enabled is True and ui.modalityGuessLabel.text.startswith("Guess: MRI")
     p.method = "gaussian"  # the GUI follows the parameter node
-    assert ui.ttaCheckBox.enabled is False and ui.noiseLevelSpinBox.enabled is False
+    assert ui.ttaComboBox.enabled is False and ui.noiseLevelSpinBox.enabled is False
     assert ui.nebMapsCheckBox.enabled is False and ui.noiseMapVolumeSelector.enabled is False
     p.method, p.nebMaps = "dualnet", True
     assert ui.nebMapsCheckBox.enabled is True and ui.confidenceVolumeSelector.enabled is True

@@ -161,7 +161,11 @@ def parse_args(argv):
                              "itself); default estimated")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation (network only)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
+                     help="network: x8 test-time augmentation (default: the model's; x4 for ultrasound)")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
+                     help="network: no test-time augmentation")
     parser.add_argument("--no-guard", action="store_true",
                         help="network: no SURE guard (by default MRI / CT results are blended with the input "
                              "where SURE estimates that lowers the error)")

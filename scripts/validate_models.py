@@ -113,7 +113,7 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
               lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None,
-              views: Optional[int] = None, tta: bool = False) -> dict:
+              views: Optional[int] = None, tta: Optional[int] = None) -> dict:
     """Score every model (and the baseline) on every image at one noise level."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
@@ -198,7 +198,11 @@ def main() -> None:
                     help="score the network without its SURE guard (default: as `dualnet denoise` runs it)")
     ap.add_argument("--views", default="auto", choices=["auto", "1", "3"],
                     help="network slice orientations (default auto, as `dualnet denoise` runs it)")
-    ap.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation of the network")
+    tta = ap.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", type=int, choices=(1, 4, 8), nargs="?", const=8, default=None,
+                     help="test-time transforms of the network averaged: 1 (none), 4 or 8 (bare: 8; "
+                          "default: the model's)")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="no test-time augmentation")
     args = ap.parse_args()
 
     cfg = load_config(args.config)

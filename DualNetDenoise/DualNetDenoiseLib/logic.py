@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -208,7 +208,13 @@ class DenoiseLogicBase:
         if modality not in ("mri", "ct", "us"):
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
         if method != "dualnet":  # TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
-            tta, uncertainty, views, nebMaps = False, False, None, False
+            tta, uncertainty, views, nebMaps = None, False, None, False
+        if tta is not None and not isinstance(tta, bool):
+            from dualnet.inference import TTA_CHOICES
+
+            if tta not in TTA_CHOICES:
+                raise ValueError(f"tta must be one of {TTA_CHOICES} transforms, True / False, "
+                                 f"or None (the model's default), got {tta!r}")
         if views is not None:
             from dualnet.orthoviews import VIEW_CHOICES
 
@@ -216,7 +222,8 @@ class DenoiseLogicBase:
                 raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
         sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
         return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
-                "device": device or "auto", "tta": bool(tta), "uncertainty": bool(uncertainty), "views": views,
+                "device": device or "auto", "tta": tta if tta is None or isinstance(tta, bool) else int(tta),
+                "uncertainty": bool(uncertainty), "views": views,
                 "neb_maps": bool(nebMaps)}
 
     def _store(self, inputVolume, outputVolume, ijkToRAS, array, params, info, maps=None, mapVolumes=None):
@@ -302,7 +309,7 @@ class DenoiseLogicBase:
         noiseLevel: Optional[float] = None,
         model: Optional[str] = None,
         device: str = "auto",
-        tta: bool = False,
+        tta: Union[bool, int, None] = None,
         uncertainty: bool = False,
         uncertaintyVolume=None,
         waitForCompletion: bool = True,

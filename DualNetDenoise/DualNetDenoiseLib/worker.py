@@ -5,7 +5,7 @@ The JSON job names an input volume file, the output file(s) and the denoising pa
     {"input": "in.nrrd", "output": "out.nrrd", "uncertainty_output": "unc.nrrd" | null,
      "noise_map_output": "sigma.nrrd" | null, "confidence_output": "alpha.nrrd" | null,
      "info_output": "info.json", "method": "dualnet", "modality": "mri", "sigma": null,
-     "model": null, "device": "auto", "tta": false, "uncertainty": false, "views": null,
+     "model": null, "device": "auto", "tta": null, "uncertainty": false, "views": null,
      "neb_maps": false}
 
 It prints ``DUALNET_PROGRESS {json}`` lines while working, ``DUALNET_ERROR <line>`` on a
@@ -35,7 +35,7 @@ DEFAULT_PARAMETERS: Dict[str, Any] = {
     "sigma": None,
     "model": None,
     "device": "auto",
-    "tta": False,
+    "tta": None,  # the model's default; or 1, 4, 8 transforms (true = 8, false = 1)
     "uncertainty": False,
     "views": None,
     "neb_maps": False,
@@ -76,7 +76,7 @@ def run_denoise(volume, *, progress=None, cancel=None, **params) -> Tuple[Any, D
         sigma=p["sigma"],
         model=p["model"],
         device=p["device"],
-        tta=bool(p["tta"]),
+        tta=p["tta"],
         uncertainty=bool(p["uncertainty"]),
         views=None if p["views"] is None else int(p["views"]),
         neb_maps=bool(p["neb_maps"]),

@@ -78,7 +78,7 @@ def denoise_volume(
     sigma: Optional[float] = None,
     model: Optional[Union[str, Path]] = None,
     device: str = "auto",
-    tta: bool = False,
+    tta: Union[bool, int, None] = None,
     uncertainty: bool = False,
     mc_samples: int = 8,
     tile: Optional[int] = None,
@@ -104,7 +104,9 @@ def denoise_volume(
         model: DUAL-NET model file (.safetensors with its .json card); None: the shipped model
             for the modality.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"`` (network only).
-        tta: x8 flip/rotation test-time augmentation (network only).
+        tta: test-time augmentation (network only): 1 (none), 4 (quarter turns) or 8 (and their
+            mirror images) transforms averaged; True = 8, False = 1; None = the model's default
+            (the card's ``test_time_augmentation``: 4 for the shipped ultrasound model, else 1).
         uncertainty: also return a Monte Carlo dropout standard-deviation map (network only).
         mc_samples: number of dropout passes for the uncertainty map.
         tile: tile edge in voxels for sliding-window inference (None: chosen from memory).
@@ -184,12 +186,23 @@ SIGMA_SPAN = (1e-6, 10.0)
 SIGMA_US = (1e-3, 10.0)
 
 
+def _asks_tta(tta: Union[bool, int, None]) -> bool:
+    """Whether a ``tta`` option asks for test-time augmentation (None = the model's default)."""
+    return tta is True or (not isinstance(tta, bool) and isinstance(tta, int) and tta > 1)
+
+
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
-                  tile: Any = None, uncertainty: bool = False, mc_samples: int = 8, tta: bool = False,
+                  tile: Any = None, uncertainty: bool = False, mc_samples: int = 8,
+                  tta: Union[bool, int, None] = None,
                   guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False) -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
-    if method != "dualnet" and (tta or uncertainty):
+    if method != "dualnet" and (_asks_tta(tta) or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
+    if tta is not None and not isinstance(tta, bool):
+        from .inference import TTA_CHOICES
+
+        if tta not in TTA_CHOICES:
+            raise InputError(f"{src}: tta must be one of {TTA_CHOICES} transforms, got {tta!r}")
     if method != "dualnet" and neb_maps:
         raise InputError(f"{src}: the noise and confidence maps come from the network's noise branch, "
                          f"not from {method}")

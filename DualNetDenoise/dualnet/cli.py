@@ -576,7 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "lambda_alpha > 0, see the model card)")
     p.add_argument("--mc-samples", type=_count(2), default=8,
                    help="dropout passes for --uncertainty, at least 2 (default 8)")
-    p.add_argument("--tta", action="store_true", help="x8 flip/rotation test-time augmentation (8x slower)")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
+                     help="network: average the results of 8 flips / quarter turns of the input (about 8x the "
+                          "network's time). Default: the model's (the shipped ultrasound model averages the 4 "
+                          "quarter turns, the others none)")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
+                     help="network: no test-time augmentation, whatever the model's default")
     p.add_argument("--no-guard", action="store_true",
                    help="network: hand back its result as it is. By default (MRI, CT) one more pass over a "
                         "quarter of the slices (4 runs spread over the volume) estimates the error by SURE and "

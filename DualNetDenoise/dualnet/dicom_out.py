@@ -1197,7 +1197,7 @@ def denoise_dicom_folder(
     sigma: Optional[float] = None,
     model: Optional[PathLike] = None,
     device: str = "auto",
-    tta: bool = False,
+    tta: Union[bool, int, None] = None,
     mc_samples: int = 8,
     tile: Optional[int] = None,
     seed: int = 0,

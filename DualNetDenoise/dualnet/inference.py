@@ -35,8 +35,9 @@ TileArg = Union[None, int, Sequence[int]]
 
 #: Bump when what the default inference of a DUAL-NET model computes changes (the evaluation study's
 #: cache keys carry it). 2: the second and third orthogonal views read the first view's NEB maps, and
-#: each view's SURE guard checks a third of the slices (session 13).
-INFERENCE_VERSION = 2
+#: each view's SURE guard checks a third of the slices (session 13). 3: a model card may set the
+#: default test-time augmentation (``test_time_augmentation``; session 14).
+INFERENCE_VERSION = 3
 MIN_TILE = 16
 MAX_TILE_2D = 512
 MAX_TILE_3D_CPU = 96
@@ -309,10 +310,52 @@ def auto_tile(arch: Dict[str, Any], device: Any, shape: Sequence[int]) -> Tuple[
 
 # ----------------------------------------------------------------------------- TTA
 
+#: numbers of test-time transforms: none, the four quarter turns, and those with the flip too
+TTA_CHOICES = (1, 4, 8)
+
+
 def tta_transforms(n: int) -> List[Tuple[int, bool]]:
-    """The first ``n`` in-plane dihedral transforms as (quarter turns k, flip x)."""
+    """The first ``n`` in-plane dihedral transforms as (quarter turns k, flip x): for 4 the quarter
+    turns, for 8 the quarter turns of the image and of its mirror."""
     all8 = [(k, f) for f in (False, True) for k in range(4)]
     return all8[:n]
+
+
+def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]]) -> int:
+    """How many test-time transforms to average (:data:`TTA_CHOICES`): ``tta`` when given (True = 8,
+    False = 1), else the card's ``test_time_augmentation`` (the model's default, set where its
+    validation measured a gain worth the time; 1 when absent).
+
+    Raises:
+        InputError: ``tta`` is not one of those. ModelError: the card's entry is not.
+    """
+    if tta is None:
+        value = (card or {}).get("test_time_augmentation", 1)
+        if isinstance(value, bool) or value not in TTA_CHOICES:
+            raise ModelError(f"model card: test_time_augmentation must be one of {TTA_CHOICES}, got {value!r}")
+        return int(value)
+    if isinstance(tta, bool):
+        return 8 if tta else 1
+    if tta not in TTA_CHOICES:
+        raise InputError(f"tta must be one of {TTA_CHOICES} transforms (or true / false), got {tta!r}")
+    return int(tta)
+
+
+def parse_tta(text: Any) -> Optional[int]:
+    """A ``tta`` option as the faces take it: ``"auto"`` -> None (the model's default), ``"off"`` ->
+    1, ``"x4"`` / ``"4"`` -> 4, ``"x8"`` / ``"8"`` / ``"on"`` -> 8.
+
+    Raises:
+        InputError: anything else.
+    """
+    word = str(text).strip().lower()
+    named = {"auto": None, "off": 1, "on": 8}
+    if word in named:
+        return named[word]
+    number = word[1:] if word.startswith("x") else word
+    if number not in {str(n) for n in TTA_CHOICES}:
+        raise InputError(f"tta must be auto, off, on, x4 or x8, got {text!r}")
+    return int(number)
 
 
 def apply_tta(x: Any, k: int, flip: bool) -> Any:
@@ -348,7 +391,7 @@ def denoise_array(
     device: str = "auto",
     tile: TileArg = None,
     overlap: float = 0.25,
-    tta: bool = False,
+    tta: Union[bool, int, None] = None,
     mc_samples: int = 0,
     seed: int = 0,
     progress: Optional[ProgressFn] = None,
@@ -379,7 +422,9 @@ def denoise_array(
         tile: tile side in voxels (int, or per-axis sequence of 2 ints (y, x) for 2D models /
             3 ints (z, y, x) for 3D), None = chosen from free memory.
         overlap: fraction of a tile shared with its neighbour, in [0, 0.9].
-        tta: average the 8 in-plane flips/rotations (exactly inverted).
+        tta: average the results of in-plane flips / quarter turns of the input (exactly inverted):
+            1 (none), 4 (quarter turns) or 8 (and their mirror images); True = 8, False = 1; None =
+            the model's default (:func:`choose_tta`).
         mc_samples: number of Monte-Carlo dropout passes for ``uncertainty`` (0 = none). The
             denoised image itself always comes from the deterministic (eval) model.
         seed: seeds the dropout masks, so results are reproducible.
@@ -416,11 +461,12 @@ def denoise_array(
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
     modality = modality or (card or {}).get("modality")
+    n_tta = choose_tta(tta, card)
     if choose_views(views, arr.shape, dim, card, spacing_zyx) == 3:
         coef3, noise_info3 = _noise_model(arr, modality, noise_coef, progress) if arch.get("noise_map") \
             else (noise_coef, None)
         return _three_views(arr, model, card, progress, noise_info3, dict(
-            device=device, tile=tile, overlap=overlap, tta=tta, mc_samples=mc_samples, seed=seed,
+            device=device, tile=tile, overlap=overlap, tta=n_tta, mc_samples=mc_samples, seed=seed,
             cancel=cancel, noise_coef=coef3, modality=modality, guard=guard))
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
     # scanner fill values (CT): the network sees air there, the output keeps them
@@ -467,8 +513,8 @@ def denoise_array(
     tile_shape, batch = _tile_shape(tile, dim, arch, dev, vol.shape, overlap)
     info: Dict[str, Any] = dict(
         device=dev.type, device_name=device_name, mode="2d-slicewise" if dim == 2 else "3d", views=1,
-        overlap=overlap, tta=8 if tta else 1, mc_samples=int(mc_samples),
-        passes=(8 if tta else 1) + int(mc_samples), seed=seed, normalisation=dict(norm_params),
+        overlap=overlap, tta=n_tta, mc_samples=int(mc_samples),
+        passes=n_tta + int(mc_samples), seed=seed, normalisation=dict(norm_params),
         output_floor=floor, fallback=None, oom_retries=0, threads=threads, amp=amp_name)
     if noise_info is not None:
         info["noise_model"] = noise_info
@@ -484,7 +530,7 @@ def denoise_array(
                 info["backend"] = "torch" if fast is None else "onnxruntime"
                 if fast is not None and dim == 2:  # its kernels run fastest on small batches
                     batch = max(1, min(batch, ORT_BATCH_PIXELS // int(np.prod(tile_shape))))
-                outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta,
+                outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, n_tta,
                                int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
                                restore=restore, keys=keys)
                 break
@@ -526,7 +572,7 @@ def denoise_array(
     if guard:
         report(progress, 0.99, "checking the result against the input (SURE guard)")
         info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
-                                    modality, dev, tile_shape, batch, overlap, tta, seed, cancel, out_floor,
+                                    modality, dev, tile_shape, batch, overlap, n_tta, seed, cancel, out_floor,
                                     fast, _neb if restore else None, _views)
     else:
         info["guard"] = None
@@ -639,7 +685,7 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
 def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context: int,
                 norm_params: Dict[str, float], has_fill: bool, coef: Optional[Tuple[float, float, float]],
                 modality: Optional[str], dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float,
-                tta: bool, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float],
+                tta: int, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float],
                 fast: Optional[Callable[[Any], Dict[str, Any]]] = None,
                 neb: Optional[_SharedNeb] = None, views: int = 1) -> Dict[str, Any]:
     """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
@@ -1025,7 +1071,7 @@ def _torch_mc(model: Any, dev: Any, dim: int, restore: bool, samples: int, seed:
 
 
 def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarray], model: Any,
-         dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: bool,
+         dim: int, dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float, tta: int,
          mc_samples: int, seed: int, progress: Optional[ProgressFn], cancel: Optional[CancelToken],
          sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
          out_floor: Optional[float] = None, only: Optional[np.ndarray] = None,
@@ -1066,7 +1112,7 @@ def _run(shape: Tuple[int, ...], reader: Callable[[Tuple[slice, ...]], np.ndarra
     else:
         acc["out"] = np.zeros(shape, np.float32)
         wsum = np.zeros(shape, np.float32)
-    transforms = tta_transforms(8 if tta else 1)
+    transforms = tta_transforms(tta)
     n_batches = max(1, math.ceil(len(tiles) / batch))
     forward = fast if fast is not None else _torch_forward(model, dev, dim, restore)
     mc_scope = _torch_mc(model, dev, dim, restore, mc_samples, int(seed), out_floor) if mc_samples else None
