@@ -480,7 +480,11 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         self._timers = []
 
     def getParameterNode(self):
-        return DualNetDenoiseParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        legacy = {"true": "x8", "false": "off"}  # scenes saved before session 14 stored a check box
+        if node.GetParameter("tta").lower() in legacy:
+            node.SetParameter("tta", legacy[node.GetParameter("tta").lower()])
+        return DualNetDenoiseParameterNode(node)
 
     def setupPythonRequirements(self, method: str) -> None:
         """Install what ``method`` needs after ONE confirmation (PyTorch via the PyTorch extension, the rest
@@ -495,7 +499,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         )
 
     def process(self, inputVolume, outputVolume=None, modality="mri", method="dualnet", noiseLevel=None, model=None,
-                device="auto", tta=False, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
+                device="auto", tta=None, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
                 progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None, nebMaps=False,
                 noiseMapVolume=None, confidenceVolume=None):
         import time

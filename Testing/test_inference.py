@@ -113,7 +113,11 @@ def test_the_cards_tta_default_and_the_options_that_override_it():
     for bad in (3, True, "4"):
         with pytest.raises(ModelError, match="test_time_augmentation"):
             choose_tta(None, {"test_time_augmentation": bad})
-    assert [parse_tta(w) for w in ("auto", "off", "x4", "4", "X8", "on")] == [None, 1, 4, 4, 8, 8]
+    assert choose_tta(np.int64(4), {}) == 4 and choose_tta(np.bool_(True), {}) == 8  # numpy scalars too
+    for bad in (4.0, "8", 2):
+        with pytest.raises(InputError, match="tta must be"):
+            choose_tta(bad, card)
+    assert [parse_tta(w) for w in ("auto", "off", "x4", "4", "X8", "on", "True", "false")] == [None, 1, 4, 4, 8, 8, 8, 1]
     with pytest.raises(InputError, match="auto, off, on, x4 or x8"):
         parse_tta("x2")
 

@@ -697,6 +697,9 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
     }
     _check_parameters(p, node, valid, invalid)
     assert node.GetParameter("method") == module.METHODS[-1]  # stored in the node, saved with the scene
+    for saved, now in (("True", "x8"), ("False", "off")):  # a scene saved with the earlier TTA check box
+        node.SetParameter("tta", saved)
+        assert logic.getParameterNode().tta == now and node.GetParameter("tta") == now
 
 
 def test_training_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node, tmp_path):

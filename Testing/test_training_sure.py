@@ -209,8 +209,9 @@ def test_init_partial_adds_residual_dense_blocks_that_start_as_the_identity(tmp_
                       init_partial=True), data=[mri_crop], out_dir=tmp_path / "d")
     with pytest.raises(ValueError, match="one per scale|3 of them"):
         scale_blocks([1, 2], levels=2)
-    with pytest.raises(InputError, match="blocks needs"):
-        _cfg(blocks=[1, 0, 2])
+    for bad in ([1, 0, 2], [1, 2], [1, 2, 3, 4], [True, 1, 1]):  # the tiny preset has 3 scales
+        with pytest.raises(InputError, match="blocks needs"):
+            _cfg(blocks=bad)
 
 
 def test_a_separate_confidence_head_trains_alone_and_leaves_the_output_unchanged(tmp_path, mri_crop):

@@ -181,7 +181,10 @@ def parse_args(argv):
                              "in OUT_DIR/<NNN>_<modality>_<description>/")
     parser.add_argument("--send", metavar="AET@HOST:PORT", default=None,
                         help="with --dicom: store the written series on this DICOM node (C-STORE)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.method != "dualnet" and args.tta == 8:  # as `dualnet denoise`: refused, not ignored
+        parser.error(f"--tta applies to the network only, not to {args.method}")
+    return args
 
 
 def run(args) -> int:

@@ -21,13 +21,15 @@ def _budget(training: dict) -> tuple:
     return training.get("steps", "?"), minutes
 
 
-def _design(arch: dict) -> str:
+def _design(arch: dict, card: dict) -> str:
     ctx = int(arch.get("context", 1))
     parts = [f"{arch.get('preset')} {'2.5D x' + str(ctx) if ctx > 1 else str(arch.get('dim')) + 'D'}"]
     if arch.get("noise_map"):
         parts.append("noise map")
     if arch.get("confidence_head", "gate") != "gate":
         parts.append(f"{arch['confidence_head']} confidence head")
+    if int(card.get("test_time_augmentation", 1)) > 1:
+        parts.append(f"x{card['test_time_augmentation']} test-time augmentation")
     return ", ".join(parts)
 
 
@@ -69,7 +71,7 @@ def main() -> None:
         else:
             minutes = f"{minutes:.0f}"
         d, b = m["dualnet"], m[base]
-        print(f"| `{card_path.stem}` | {_design(card.get('architecture', {}))}, {card.get('parameters', '?')} | "
+        print(f"| `{card_path.stem}` | {_design(card.get('architecture', {}), card)}, {card.get('parameters', '?')} | "
               f"{steps} steps, {minutes} min CPU | {_data(s['data'])} ({s['cases']}) | "
               f"{_setting(s['modality'], s['level'])}, LR x{s['lr_factor']} | "
               f"{m['noisy']['psnr']:.2f} / {m['noisy']['ssim']:.3f} | "

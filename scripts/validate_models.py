@@ -108,7 +108,8 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
     err = np.abs(res.denoised - ref)[fg]
     unc = res.uncertainty[fg]
     return {"mc_std_ratio_fg": float(np.sqrt(np.mean(unc ** 2)) / max(float(np.sqrt(np.mean(err ** 2))), 1e-12)),
-            "mc_std_corr_fg": float(np.corrcoef(unc, err)[0, 1]) if unc.std() > 0 and err.std() > 0 else 0.0}
+            "mc_std_corr_fg": float(np.corrcoef(unc, err)[0, 1]) if unc.std() > 0 and err.std() > 0 else 0.0,
+            "mc_scale": float(res.info["uncertainty_scale"])}
 
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
@@ -138,11 +139,13 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
                 out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
             row[label] = scores(ref, out, modality)
             row[label]["seconds"] = time.perf_counter() - t
+            if method == "dualnet":
+                row[label]["tta"] = int(res.info["tta"])
             if method == "dualnet" and res.sigma_map is not None:
                 row[label].update(neb_maps(res, true_std, total_std, fg))
             if method == "dualnet" and mc_samples > 0:
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
-                                                 views=views, spacing_zyx=d.spacing_lr_zyx))
+                                                 guard=guard, views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta))
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
@@ -152,7 +155,7 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
     for m in labels[1:]:
         for k in ("neb_sigma_ratio_fg", "neb_sigma_ratio_total_fg", "alpha_mean_fg", "alpha_std_fg",
-                  "mc_std_ratio_fg", "mc_std_corr_fg"):
+                  "mc_std_ratio_fg", "mc_std_corr_fg", "mc_scale", "tta"):
             if all(k in r[m] for r in rows):
                 summary[m][k] = round(float(np.mean([r[m][k] for r in rows])), 4)
     for m in labels[1:]:
@@ -201,7 +204,7 @@ def main() -> None:
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", type=int, choices=(1, 4, 8), nargs="?", const=8, default=None,
                      help="test-time transforms of the network averaged: 1 (none), 4 or 8 (bare: 8; "
-                          "default: the model's)")
+                          "default: the model's); give it after the model files")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="no test-time augmentation")
     args = ap.parse_args()
 
@@ -223,7 +226,7 @@ def main() -> None:
             "baseline": f"{args.baseline} with the {modality} transform (sigma estimated)",
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, CPU, {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "mc_samples": args.mc_samples}
     if args.json:
         atomic_write_bytes(args.json, (json.dumps({"meta": meta, "results": results}, indent=1, default=float) + "\n").encode())
     if args.no_write:

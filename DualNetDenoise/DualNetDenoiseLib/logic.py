@@ -209,12 +209,9 @@ class DenoiseLogicBase:
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
         if method != "dualnet":  # TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
             tta, uncertainty, views, nebMaps = None, False, None, False
-        if tta is not None and not isinstance(tta, bool):
-            from dualnet.inference import TTA_CHOICES
+        from dualnet.inference import normalise_tta
 
-            if tta not in TTA_CHOICES:
-                raise ValueError(f"tta must be one of {TTA_CHOICES} transforms, True / False, "
-                                 f"or None (the model's default), got {tta!r}")
+        tta = normalise_tta(tta)  # an InputError (a ValueError) names the choices
         if views is not None:
             from dualnet.orthoviews import VIEW_CHOICES
 
@@ -222,7 +219,7 @@ class DenoiseLogicBase:
                 raise ValueError(f"views must be 1 or 3 (or None: automatic), got {views!r}")
         sigma = None if noiseLevel is None or (isinstance(noiseLevel, (int, float)) and noiseLevel <= 0) else float(noiseLevel)
         return {"method": method, "modality": modality, "sigma": sigma, "model": str(model) if model else None,
-                "device": device or "auto", "tta": tta if tta is None or isinstance(tta, bool) else int(tta),
+                "device": device or "auto", "tta": tta,
                 "uncertainty": bool(uncertainty), "views": views,
                 "neb_maps": bool(nebMaps)}
 
@@ -327,6 +324,8 @@ class DenoiseLogicBase:
         Args:
             noiseLevel: absolute noise sigma in the volume's units; None or <= 0 = estimate.
             model: model file path; None = shipped model for the modality.
+            tta: test-time augmentation (network only): 1, 4 or 8 transforms, True = 8, False = 1;
+                None = the model card's default (:func:`dualnet.inference.choose_tta`).
             waitForCompletion: block until done (batch scripts, tests). When False the run is
                 started in a child process and a :class:`DenoiseJob` is returned to poll.
             inProcess: run the core in this process (default when ``waitForCompletion``);

@@ -187,8 +187,15 @@ SIGMA_US = (1e-3, 10.0)
 
 
 def _asks_tta(tta: Union[bool, int, None]) -> bool:
-    """Whether a ``tta`` option asks for test-time augmentation (None = the model's default)."""
-    return tta is True or (not isinstance(tta, bool) and isinstance(tta, int) and tta > 1)
+    """Whether a ``tta`` option asks for test-time augmentation (None = the model's default).
+
+    Raises:
+        InputError: not a ``tta`` option (:func:`dualnet.inference.normalise_tta`).
+    """
+    from .inference import normalise_tta
+
+    n = normalise_tta(tta)
+    return n is not None and n > 1
 
 
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
@@ -196,13 +203,12 @@ def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigm
                   tta: Union[bool, int, None] = None,
                   guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False) -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
-    if method != "dualnet" and (_asks_tta(tta) or uncertainty):
+    try:
+        asks_tta = _asks_tta(tta)
+    except InputError as err:
+        raise InputError(f"{src}: {err}") from None
+    if method != "dualnet" and (asks_tta or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
-    if tta is not None and not isinstance(tta, bool):
-        from .inference import TTA_CHOICES
-
-        if tta not in TTA_CHOICES:
-            raise InputError(f"{src}: tta must be one of {TTA_CHOICES} transforms, got {tta!r}")
     if method != "dualnet" and neb_maps:
         raise InputError(f"{src}: the noise and confidence maps come from the network's noise branch, "
                          f"not from {method}")

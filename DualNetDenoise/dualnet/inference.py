@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -321,35 +322,49 @@ def tta_transforms(n: int) -> List[Tuple[int, bool]]:
     return all8[:n]
 
 
-def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]]) -> int:
-    """How many test-time transforms to average (:data:`TTA_CHOICES`): ``tta`` when given (True = 8,
-    False = 1), else the card's ``test_time_augmentation`` (the model's default, set where its
-    validation measured a gain worth the time; 1 when absent).
+def normalise_tta(tta: Any) -> Optional[int]:
+    """A ``tta`` option as a number of transforms: None stays None (the model's default), True ->
+    8, False -> 1 (numpy booleans too), an integer of :data:`TTA_CHOICES` -> itself.
 
     Raises:
-        InputError: ``tta`` is not one of those. ModelError: the card's entry is not.
+        InputError: anything else.
     """
     if tta is None:
-        value = (card or {}).get("test_time_augmentation", 1)
-        if isinstance(value, bool) or value not in TTA_CHOICES:
-            raise ModelError(f"model card: test_time_augmentation must be one of {TTA_CHOICES}, got {value!r}")
-        return int(value)
-    if isinstance(tta, bool):
+        return None
+    if isinstance(tta, (bool, np.bool_)):
         return 8 if tta else 1
-    if tta not in TTA_CHOICES:
+    if not isinstance(tta, numbers.Integral) or int(tta) not in TTA_CHOICES:
         raise InputError(f"tta must be one of {TTA_CHOICES} transforms (or true / false), got {tta!r}")
     return int(tta)
 
 
+def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]]) -> int:
+    """How many test-time transforms to average (:data:`TTA_CHOICES`): ``tta`` when given
+    (:func:`normalise_tta`), else the card's ``test_time_augmentation`` (the model's default, set
+    where its validation measured a gain worth the time; 1 when absent).
+
+    Raises:
+        InputError: ``tta`` is not one of those. ModelError: the card's entry is not.
+    """
+    n = normalise_tta(tta)
+    if n is not None:
+        return n
+    value = (card or {}).get("test_time_augmentation", 1)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in TTA_CHOICES:
+        raise ModelError(f"model card: test_time_augmentation must be one of {TTA_CHOICES}, got {value!r}")
+    return int(value)
+
+
 def parse_tta(text: Any) -> Optional[int]:
     """A ``tta`` option as the faces take it: ``"auto"`` -> None (the model's default), ``"off"`` ->
-    1, ``"x4"`` / ``"4"`` -> 4, ``"x8"`` / ``"8"`` / ``"on"`` -> 8.
+    1, ``"x4"`` / ``"4"`` -> 4, ``"x8"`` / ``"8"`` / ``"on"`` -> 8; ``"true"`` / ``"false"`` (8 / 1)
+    as scenes saved before session 14 stored the panel's check box.
 
     Raises:
         InputError: anything else.
     """
     word = str(text).strip().lower()
-    named = {"auto": None, "off": 1, "on": 8}
+    named = {"auto": None, "off": 1, "on": 8, "false": 1, "true": 8}
     if word in named:
         return named[word]
     number = word[1:] if word.startswith("x") else word

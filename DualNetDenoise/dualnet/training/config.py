@@ -195,6 +195,18 @@ class TrainConfig:
     time_budget_s: float = 0.0  #: wall-clock budget; > 0: after 50 steps the run (and cosine) is shortened to fit
 
     # ------------------------------------------------------------------ validation
+    def _blocks_fit_preset(self) -> bool:
+        """``blocks`` holds one int >= 1 per scale of the preset (:func:`dualnet.presets.scale_blocks`)."""
+        from ..presets import PRESETS, scale_blocks
+
+        if self.preset not in PRESETS or not all(isinstance(b, int) and not isinstance(b, bool) for b in self.blocks):
+            return False
+        try:
+            scale_blocks(list(self.blocks), PRESETS[self.preset]["levels"])
+        except ValueError:
+            return False
+        return True
+
     def validate(self) -> "TrainConfig":
         """Check values; raise :class:`InputError` naming the first bad field."""
         if self.config_version > CONFIG_VERSION:
@@ -240,8 +252,9 @@ class TrainConfig:
              "init_partial needs init_from and model = 'dualnet'"),
             (all(isinstance(x, str) and x for x in self.train_only), "train_only must be a list of parameter-name prefixes"),
             (self.confidence_head in ("gate", "sigma_mlp"), "confidence_head must be 'gate' or 'sigma_mlp'"),
-            (not self.blocks or (self.model == "dualnet" and all(isinstance(b, int) and b >= 1 for b in self.blocks)),
-             "blocks needs model = 'dualnet' and ints >= 1 (one per scale of the preset)"),
+            (not self.blocks or (self.model == "dualnet" and self._blocks_fit_preset()),
+             "blocks needs model = 'dualnet' and one int >= 1 per scale of the preset (its levels + 1, "
+             "full resolution first, bottleneck last)"),
             (self.gamma_jitter == 0 or self.modality in ("mri", "us"),
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,
