@@ -108,3 +108,15 @@ def test_the_script_rewrites_only_the_card_and_refuses_an_unvalidated_default(tm
     card["test_time_augmentation"] = 8
     expected = fit_uncertainty_calibration(card)
     assert written["uncertainty_calibration"] == expected
+
+
+def test_the_shipped_defaults_are_the_validated_ones():
+    """The shipped ultrasound model runs x4 test-time augmentation by default, the MRI and CT models
+    none, and each card's validation ran as its model runs by default."""
+    for modality, expected in (("us", 4), ("mri", 1), ("ct", 1)):
+        card = read_card(default_model_path(modality))
+        assert choose_tta(None, card) == expected, modality
+        for level in card["metrics"]["validation_levels"]:
+            assert int(level["mean"]["dualnet"].get("tta", 1)) == expected, (modality, level["level"])
+    us = read_card(default_model_path("us"))
+    assert fit_uncertainty_calibration(us) == us["uncertainty_calibration"]  # fitted on what the card holds

@@ -204,6 +204,11 @@ def test_init_partial_adds_residual_dense_blocks_that_start_as_the_identity(tmp_
                             init_partial=True), data=[mri_crop], out_dir=tmp_path / "c")
     deeper, _ = modelfile.load_model(trained.model_path, "cpu")
     assert torch.count_nonzero(deeper.state_dict()["srb.bottleneck.2.fuse.weight"]) > 0  # the added block learns
+    again = pretrain(_cfg(steps=0, context=3, noise_map=True, blocks=[1, 2, 3], init_from=str(trained.model_path)),
+                     data=[mri_crop], out_dir=tmp_path / "e")
+    grown = modelfile.read_card(again.model_path)["initialised_from"]  # a continuation of a continuation
+    first = modelfile.read_card(base.model_path)["training"]
+    assert grown["lineage"] == [first] and grown["training"] == modelfile.read_card(trained.model_path)["training"]
     with pytest.raises(InputError, match="not remove"):
         pretrain(_cfg(steps=0, context=3, noise_map=True, blocks=[1, 1, 3], init_from=str(res.model_path),
                       init_partial=True), data=[mri_crop], out_dir=tmp_path / "d")

@@ -970,6 +970,9 @@ def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False
     net, card = modelfile.load_model(p, "cpu")
     summary = {"path": str(p), "name": card.get("name"), "sha256": card.get("sha256"),
                "training": card.get("training", {})}
+    parent = card.get("initialised_from") or {}
+    if parent.get("training"):  # the runs the starting model grew from, oldest first
+        summary["lineage"] = [*parent.get("lineage", []), parent["training"]]
     if partial:
         try:
             moved = transplant_weights(net, model)
