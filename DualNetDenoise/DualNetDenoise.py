@@ -481,9 +481,12 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
 
     def getParameterNode(self):
         node = super().getParameterNode()
-        legacy = {"true": "x8", "false": "off"}  # scenes saved before session 14 stored a check box
-        if node.GetParameter("tta").lower() in legacy:
-            node.SetParameter("tta", legacy[node.GetParameter("tta").lower()])
+        saved = node.GetParameter("tta")
+        if saved.lower() in ("true", "false"):  # scenes saved before session 14 stored a check box
+            from dualnet.inference import parse_tta
+
+            n = parse_tta(saved)  # the faces' one reading of it: true = 8, false = 1
+            node.SetParameter("tta", f"x{n}" if n > 1 else "off")
         return DualNetDenoiseParameterNode(node)
 
     def setupPythonRequirements(self, method: str) -> None:

@@ -13,7 +13,6 @@ touched, so their hash still holds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ sys.path.insert(0, str(ROOT / "DualNetDenoise"))
 
 from dualnet.calibration import fit_uncertainty_calibration, set_test_time_augmentation  # noqa: E402
 from dualnet.errors import DualNetError  # noqa: E402
-from dualnet.io import atomic_write_bytes  # noqa: E402
-from dualnet.modelfile import card_path, read_card  # noqa: E402
+from dualnet.modelfile import read_card, rewrite_card  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,17 +31,16 @@ def main(argv=None) -> int:
                     help="make this many test-time transforms the model's default")
     ap.add_argument("--no-calibration", action="store_true", help="leave uncertainty_calibration as it is")
     args = ap.parse_args(argv)
-    path = card_path(args.model)
     try:
-        card = read_card(path)
+        card = read_card(args.model)
         if args.tta is not None:
             set_test_time_augmentation(card, args.tta)
         if not args.no_calibration:
             card["uncertainty_calibration"] = fit_uncertainty_calibration(card)
+        path = rewrite_card(args.model, card)
     except DualNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    atomic_write_bytes(path, (json.dumps(card, indent=2, default=float) + "\n").encode())
     cal = card.get("uncertainty_calibration", {})
     print(f"wrote {path}: test_time_augmentation {card.get('test_time_augmentation', 1)}, "
           f"uncertainty scale {cal.get('scale', 1.0)}")

@@ -15,7 +15,6 @@ the ``onnx`` and ``onnxruntime`` packages (``pip install -e ".[test]"``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "DualNetDenoise"))
 
 from dualnet.io import atomic_write_bytes  # noqa: E402
-from dualnet.modelfile import card_path, load_model, sha256_file  # noqa: E402
+from dualnet.modelfile import card_path, load_model, rewrite_card, sha256_file  # noqa: E402
 from dualnet import onnx_backend  # noqa: E402
 
 SHIPPED = [ROOT / "DualNetDenoise" / "dualnet" / "weights" / f"dualnet_{m}.safetensors" for m in ("mri", "ct", "us")]
@@ -57,12 +56,6 @@ def largest_difference(model, graph: str, data: bytes, seed: int = 0) -> float:
     return worst
 
 
-def card_indent(weights: Path) -> int:
-    """The indent the card was written with (its second line's), so a rewrite changes only the entry."""
-    lines = card_path(weights).read_text(encoding="utf-8").splitlines()
-    return len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 and lines[1].startswith(" ") else 2
-
-
 def export(weights: Path, tol: float) -> dict:
     """Export, check and register one model's graphs; returns its card entry."""
     model, card = load_model(weights, "cpu")
@@ -89,8 +82,7 @@ def export(weights: Path, tol: float) -> dict:
         outputs.append(target)
     entry["max_abs_diff_vs_torch"] = float(f"{worst:.3g}")
     card["onnx"] = entry
-    text = json.dumps(card, indent=card_indent(weights), allow_nan=False) + "\n"  # key order and indent kept
-    atomic_write_bytes(card_path(weights), text.encode("utf-8"), inputs=[weights], outputs=outputs)
+    rewrite_card(weights, card, outputs=outputs)  # key order and indent kept
     return entry
 
 

@@ -42,7 +42,7 @@ from dualnet.io import Volume, atomic_write_bytes  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
 from dualnet.estimate import input_noise_std_map  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
-from dualnet.modelfile import card_path, load_model, read_card  # noqa: E402
+from dualnet.modelfile import load_model, read_card, rewrite_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
 from dualnet.orthoviews import parse_views  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
@@ -242,14 +242,12 @@ def main() -> None:
             per_level.append({"setting": {**meta, "level": res["level"]}, "mean": mean,
                               "psnr_gain_vs_baseline_db": None if gain is None else round(gain, 3),
                               "per_case": rows})
-        cpath = card_path(model)
-        card = read_card(cpath)
+        card = read_card(model)
         card.setdefault("metrics", {})["validation"] = per_level[0]
         card["metrics"]["validation_levels"] = [{"level": p["setting"]["level"], "mean": p["mean"],
                                                  "psnr_gain_vs_baseline_db": p["psnr_gain_vs_baseline_db"]}
                                                 for p in per_level]
-        atomic_write_bytes(cpath, (json.dumps(card, indent=2, default=float) + "\n").encode())
-        print(f"wrote metrics.validation into {cpath}")
+        print(f"wrote metrics.validation into {rewrite_card(model, card)}")
 
 
 if __name__ == "__main__":

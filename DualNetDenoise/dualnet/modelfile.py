@@ -192,6 +192,26 @@ def save_model(path: PathLike, model: Any, card: Dict[str, Any], *, inputs: Iter
     return path
 
 
+def rewrite_card(weights: PathLike, card: Dict[str, Any], *, outputs: Iterable[PathLike] = ()) -> Path:
+    """Write ``card`` as the card of the existing weights file ``weights`` (validation numbers, inference
+    defaults, ONNX entries added by the scripts), atomically and in the indent the card has now, so a
+    rewrite changes only what changed. The weights, and so their hash, are untouched; ``outputs``: files
+    just written beside it that the card must not replace. Returns the card's path.
+
+    Raises:
+        ModelError: the card is not JSON-serialisable or holds a value that is not finite.
+    """
+    cpath = card_path(weights)
+    lines = cpath.read_text(encoding="utf-8").splitlines() if cpath.is_file() else []
+    indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 and lines[1].startswith(" ") else 2
+    try:
+        text = json.dumps(card, indent=indent, default=float, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{cpath}: card is not JSON-serialisable ({err})") from None
+    atomic_write_bytes(cpath, (text + "\n").encode("utf-8"), inputs=[weights], outputs=outputs)
+    return cpath
+
+
 def read_card(path: PathLike) -> Dict[str, Any]:
     """Read and check the JSON card of a weights file (or the card itself)."""
     cpath = card_path(path)
