@@ -232,6 +232,7 @@ def test_missing_dependency_in_plain_python_is_named(folder, tmp_path):
 @pytest.mark.parametrize("args, code", [
     (["--method", "gaussian", "--modality", "xray"], 2),  # argparse error: SystemExit inside the script
     (["--method", "gaussian", "--tta"], 2),  # a network option with a classical method: refused, not ignored
+    (["--method", "gaussian", "--tta-passes", "4"], 2),
     (["--help"], 0),
 ])
 def test_argument_errors_and_help_exit_slicer_too(folder, tmp_path, args, code):

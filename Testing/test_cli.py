@@ -197,11 +197,17 @@ def test_tta_options_parse_and_apply_to_the_network_only(tmp_path, small_mri, ca
 
     parse = lambda *a: build_parser().parse_args(["denoise", "in.nrrd", "out.nrrd", *a])  # noqa: E731
     assert parse().tta is None and parse("--tta").tta == 8 and parse("--no-tta").tta == 1
-    with pytest.raises(SystemExit):
-        parse("--tta", "--no-tta")
+    assert [parse("--tta-passes", n).tta for n in ("1", "4", "8")] == [1, 4, 8]
+    assert build_parser().parse_args(["denoise", "--tta-passes", "4", "in.nrrd", "out.nrrd"]).input == "in.nrrd"
+    for bad in (("--tta", "--no-tta"), ("--tta-passes", "4", "--tta"), ("--tta-passes", "2"), ("--tta-passes",)):
+        with pytest.raises(SystemExit):
+            parse(*bad)
     capsys.readouterr()
     out = tmp_path / "o.nrrd"
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--tta"], capsys)
+    assert code == 2 and "--tta and --uncertainty apply to the network only" in _one_error_line(err)
+    assert not out.exists()
+    code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--tta-passes", "4"], capsys)
     assert code == 2 and "--tta and --uncertainty apply to the network only" in _one_error_line(err)
     assert not out.exists()
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--no-tta", "-q"], capsys)

@@ -149,6 +149,8 @@ def stem(path: Path) -> str:
 
 
 def parse_args(argv):
+    from dualnet.inference import TTA_CHOICES as TTA_PASSES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
     parser.add_argument("output_dir", type=Path, help="folder for results (created); must differ from input_dir")
@@ -166,6 +168,8 @@ def parse_args(argv):
                      help="network: x8 test-time augmentation (default: the model's; x4 for ultrasound)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
                      help="network: no test-time augmentation")
+    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES, metavar="{1,4,8}",
+                     help="network: test-time transforms averaged, 1 (none), 4 (quarter turns) or 8")
     parser.add_argument("--no-guard", action="store_true",
                         help="network: no SURE guard (by default MRI / CT results are blended with the input "
                              "where SURE estimates that lowers the error)")
@@ -182,8 +186,8 @@ def parse_args(argv):
     parser.add_argument("--send", metavar="AET@HOST:PORT", default=None,
                         help="with --dicom: store the written series on this DICOM node (C-STORE)")
     args = parser.parse_args(argv)
-    if args.method != "dualnet" and args.tta == 8:  # as `dualnet denoise`: refused, not ignored
-        parser.error(f"--tta applies to the network only, not to {args.method}")
+    if args.method != "dualnet" and args.tta is not None and args.tta > 1:  # as `dualnet denoise`: refused, not ignored
+        parser.error(f"--tta / --tta-passes apply to the network only, not to {args.method}")
     return args
 
 

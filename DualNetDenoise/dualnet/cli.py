@@ -535,6 +535,8 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .inference import TTA_CHOICES as TTA_PASSES  # numpy only; the denoise command imports it anyway
+
     parser = OneLineParser(
         prog="dualnet",
         description="Denoise low-resolution MRI, CT and ultrasound volumes with DUAL-NET or classical baselines. "
@@ -583,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "quarter turns, the others none)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
                      help="network: no test-time augmentation, whatever the model's default")
+    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES, metavar="{1,4,8}",
+                     help="network: the number of test-time transforms averaged: 1 (none, as --no-tta), 4 (the "
+                          "quarter turns) or 8 (and their mirror images, as --tta)")
     p.add_argument("--no-guard", action="store_true",
                    help="network: hand back its result as it is. By default (MRI, CT) one more pass over a "
                         "quarter of the slices (4 runs spread over the volume) estimates the error by SURE and "
