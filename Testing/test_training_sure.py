@@ -219,6 +219,39 @@ def test_init_partial_adds_residual_dense_blocks_that_start_as_the_identity(tmp_
             _cfg(blocks=bad)
 
 
+def test_new_lr_factor_gives_the_transplanted_new_parameters_their_own_learning_rate(tmp_path, mri_crop):
+    """``new_lr_factor``: the parameters a transplant added (``blocks``) train at that multiple of
+    ``lr``, the copied ones at ``lr``; weights decay, biases do not; each trainable parameter is in one
+    group. Without ``init_partial`` there are no new parameters, so the option is refused."""
+    from dualnet.models.dualnet import transplant_weights
+    from dualnet.training.trainer import build_network, param_groups
+
+    base = pretrain(_cfg(steps=2, context=3, noise_map=True), data=[mri_crop], out_dir=tmp_path / "a")
+    cfg = _cfg(context=3, noise_map=True, blocks=[1, 2, 3], init_from=str(base.model_path), init_partial=True,
+               new_lr_factor=10)
+    model = build_network(cfg)
+    src, _ = modelfile.load_model(base.model_path, "cpu")
+    new = set(transplant_weights(src, model)["new"])
+    groups = param_groups(model, cfg, new)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values())  # each parameter once
+    for g in groups:
+        is_new = {names[id(p)] in new for p in g["params"]}
+        assert len(is_new) == 1 and g["lr"] == pytest.approx(cfg.lr * (10 if is_new.pop() else 1))
+        assert {p.ndim > 1 for p in g["params"]} == {g["weight_decay"] > 0}
+    assert len(groups) == 4 and new
+    plain = param_groups(model, _cfg())  # no transplant: the two groups the trainer always had
+    assert [g["lr"] for g in plain] == [_cfg().lr] * 2 and [g["weight_decay"] > 0 for g in plain] == [True, False]
+    res = pretrain(cfg.replace(steps=2), data=[mri_crop], out_dir=tmp_path / "b")  # and it trains
+    assert res.model_path.is_file()
+    with pytest.raises(InputError, match="needs init_partial"):
+        _cfg(new_lr_factor=5)
+    for bad in (0, -1, float("nan"), True, "5"):
+        with pytest.raises(InputError, match="new_lr_factor must be"):
+            _cfg(init_from=str(base.model_path), init_partial=True, new_lr_factor=bad)
+
+
 def test_a_separate_confidence_head_trains_alone_and_leaves_the_output_unchanged(tmp_path, mri_crop):
     """confidence_head = "sigma_mlp" on a trained model: train_only keeps every other weight, and the
     denoised output stays bit-identical (the skip gates keep their own map)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 try:
     import tomllib
@@ -175,6 +176,9 @@ class TrainConfig:
     #: or the confidence head (confidence_head): the weights both share are copied
     #: (models.dualnet.transplant_weights), for final-budget ablations and new heads on trained models
     init_partial: bool = False
+    #: with init_partial: the learning rate of the parameters init_from did not have (added blocks, a new
+    #: head), as a multiple of lr, so a continuation's low lr does not keep them at their initialisation
+    new_lr_factor: float = 1.0
     #: train only the parameters whose names start with one of these prefixes (e.g. ["neb.confidence_head"]);
     #: [] = all. The others keep their (init_from) values.
     train_only: List[str] = field(default_factory=list)
@@ -250,6 +254,9 @@ class TrainConfig:
             (isinstance(self.init_partial, bool), "init_partial must be true or false"),
             (not self.init_partial or (self.init_from and self.model == "dualnet"),
              "init_partial needs init_from and model = 'dualnet'"),
+            (isinstance(self.new_lr_factor, (int, float)) and not isinstance(self.new_lr_factor, bool)
+             and math.isfinite(self.new_lr_factor) and self.new_lr_factor > 0, "new_lr_factor must be a number > 0"),
+            (self.new_lr_factor == 1 or self.init_partial, "new_lr_factor needs init_partial (the new parameters)"),
             (all(isinstance(x, str) and x for x in self.train_only), "train_only must be a list of parameter-name prefixes"),
             (self.confidence_head in ("gate", "sigma_mlp"), "confidence_head must be 'gate' or 'sigma_mlp'"),
             (not self.blocks or (self.model == "dualnet" and self._blocks_fit_preset()),

@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -579,17 +579,13 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             anchor_model = anchor_model.to(device).eval()
             for p in anchor_model.parameters():
                 p.requires_grad_(False)
-        decay, no_decay = [], []
         if cfg.train_only:  # e.g. a new confidence head on a trained model: the rest stays as it is
             for name, p in model.named_parameters():
                 p.requires_grad_(any(name.startswith(pre) for pre in cfg.train_only))
             if not any(p.requires_grad for p in model.parameters()):
                 raise InputError(f"train_only {cfg.train_only}: no parameter of the model has these prefixes")
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        new = set(card_extra.get("initialised_from", {}).get("transplant", {}).get("new", ()))
+        opt = torch.optim.AdamW(param_groups(model, cfg, new), lr=cfg.lr)
         horizon = {"total": int(cfg.steps)}
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, horizon))
         if device.type == "cuda":
@@ -953,6 +949,19 @@ def _data_dir(cfg: TrainConfig, data_dir: Optional[Union[str, Path]]) -> Path:
     if cfg.data_dir:
         return Path(cfg.data_dir)
     return default_data_dir()
+
+
+def param_groups(model, cfg: TrainConfig, new: Set[str] = frozenset()) -> List[Dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters: weight decay on weights (not on biases and
+    norms); the parameters named in ``new`` (added by a transplant) at ``cfg.new_lr_factor`` x ``lr``.
+    Empty groups are left out."""
+    groups: Dict[Tuple[bool, bool], List[Any]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim > 1, name in new), []).append(p)
+    return [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+             "lr": cfg.lr * (cfg.new_lr_factor if is_new else 1.0)}
+            for (decays, is_new), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False) -> Dict[str, Any]:
