@@ -24,6 +24,8 @@ def _budget(training: dict) -> tuple:
 def _design(arch: dict, card: dict) -> str:
     ctx = int(arch.get("context", 1))
     parts = [f"{arch.get('preset')} {'2.5D x' + str(ctx) if ctx > 1 else str(arch.get('dim')) + 'D'}"]
+    if arch.get("blocks"):
+        parts.append(f"blocks {list(arch['blocks'])}")
     if arch.get("noise_map"):
         parts.append("noise map")
     if arch.get("confidence_head", "gate") != "gate":
