@@ -168,7 +168,7 @@ def parse_args(argv):
                      help="network: x8 test-time augmentation (default: the model's; x4 for ultrasound)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
                      help="network: no test-time augmentation")
-    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES, metavar="{1,4,8}",
+    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES,
                      help="network: test-time transforms averaged, 1 (none), 4 (quarter turns) or 8")
     parser.add_argument("--no-guard", action="store_true",
                         help="network: no SURE guard (by default MRI / CT results are blended with the input "

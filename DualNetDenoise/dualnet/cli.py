@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "quarter turns, the others none)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
                      help="network: no test-time augmentation, whatever the model's default")
-    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES, metavar="{1,4,8}",
+    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES,
                      help="network: the number of test-time transforms averaged: 1 (none, as --no-tta), 4 (the "
                           "quarter turns) or 8 (and their mirror images, as --tta)")
     p.add_argument("--no-guard", action="store_true",
