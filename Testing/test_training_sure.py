@@ -320,3 +320,25 @@ def test_time_budget_is_a_hard_wall_clock_limit(tmp_path, mri_crop):
     wall = time.time() - t0
     assert res.model_path is not None and res.model_path.exists()
     assert res.steps < 100000 and wall < 60, (res.steps, wall)
+
+
+def test_cpu_bf16_autocasts_the_training_steps_only_and_trains(tmp_path, mri_crop):
+    """``cpu_bf16``: the training steps run under CPU bf16 autocast, validation stays fp32, and a
+    short run trains an fp32 model with finite weights. Off by default (9x slower on AVX2-only CPUs)."""
+    from dualnet.training.trainer import _autocast
+
+    cfg = _cfg(cpu_bf16=True, context=3, noise_map=True)
+    cpu = torch.device("cpu")
+    with _autocast(cfg, cpu, training=True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.nn.functional.conv2d(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 3, 3)).dtype == torch.bfloat16
+    with _autocast(cfg, cpu):  # validation
+        assert not torch.is_autocast_enabled("cpu")
+    with _autocast(_cfg(), cpu, training=True):  # the default
+        assert not torch.is_autocast_enabled("cpu")
+    res = pretrain(cfg.replace(steps=4), data=[mri_crop], out_dir=tmp_path / "bf16")
+    model, _ = modelfile.load_model(res.model_path, "cpu")
+    params = list(model.parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
+    with pytest.raises(InputError, match="cpu_bf16 must be"):
+        _cfg(cpu_bf16="yes")

@@ -149,7 +149,7 @@ def stem(path: Path) -> str:
 
 
 def parse_args(argv):
-    from dualnet.inference import TTA_CHOICES as TTA_PASSES
+    from dualnet.cli import add_tta_options
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
@@ -163,13 +163,7 @@ def parse_args(argv):
                              "itself); default estimated")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    tta = parser.add_mutually_exclusive_group()
-    tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
-                     help="network: x8 test-time augmentation (default: the model's; x4 for ultrasound)")
-    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
-                     help="network: no test-time augmentation")
-    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES,
-                     help="network: test-time transforms averaged, 1 (none), 4 (quarter turns) or 8")
+    add_tta_options(parser)
     parser.add_argument("--no-guard", action="store_true",
                         help="network: no SURE guard (by default MRI / CT results are blended with the input "
                              "where SURE estimates that lowers the error)")

@@ -534,9 +534,24 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from .inference import TTA_CHOICES as TTA_PASSES  # numpy only; the denoise command imports it anyway
+def add_tta_options(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` / ``--no-tta`` / ``--tta-passes N`` (mutually exclusive) into ``args.tta``: 8, 1, N,
+    or None for the model's default. Shared by ``dualnet denoise`` and ``scripts/batch_denoise.py``."""
+    from .inference import TTA_CHOICES  # numpy only; the denoise command imports it anyway
 
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
+                     help="network: average the results of 8 flips / quarter turns of the input (about 8x the "
+                          "network's time). Default: the model's (the shipped ultrasound model averages the 4 "
+                          "quarter turns, the others none)")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
+                     help="network: no test-time augmentation, whatever the model's default")
+    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_CHOICES,
+                     help="network: the number of test-time transforms averaged: 1 (none, as --no-tta), 4 (the "
+                          "quarter turns) or 8 (and their mirror images, as --tta)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dualnet",
         description="Denoise low-resolution MRI, CT and ultrasound volumes with DUAL-NET or classical baselines. "
@@ -578,16 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "lambda_alpha > 0, see the model card)")
     p.add_argument("--mc-samples", type=_count(2), default=8,
                    help="dropout passes for --uncertainty, at least 2 (default 8)")
-    tta = p.add_mutually_exclusive_group()
-    tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
-                     help="network: average the results of 8 flips / quarter turns of the input (about 8x the "
-                          "network's time). Default: the model's (the shipped ultrasound model averages the 4 "
-                          "quarter turns, the others none)")
-    tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
-                     help="network: no test-time augmentation, whatever the model's default")
-    tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_PASSES,
-                     help="network: the number of test-time transforms averaged: 1 (none, as --no-tta), 4 (the "
-                          "quarter turns) or 8 (and their mirror images, as --tta)")
+    add_tta_options(p)
     p.add_argument("--no-guard", action="store_true",
                    help="network: hand back its result as it is. By default (MRI, CT) one more pass over a "
                         "quarter of the slices (4 runs spread over the volume) estimates the error by SURE and "

@@ -537,11 +537,14 @@ def _score(res: Dict[str, float], cfg: TrainConfig) -> float:
     return res[key] if key in res else -res.get("val_loss", 0.0)
 
 
-def _autocast(cfg: TrainConfig, device):
+def _autocast(cfg: TrainConfig, device, *, training: bool = False):
+    """bf16 autocast on CUDA (``cfg.amp``), and on CPU for the training steps (``cfg.cpu_bf16``)."""
     import torch
 
     if cfg.amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if training and cfg.cpu_bf16 and device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -721,7 +724,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 torch.manual_seed(step_seed)  # dropout masks depend on the step only
                 batch = _to_device(batch, device)
                 sure = selfsup and not masked and cfg.ss_loss == "sure"
-                with _autocast(cfg, device):
+                with _autocast(cfg, device, training=True):
                     centre = batch["input"] if masked else batch["noisy"]
                     out = ddp_model(tdata.network_input(batch, centre))
                     perturbed = None
