@@ -340,5 +340,28 @@ def test_cpu_bf16_autocasts_the_training_steps_only_and_trains(tmp_path, mri_cro
     model, _ = modelfile.load_model(res.model_path, "cpu")
     params = list(model.parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
-    with pytest.raises(InputError, match="cpu_bf16 must be"):
-        _cfg(cpu_bf16="yes")
+    assert res.card["training"]["hardware"]["cpu_bf16"] is True  # the card says how it trained
+    for bad in ("yes", 1, None):
+        with pytest.raises(InputError, match="cpu_bf16 must be"):
+            _cfg(cpu_bf16=bad)
+
+
+def test_cpu_bf16_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
+    """``cpu_bf16 = "auto"``: on where /proc/cpuinfo lists avx512_bf16 or amx_bf16 (hardware bf16),
+    off on AVX2-only CPUs (emulated, about 9x slower) and where the flags cannot be read."""
+    from dualnet import device
+    from dualnet.training import trainer
+
+    flags = {"amx": "fpu sse2 avx2 avx512f amx_tile amx_bf16", "avx512": "fpu avx2 avx512f avx512_bf16",
+             "avx2": "fpu sse2 avx avx2 fma"}
+    for name, line in flags.items():
+        (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {line}\n\nprocessor\t: 1\nflags\t\t: {line}\n")
+    assert [device.cpu_has_fast_bf16(str(tmp_path / n)) for n in flags] == [True, True, False]
+    assert device.cpu_has_fast_bf16(str(tmp_path / "missing")) is False
+    cfg = _cfg(cpu_bf16="auto")
+    for fast in (True, False):
+        monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert trainer.cpu_bf16_on(cfg) is fast
+        with trainer._autocast(cfg, torch.device("cpu"), training=True):
+            assert torch.is_autocast_enabled("cpu") is fast
+    assert trainer.cpu_bf16_on(_cfg(cpu_bf16=False)) is False

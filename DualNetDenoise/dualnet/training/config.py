@@ -132,9 +132,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.02  #: cosine schedule floor as a fraction of lr
     grad_clip: float = 1.0  #: max global gradient norm; 0 = off
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
-    #: bf16 autocast of the training steps on CPU (validation stays fp32). Fast only where the CPU
-    #: has AVX-512 BF16 / AMX (measured 1.3-1.7x per step there); about 9x slower on AVX2-only CPUs.
-    cpu_bf16: bool = False
+    #: bf16 autocast of the training steps on CPU (validation stays fp32): true | false | "auto" (on
+    #: where the CPU has AVX-512 BF16 / AMX, ``device.cpu_has_fast_bf16``: measured 1.3-1.7x per step
+    #: there; about 9x slower on AVX2-only CPUs, so "auto" leaves it off on those)
+    cpu_bf16: Union[bool, str] = False
     # losses
     lambda_mse: float = 0.0  #: squared error (what PSNR measures)
     #: "none": the batch's mean squared error (the noisiest patches dominate); "psnr": each
@@ -255,7 +256,7 @@ class TrainConfig:
             (self.gamma_jitter >= 0, "gamma_jitter must be >= 0"),
             (isinstance(self.alpha_detach, bool), "alpha_detach must be true or false"),
             (isinstance(self.init_partial, bool), "init_partial must be true or false"),
-            (isinstance(self.cpu_bf16, bool), "cpu_bf16 must be true or false"),
+            (isinstance(self.cpu_bf16, bool) or self.cpu_bf16 == "auto", "cpu_bf16 must be true, false or 'auto'"),
             (not self.init_partial or (self.init_from and self.model == "dualnet"),
              "init_partial needs init_from and model = 'dualnet'"),
             (isinstance(self.new_lr_factor, (int, float)) and not isinstance(self.new_lr_factor, bool)

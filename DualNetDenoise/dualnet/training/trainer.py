@@ -99,8 +99,8 @@ def resolve_device(name: str):
     return dev
 
 
-def hardware_info(device) -> Dict[str, Any]:
-    """CPU / GPU description for the model card."""
+def hardware_info(device, cfg: Optional[TrainConfig] = None) -> Dict[str, Any]:
+    """CPU / GPU description for the model card (with ``cfg``: whether the CPU steps ran in bf16)."""
     import torch
 
     info: Dict[str, Any] = {"device": str(device), "cpu": platform.processor() or platform.machine(),
@@ -108,6 +108,8 @@ def hardware_info(device) -> Dict[str, Any]:
                             "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if cfg is not None and device.type == "cpu" and cpu_bf16_on(cfg):
+        info["cpu_bf16"] = True  # the training steps ran under bf16 autocast
     return info
 
 
@@ -543,9 +545,16 @@ def _autocast(cfg: TrainConfig, device, *, training: bool = False):
 
     if cfg.amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    if training and cfg.cpu_bf16 and device.type == "cpu":
+    if training and device.type == "cpu" and cpu_bf16_on(cfg):
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_bf16_on(cfg: TrainConfig) -> bool:
+    """Whether the CPU training steps run in bf16: ``cfg.cpu_bf16``, "auto" resolved on this host."""
+    from ..device import cpu_has_fast_bf16
+
+    return cfg.cpu_bf16 is True or (cfg.cpu_bf16 == "auto" and cpu_has_fast_bf16())
 
 
 def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, selfsup: bool, masked: bool,
@@ -913,7 +922,7 @@ def _make_card(cfg: TrainConfig, model, device, seconds: float, step: int, val: 
             "steps": int(step),
             "exported_step": int(exported_step),
             "seconds": round(float(seconds), 2),
-            "hardware": hardware_info(device),
+            "hardware": hardware_info(device, cfg),
             "command": command,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dualnet_version": __version__,
