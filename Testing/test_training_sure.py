@@ -346,6 +346,40 @@ def test_cpu_bf16_autocasts_the_training_steps_only_and_trains(tmp_path, mri_cro
             _cfg(cpu_bf16=bad)
 
 
+def test_cpu_bf16_trains_a_3d_model_in_channels_last_3d_and_it_denoises_a_volume(tmp_path, mri_crop):
+    """A 3D DUAL-NET under ``cpu_bf16`` trains in the channels-last-3d layout (1.4x faster bf16 steps on
+    this host, session 18), exports plain fp32 weights, and the file denoises a (z, y, x) volume."""
+    from dualnet.inference import denoise_array
+    from dualnet.training import trainer
+
+    seen = []
+    real = trainer._autocast
+
+    def spy(cfg, device, training=False):  # the layout the training step sees
+        if training:
+            seen.append(next(m for m in trainer_model if m.dim() == 5 and m.shape[1] > 1).is_contiguous(memory_format=torch.channels_last_3d))
+        return real(cfg, device, training=training)
+
+    trainer_model = []
+    orig_build = trainer.build_network
+    cfg = _cfg(cpu_bf16=True, dim=3, patch_size=16, batch_size=2, steps=3, noise_map=True, use_nonlocal=False)
+    import unittest.mock as mock
+
+    def capture(*a, **k):
+        net = orig_build(*a, **k)
+        trainer_model.extend(net.parameters())
+        return net
+
+    with mock.patch.object(trainer, "_autocast", spy), mock.patch.object(trainer, "build_network", capture):
+        res = pretrain(cfg, data=[mri_crop], out_dir=tmp_path / "bf16_3d")
+    assert seen and all(seen), seen
+    model, card = modelfile.load_model(res.model_path, "cpu")
+    assert card["dim"] == 3 and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    noisy = (mri_crop[:16, :24, :24] + np.random.default_rng(0).normal(0, 30, (16, 24, 24))).astype(np.float32)
+    out = denoise_array(noisy, model, card, device="cpu", modality="mri").denoised
+    assert out.shape == noisy.shape and np.isfinite(out).all()
+
+
 def test_cpu_bf16_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
     """``cpu_bf16 = "auto"``: on where /proc/cpuinfo lists avx512_bf16 or amx_bf16 (hardware bf16),
     off on AVX2-only CPUs (emulated, about 9x slower) and where the flags cannot be read."""

@@ -586,6 +586,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         model = model.to(device)
         if cfg.dim == 2 and torch.device(device).type == "cpu":  # 22 % faster steps here (docs/design_sweep.md)
             model = model.to(memory_format=torch.channels_last)
+        elif cfg.dim == 3 and torch.device(device).type == "cpu" and cpu_bf16_on(cfg):
+            model = model.to(memory_format=torch.channels_last_3d)  # bf16 3D steps 1.4x faster (session 18)
         model.train()
         if anchor_model is not None:
             anchor_model = anchor_model.to(device).eval()
