@@ -346,32 +346,30 @@ def test_cpu_bf16_autocasts_the_training_steps_only_and_trains(tmp_path, mri_cro
             _cfg(cpu_bf16=bad)
 
 
-def test_cpu_bf16_trains_a_3d_model_in_channels_last_3d_and_it_denoises_a_volume(tmp_path, mri_crop):
+def test_cpu_bf16_trains_a_3d_model_in_channels_last_3d_and_it_denoises_a_volume(tmp_path, mri_crop, monkeypatch):
     """A 3D DUAL-NET under ``cpu_bf16`` trains in the channels-last-3d layout (1.4x faster bf16 steps on
     this host, session 18), exports plain fp32 weights, and the file denoises a (z, y, x) volume."""
     from dualnet.inference import denoise_array
     from dualnet.training import trainer
 
-    seen = []
-    real = trainer._autocast
+    params, seen = [], []
+    build, autocast = trainer.build_network, trainer._autocast
 
-    def spy(cfg, device, training=False):  # the layout the training step sees
-        if training:
-            seen.append(next(m for m in trainer_model if m.dim() == 5 and m.shape[1] > 1).is_contiguous(memory_format=torch.channels_last_3d))
-        return real(cfg, device, training=training)
-
-    trainer_model = []
-    orig_build = trainer.build_network
-    cfg = _cfg(cpu_bf16=True, dim=3, patch_size=16, batch_size=2, steps=3, noise_map=True, use_nonlocal=False)
-    import unittest.mock as mock
-
-    def capture(*a, **k):
-        net = orig_build(*a, **k)
-        trainer_model.extend(net.parameters())
+    def capture(*a, **k):  # the network the trainer builds
+        net = build(*a, **k)
+        params.extend(p for p in net.parameters() if p.dim() == 5 and p.shape[1] > 1)
         return net
 
-    with mock.patch.object(trainer, "_autocast", spy), mock.patch.object(trainer, "build_network", capture):
-        res = pretrain(cfg, data=[mri_crop], out_dir=tmp_path / "bf16_3d")
+    def spy(cfg, device, training=False):  # the layout each training step sees
+        if training:
+            seen.append(params[0].is_contiguous(memory_format=torch.channels_last_3d))
+        return autocast(cfg, device, training=training)
+
+    monkeypatch.setattr(trainer, "build_network", capture)
+    monkeypatch.setattr(trainer, "_autocast", spy)
+    cfg = _cfg(cpu_bf16=True, dim=3, patch_size=16, batch_size=2, steps=3, noise_map=True, use_nonlocal=False)
+    res = pretrain(cfg, data=[mri_crop], out_dir=tmp_path / "bf16_3d")
+    monkeypatch.undo()
     assert seen and all(seen), seen
     model, card = modelfile.load_model(res.model_path, "cpu")
     assert card["dim"] == 3 and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
