@@ -149,7 +149,7 @@ def stem(path: Path) -> str:
 
 
 def parse_args(argv):
-    from dualnet.cli import add_tta_options
+    from dualnet.cli import add_precision_option, add_tta_options
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
@@ -163,6 +163,7 @@ def parse_args(argv):
                              "itself); default estimated")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_precision_option(parser)
     add_tta_options(parser)
     parser.add_argument("--no-guard", action="store_true",
                         help="network: no SURE guard (by default MRI / CT results are blended with the input "
@@ -356,7 +357,7 @@ def denoise_kwargs(args) -> dict:
     kwargs = dict(method=args.method, modality=args.modality, sigma=args.sigma, device=args.device)
     if args.method == "dualnet":
         kwargs.update(model=args.model, tta=args.tta, guard=False if args.no_guard else None,
-                      views=parse_views(args.views))
+                      views=parse_views(args.views), precision=args.precision)
     return kwargs
 
 

@@ -88,6 +88,7 @@ def denoise_volume(
     guard: Optional[bool] = None,
     views: Optional[int] = None,
     neb_maps: bool = False,
+    precision: str = "auto",
 ) -> DenoiseResult:
     """Denoise one volume with DUAL-NET or a classical baseline.
 
@@ -119,6 +120,9 @@ def denoise_volume(
             trained for it (MRI) and the voxels are near-isotropic, else 1.
         neb_maps: also return the noise branch's noise-std and confidence maps (network only; no
             extra pass: they come from the same inference).
+        precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: the network's CPU arithmetic
+            (:mod:`dualnet.precision`; auto = bf16 with the intensity layers in fp32 where the CPU
+            has AMX bf16, else fp32). ``info["inference_precision"]`` says which ran.
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.
@@ -130,7 +134,7 @@ def denoise_volume(
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
                   uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard, views=views,
-                  neb_maps=neb_maps)
+                  neb_maps=neb_maps, precision=precision)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
@@ -140,7 +144,7 @@ def denoise_volume(
         coef = (float(sigma) ** 2, 0.0, 0.0) if (sigma is not None and modality == "mri") else None
         out, unc, net_info, neb = _denoise_network(
             arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard,
-            views, volume.spacing_zyx,
+            views, volume.spacing_zyx, precision,
         )
         if coef is not None:
             info["sigma"] = float(sigma)
@@ -201,12 +205,18 @@ def _asks_tta(tta: Union[bool, int, None]) -> bool:
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
                   tile: Any = None, uncertainty: bool = False, mc_samples: int = 8,
                   tta: Union[bool, int, None] = None,
-                  guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False) -> None:
+                  guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False,
+                  precision: str = "auto") -> None:
     """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
+    from .precision import check_precision
+
     try:
         asks_tta = _asks_tta(tta)
+        precision = check_precision(precision)
     except InputError as err:
         raise InputError(f"{src}: {err}") from None
+    if method != "dualnet" and precision != "auto":
+        raise InputError(f"{src}: --precision applies to the network only, not to {method}")
     if method != "dualnet" and (asks_tta or uncertainty):
         raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
     if method != "dualnet" and neb_maps:
@@ -280,12 +290,12 @@ def resolve_model_path(model: Optional[Union[str, Path]], modality: str) -> Path
 
 
 def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel,
-                     noise_coef=None, guard=None, views=None, spacing_zyx=None):
+                     noise_coef=None, guard=None, views=None, spacing_zyx=None, precision="auto"):
     from . import inference, modelfile
 
     path = resolve_model_path(model, modality)
     report(progress, 0.0, f"loading model {path.name}")
-    net, card = modelfile.load_for_inference(path, device, mc=bool(uncertainty and mc_samples))
+    net, card = modelfile.load_for_inference(path, device, mc=bool(uncertainty and mc_samples), precision=precision)
     card_modality = card.get("modality")
     info: Dict[str, Any] = {"model": str(path), "model_version": card.get("version"), "model_modality": card_modality}
     if card_modality and card_modality != modality:
@@ -306,6 +316,7 @@ def _denoise_network(arr, modality, model, device, tta, uncertainty, mc_samples,
         guard=guard,
         views=views,
         spacing_zyx=spacing_zyx,
+        precision=precision,
     )
     info.update({f"inference_{k}": v for k, v in (res.info or {}).items()})
     neb = {"noise_map": res.sigma_map, "confidence": res.alpha_map}

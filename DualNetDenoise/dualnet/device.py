@@ -147,18 +147,29 @@ def system_available_memory() -> int:
 
 
 @functools.lru_cache(maxsize=None)  # asked once per training step; the CPU does not change
-def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bf16 in hardware (the ``avx512_bf16`` or ``amx_bf16`` flag of
-    ``cpuinfo``): there bf16 autocast speeds training up (measured 1.3-1.7x per step); on AVX2-only
-    CPUs it is emulated and about 9x slower. False where the flags cannot be read (not Linux)."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The first ``flags`` line of ``cpuinfo`` as a set; empty where it cannot be read (not Linux)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
+                    return frozenset(line.split(":", 1)[-1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    ``cpuinfo``): there bf16 autocast speeds training up (measured 1.3-1.7x per step); on AVX2-only
+    CPUs it is emulated and about 9x slower. False where the flags cannot be read (not Linux)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
+
+
+def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AMX bf16 tiles (``amx_bf16``): there bf16 inference was measured faster
+    than ONNX Runtime in fp32 (:mod:`dualnet.precision`)."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def autocast_dtype(device: "Any") -> Optional["Any"]:

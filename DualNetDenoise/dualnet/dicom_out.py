@@ -1204,6 +1204,7 @@ def denoise_dicom_folder(
     guard: Optional[bool] = None,
     views: Optional[int] = None,
     uncertainty_dir: Optional[PathLike] = None,
+    precision: str = "auto",
     rescale: str = "source",
     layout: str = "auto",
     recursive: bool = True,
@@ -1219,7 +1220,7 @@ def denoise_dicom_folder(
             instances go directly into ``output_dir`` (new or empty); with several, into
             ``output_dir/<NNN>_<modality>_<description>/`` (``output_dir`` may already exist;
             each subfolder must be new). ``layout="subfolders"`` always uses subfolders.
-        method, sigma, model, device, tta, mc_samples, tile, seed, guard, views: as
+        method, sigma, model, device, tta, mc_samples, tile, seed, guard, views, precision: as
             :func:`dualnet.api.denoise_volume`.
         modality: noise model for every series; None (default): from each series' DICOM Modality
             (CT -> ct, MR -> mri, US -> us); a series with another modality fails with a reason.
@@ -1286,7 +1287,7 @@ def denoise_dicom_folder(
                 result = denoise_volume(volume, method=method, modality=chosen, sigma=sigma, model=model,
                                         device=device, tta=tta, uncertainty=unc_target is not None,
                                         mc_samples=mc_samples, tile=tile, seed=seed, progress=progress,
-                                        cancel=cancel, guard=guard, views=views)
+                                        cancel=cancel, guard=guard, views=views, precision=precision)
             finally:
                 if progress is not None and hasattr(progress, "close"):
                     progress.close()

@@ -46,6 +46,9 @@ MAX_TILE_3D_GPU = 192
 #: ONNX Runtime (2D models on the CPU): at most this many pixels per batch. Measured on the 2-core
 #: CPU: 0.93 us per pixel for 2 x 128^2, 1.06 for 1 x 256^2, 1.35 for 2 x 256^2 (PyTorch 1.5-1.6)
 ORT_BATCH_PIXELS = 2 * 128 * 128
+#: PyTorch in CPU bf16 (2D models): at most this many pixels per batch. Measured on the Intel Xeon host
+#: (AMX), one thread: 286 / 239 / 303 ms per 256^2 slice in batches of 1 / 4 / 16 slices (session 19)
+BF16_BATCH_PIXELS = 4 * 256 * 256
 
 
 @dataclass
@@ -416,6 +419,7 @@ def denoise_array(
     guard: Optional[bool] = None,
     views: Optional[int] = None,
     spacing_zyx: Optional[Sequence[float]] = None,
+    precision: str = "auto",
     _neb: Optional[_SharedNeb] = None,
     _views: int = 1,
 ) -> InferenceResult:
@@ -453,13 +457,21 @@ def denoise_array(
             averaged (:mod:`dualnet.orthoviews`, three times the time); None = 3 where the model was
             trained on all three slice orientations and the volume is near-isotropic, else 1.
         spacing_zyx: voxel spacing in mm, (z, y, x), for that choice (None = isotropic).
+        precision: ``"auto" | "float32" | "bfloat16"`` of the CPU passes (:mod:`dualnet.precision`):
+            auto = bf16 with the intensity layers in fp32 for a PyTorch DUAL-NET where the CPU has
+            AMX bf16, else fp32 (ONNX Runtime where the model ships its graphs).
+            ``info["precision"]`` says which ran; Monte-Carlo dropout passes run in fp32.
         _neb: internal (orthogonal views): the first view records its NEB maps there, the others
             read them instead of running the NEB (:class:`_SharedNeb`).
         _views: internal: the number of views this one is part of (the guard checks its share).
     """
     from .onnx_backend import GraphNet, forward_for
+    from .precision import check_precision, resolve
 
     t0 = time.perf_counter()
+    precision = check_precision(precision)
+    if isinstance(model, GraphNet):  # before any work: graphs run in fp32 (refuses an explicit bf16)
+        resolve(precision, model, "cpu")
     arr = np.asarray(array)
     if arr.ndim not in (2, 3) or min(arr.shape) < 1:
         raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {arr.shape}")
@@ -482,7 +494,7 @@ def denoise_array(
             else (noise_coef, None)
         return _three_views(arr, model, card, progress, noise_info3, dict(
             device=device, tile=tile, overlap=overlap, tta=n_tta, mc_samples=mc_samples, seed=seed,
-            cancel=cancel, noise_coef=coef3, modality=modality, guard=guard))
+            cancel=cancel, noise_coef=coef3, modality=modality, guard=guard, precision=precision))
     spec = (card or {}).get("normalisation") or {"method": "zscore"}
     # scanner fill values (CT): the network sees air there, the output keeps them
     has_fill = _has_ct_fill(vol, modality)
@@ -540,11 +552,17 @@ def denoise_array(
             try:
                 if not graph_only:
                     _to_device(model, dev, dim)
-                # ONNX Runtime where the model ships the graph
-                fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
-                info["backend"] = "torch" if fast is None else "onnxruntime"
-                if fast is not None and dim == 2:  # its kernels run fastest on small batches
-                    batch = max(1, min(batch, ORT_BATCH_PIXELS // int(np.prod(tile_shape))))
+                info["precision"] = resolve(precision, model, dev)
+                if info["precision"] == "bfloat16":  # PyTorch under CPU autocast
+                    fast = _torch_forward(model, dev, dim, restore, bf16=True)
+                    info["backend"] = "torch"
+                else:  # ONNX Runtime where the model ships the graph
+                    fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
+                    info["backend"] = "torch" if fast is None else "onnxruntime"
+                if dim == 2 and dev.type == "cpu":  # the CPU kernels run fastest on small batches
+                    cap = BF16_BATCH_PIXELS if info["precision"] == "bfloat16" else ORT_BATCH_PIXELS
+                    if info["backend"] == "onnxruntime" or info["precision"] == "bfloat16":
+                        batch = max(1, min(batch, cap // int(np.prod(tile_shape))))
                 outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, n_tta,
                                int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
                                restore=restore, keys=keys)
@@ -1030,25 +1048,29 @@ def _tensor(x: np.ndarray, dev: Any, dim: int) -> Any:
     return t.contiguous(memory_format=torch.channels_last) if dim == 2 and dev.type == "cpu" else t
 
 
-def _torch_forward(model: Any, dev: Any, dim: int, restore: bool) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+def _torch_forward(model: Any, dev: Any, dim: int, restore: bool, bf16: bool = False
+                   ) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
     """``model`` (or ``model.restore``) in eval mode as a function of a float32 numpy batch
-    (channels-last on the CPU for 2D models, autocast on CUDA), returning float32 numpy maps."""
+    (channels-last on the CPU for 2D models, autocast on CUDA, ``bf16``: CPU bf16 with the model's
+    intensity layers in fp32, :func:`dualnet.precision.cpu_bf16`), returning float32 numpy maps."""
     import torch
 
     from .device import autocast_dtype
+    from .precision import cpu_bf16
 
     amp = autocast_dtype(dev)
     net = model.restore if restore else model
 
+    def scope() -> Any:
+        if bf16:
+            return cpu_bf16(model)
+        return torch.autocast(device_type="cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+
     def run(x: np.ndarray) -> Dict[str, np.ndarray]:
         t = _tensor(x, dev, dim)
         model.eval()
-        with torch.inference_mode():
-            if amp is not None:
-                with torch.autocast(device_type="cuda", dtype=amp):
-                    res = net(t)
-            else:
-                res = net(t)
+        with torch.inference_mode(), scope():
+            res = net(t)
             return {k: v.float().to("cpu").numpy() for k, v in res.items() if v is not None}
 
     return run

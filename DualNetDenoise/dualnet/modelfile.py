@@ -330,16 +330,19 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple[Any, Dict[str, Any]
     return model, card
 
 
-def load_for_inference(path: PathLike, device: Any = "auto", *, mc: bool = False) -> Tuple[Any, Dict[str, Any]]:
+def load_for_inference(path: PathLike, device: Any = "auto", *, mc: bool = False,
+                       precision: str = "auto") -> Tuple[Any, Dict[str, Any]]:
     """A model file's network for denoising, and its card: its checked ONNX graphs alone
     (:class:`dualnet.onnx_backend.GraphNet`, no PyTorch import: a process that only denoises on the
     CPU starts about 1.7 s sooner) where they can run, else :func:`load_model` on the CPU.
 
     The graphs run where the card names them, ONNX Runtime is importable and not switched off,
-    ``device`` means the CPU without asking PyTorch (:func:`dualnet.device.cpu_without_torch`) and no
-    Monte-Carlo dropout is wanted (``mc``). The weights' SHA-256 is checked either way.
+    ``device`` means the CPU without asking PyTorch (:func:`dualnet.device.cpu_without_torch`), no
+    Monte-Carlo dropout is wanted (``mc``) and a DUAL-NET is not to run in bf16 here
+    (``precision``, :func:`dualnet.precision.wants_bf16`). The weights' SHA-256 is checked either way.
     """
     from .device import cpu_without_torch
+    from .precision import wants_bf16
 
     path = Path(path)
     weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
@@ -348,7 +351,8 @@ def load_for_inference(path: PathLike, device: Any = "auto", *, mc: bool = False
 
         card = read_card(weights)
         _verify_hash(weights, card)
-        net = load_graph_net(weights, card)
+        bf16 = wants_bf16(precision) and (card.get("architecture") or {}).get("kind") == "dualnet"
+        net = None if bf16 else load_graph_net(weights, card)
         if net is not None:
             return net, card
     return load_model(path, device="cpu")
