@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from dualnet.calibration import fit_uncertainty_calibration, set_test_time_augmentation
 from dualnet.errors import InputError, ModelError
@@ -78,12 +80,43 @@ def test_the_default_tta_must_be_the_one_the_card_was_validated_with():
     set_test_time_augmentation(card, 4)
     assert choose_tta(None, card) == 4
     card["metrics"]["validation_levels"][1]["mean"]["dualnet"]["tta"] = 1  # one level validated without it
-    with pytest.raises(ModelError, match=r"\[1, 4\]"):
+    with pytest.raises(ModelError, match="ran 1 test-time transforms, the card's default is 4"):
         set_test_time_augmentation(card, 4)
     for level in card["metrics"]["validation_levels"]:
         level["mean"]["dualnet"]["tta"] = 1
     set_test_time_augmentation(card, 1)
     assert "test_time_augmentation" not in card and choose_tta(None, card) == 1
+
+
+def test_the_default_tta_is_for_one_view_runs_and_checked_per_kind_of_case(mri_crop, one_thread):
+    """A card's default transforms apply where one view runs; three views run without them (an
+    explicit count applies to every view). A validation records what each kind of case ran, and
+    the default must match it for both kinds."""
+    from dualnet.inference import denoise_array
+    from dualnet.models import build_model
+
+    card = {"modality": "mri", "normalisation": {"method": "zscore"}, "orthogonal_views": True,
+            "test_time_augmentation": 4}
+    assert [choose_tta(None, card, v) for v in (1, 3)] == [4, 1]
+    assert [choose_tta(8, card, v) for v in (1, 3)] == [8, 8] and choose_tta(False, card, 3) == 1
+    torch.manual_seed(0)
+    net = build_model("tiny", 2, context=3, use_nonlocal=False)
+    vol = mri_crop[:16, :16, :16].astype(np.float32)
+    three = denoise_array(vol, net, card, device="cpu", modality="mri", guard=False)
+    one = denoise_array(vol[0], net, card, device="cpu", modality="mri", guard=False)
+    assert (three.info["views"], three.info["tta"], one.info["views"], one.info["tta"]) == (3, 1, 1, 4)
+
+    validated = _card([(4.0, 0.2), (2.0, 0.3)])
+    for level in validated["metrics"]["validation_levels"]:  # as validate_models records a mixed set
+        level["mean"]["dualnet"].update(tta=3.4, tta_by_views={"1": [4], "3": [1]})
+    with pytest.raises(ModelError, match=r"ran \[4\] test-time transforms with 1 view"):
+        fit_uncertainty_calibration(validated)  # the card's default (none) is not what ran
+    set_test_time_augmentation(validated, 4)
+    assert fit_uncertainty_calibration(validated)["scale"] == 5.0  # 1 / the ratio at the first level
+    explicit = _card([(4.0, 0.2)])  # validated with --tta 4 everywhere: three views ran it too
+    explicit["metrics"]["validation_levels"][0]["mean"]["dualnet"].update(tta=4, tta_by_views={"1": [4], "3": [4]})
+    with pytest.raises(ModelError, match=r"ran \[4\] test-time transforms with 3 view\(s\) \(the card's default: 1\)"):
+        set_test_time_augmentation(explicit, 4)
 
 
 def test_the_script_rewrites_only_the_card_and_refuses_an_unvalidated_default(tmp_path):

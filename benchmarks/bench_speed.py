@@ -3,7 +3,9 @@
 ``dualnet denoise --method bm4d`` (``bm3d`` on ultrasound frames), each a fresh process, so process
 start, reading, the noise estimate, the network and writing all count. ``dualnet`` is the default
 (three orthogonal views on these near-isotropic volumes, SURE guard on); ``dualnet --views 1`` the
-fast setting (ultrasound: ``dualnet --no-tta``).
+fast setting (ultrasound: ``dualnet --no-tta``). The default's arithmetic is the host's
+(``--precision auto``: bf16 with the intensity layers in fp32 where the CPU has AMX bf16, else fp32 in
+ONNX Runtime); ``--fp32`` also times ``--precision float32``.
 
 Volumes (z, y, x), written once to a temporary folder as NIfTI:
 
@@ -16,7 +18,7 @@ Volumes (z, y, x), written once to a temporary folder as NIfTI:
   validation. The ultrasound model's default includes its card's test-time augmentation
   (``test_time_augmentation``), so that cost is counted; ``dualnet --no-tta`` is the fast setting.
 
-    python benchmarks/bench_speed.py [--repeats 2] [--volumes mri_cube mri_slab ct_slab us_frames] [--tta] [--torch]
+    python benchmarks/bench_speed.py [--repeats 2] [--volumes mri_cube mri_slab ct_slab us_frames] [--tta] [--torch] [--fp32]
 
 Prints one table (wall seconds, best of ``--repeats``; speed-up = baseline / DUAL-NET) and the machine.
 """
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true", help="also time DUAL-NET with x8 test-time augmentation")
     ap.add_argument("--torch", action="store_true",
                     help="also time the default with the network run by PyTorch (DUALNET_BACKEND=torch)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="also time the default in full precision (--precision float32: ONNX Runtime), "
+                         "which is the default where the CPU has no AMX bf16")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +117,8 @@ def main() -> None:
             fast = ["--no-tta"] if mod == "us" else ["--views", "1"]  # frames have one view; their default has TTA
             runs = [("dualnet", [], args.repeats, None), ("dualnet " + " ".join(fast), fast, args.repeats, None)] \
                 + ([("dualnet, PyTorch backend", [], args.repeats, torch_env)] if args.torch else []) \
+                + ([("dualnet --precision float32", ["--precision", "float32"], args.repeats, None)]
+                   if args.fp32 else []) \
                 + ([("dualnet --tta", ["--tta"], args.repeats, None)] if args.tta else []) \
                 + [(base(name), ["--method", base(name)], args.bm4d_repeats, None)]
             times = {}

@@ -38,7 +38,10 @@ def machine() -> str:
         tv = torch.__version__
     except ImportError:
         tv = "absent"
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, Python {platform.python_version()}, "
+    from dualnet.device import cpu_has_amx_bf16
+
+    amx = "AMX bf16" if cpu_has_amx_bf16() else "no AMX bf16"
+    return (f"{cpu} ({amx}), {os.cpu_count()} cores, {mem_gib:.0f} GiB, Python {platform.python_version()}, "
             f"numpy {numpy.__version__}, torch {tv}, {platform.system()} {platform.release()}")
 
 

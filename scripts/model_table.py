@@ -31,7 +31,8 @@ def _design(arch: dict, card: dict) -> str:
     if arch.get("confidence_head", "gate") != "gate":
         parts.append(f"{arch['confidence_head']} confidence head")
     if int(card.get("test_time_augmentation", 1)) > 1:
-        parts.append(f"x{card['test_time_augmentation']} test-time augmentation")
+        where = " where one view runs" if card.get("orthogonal_views") else ""  # three views run without it
+        parts.append(f"x{card['test_time_augmentation']} test-time augmentation{where}")
     return ", ".join(parts)
 
 

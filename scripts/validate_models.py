@@ -141,6 +141,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             row[label]["seconds"] = time.perf_counter() - t
             if method == "dualnet":
                 row[label]["tta"] = int(res.info["tta"])
+                row[label]["views"] = int(res.info.get("views", 1))
+                row[label]["precision"] = res.info.get("precision", "float32")
             if method == "dualnet" and res.sigma_map is not None:
                 row[label].update(neb_maps(res, true_std, total_std, fg))
             if method == "dualnet" and mc_samples > 0:
@@ -160,6 +162,11 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
                 summary[m][k] = round(float(np.mean([r[m][k] for r in rows])), 4)
     for m in labels[1:]:
         summary[m]["seconds"] = round(float(np.mean([r[m]["seconds"] for r in rows])), 2)
+        if all("precision" in r[m] for r in rows):  # the CPU arithmetic (dualnet.precision)
+            summary[m]["precision"] = "/".join(sorted({r[m]["precision"] for r in rows}))
+        if all("views" in r[m] for r in rows):  # the transforms each kind of case ran (the default differs)
+            summary[m]["tta_by_views"] = {str(v): sorted({r[m]["tta"] for r in rows if r[m]["views"] == v})
+                                          for v in sorted({r[m]["views"] for r in rows})}
     return {"level": level, "mean": summary, "per_case": rows}
 
 

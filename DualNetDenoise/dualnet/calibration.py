@@ -5,8 +5,9 @@
   one scale that makes the std's RMS over the foreground match the RMS error at the target level
   (the first validation level);
 - ``test_time_augmentation``: the number of test-time transforms ``dualnet denoise`` averages by
-  default (:data:`dualnet.inference.TTA_CHOICES`), accepted only when the validation in the card
-  was run with it, so the card's numbers describe the default.
+  default where one view runs (:data:`dualnet.inference.TTA_CHOICES`; none with three views,
+  :func:`dualnet.inference.choose_tta`), accepted only when the validation in the card was run so,
+  so the card's numbers describe the default.
 
 Cards are plain dicts here; reading and writing them is the caller's.
 """
@@ -28,6 +29,20 @@ def _levels(card: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _network(level: Dict[str, Any]) -> Dict[str, Any]:
     return (level.get("mean") or {}).get("dualnet") or {}
+
+
+def _tta_mismatch(net: Dict[str, Any], card: Dict[str, Any]) -> str:
+    """How the test-time transforms a validated level ran differ from the card's default for each
+    kind of case (one view, three views; :func:`dualnet.inference.choose_tta`); "" where they agree.
+    Validations recorded before the per-views record (``tta_by_views``) give their mean ``tta``."""
+    by_views = net.get("tta_by_views")
+    if not by_views:
+        ran, default = int(net.get("tta", 1)), choose_tta(None, card)
+        return "" if ran == default else f"ran {ran} test-time transforms, the card's default is {default}"
+    wrong = {v: ran for v, ran in by_views.items() if list(ran) != [choose_tta(None, card, int(v))]}
+    return "" if not wrong else "ran " + ", ".join(
+        f"{ran} test-time transforms with {v} view(s) (the card's default: {choose_tta(None, card, int(v))})"
+        for v, ran in wrong.items())
 
 
 def fit_uncertainty_calibration(card: Dict[str, Any]) -> Dict[str, Any]:
@@ -53,9 +68,9 @@ def fit_uncertainty_calibration(card: Dict[str, Any]) -> Dict[str, Any]:
         if "mc_scale" not in net and "uncertainty_calibration" in card:
             raise ModelError(f"model card: the validation at {where} did not record the calibration it ran with "
                              "(mc_scale): validate again with --mc-samples")
-        if int(net.get("tta", 1)) != default_tta:
-            raise ModelError(f"model card: the validation at {where} ran {int(net.get('tta', 1))} test-time "
-                             f"transforms, the card's default is {default_tta}: validate as the model runs")
+        mismatch = _tta_mismatch(net, card)
+        if mismatch:
+            raise ModelError(f"model card: the validation at {where} {mismatch}: validate as the model runs")
         used = float(net.get("mc_scale", 1.0))
         ratio = float(net["mc_std_ratio_fg"]) / used if used > 0 else float("nan")
         if not 0.0 < ratio < float("inf"):
@@ -82,13 +97,16 @@ def set_test_time_augmentation(card: Dict[str, Any], n: int) -> None:
 
     Raises:
         InputError: ``n`` is not one of :data:`dualnet.inference.TTA_CHOICES`.
-        ModelError: the validation in the card was not run with ``n`` transforms at every level.
+        ModelError: the validation in the card did not run as that default would at every level
+            (``n`` transforms where one view runs, none with three).
     """
     n = choose_tta(int(n), None)
-    used = {int(_network(level).get("tta", 1)) for level in _levels(card)}
-    if used != {n}:
-        raise ModelError(f"model card: its validation ran with {sorted(used)} test-time transforms, not {n}: "
-                         f"validate with --tta {n} first")
+    trial = {**card, "test_time_augmentation": n}
+    wrong = [m for m in (_tta_mismatch(_network(level), trial) for level in _levels(card)) if m]
+    if wrong:
+        raise ModelError(f"model card: its validation {wrong[0]} for a default of {n}: validate with --tta {n} "
+                         f"first (where a case runs three views: with the card's test_time_augmentation at {n}, "
+                         "without --tta)")
     if n == 1:
         card.pop("test_time_augmentation", None)
     else:

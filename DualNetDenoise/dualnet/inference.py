@@ -341,10 +341,12 @@ def normalise_tta(tta: Any) -> Optional[int]:
     return int(tta)
 
 
-def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]]) -> int:
-    """How many test-time transforms to average (:data:`TTA_CHOICES`): ``tta`` when given
-    (:func:`normalise_tta`), else the card's ``test_time_augmentation`` (the model's default, set
-    where its validation measured a gain worth the time; 1 when absent).
+def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]], views: int = 1) -> int:
+    """How many test-time transforms to average (:data:`TTA_CHOICES`) in each of ``views`` views:
+    ``tta`` when given (:func:`normalise_tta`), else the card's ``test_time_augmentation`` (the
+    model's default, set where its validation measured a gain worth the time; 1 when absent) where
+    the model runs along one view, and 1 where it runs along three: the three orthogonal views
+    already average three passes, and the transforms would multiply their time by the count.
 
     Raises:
         InputError: ``tta`` is not one of those. ModelError: the card's entry is not.
@@ -355,7 +357,7 @@ def choose_tta(tta: Union[bool, int, None], card: Optional[Dict[str, Any]]) -> i
     value = (card or {}).get("test_time_augmentation", 1)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in TTA_CHOICES:
         raise ModelError(f"model card: test_time_augmentation must be one of {TTA_CHOICES}, got {value!r}")
-    return int(value)
+    return int(value) if views == 1 else 1
 
 
 def parse_tta(text: Any) -> Optional[int]:
@@ -442,8 +444,9 @@ def denoise_array(
             3 ints (z, y, x) for 3D), None = chosen from free memory.
         overlap: fraction of a tile shared with its neighbour, in [0, 0.9].
         tta: average the results of in-plane flips / quarter turns of the input (exactly inverted):
-            1 (none), 4 (quarter turns) or 8 (and their mirror images); True = 8, False = 1; None =
-            the model's default (:func:`choose_tta`).
+            1 (none), 4 (quarter turns) or 8 (and their mirror images), in every view; True = 8,
+            False = 1; None = the model's default where one view runs, none with three views
+            (:func:`choose_tta`).
         mc_samples: number of Monte-Carlo dropout passes for ``uncertainty`` (0 = none). The
             denoised image itself always comes from the deterministic (eval) model.
         seed: seeds the dropout masks, so results are reproducible.
@@ -488,8 +491,9 @@ def denoise_array(
     if dim == 3 and arr.ndim == 2:
         raise InputError("a 3D model needs a 3D (z, y, x) volume, got a 2D image")
     modality = modality or (card or {}).get("modality")
-    n_tta = choose_tta(tta, card)
-    if choose_views(views, arr.shape, dim, card, spacing_zyx) == 3:
+    n_views = choose_views(views, arr.shape, dim, card, spacing_zyx)
+    n_tta = choose_tta(tta, card, n_views)
+    if n_views == 3:
         coef3, noise_info3 = _noise_model(arr, modality, noise_coef, progress) if arch.get("noise_map") \
             else (noise_coef, None)
         return _three_views(arr, model, card, progress, noise_info3, dict(
