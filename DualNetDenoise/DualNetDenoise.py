@@ -132,8 +132,9 @@ class DualNetDenoiseParameterNode:
     noiseLevel - absolute noise sigma in image units (classical methods) when autoNoise is off.
     modelPath - DUAL-NET model file; empty = shipped model for the modality.
     device - auto / cpu / cuda / mps.
-    tta - test-time augmentation (network only): auto (the model's default: x4 for the shipped
-        ultrasound model, none for MRI and CT), off, x4 (quarter turns) or x8 (and their mirror images).
+    tta - test-time augmentation (network only): auto (the model's default where one slice orientation
+        runs: x4 for the shipped ultrasound and CT models, none for MRI; none with three orientations),
+        off, x4 (quarter turns) or x8 (and their mirror images).
     oneView - run the network along axial slices only (network only; default: three orthogonal views
         averaged where the model and the voxels allow it, about 3x the time).
     uncertainty - Monte Carlo dropout uncertainty map (network only).

@@ -147,12 +147,18 @@ def test_the_script_rewrites_only_the_card_and_refuses_an_unvalidated_default(tm
 
 
 def test_the_shipped_defaults_are_the_validated_ones():
-    """The shipped ultrasound model runs x4 test-time augmentation by default, the MRI and CT models
-    none, and each card's validation ran as its model runs by default."""
-    for modality, expected in (("us", 4), ("mri", 1), ("ct", 1)):
+    """Where one view runs, the shipped ultrasound and CT models run x4 test-time augmentation by
+    default and the MRI model none; with three views none does; and each card's validation ran as its
+    model runs by default (the CT validation holds both kinds of case)."""
+    from dualnet.calibration import _tta_mismatch
+
+    for modality, expected in (("us", 4), ("mri", 1), ("ct", 4)):
         card = read_card(default_model_path(modality))
-        assert choose_tta(None, card) == expected, modality
+        assert (choose_tta(None, card), choose_tta(None, card, 3)) == (expected, 1), modality
         for level in card["metrics"]["validation_levels"]:
-            assert int(level["mean"]["dualnet"].get("tta", 1)) == expected, (modality, level["level"])
+            assert _tta_mismatch(level["mean"]["dualnet"], card) == "", (modality, level["level"])
+    ct = read_card(default_model_path("ct"))
+    assert all(lev["mean"]["dualnet"]["tta_by_views"] == {"1": [4], "3": [1]}
+               for lev in ct["metrics"]["validation_levels"])
     us = read_card(default_model_path("us"))
     assert fit_uncertainty_calibration(us) == us["uncertainty_calibration"]  # fitted on what the card holds

@@ -27,12 +27,13 @@ from dualnet.onnx_backend import GraphNet
 
 @pytest.fixture
 def amx(monkeypatch):
-    """This host as one with AMX bf16, "auto" not pinned by the environment."""
+    """This host as one with AMX bf16, inference on one thread, "auto" not pinned by the environment."""
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
     monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo": True)
 
 
-def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16(tmp_path, monkeypatch):
+def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16_and_one_thread_runs(tmp_path, monkeypatch):
     flags = {"amx": "fpu avx512f avx512_bf16 amx_tile amx_bf16", "zen4": "fpu avx512f avx512_bf16", "avx2": "fpu avx2"}
     for name, line in flags.items():
         (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {line}\n")
@@ -41,10 +42,16 @@ def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16(tmp_path, monkeypatch):
     assert device.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
 
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
     for has_amx in (True, False):
         monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo", v=has_amx: v)
         assert precision.wants_bf16("auto") is has_amx and precision.wants_bf16(None) is has_amx
         assert precision.wants_bf16("bfloat16") and not precision.wants_bf16("float32")
+    # with two threads ONNX Runtime in fp32 was as fast end to end: auto keeps fp32 there
+    monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo": True)
+    assert not precision.wants_bf16("auto", threads=2) and precision.wants_bf16("bfloat16", threads=2)
+    monkeypatch.setenv("DUALNET_NUM_THREADS", "2")
+    assert not precision.wants_bf16("auto") and precision.wants_bf16("auto", threads=1)
     monkeypatch.setenv(precision.PRECISION_ENV, "float32")  # the environment decides what auto means ...
     assert not precision.wants_bf16("auto") and precision.wants_bf16("BFloat16")  # ... not an explicit choice
     monkeypatch.setenv(precision.PRECISION_ENV, "half")

@@ -106,8 +106,9 @@ def denoise_volume(
             for the modality.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"`` (network only).
         tta: test-time augmentation (network only): 1 (none), 4 (quarter turns) or 8 (and their
-            mirror images) transforms averaged; True = 8, False = 1; None = the model's default
-            (the card's ``test_time_augmentation``: 4 for the shipped ultrasound model, else 1).
+            mirror images) transforms averaged in every view; True = 8, False = 1; None = the model's
+            default where one view runs (the card's ``test_time_augmentation``: 4 for the shipped
+            ultrasound and CT models, 1 for MRI) and none with three views.
         uncertainty: also return a Monte Carlo dropout standard-deviation map (network only).
         mc_samples: number of dropout passes for the uncertainty map.
         tile: tile edge in voxels for sliding-window inference (None: chosen from memory).

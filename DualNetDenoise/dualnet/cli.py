@@ -542,8 +542,9 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (:mod:`dualnet.precision`), as ``dualnet denoise`` and the batch script take it."""
     parser.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                         help="network arithmetic on the CPU: auto (default) = bf16 with the layers that read or "
-                             "write intensities in fp32 where the CPU has AMX bf16 tiles (the same result to "
-                             "0.01 dB, faster), else float32; float32 = full precision everywhere")
+                             "write intensities in fp32 where the CPU has AMX bf16 tiles and inference runs on one "
+                             "thread (DUALNET_NUM_THREADS=1; the same result to 0.01 dB, about 1.4x faster), else "
+                             "float32; float32 = full precision everywhere; bfloat16 = bf16 on any CPU")
 
 
 def add_tta_options(parser: argparse.ArgumentParser) -> None:

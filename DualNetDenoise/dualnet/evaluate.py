@@ -374,10 +374,15 @@ def _network(name: str, description: Optional[str] = None) -> MethodSpec:
                 stamp = {"model": file_digest(_network_model(name, ctx))}
             except ModelError:
                 return None
-        if name.startswith("dualnet"):  # what its inference computes (orthogonal views, guard)
+        if name.startswith("dualnet"):  # what its inference computes (orthogonal views, guard, precision)
             from .inference import INFERENCE_VERSION
+            from .modelfile import read_card
+            from .precision import wants_bf16
 
             stamp["inference"] = INFERENCE_VERSION
+            stamp["bf16"] = wants_bf16("auto")  # the host and thread count decide (dualnet.precision)
+            if not ctx.options.get("per_case"):  # the card's inference default (the weights' digest misses it)
+                stamp["card_tta"] = read_card(_network_model(name, ctx)).get("test_time_augmentation", 1)
         return stamp
 
     desc = description or {

@@ -37,8 +37,9 @@ TileArg = Union[None, int, Sequence[int]]
 #: Bump when what the default inference of a DUAL-NET model computes changes (the evaluation study's
 #: cache keys carry it). 2: the second and third orthogonal views read the first view's NEB maps, and
 #: each view's SURE guard checks a third of the slices (session 13). 3: a model card may set the
-#: default test-time augmentation (``test_time_augmentation``; session 14).
-INFERENCE_VERSION = 3
+#: default test-time augmentation (``test_time_augmentation``; session 14). 4: that default applies where
+#: one view runs, none with three views; CPU bf16 where :mod:`dualnet.precision` says (session 19).
+INFERENCE_VERSION = 4
 MIN_TILE = 16
 MAX_TILE_2D = 512
 MAX_TILE_3D_CPU = 96
@@ -556,7 +557,7 @@ def denoise_array(
             try:
                 if not graph_only:
                     _to_device(model, dev, dim)
-                info["precision"] = resolve(precision, model, dev)
+                info["precision"] = resolve(precision, model, dev, threads)
                 if info["precision"] == "bfloat16":  # PyTorch under CPU autocast
                     fast = _torch_forward(model, dev, dim, restore, bf16=True)
                     info["backend"] = "torch"

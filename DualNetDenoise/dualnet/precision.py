@@ -1,13 +1,15 @@
 """Arithmetic precision of network inference on the CPU: fp32, or bf16 with the intensity layers in fp32.
 
 ``"auto"`` (the default) runs a DUAL-NET in bf16 where the CPU has AMX bf16 tiles
-(:func:`dualnet.device.cpu_has_amx_bf16`) and in fp32 everywhere else, ONNX Runtime included. In
-bf16 the layers a network names in ``full_precision_modules()`` (those reading or writing image
-intensities) stay in fp32: rounding the intensities to bf16's 8-bit mantissa is as large as the
-noise of a low-dose CT. Measured on the Intel Xeon host (AMX), one thread, 4 slices of 256^2:
-1.39 s per batch against 1.93 s for ONNX Runtime fp32, and 0.000 dB on the CT validation cases
-(docs/design_sweep.md, session 19). On CPUs with AVX-512 BF16 but no AMX bf16 inference was not
-measured, so "auto" keeps fp32 there. ``$DUALNET_PRECISION`` (``float32`` / ``bfloat16``) decides
+(:func:`dualnet.device.cpu_has_amx_bf16`) and inference runs on one thread, and in fp32 (ONNX
+Runtime where the model ships graphs) everywhere else. In bf16 the layers a network names in
+``full_precision_modules()`` (those reading or writing image intensities) stay in fp32: rounding the
+intensities to bf16's 8-bit mantissa is as large as the noise of a low-dose CT. Measured on the
+Intel Xeon host (AMX), 4 slices of 256^2 per batch (docs/design_sweep.md, session 19): on one
+thread 0.75 s against 1.30 s for ONNX Runtime fp32 (1.4x per validation volume), on two threads
+0.60 against 0.75 s, which PyTorch's import ate end to end, so two threads keep fp32; 0.000 dB on the
+CT validation cases. On CPUs with AVX-512 BF16 but no AMX bf16 inference was not measured, so
+"auto" keeps fp32 there. ``$DUALNET_PRECISION`` (``float32`` / ``bfloat16``) decides
 what "auto" means for a whole process (the test suite pins ``float32``). CUDA keeps its own autocast
 (:func:`dualnet.device.autocast_dtype`).
 """
@@ -53,13 +55,14 @@ def effective(precision: Optional[str]) -> str:
     return name
 
 
-def wants_bf16(precision: Optional[str]) -> bool:
+def wants_bf16(precision: Optional[str], threads: Optional[int] = None) -> bool:
     """Whether a CPU pass asked for with ``precision`` runs in bf16 on this host (no PyTorch import):
-    ``"bfloat16"`` always, ``"auto"`` where the CPU has AMX bf16 (:func:`effective`)."""
-    from .device import cpu_has_amx_bf16
+    ``"bfloat16"`` always, ``"auto"`` (:func:`effective`) where the CPU has AMX bf16 and inference
+    runs on one thread (``threads``, None: :func:`dualnet.device.cpu_threads`)."""
+    from .device import cpu_has_amx_bf16, cpu_threads
 
     name = effective(precision)
-    return name == "bfloat16" or (name == "auto" and cpu_has_amx_bf16())
+    return name == "bfloat16" or (name == "auto" and cpu_has_amx_bf16() and cpu_threads(threads) == 1)
 
 
 def supports_bf16(model: Any) -> bool:
@@ -67,16 +70,16 @@ def supports_bf16(model: Any) -> bool:
     return callable(getattr(model, "full_precision_modules", None))
 
 
-def resolve(precision: Optional[str], model: Any, dev: Any) -> str:
-    """``"bfloat16"`` or ``"float32"``: what a pass of ``model`` on ``dev`` runs in. bf16 only on the
-    CPU, for a PyTorch DUAL-NET, where :func:`wants_bf16`.
+def resolve(precision: Optional[str], model: Any, dev: Any, threads: Optional[int] = None) -> str:
+    """``"bfloat16"`` or ``"float32"``: what a pass of ``model`` on ``dev`` (``threads``: its CPU
+    threads) runs in. bf16 only on the CPU, for a PyTorch DUAL-NET, where :func:`wants_bf16`.
 
     Raises:
         InputError: ``"bfloat16"`` asked for a network that cannot run in it (an ONNX graph, a
             network without named full-precision layers) or off the CPU.
     """
     name = effective(precision)
-    if not wants_bf16(name):
+    if not wants_bf16(name, threads):
         return "float32"
     able = getattr(dev, "type", str(dev)) == "cpu" and supports_bf16(model)
     if not able and name == "bfloat16":
