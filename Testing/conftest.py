@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DualNetDenoise"))  # the core, also when not pip-installed
 # "auto" inference precision means fp32 in the suite (and its subprocesses) on every host, so the
 # results are the same whether or not the CPU has AMX bf16; test_precision.py runs bf16 itself
-os.environ.setdefault("DUALNET_PRECISION", "float32")
+os.environ["DUALNET_PRECISION"] = "float32"
 
 
 def shared_data_dir() -> Path:

@@ -146,3 +146,26 @@ def test_the_command_runs_bf16_when_asked_and_says_so(tmp_path, mri_crop, capfd,
                                 "--modality", "mri", "--precision", "float32"], capfd)
     assert code != 0 and "--precision applies to the network only" in err
     assert not (tmp_path / "g.nii.gz").exists()
+
+
+def test_a_kept_layer_that_raises_leaves_no_autocast_state_behind():
+    from dualnet.precision import cpu_bf16
+
+    torch.manual_seed(0)
+    net = build_model("tiny", 2, context=3, noise_map=True, use_nonlocal=False).eval()
+    inc = net.full_precision_modules()["srb.inc"]
+
+    def broken(x):
+        raise RuntimeError("out of memory (simulated)")
+
+    inc.forward = broken
+    x = torch.rand(1, net.input_channels, 16, 16)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with torch.inference_mode(), cpu_bf16(net):
+            net(x)
+    assert not torch.is_autocast_enabled("cpu")
+    assert "_dualnet_fp32_ctx" not in inc.__dict__  # the layer's fp32 scope was closed
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules()) == 0
+    del inc.forward  # the layer works again, and a later bf16 pass runs as before
+    with torch.inference_mode(), cpu_bf16(net):
+        assert torch.isfinite(net(x)["out"]).all()

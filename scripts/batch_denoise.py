@@ -183,6 +183,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.method != "dualnet" and args.tta is not None and args.tta > 1:  # as `dualnet denoise`: refused, not ignored
         parser.error(f"--tta / --tta-passes apply to the network only, not to {args.method}")
+    if args.method != "dualnet" and args.precision != "auto":
+        parser.error(f"--precision applies to the network only, not to {args.method}")
     return args
 
 

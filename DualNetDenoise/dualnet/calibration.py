@@ -86,7 +86,8 @@ def fit_uncertainty_calibration(card: Dict[str, Any]) -> Dict[str, Any]:
                   + (f" ({passes} passes)" if passes else "")
                   + " is multiplied by scale so that its RMS over the foreground matches the RMS error",
         "fitted_on": f"the validation cases at the target level {target} (metrics.validation), as `dualnet "
-                     f"denoise` runs by default (test-time transforms: {default_tta})",
+                     f"denoise` runs by default (test-time transforms: {default_tta}"
+                     + (" where one view runs, 1 with three views)" if default_tta > 1 else ")"),
         "raw_std_to_error_ratio_fg": {k: round(v, 4) for k, v in raw.items()},
         "calibrated_std_to_error_ratio_fg": {k: round(v * scale, 3) for k, v in raw.items()},
     }

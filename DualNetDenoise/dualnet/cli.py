@@ -543,7 +543,7 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                         help="network arithmetic on the CPU: auto (default) = bf16 with the layers that read or "
                              "write intensities in fp32 where the CPU has AMX bf16 tiles and inference runs on one "
-                             "thread (DUALNET_NUM_THREADS=1; the same result to 0.01 dB, about 1.4x faster), else "
+                             "thread (DUALNET_NUM_THREADS=1; within 0.003 dB on the validation cases, about 1.4x faster), else "
                              "float32; float32 = full precision everywhere; bfloat16 = bf16 on any CPU")
 
 
@@ -555,8 +555,8 @@ def add_tta_options(parser: argparse.ArgumentParser) -> None:
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_const", const=8, default=None,
                      help="network: average the results of 8 flips / quarter turns of the input (about 8x the "
-                          "network's time). Default: the model's (the shipped ultrasound model averages the 4 "
-                          "quarter turns, the others none)")
+                          "network's time). Default: the model's where one view runs (the shipped ultrasound and CT "
+                          "models average the 4 quarter turns, MRI none), none with three views")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=1,
                      help="network: no test-time augmentation, whatever the model's default")
     tta.add_argument("--tta-passes", dest="tta", type=int, choices=TTA_CHOICES,

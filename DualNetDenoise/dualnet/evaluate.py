@@ -370,19 +370,22 @@ def _network(name: str, description: Optional[str] = None) -> MethodSpec:
             base = api.resolve_model_path(_base_model_option(ctx), ctx.modality)
             stamp = {"base": file_digest(base), "finetune_config": file_digest(_finetune_config_path(ctx))}
         else:
+            from .modelfile import read_card
+
             try:
-                stamp = {"model": file_digest(_network_model(name, ctx))}
+                model = _network_model(name, ctx)
+                # the card's inference default: the weights' digest misses it
+                stamp = {"model": file_digest(model), "card_tta": read_card(model).get("test_time_augmentation", 1)}
             except ModelError:
                 return None
         if name.startswith("dualnet"):  # what its inference computes (orthogonal views, guard, precision)
             from .inference import INFERENCE_VERSION
-            from .modelfile import read_card
             from .precision import wants_bf16
 
             stamp["inference"] = INFERENCE_VERSION
-            stamp["bf16"] = wants_bf16("auto")  # the host and thread count decide (dualnet.precision)
-            if not ctx.options.get("per_case"):  # the card's inference default (the weights' digest misses it)
-                stamp["card_tta"] = read_card(_network_model(name, ctx)).get("test_time_augmentation", 1)
+            device = str(ctx.options.get("device", ctx.device) or "auto").lower()
+            # on the CPU the host and thread count decide (dualnet.precision); a GPU keeps its own autocast
+            stamp["bf16"] = wants_bf16("auto") and device in ("auto", "cpu")
         return stamp
 
     desc = description or {

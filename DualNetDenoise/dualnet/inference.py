@@ -463,7 +463,8 @@ def denoise_array(
         spacing_zyx: voxel spacing in mm, (z, y, x), for that choice (None = isotropic).
         precision: ``"auto" | "float32" | "bfloat16"`` of the CPU passes (:mod:`dualnet.precision`):
             auto = bf16 with the intensity layers in fp32 for a PyTorch DUAL-NET where the CPU has
-            AMX bf16, else fp32 (ONNX Runtime where the model ships its graphs).
+            AMX bf16 and inference runs on one thread, else fp32 (ONNX Runtime where the model ships
+            its graphs).
             ``info["precision"]`` says which ran; Monte-Carlo dropout passes run in fp32.
         _neb: internal (orthogonal views): the first view records its NEB maps there, the others
             read them instead of running the NEB (:class:`_SharedNeb`).
