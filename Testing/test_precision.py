@@ -117,6 +117,8 @@ def test_where_bf16_cannot_run(tmp_path, amx):
     assert precision.resolve("auto", graphs, torch.device("cpu")) == "float32"
     with pytest.raises(InputError, match="needs a DUAL-NET in PyTorch on the CPU"):
         denoise_array(np.zeros((24, 24), np.float32) - 500, graphs, card, device="cpu", precision="bfloat16")
+    with pytest.raises(InputError, match="needs a DUAL-NET in PyTorch on the CPU"):  # before any GPU is looked for
+        denoise_array(np.zeros((24, 24), np.float32) - 500, net, card, device="cuda", precision="bfloat16")
     from dualnet.models.baselines import DnCNN
 
     base = save_model(tmp_path / "dncnn.safetensors", DnCNN(2), {"modality": "mri", "normalisation": {"method": "zscore"}})

@@ -477,6 +477,8 @@ def denoise_array(
     precision = check_precision(precision)
     if isinstance(model, GraphNet):  # before any work: graphs run in fp32 (refuses an explicit bf16)
         resolve(precision, model, "cpu")
+    elif (device or "auto").strip().lower() not in ("auto", "cpu"):  # a GPU asked for: refuses an explicit bf16
+        resolve(precision, model, (device or "").strip().lower().split(":")[0])
     arr = np.asarray(array)
     if arr.ndim not in (2, 3) or min(arr.shape) < 1:
         raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {arr.shape}")
