@@ -123,7 +123,8 @@ def denoise_volume(
             extra pass: they come from the same inference).
         precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: the network's CPU arithmetic
             (:mod:`dualnet.precision`; auto = bf16 with the intensity layers in fp32 where the CPU
-            has AMX bf16 and inference runs on one thread, else fp32). ``info["inference_precision"]`` says which ran.
+            has AMX bf16 and inference runs on one thread, else fp32). ``info["inference_precision"]``
+            says which ran.
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.

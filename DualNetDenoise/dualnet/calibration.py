@@ -39,10 +39,10 @@ def _tta_mismatch(net: Dict[str, Any], card: Dict[str, Any]) -> str:
     if not by_views:
         ran, default = int(net.get("tta", 1)), choose_tta(None, card)
         return "" if ran == default else f"ran {ran} test-time transforms, the card's default is {default}"
-    wrong = {v: ran for v, ran in by_views.items() if list(ran) != [choose_tta(None, card, int(v))]}
+    default = {v: choose_tta(None, card, int(v)) for v in by_views}
+    wrong = [v for v, ran in by_views.items() if list(ran) != [default[v]]]
     return "" if not wrong else "ran " + ", ".join(
-        f"{ran} test-time transforms with {v} view(s) (the card's default: {choose_tta(None, card, int(v))})"
-        for v, ran in wrong.items())
+        f"{by_views[v]} test-time transforms with {v} view(s) (the card's default: {default[v]})" for v in wrong)
 
 
 def fit_uncertainty_calibration(card: Dict[str, Any]) -> Dict[str, Any]:

@@ -475,10 +475,9 @@ def denoise_array(
 
     t0 = time.perf_counter()
     precision = check_precision(precision)
-    if isinstance(model, GraphNet):  # before any work: graphs run in fp32 (refuses an explicit bf16)
-        resolve(precision, model, "cpu")
-    elif (device or "auto").strip().lower() not in ("auto", "cpu"):  # a GPU asked for: refuses an explicit bf16
-        resolve(precision, model, (device or "").strip().lower().split(":")[0])
+    asked = (device or "auto").strip().lower().split(":")[0]
+    if isinstance(model, GraphNet) or asked not in ("auto", "cpu"):  # before any work: graphs and GPUs
+        resolve(precision, model, "cpu" if asked == "auto" else asked)  # refuse an explicit bf16
     arr = np.asarray(array)
     if arr.ndim not in (2, 3) or min(arr.shape) < 1:
         raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {arr.shape}")
@@ -567,10 +566,11 @@ def denoise_array(
                 else:  # ONNX Runtime where the model ships the graph
                     fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
                     info["backend"] = "torch" if fast is None else "onnxruntime"
-                if dim == 2 and dev.type == "cpu":  # the CPU kernels run fastest on small batches
-                    cap = BF16_BATCH_PIXELS if info["precision"] == "bfloat16" else ORT_BATCH_PIXELS
-                    if info["backend"] == "onnxruntime" or info["precision"] == "bfloat16":
-                        batch = max(1, min(batch, cap // int(np.prod(tile_shape))))
+                # the CPU kernels of ONNX Runtime and of bf16 run fastest on small batches
+                cap = BF16_BATCH_PIXELS if info["precision"] == "bfloat16" else \
+                    ORT_BATCH_PIXELS if info["backend"] == "onnxruntime" else None
+                if cap is not None and dim == 2:
+                    batch = max(1, min(batch, cap // int(np.prod(tile_shape))))
                 outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, n_tta,
                                int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
                                restore=restore, keys=keys)

@@ -8,10 +8,10 @@ intensities to bf16's 8-bit mantissa is as large as the noise of a low-dose CT. 
 Intel Xeon host (AMX), 4 slices of 256^2 per batch (docs/design_sweep.md, session 19): on one
 thread 0.75 s against 1.30 s for ONNX Runtime fp32 (1.4x per validation volume), on two threads
 0.60 against 0.75 s, which PyTorch's import ate end to end, so two threads keep fp32. Quality: 0.000
-dB on the CT validation cases at 25 % dose, within 0.003 dB on the MRI ones at four levels. On CPUs with AVX-512 BF16 but no AMX bf16 inference was not measured, so
-"auto" keeps fp32 there. ``$DUALNET_PRECISION`` (``float32`` / ``bfloat16``) decides
-what "auto" means for a whole process (the test suite pins ``float32``). CUDA keeps its own autocast
-(:func:`dualnet.device.autocast_dtype`).
+dB on the CT validation cases at 25 % dose, within 0.003 dB on the MRI ones at four levels. On CPUs
+with AVX-512 BF16 but no AMX bf16 inference was not measured, so "auto" keeps fp32 there.
+``$DUALNET_PRECISION`` (``float32`` / ``bfloat16``) decides what "auto" means for a whole process
+(the test suite pins ``float32``). CUDA keeps its own autocast (:func:`dualnet.device.autocast_dtype`).
 """
 
 from __future__ import annotations
