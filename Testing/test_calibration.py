@@ -162,3 +162,17 @@ def test_the_shipped_defaults_are_the_validated_ones():
                for lev in ct["metrics"]["validation_levels"])
     us = read_card(default_model_path("us"))
     assert fit_uncertainty_calibration(us) == us["uncertainty_calibration"]  # fitted on what the card holds
+
+
+@pytest.mark.parametrize("names", [["bm4d"], ["noisy"], ["a", "a"]])
+def test_validate_models_refuses_labels_that_would_merge_rows(names, tmp_path):
+    """A model labelled like the baseline or the input (or two alike) would share their row of the
+    table and of the JSON: refused before any case runs (the real config and the shipped model)."""
+    model = str(default_model_path("mri"))
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate_models.py"), *[model] * len(names),
+                          "--names", *names, "--config",
+                          str(ROOT / "DualNetDenoise" / "dualnet" / "configs" / "pretrain_mri.toml"),
+                          "--data-dir", str(tmp_path / "absent"), "--no-write"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "--names must be distinct" in res.stderr

@@ -27,11 +27,13 @@ def _per_sample_grad_share(weighting: str) -> float:
 def test_weighting_moves_the_gradient_to_the_low_noise_samples():
     pred, clean = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
     assert float(weighted_mse(pred, clean, "none")) == pytest.approx(float((pred - clean).pow(2).mean()))
-    none, rmse, psnr = (_per_sample_grad_share(w) for w in ("none", "rmse", "psnr"))
+    none, mild, rmse, psnr = (_per_sample_grad_share(w) for w in ("none", "mild", "rmse", "psnr"))
     # per voxel, plain MSE pulls proportionally to the error e (share 0.01 / 0.11), the mean RMSE
     # equally for both samples (d e / d pred is constant), the mean PSNR proportionally to 1 / e
     # (d log e^2 = 2 de / e: share 100 / 110); eps (1e-6 against 1e-4) moves this by about 1 %
     assert none == pytest.approx(0.01 / 0.11, rel=1e-3)
+    # "mild" (p = 1/4) pulls proportionally to sqrt(e): share sqrt(0.01) / (sqrt(0.01) + sqrt(0.1))
+    assert mild == pytest.approx(0.1 / (0.1 + 0.1 ** 0.5), rel=2e-2)
     assert rmse == pytest.approx(0.5, rel=2e-2)
     assert psnr == pytest.approx(100 / 110, rel=2e-2)
 
@@ -39,6 +41,7 @@ def test_weighting_moves_the_gradient_to_the_low_noise_samples():
 def test_weighting_and_floor_options_are_validated():
     base = dict(modality="mri", preset="tiny", dim=2)
     assert TrainConfig(**base, mse_weighting="rmse", clean_floor="remove").validate().mse_weighting == "rmse"
+    assert TrainConfig(**base, mse_weighting="mild").validate().mse_weighting == "mild"
     with pytest.raises(InputError, match="mse_weighting"):
         TrainConfig(**base, mse_weighting="l1").validate()
     with pytest.raises(InputError, match="clean_floor"):

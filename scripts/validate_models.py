@@ -221,6 +221,9 @@ def main() -> None:
     names = args.names or ([Path(m).stem for m in args.models] if len(args.models) > 1 else ["dualnet"])
     if len(names) != len(args.models):
         ap.error("--names needs one label per model")
+    taken = {"noisy", args.baseline}
+    if len(set(names)) != len(names) or taken & set(names):
+        ap.error(f"--names must be distinct and none of {sorted(taken)} (the table's other rows)")
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,

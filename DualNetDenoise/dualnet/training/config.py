@@ -33,6 +33,9 @@ from typing import Any, Dict, List, Optional, Union
 
 from ..errors import InputError
 
+#: ``mse_weighting`` -> exponent p of the per-sample weight ``(MSE + eps)^-p``
+MSE_WEIGHT_POWER = {"none": 0.0, "mild": 0.25, "rmse": 0.5, "psnr": 1.0}
+
 #: Bumped whenever a field changes meaning; written into every saved config.
 CONFIG_VERSION = 1
 
@@ -140,7 +143,8 @@ class TrainConfig:
     lambda_mse: float = 0.0  #: squared error (what PSNR measures)
     #: "none": the batch's mean squared error (the noisiest patches dominate); "psnr": each
     #: sample weighted by 1 / its own error (the gradient of the mean PSNR: every noise level
-    #: counts alike in dB); "rmse": by 1 / sqrt(its error) (the mean RMSE, between the two)
+    #: counts alike in dB); "rmse": by 1 / sqrt(its error) (the mean RMSE, between the two);
+    #: "mild": by its error ** -1/4 (between "none" and "rmse")
     mse_weighting: str = "none"
     #: MRI pretraining: "remove" takes the Rician noise floor of the clean scans' own acquisition
     #: out of the references (sqrt(max(m^2 - 2 sigma0^2, 0)), sigma0 estimated per scan), so the
@@ -234,7 +238,7 @@ class TrainConfig:
             (all(v > 0 for v in self.val_levels), "val_levels must be > 0"),
             (self.val_min_foreground == -1.0 or 0.0 <= self.val_min_foreground <= 1.0,
              "val_min_foreground must be -1 (as min_foreground) or in [0, 1]"),
-            (self.mse_weighting in ("none", "rmse", "psnr"), "mse_weighting must be 'none', 'rmse' or 'psnr'"),
+            (self.mse_weighting in MSE_WEIGHT_POWER, "mse_weighting must be one of " + ", ".join(map(repr, MSE_WEIGHT_POWER))),
             (self.clean_floor in ("keep", "remove"), "clean_floor must be 'keep' or 'remove'"),
             (self.dropout_mode in ("element", "channel"), "dropout_mode must be 'element' or 'channel'"),
             (isinstance(self.nonnegative, bool), "nonnegative must be true or false"),

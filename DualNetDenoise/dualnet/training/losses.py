@@ -38,6 +38,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import MSE_WEIGHT_POWER
+
 Tensor = torch.Tensor
 
 
@@ -169,15 +171,14 @@ def sr_loss(sr: Tensor, hr: Tensor, lr_ref: Optional[Tensor] = None) -> Tensor:
 PSNR_WEIGHT_EPS = 1e-6
 
 
-#: ``mse_weighting`` -> exponent p of the per-sample weight ``(MSE + eps)^-p``
-MSE_WEIGHT_POWER = {"none": 0.0, "rmse": 0.5, "psnr": 1.0}
 
 
 def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none") -> Tensor:
     """Mean squared error over the batch, each sample weighted by ``(its MSE + eps)^-p``
     (weights normalised to mean 1 and not differentiated): ``"none"`` p = 0 (the noisiest patches
     dominate), ``"psnr"`` p = 1 (the gradient of the batch's mean PSNR: every noise level counts
-    alike in dB), ``"rmse"`` p = 1/2 (the gradient of the mean RMSE, between the two)."""
+    alike in dB), ``"rmse"`` p = 1/2 (the gradient of the mean RMSE, between the two), ``"mild"``
+    p = 1/4 (between ``"none"`` and ``"rmse"``: more of the gradient to the noisier patches)."""
     per = (pred - clean).pow(2).flatten(1).mean(1)
     p = MSE_WEIGHT_POWER[weighting]
     if p == 0:
