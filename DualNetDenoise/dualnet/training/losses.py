@@ -171,8 +171,6 @@ def sr_loss(sr: Tensor, hr: Tensor, lr_ref: Optional[Tensor] = None) -> Tensor:
 PSNR_WEIGHT_EPS = 1e-6
 
 
-
-
 def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none") -> Tensor:
     """Mean squared error over the batch, each sample weighted by ``(its MSE + eps)^-p``
     (weights normalised to mean 1 and not differentiated): ``"none"`` p = 0 (the noisiest patches
