@@ -194,7 +194,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model files (.safetensors with their cards)")
     ap.add_argument("--config", required=True, help="the training config whose val sources are used")
-    ap.add_argument("--names", nargs="*", default=None, help="labels of the models in the table")
+    ap.add_argument("--names", nargs="*", default=None,
+                    help="labels of the models in the table (distinct, and not 'noisy' or the --baseline name)")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--level", type=float, default=None, help="noise level (default: the issue's target)")
     ap.add_argument("--levels", type=float, nargs="*", default=(), help="more noise levels")
