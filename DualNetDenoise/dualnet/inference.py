@@ -699,8 +699,10 @@ def _cuda_oom(err: BaseException) -> bool:
 def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], progress: Optional[ProgressFn],
                  noise_info: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) -> InferenceResult:
     """:func:`denoise_array` along z, y and x (one noise model for all three), averaged
-    (:mod:`dualnet.orthoviews`); MC dropout in the first view only."""
+    (:mod:`dualnet.orthoviews`), then smoothed where the views disagree when the card asks for it
+    (:mod:`dualnet.view_smoothing`); MC dropout in the first view only."""
     from .orthoviews import denoise_views, merge_info
+    from .view_smoothing import card_strength, smooth_views
 
     t0 = time.perf_counter()
     mc = int(kwargs.pop("mc_samples"))
@@ -714,8 +716,16 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
                              _neb=None if share is None else (share if a == 0 else share.along(a)), _views=3,
                              **kwargs)
 
-    res = denoise_views(arr, run, progress)
+    strength = card_strength(card)  # a malformed card fails before any work
+    res = denoise_views(arr, run, progress, spread=strength is not None)
+    if strength is not None:
+        t1 = time.perf_counter()
+        report(progress, 1.0, "smoothing where the views disagree")
+        res["denoised"] = smooth_views(res["denoised"], res.pop("spread"), strength)
+        smoothing = {"strength": strength, "seconds": round(time.perf_counter() - t1, 3)}
     info = merge_info(res["infos"], time.perf_counter() - t0)
+    if strength is not None:
+        info["view_smoothing"] = smoothing
     if noise_info is not None:
         info["noise_model"] = noise_info
     report(progress, 1.0, "done")

@@ -94,7 +94,7 @@ def _why_not(shape: Sequence[int], dim: int, card: Optional[Dict[str, Any]],
     return ""
 
 
-def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str, Any]:
+def denoise_views(array: np.ndarray, run: Any, progress: Any = None, spread: bool = False) -> Dict[str, Any]:
     """Run ``run(view_array, view_index, progress)`` (a single-view :func:`dualnet.inference.denoise_array`
     returning an ``InferenceResult``) on the (z, y, x) volume seen along z, y and x, and average.
 
@@ -103,11 +103,14 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
     A map that only some views return (``sigma_map`` / ``alpha_map`` where the other views read
     the first view's NEB maps) is the mean of those that do.
     Returns the averaged maps (``denoised``, ``sigma_map``, ``alpha_map``, ``uncertainty``) and
-    ``infos``, the three views' info dicts.
+    ``infos``, the three views' info dicts; with ``spread``, also ``spread``: the per-voxel variance
+    of the three denoised views about their mean (a running mean and sum of squared deviations, so
+    large intensities lose no precision to cancellation).
     """
     sums: Dict[str, Optional[np.ndarray]] = {}
     counts: Dict[str, int] = {}
     infos = []
+    sq_dev: Optional[np.ndarray] = None
     for a in range(3):
         view = np.ascontiguousarray(np.moveaxis(array, a, 0)) if a else array
         res = run(view, a, _view_progress(progress, a))
@@ -119,6 +122,15 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
             elif a == 0:  # the first view's own array (z first already) becomes the sum
                 sums[key] = np.asarray(val, dtype=np.float32)
                 counts[key] = 1
+                if key == "denoised" and spread:
+                    sq_dev = np.zeros_like(sums[key])
+            elif key == "denoised" and sq_dev is not None:  # Welford: sums[key] is the running mean
+                mean = sums[key]
+                delta = np.moveaxis(val, 0, a) - mean
+                mean += delta / np.float32(a + 1)
+                delta *= np.moveaxis(val, 0, a) - mean
+                sq_dev += delta
+                counts[key] = 1
             elif sums.get(key) is not None:
                 sums[key] += np.moveaxis(val, 0, a)  # type: ignore[operator]
                 counts[key] += 1
@@ -129,6 +141,8 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None) -> Dict[str
     for key in ("denoised", "sigma_map", "alpha_map"):
         if sums.get(key) is not None and counts[key] > 1:
             sums[key] /= np.float32(counts[key])  # type: ignore[operator]
+    if sq_dev is not None:
+        sums["spread"] = sq_dev / np.float32(3)
     return {**sums, "infos": infos}
 
 
