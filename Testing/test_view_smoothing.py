@@ -19,6 +19,7 @@ from dualnet.errors import ModelError
 from dualnet.inference import InferenceResult, denoise_array
 from dualnet.modelfile import default_model_path, load_model
 from dualnet.orthoviews import denoise_views
+from dualnet import view_smoothing
 from dualnet.view_smoothing import card_strength, smooth_views
 from test_orthoviews import ALL_AXES, BlurLastAxis
 
@@ -52,12 +53,16 @@ def test_matches_the_formula_term_by_term():
     np.testing.assert_allclose(out, direct(mean, spread, 3.0), rtol=0, atol=2e-5)
 
 
-def test_pieces_along_z_give_the_one_piece_result():
+def test_pieces_along_z_give_the_one_piece_result(monkeypatch):
     rng = np.random.default_rng(1)
-    mean = rng.normal(100, 10, (40, 12, 13)).astype(np.float32)
+    mean = rng.normal(100, 10, (70, 12, 13)).astype(np.float32)
     spread = rng.uniform(1, 50, mean.shape).astype(np.float32)
-    np.testing.assert_array_equal(smooth_views(mean, spread, 2.0, threads=1),
-                                  smooth_views(mean, spread, 2.0, threads=3))
+    monkeypatch.setattr(view_smoothing, "PIECE", 10 ** 6)
+    whole = smooth_views(mean, spread, 2.0, threads=1)
+    monkeypatch.undo()
+    assert view_smoothing.PIECE < 70  # so both calls below cut the volume: 3 pieces, one after another
+    np.testing.assert_array_equal(smooth_views(mean, spread, 2.0, threads=1), whole)
+    np.testing.assert_array_equal(smooth_views(mean, spread, 2.0, threads=3), whole)  # at once
 
 
 def test_views_that_agree_leave_the_mean_alone():
