@@ -33,8 +33,9 @@ def _design(arch: dict, card: dict) -> str:
     if int(card.get("test_time_augmentation", 1)) > 1:
         where = " where one view runs" if card.get("orthogonal_views") else ""  # three views run without it
         parts.append(f"x{card['test_time_augmentation']} test-time augmentation{where}")
-    if isinstance(card.get("view_smoothing"), dict):
-        parts.append(f"three-view mean smoothed where the views disagree (strength {card['view_smoothing'].get('strength')})")
+    smoothing = card.get("view_smoothing")
+    if isinstance(smoothing, dict):
+        parts.append(f"three-view mean smoothed where the views disagree (strength {smoothing.get('strength')})")
     return ", ".join(parts)
 
 

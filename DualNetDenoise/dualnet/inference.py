@@ -718,13 +718,14 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
 
     strength = card_strength(card)  # a malformed card fails before any work
     res = denoise_views(arr, run, progress, spread=strength is not None)
+    smoothing = None
     if strength is not None:
         t1 = time.perf_counter()
         report(progress, 1.0, "smoothing where the views disagree")
         res["denoised"] = smooth_views(res["denoised"], res.pop("spread"), strength)
         smoothing = {"strength": strength, "seconds": round(time.perf_counter() - t1, 3)}
     info = merge_info(res["infos"], time.perf_counter() - t0)
-    if strength is not None:
+    if smoothing is not None:
         info["view_smoothing"] = smoothing
     if noise_info is not None:
         info["noise_model"] = noise_info

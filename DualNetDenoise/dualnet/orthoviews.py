@@ -124,13 +124,8 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None, spread: boo
                 counts[key] = 1
                 if key == "denoised" and spread:
                     sq_dev = np.zeros_like(sums[key])
-            elif key == "denoised" and sq_dev is not None:  # Welford: sums[key] is the running mean
-                mean = sums[key]
-                delta = np.moveaxis(val, 0, a) - mean
-                mean += delta / np.float32(a + 1)
-                delta *= np.moveaxis(val, 0, a) - mean
-                sq_dev += delta
-                counts[key] = 1
+            elif key == "denoised" and sq_dev is not None:  # a running mean: its count stays 1
+                _add_to_mean(sums[key], sq_dev, np.moveaxis(val, 0, a), a + 1)  # type: ignore[arg-type]
             elif sums.get(key) is not None:
                 sums[key] += np.moveaxis(val, 0, a)  # type: ignore[operator]
                 counts[key] += 1
@@ -144,6 +139,15 @@ def denoise_views(array: np.ndarray, run: Any, progress: Any = None, spread: boo
     if sq_dev is not None:
         sums["spread"] = sq_dev / np.float32(3)
     return {**sums, "infos": infos}
+
+
+def _add_to_mean(mean: np.ndarray, sq_dev: np.ndarray, x: np.ndarray, n: int) -> None:
+    """Welford's update, in place: ``mean`` of ``n - 1`` arrays and ``sq_dev``, their summed squared
+    deviations from it, take in ``x`` as the ``n``-th (no large sums of squares to cancel)."""
+    delta = x - mean
+    mean += delta / np.float32(n)
+    delta *= x - mean
+    sq_dev += delta
 
 
 def _view_progress(progress: Any, a: int) -> Any:
