@@ -31,10 +31,11 @@ from .errors import ModelError
 SPREAD_BOX = 5
 #: the patch (voxels per side) compared between a voxel and its neighbour
 PATCH = 3
-#: slices of context a piece needs each side: one for the neighbour, one for its patch
+#: slices of context a piece needs each side: one for the neighbour and one for its patch; the
+#: spread's box reaches two as well
 HALO = 2
-#: most slices per piece (:func:`smooth_views`): bounds the working memory; measured as fast as
-#: whole volumes at 16-32 slices here
+#: most slices per piece (:func:`smooth_views`): bounds the working memory, and is faster than one
+#: whole volume here (128^3 on one thread: 0.38 s against 0.67 s; the pieces stay in the cache)
 PIECE = 32
 #: the neighbours: one voxel in every direction (26), each pair of opposite offsets computed once
 HALF_OFFSETS = [o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0)]
