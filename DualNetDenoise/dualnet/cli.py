@@ -617,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network: slice orientations it runs along, averaged: 1 (z) or 3 (z, y and x; +0.3 to "
                         "+1.3 dB on the 2 mm MRI and 6 mm CT validation volumes, three times the time); auto "
                         "(default) = 3 for the shipped MRI and CT models on near-isotropic volumes (voxel sizes "
-                        "within 1.5:1, at least 12 voxels per axis), else 1")
+                        "within 1.5:1, at least 12 voxels per axis), else 1; with 3, the shipped MRI model's "
+                        "card then smooths the mean where the views disagree (view_smoothing)")
     p.add_argument("--tile", type=_count(16),
                    help="sliding-window tile edge in voxels, at least 16 (default: from free memory)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the dropout passes, 0..2^32-1 (default 0)")
