@@ -116,6 +116,14 @@ class TrainConfig:
     #: random power law, peak * (x / peak) ** g with log g uniform in [-log(1 + j), log(1 + j)], before
     #: the noise is simulated (more tissue contrasts from few scans; 0 = off)
     gamma_jitter: float = 0.0
+    #: 2.5D models on near-isotropic 3D images: weight of the squared error of the three views' mean.
+    #: Each step is then ``cubes_per_step`` low-resolution cubes of ``cube_size``^3 voxels; every slice
+    #: of a cube along z, y and x is a 2.5D sample (3 x cube_size samples per cube, the usual per-slice
+    #: losses), and the mean of the three views' outputs, as inference averages them, is scored
+    #: against the clean cube (0 = off: independent slices, ``batch_size`` of them per step)
+    view_loss: float = 0.0
+    cube_size: int = 32
+    cubes_per_step: int = 1
     val_fraction: float = 0.2  #: files held out when no source is marked split="val"
     val_patches: int = 24  #: fixed validation patches (pre-generated with seed + 12345)
     #: noise levels of the fixed validation patches, cycled over them (e.g. the levels a quality gate
@@ -275,6 +283,12 @@ class TrainConfig:
              "gamma_jitter needs a magnitude modality (mri or us): CT values are calibrated HU"),
             (self.slice_max_anisotropy == 0 or self.slice_max_anisotropy >= 1,
              "slice_max_anisotropy must be 0 (no limit) or >= 1"),
+            (self.view_loss >= 0, "view_loss must be >= 0"),
+            (self.view_loss == 0 or (self.dim == 2 and not self.sr and self.lr_factor >= 1 and
+                                     sorted(set(self.slice_axes)) == [0, 1, 2]),
+             "view_loss needs dim = 2, sr = false and slice_axes = [0, 1, 2] (the views inference averages)"),
+            (self.cube_size >= 8, "cube_size must be >= 8"),
+            (self.cubes_per_step >= 1, "cubes_per_step must be >= 1"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),
         ]
         for ok, msg in checks:

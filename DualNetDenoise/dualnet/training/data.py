@@ -669,11 +669,119 @@ class PatchSampler:
         return out
 
     def batch(self, step: int, *, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
-        """Mini-batch number ``step`` (deterministic in ``(seed, rank, step)``)."""
+        """Mini-batch number ``step`` (deterministic in ``(seed, rank, step)``): ``batch_size``
+        independent samples, or with the view loss (``cfg.view_loss``) ``cfg.cubes_per_step``
+        cubes (:meth:`sample_cube`), their slices concatenated and ``cube_clean`` (C, 1, P, P, P)."""
         rng = np.random.default_rng([int(self.seed), self.rank, int(step)])
+        if self.cfg.view_loss > 0 and not self.selfsup:
+            cubes = [self.sample_cube(rng) for _ in range(int(self.cfg.cubes_per_step))]
+            out = {k: np.concatenate([c[k] for c in cubes]) for k in cubes[0] if k != "cube_clean"}
+            out["cube_clean"] = np.stack([c["cube_clean"] for c in cubes])[:, None]
+            return out
         n = int(batch_size or self.cfg.batch_size)
         samples = [self.sample(rng) for _ in range(n)]
         return stack(samples)
+
+    # -- cubes for the view loss ---------------------------------------------------------------
+    def _cube_weights(self) -> np.ndarray:
+        """Sampling weights of the images a cube can be cut from: 3D, and every plane within
+        ``cfg.slice_max_anisotropy`` (where inference runs three views)."""
+        limit = float(self.cfg.slice_max_anisotropy)
+        ok = np.array([im.array.ndim == 3 and min(im.array.shape) > 1 and
+                       (limit <= 0 or all(_plane_anisotropy(list(im.spacing_zyx), a) <= limit for a in range(3)))
+                       for im in self.images], dtype=bool)
+        if not ok.any():
+            raise InputError("view_loss: no near-isotropic 3D training image to cut cubes from")
+        w = np.where(ok, self.weights, 0.0)
+        return w / w.sum()
+
+    def sample_cube(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """One low-resolution cube of ``P = cfg.cube_size`` voxels for the view loss: every slice
+        along z, then y, then x (``np.moveaxis(cube, axis, 0)``, as :mod:`dualnet.orthoviews` cuts
+        them) as a 2.5D sample with its ``context`` slices read from a margin around the cube, so
+        ``3 P`` samples with the keys of :meth:`sample` (N, 1, P, P), plus ``cube_clean`` (P, P, P),
+        the clean cube (z, y, x) the views' mean is scored against. One noise level per cube."""
+        from ..degrade import degrade
+        from ..noise import noise_std_map, rician_std
+
+        cfg = self.cfg
+        p, f = int(cfg.cube_size), self.lr_factor
+        margin = self.context // 2 + 1  # the context, and one spare voxel for the blur at the edge
+        side = (p + 2 * margin) * f
+        weights = self._cube_weights()
+        best, best_fg, best_img = None, -1.0, None
+        for _ in range(8):
+            img = self.images[int(rng.choice(len(self.images), p=weights))]
+            a = _pad_to(img.array, (side,) * 3)
+            start = [int(rng.integers(0, n - side + 1)) for n in a.shape]
+            crop = a[tuple(slice(st, st + side) for st in start)]
+            inner = crop[(slice(margin * f, -margin * f),) * 3]
+            fg = float(np.mean((inner + img.params[0]) / img.params[1] > FOREGROUND_THRESHOLD))
+            if fg > best_fg:
+                best, best_fg, best_img = crop, fg, img
+            if fg >= self.min_foreground:
+                break
+        img, crop = best_img, np.array(best, dtype=np.float32)
+        sp = list(img.spacing_zyx)
+        for ax in range(3):  # flips and an axis order: the cube's content seen along any view
+            if cfg.augment_flip and rng.random() < 0.5:
+                crop = np.flip(crop, axis=ax)
+        if cfg.augment_rot90:
+            order = [int(i) for i in rng.permutation(3)]
+            crop, sp = np.transpose(crop, order), [sp[i] for i in order]
+        offset, scale = img.params
+        if cfg.intensity_jitter > 0 and self.spec["method"] == "percentile":
+            scale = scale * float(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
+        lo, hi = self.levels
+        lev = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if cfg.level_sampling == "loguniform" \
+            else float(rng.uniform(lo, hi))
+        if cfg.gamma_jitter > 0:
+            crop = gamma_contrast(crop, img.peak, cfg.gamma_jitter, rng)
+        lev_eff = lev
+        if cfg.modality == "mri":  # level relative to the WHOLE image's peak, as in sample()
+            cpeak = float(np.max(np.abs(crop)))
+            lev_eff = lev * img.peak / cpeak if cpeak > 0 else lev
+        kw: Dict[str, Any] = {"lr_factor": f, "spacing_zyx": tuple(sp), "rng": rng}
+        if cfg.blur_fwhm > 0:
+            kw["blur_fwhm"] = cfg.blur_fwhm
+        deg = degrade(np.ascontiguousarray(crop), cfg.modality, lev_eff, **kw)
+        clean = np.asarray(deg.clean_lr, dtype=np.float32)[(slice(1, -1),) * 3]  # the spare voxel off
+        noisy = np.asarray(deg.noisy_lr, dtype=np.float32)[(slice(1, -1),) * 3]
+        if cfg.modality == "mri":
+            sig = float(deg.sigma) if np.isfinite(getattr(deg, "sigma", float("nan"))) else \
+                lev_eff * float(np.max(np.abs(clean)))
+            std = rician_std(clean, sig).astype(np.float32)
+        else:
+            std = noise_std_map(clean, cfg.modality, lev_eff)
+        coef = None
+        if cfg.noise_map:
+            coef = physics_variance_coef(cfg.modality, lev_eff, float(deg.sigma))
+            j = float(cfg.noise_map_jitter)
+            if j > 0:
+                f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
+                coef = tuple(c * f2 for c in coef)
+        noisy_n = (noisy + offset) / np.float32(scale)
+        clean_n = (clean + offset) / np.float32(scale)
+        std_n = np.asarray(std, dtype=np.float32) / np.float32(scale)
+        c, k = self.context // 2, self.context
+        inner = slice(c, c + p)
+        samples: List[Dict[str, np.ndarray]] = []
+        for ax in range(3):
+            nv, cv, sv = (np.moveaxis(x, ax, 0) for x in (noisy_n, clean_n, std_n))
+            for i in range(p):
+                s: Dict[str, np.ndarray] = {"noisy": np.ascontiguousarray(nv[c + i, inner, inner], dtype=np.float32)}
+                if k > 1:
+                    s["context"] = np.ascontiguousarray(nv[i:i + k, inner, inner], dtype=np.float32)
+                if coef is not None:
+                    s["nmap"] = np.sqrt(variance_map(s["noisy"], coef, (offset, scale))).astype(np.float32)
+                s["clean"] = np.ascontiguousarray(cv[c + i, inner, inner], dtype=np.float32)
+                s["zero"] = np.float32(offset / scale)
+                s["std"] = np.ascontiguousarray(sv[c + i, inner, inner], dtype=np.float32)
+                s["level"] = np.float32(lev)
+                samples.append(s)
+        out = stack(samples)
+        out["cube_clean"] = np.ascontiguousarray(clean_n[inner, inner, inner], dtype=np.float32)
+        return out
 
     def fixed_set(self, n: int, seed_offset: int = 12345, patch: Optional[int] = None) -> Dict[str, np.ndarray]:
         """A fixed validation set: ``n`` samples, no augmentation, levels ``cfg.val_levels`` cycled

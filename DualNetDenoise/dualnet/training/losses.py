@@ -171,18 +171,41 @@ def sr_loss(sr: Tensor, hr: Tensor, lr_ref: Optional[Tensor] = None) -> Tensor:
 PSNR_WEIGHT_EPS = 1e-6
 
 
-def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none") -> Tensor:
+#: squared error (normalised units) at which a sample's weight is 1 when the weights are not
+#: normalised over the batch (:func:`weighted_mse` with ``absolute``): about a 40 dB patch
+ABSOLUTE_WEIGHT_MSE = 1e-4
+
+
+def weighted_mse(pred: Tensor, clean: Tensor, weighting: str = "none", *, absolute: bool = False) -> Tensor:
     """Mean squared error over the batch, each sample weighted by ``(its MSE + eps)^-p``
     (weights normalised to mean 1 and not differentiated): ``"none"`` p = 0 (the noisiest patches
     dominate), ``"psnr"`` p = 1 (the gradient of the batch's mean PSNR: every noise level counts
     alike in dB), ``"rmse"`` p = 1/2 (the gradient of the mean RMSE, between the two), ``"mild"``
-    p = 1/4 (between ``"none"`` and ``"rmse"``: more of the gradient to the noisier patches)."""
+    p = 1/4 (between ``"none"`` and ``"rmse"``: more of the gradient to the noisier patches).
+
+    ``absolute``: the weights are ``((MSE + eps) / ABSOLUTE_WEIGHT_MSE)^-p`` instead, not normalised
+    over the batch. For batches of one noise level (the view loss's cubes), where normalising would
+    make every weight 1 and give the noisiest steps most of the training."""
     per = (pred - clean).pow(2).flatten(1).mean(1)
     p = MSE_WEIGHT_POWER[weighting]
     if p == 0:
         return per.mean()
+    if absolute:
+        return (per * ((per.detach() + PSNR_WEIGHT_EPS) / ABSOLUTE_WEIGHT_MSE).pow(-p)).mean()
     w = (per.detach() + PSNR_WEIGHT_EPS).pow(-p)
     return (per * (w / w.mean())).mean()
+
+
+def view_mean_loss(pred: Tensor, cube_clean: Tensor, weighting: str = "none") -> Tensor:
+    """Squared error of the three views' mean over cubes (:meth:`PatchSampler.sample_cube`):
+    ``pred`` (C * 3 P, 1, P, P) holds each cube's slices along z, then y, then x (each view cut with
+    ``moveaxis(cube, axis, 0)``), ``cube_clean`` (C, 1, P, P, P) the clean cubes (z, y, x). The views
+    are put back in (z, y, x) order and averaged, as inference averages them; per-cube weighting as
+    :func:`weighted_mse` with absolute weights (one noise level per cube)."""
+    c, p = cube_clean.shape[0], cube_clean.shape[-1]
+    v = pred.reshape(c, 3, p, p, p)
+    mean = (v[:, 0] + v[:, 1].permute(0, 2, 1, 3) + v[:, 2].permute(0, 2, 3, 1)) / 3.0
+    return weighted_mse(mean.unsqueeze(1), cube_clean, weighting, absolute=True)
 
 
 def confidence_target(blind: Tensor, clean: Tensor, std: Tensor) -> Tensor:
@@ -218,7 +241,10 @@ def supervised_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], 
     clean = batch["clean"]
     terms: Dict[str, Tensor] = {}
     if cfg.lambda_mse > 0:
-        terms["mse"] = cfg.lambda_mse * weighted_mse(pred, clean, getattr(cfg, "mse_weighting", "none"))
+        terms["mse"] = cfg.lambda_mse * weighted_mse(pred, clean, getattr(cfg, "mse_weighting", "none"),
+                                                     absolute="cube_clean" in batch)
+    if getattr(cfg, "view_loss", 0.0) > 0 and "cube_clean" in batch:
+        terms["views"] = cfg.view_loss * view_mean_loss(pred, batch["cube_clean"], getattr(cfg, "mse_weighting", "none"))
     if cfg.lambda_l1 > 0:
         terms["l1"] = cfg.lambda_l1 * (pred - clean).abs().mean()
     if cfg.lambda_ssim > 0:

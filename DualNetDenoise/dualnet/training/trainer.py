@@ -54,7 +54,7 @@ CHECKPOINT_FORMAT = "dualnet-checkpoint"
 #: 2: the checkpoint carries ``sha256``, a digest of all its other entries, checked on resume.
 CHECKPOINT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
-LOG_COLUMNS = ["step", "loss", "mse", "l1", "ssim", "edge", "blind", "neb", "alpha", "sr", "n2v", "consistency", "tv",
+LOG_COLUMNS = ["step", "loss", "mse", "views", "l1", "ssim", "edge", "blind", "neb", "alpha", "sr", "n2v", "consistency", "tv",
                "anchor", "sure", "lr", "val_psnr", "val_psnr_pooled", "val_ssim", "val_loss", "seconds"]
 PROGRESS_PREFIX = "DUALNET_PROGRESS"
 
