@@ -595,9 +595,7 @@ class PatchSampler:
                 crop = self._augment_slab(crop, slab_axis, rng)
             else:
                 crop = _augment(crop, cfg, rng, cfg.dim)
-        offset, scale = img.params
-        if augment and cfg.intensity_jitter > 0 and self.spec["method"] == "percentile":
-            scale = scale * float(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
+        offset, scale = self._params(img, rng, augment)
         out: Dict[str, np.ndarray] = {}
         if self.selfsup:
             noisy_n = ((crop + offset) / scale).astype(np.float32)
@@ -614,19 +612,8 @@ class PatchSampler:
             from ..degrade import degrade
             from ..noise import noise_std_map
 
-            lo, hi = self.levels
-            if level is not None:
-                lev = float(level)
-            elif cfg.level_sampling == "loguniform":
-                lev = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            else:
-                lev = float(rng.uniform(lo, hi))
-            if augment and cfg.gamma_jitter > 0:
-                crop = gamma_contrast(crop, img.peak, cfg.gamma_jitter, rng)
-            lev_eff = lev
-            if cfg.modality == "mri":  # level is relative to the WHOLE image's peak, not the crop's
-                cpeak = float(np.max(np.abs(crop)))
-                lev_eff = lev * img.peak / cpeak if cpeak > 0 else lev
+            lev = self._level(rng, level)
+            crop, lev_eff = self._contrast(crop, img, lev, rng, augment)
             kw: Dict[str, Any] = {"lr_factor": self.lr_factor, "spacing_zyx": sp, "rng": rng}
             if crop.ndim == 3:
                 kw["anisotropy"] = tuple(int(round(v)) for v in cfg.anisotropy)
@@ -636,8 +623,7 @@ class PatchSampler:
             clean_lr = np.asarray(deg.clean_lr, dtype=np.float32)
             noisy_lr = np.asarray(deg.noisy_lr, dtype=np.float32)
             if cfg.modality == "mri":  # the sigma degrade() used (slab-wide peak)
-                sig = float(deg.sigma) if np.isfinite(getattr(deg, "sigma", float("nan"))) else \
-                    lev_eff * float(np.max(np.abs(clean_lr)))
+                sig = _rician_sigma(deg, lev_eff, clean_lr)
             if self.context > 1:
                 out["context"] = _context(((noisy_lr + offset) / scale).astype(np.float32), slab_axis,
                                           self.context)
@@ -651,11 +637,7 @@ class PatchSampler:
                 std = noise_std_map(clean_lr, cfg.modality, lev_eff)
             out["noisy"] = ((noisy_lr + offset) / scale).astype(np.float32)
             if cfg.noise_map:
-                coef = physics_variance_coef(cfg.modality, lev_eff, float(deg.sigma))
-                j = float(cfg.noise_map_jitter)
-                if augment and j > 0:  # the map at inference is estimated: teach tolerance
-                    f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
-                    coef = tuple(c * f2 for c in coef)
+                coef = self._map_coef(lev_eff, deg, rng, augment)
                 out["nmap"] = np.sqrt(variance_map(out["noisy"], coef, (offset, scale))).astype(np.float32)
             out["clean"] = ((clean_lr + offset) / scale).astype(np.float32)
             out["zero"] = np.float32(offset / scale)  # physical 0 in normalised units (output floor)
@@ -667,6 +649,48 @@ class PatchSampler:
             masked, mask = n2v_mask(out["noisy"], cfg.mask_ratio, cfg.mask_radius, rng)
             out["input"], out["mask"] = masked, mask
         return out
+
+    # -- the steps sample() and sample_cube() share, in the order they draw from ``rng`` --------
+    def _params(self, img: CleanImage, rng: np.random.Generator, augment: bool) -> Tuple[float, float]:
+        """The image's normalisation ``(offset, scale)``, the scale jittered by
+        ``cfg.intensity_jitter`` when augmenting (percentile normalisation only)."""
+        offset, scale = img.params
+        jit = self.cfg.intensity_jitter
+        if augment and jit > 0 and self.spec["method"] == "percentile":
+            scale = scale * float(rng.uniform(1 - jit, 1 + jit))
+        return offset, scale
+
+    def _level(self, rng: np.random.Generator, level: Optional[float] = None) -> float:
+        """``level`` when given, else one drawn from the training range by ``cfg.level_sampling``."""
+        if level is not None:
+            return float(level)
+        lo, hi = self.levels
+        if self.cfg.level_sampling == "loguniform":
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return float(rng.uniform(lo, hi))
+
+    def _contrast(self, crop: np.ndarray, img: CleanImage, lev: float, rng: np.random.Generator,
+                  augment: bool) -> Tuple[np.ndarray, float]:
+        """The clean crop after the contrast jitter (``cfg.gamma_jitter``, when augmenting) and the
+        level to simulate on it: MRI levels are relative to the WHOLE image's peak, not the crop's."""
+        cfg = self.cfg
+        if augment and cfg.gamma_jitter > 0:
+            crop = gamma_contrast(crop, img.peak, cfg.gamma_jitter, rng)
+        if cfg.modality != "mri":
+            return crop, lev
+        cpeak = float(np.max(np.abs(crop)))
+        return crop, (lev * img.peak / cpeak if cpeak > 0 else lev)
+
+    def _map_coef(self, lev_eff: float, deg: Any, rng: np.random.Generator, augment: bool) -> Tuple[float, ...]:
+        """The noise-map polynomial of the simulated noise, scaled by a random factor up to
+        ``(1 + cfg.noise_map_jitter)^2`` either way when augmenting (the map at inference is
+        estimated: teach tolerance)."""
+        coef = physics_variance_coef(self.cfg.modality, lev_eff, float(deg.sigma))
+        j = float(self.cfg.noise_map_jitter)
+        if augment and j > 0:
+            f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
+            coef = tuple(c * f2 for c in coef)
+        return coef
 
     def batch(self, step: int, *, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Mini-batch number ``step`` (deterministic in ``(seed, rank, step)``): ``batch_size``
@@ -729,18 +753,9 @@ class PatchSampler:
         if cfg.augment_rot90:
             order = [int(i) for i in rng.permutation(3)]
             crop, sp = np.transpose(crop, order), [sp[i] for i in order]
-        offset, scale = img.params
-        if cfg.intensity_jitter > 0 and self.spec["method"] == "percentile":
-            scale = scale * float(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
-        lo, hi = self.levels
-        lev = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if cfg.level_sampling == "loguniform" \
-            else float(rng.uniform(lo, hi))
-        if cfg.gamma_jitter > 0:
-            crop = gamma_contrast(crop, img.peak, cfg.gamma_jitter, rng)
-        lev_eff = lev
-        if cfg.modality == "mri":  # level relative to the WHOLE image's peak, as in sample()
-            cpeak = float(np.max(np.abs(crop)))
-            lev_eff = lev * img.peak / cpeak if cpeak > 0 else lev
+        offset, scale = self._params(img, rng, True)
+        lev = self._level(rng)
+        crop, lev_eff = self._contrast(crop, img, lev, rng, True)
         kw: Dict[str, Any] = {"lr_factor": f, "spacing_zyx": tuple(sp), "rng": rng}
         if cfg.blur_fwhm > 0:
             kw["blur_fwhm"] = cfg.blur_fwhm
@@ -748,18 +763,10 @@ class PatchSampler:
         clean = np.asarray(deg.clean_lr, dtype=np.float32)[(slice(1, -1),) * 3]  # the spare voxel off
         noisy = np.asarray(deg.noisy_lr, dtype=np.float32)[(slice(1, -1),) * 3]
         if cfg.modality == "mri":
-            sig = float(deg.sigma) if np.isfinite(getattr(deg, "sigma", float("nan"))) else \
-                lev_eff * float(np.max(np.abs(clean)))
-            std = rician_std(clean, sig).astype(np.float32)
+            std = rician_std(clean, _rician_sigma(deg, lev_eff, clean)).astype(np.float32)
         else:
             std = noise_std_map(clean, cfg.modality, lev_eff)
-        coef = None
-        if cfg.noise_map:
-            coef = physics_variance_coef(cfg.modality, lev_eff, float(deg.sigma))
-            j = float(cfg.noise_map_jitter)
-            if j > 0:
-                f2 = float(np.exp(rng.uniform(-2 * np.log1p(j), 2 * np.log1p(j))))
-                coef = tuple(c * f2 for c in coef)
+        coef = self._map_coef(lev_eff, deg, rng, True) if cfg.noise_map else None
         noisy_n = (noisy + offset) / np.float32(scale)
         clean_n = (clean + offset) / np.float32(scale)
         std_n = np.asarray(std, dtype=np.float32) / np.float32(scale)
@@ -796,6 +803,12 @@ class PatchSampler:
             levels = np.linspace(lo, hi, n) if n > 1 else [0.5 * (lo + hi)]
         return stack([self.sample(rng, augment=False, level=None if self.selfsup else float(levels[i]), patch=patch)
                       for i in range(n)])
+
+
+def _rician_sigma(deg: Any, lev_eff: float, clean_lr: np.ndarray) -> float:
+    """The Rician sigma ``degrade()`` used, or (none recorded) ``lev_eff`` times ``clean_lr``'s peak."""
+    sigma = float(getattr(deg, "sigma", float("nan")))
+    return sigma if np.isfinite(sigma) else lev_eff * float(np.max(np.abs(clean_lr)))
 
 
 def gamma_contrast(clean: np.ndarray, peak: float, jitter: float, rng: np.random.Generator) -> np.ndarray:
