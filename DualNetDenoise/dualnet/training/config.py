@@ -141,6 +141,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     min_lr_ratio: float = 0.02  #: cosine schedule floor as a fraction of lr
+    #: exponential moving average of the weights (``training.weight_average``): validation,
+    #: ``export_best`` and the exported model use the average over about 1 / (1 - ema_decay) steps
+    #: (0 = off: the weights after the last step)
+    ema_decay: float = 0.0
     grad_clip: float = 1.0  #: max global gradient norm; 0 = off
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
     #: bf16 autocast of the training steps on CPU (validation stays fp32): true | false | "auto" (on
@@ -288,6 +292,7 @@ class TrainConfig:
                                      sorted(set(self.slice_axes)) == [0, 1, 2]),
              "view_loss needs dim = 2, sr = false and slice_axes = [0, 1, 2] (the views inference averages)"),
             (self.cube_size >= 8, "cube_size must be >= 8"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 = off)"),
             (self.cubes_per_step >= 1, "cubes_per_step must be >= 1"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),
         ]

@@ -49,6 +49,7 @@ from ..errors import CancelledError, InputError, ModelError
 from ..progress import CancelToken, ProgressFn, report
 from .config import TrainConfig, default_data_dir
 from . import data as tdata
+from .weight_average import WeightAverage, maybe_applied
 
 CHECKPOINT_FORMAT = "dualnet-checkpoint"
 #: 2: the checkpoint carries ``sha256``, a digest of all its other entries, checked on resume.
@@ -217,7 +218,7 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         raise ModelError(f"{p}: invalid step {step!r} in checkpoint (must be an integer >= 0)")
     if isinstance(steps, int) and step > steps:
         raise ModelError(f"{p}: checkpoint step {step} exceeds its run length of {steps} steps")
-    for key in ("model", "best_model"):
+    for key in ("model", "best_model", "ema"):
         if not isinstance(ck.get(key, {}), dict):
             raise ModelError(f"{p}: checkpoint entry '{key}' is not a state dict")
         check_finite_weights(ck.get(key) or {}, f"{p} ({key})")
@@ -608,6 +609,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             torch.backends.cudnn.allow_tf32 = True
         arch = architecture_of(model)
         start = 0
+        average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         # ---- resume
         if resume:
@@ -621,6 +623,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 model.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
                 sched.load_state_dict(ck["scheduler"])
+                if average is not None:  # a run that had none starts its average at the resumed weights
+                    average = WeightAverage(model, cfg.ema_decay, ck.get("ema") or None)
             except (RuntimeError, ValueError, KeyError) as err:
                 raise ModelError(f"{rp}: incompatible checkpoint ({str(err).splitlines()[0][:160]})") from None
             start = int(ck["step"])
@@ -673,6 +677,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 "log": json.dumps(run.rows), "best_score": float(run.best_score), "best_step": int(run.best_step),
                 "bad_rounds": int(run.bad_rounds), "elapsed": float(run.elapsed_before + time.time() - t_start),
                 "best_model": run.best_state or {}, "selfsup": bool(selfsup), "total_steps": int(horizon["total"]),
+                "ema": average.state_dict() if average is not None else {},
                 "np_rng_note": "batches are drawn from default_rng([seed, rank, step]); no numpy state needed",
             }
             state["sha256"] = checkpoint_digest(state)
@@ -761,6 +766,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
+                if average is not None:
+                    average.update(model, step)
                 lv = float(loss.detach())
                 # ---- time budget: after 40 timed steps, shorten the run (and its cosine) to fit
                 if cfg.time_budget_s > 0 and start == 0 and horizon["total"] == cfg.steps:
@@ -799,16 +806,17 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 do_val = step % cfg.val_every == 0 or step >= n_total or step == cfg.steps
                 early = 0
                 if is_main and do_val:
-                    res = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
-                    run.last_val = res
-                    score = _score(res, cfg)
-                    if score > run.best_score + 1e-5:
-                        run.best_score, run.best_step, run.bad_rounds = score, step, 0
-                        run.best_state = _snapshot(model)
-                    else:
-                        run.bad_rounds += 1
-                        if cfg.patience > 0 and run.bad_rounds >= cfg.patience:
-                            early = 1
+                    with maybe_applied(average, model):  # the averaged weights, when there is an average
+                        res = _evaluate(model, val_set, cfg, device, selfsup, masked, anchor_model)
+                        run.last_val = res
+                        score = _score(res, cfg)
+                        if score > run.best_score + 1e-5:
+                            run.best_score, run.best_step, run.bad_rounds = score, step, 0
+                            run.best_state = _snapshot(model)
+                        else:
+                            run.bad_rounds += 1
+                            if cfg.patience > 0 and run.bad_rounds >= cfg.patience:
+                                early = 1
                 if is_main and (step % cfg.log_every == 0 or do_val):
                     elapsed = run.elapsed_before + time.time() - t_start
                     row: Dict[str, Any] = {k: v / max(1, acc_n) for k, v in acc.items()}
@@ -864,6 +872,9 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             except Exception:  # pragma: no cover - plotting must never fail a run
                 result.curve_path = None
             export_model = model
+            if average is not None:  # the average is what was validated last
+                export_model = copy.deepcopy(model)
+                average.copy_to(export_model)
             best_val = dict(run.last_val)
             if cfg.export_best and run.best_state and run.best_step != step:
                 export_model = copy.deepcopy(model)
@@ -871,9 +882,10 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 best_val = {r_k: r_v for r in run.rows if r.get("step") == run.best_step
                             for r_k, r_v in r.items() if r_k.startswith("val_")} or best_val
             export_model.eval()
+            exported_best = cfg.export_best and bool(run.best_state) and run.best_step != step
             card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
-                              train_images, val_images, in_memory, card_extra, exported_step=run.best_step
-                              if export_model is not model else step)
+                              train_images, val_images, in_memory, card_extra,
+                              exported_step=run.best_step if exported_best else step)
             card["validation"].update(card_input_val)
             target = export_path or (out_dir / "model.safetensors")
             from .. import modelfile
