@@ -876,13 +876,13 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 export_model = copy.deepcopy(model)
                 average.copy_to(export_model)
             best_val = dict(run.last_val)
-            if cfg.export_best and run.best_state and run.best_step != step:
+            exported_best = cfg.export_best and bool(run.best_state) and run.best_step != step
+            if exported_best:
                 export_model = copy.deepcopy(model)
                 export_model.load_state_dict(run.best_state)
                 best_val = {r_k: r_v for r in run.rows if r.get("step") == run.best_step
                             for r_k, r_v in r.items() if r_k.startswith("val_")} or best_val
             export_model.eval()
-            exported_best = cfg.export_best and bool(run.best_state) and run.best_step != step
             card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
                               train_images, val_images, in_memory, card_extra,
                               exported_step=run.best_step if exported_best else step)
