@@ -872,9 +872,6 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             except Exception:  # pragma: no cover - plotting must never fail a run
                 result.curve_path = None
             export_model = model
-            if average is not None:  # the average is what was validated last
-                export_model = copy.deepcopy(model)
-                average.copy_to(export_model)
             best_val = dict(run.last_val)
             exported_best = cfg.export_best and bool(run.best_state) and run.best_step != step
             if exported_best:
@@ -882,6 +879,9 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 export_model.load_state_dict(run.best_state)
                 best_val = {r_k: r_v for r in run.rows if r.get("step") == run.best_step
                             for r_k, r_v in r.items() if r_k.startswith("val_")} or best_val
+            elif average is not None:  # the average is what was validated last
+                export_model = copy.deepcopy(model)
+                average.copy_to(export_model)
             export_model.eval()
             card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
                               train_images, val_images, in_memory, card_extra,
