@@ -69,6 +69,18 @@ def test_cube_batches_are_deterministic_and_stack_cubes(mri_crop):
         assert np.array_equal(v, a["cube_clean"][1, 0])
 
 
+def test_view_every_mixes_cube_steps_with_ordinary_batches(mri_crop):
+    img = tdata.make_image(mri_crop, (1.0, 1.0, 1.0), "crop", "mri")
+    s = tdata.PatchSampler([img], _cfg(view_every=3))
+    kinds = ["cube_clean" in s.batch(step) for step in range(7)]
+    assert kinds == [True, False, False, True, False, False, True]
+    plain = s.batch(4)
+    assert plain["noisy"].shape == (3, 1, 16, 16)  # batch_size slices of patch_size
+    assert [s.is_cube_step(k) for k in range(7)] == kinds
+    # with the view loss off, or in self-supervised sampling, no step is a cube step
+    assert not tdata.PatchSampler([img], _cfg(view_loss=0.0, view_every=3)).is_cube_step(0)
+
+
 def test_view_mean_loss_scores_the_mean_of_the_views():
     g = torch.Generator().manual_seed(0)
     cube = torch.rand(1, 1, P, P, P, generator=g)
@@ -96,6 +108,8 @@ def test_view_loss_config_checks():
         _cfg(cube_size=4)
     with pytest.raises(InputError, match="cubes_per_step"):
         _cfg(cubes_per_step=0)
+    with pytest.raises(InputError, match="view_every"):
+        _cfg(view_every=0)
     with pytest.raises(InputError, match="view_loss must be"):
         _cfg(view_loss=-1.0)
 
@@ -111,9 +125,10 @@ def test_training_with_the_view_loss(mri_crop, tmp_path):
     from dualnet import modelfile
     from dualnet.training.trainer import pretrain
 
-    res = pretrain(_cfg(), data=[(mri_crop, (1.0, 1.0, 1.0))], out_dir=tmp_path / "run")
+    res = pretrain(_cfg(view_every=2), data=[(mri_crop, (1.0, 1.0, 1.0))], out_dir=tmp_path / "run")
     log = (tmp_path / "run" / "train_log.csv").read_text()
     assert "views" in log.splitlines()[0]  # the term is logged
     net, card = modelfile.load_model(res.model_path, "cpu")
     assert card["config"]["view_loss"] == 1.0 and card["config"]["cube_size"] == P
+    assert card["config"]["view_every"] == 2  # batches 0 and 2 cubes, batch 1 ordinary slices
     assert np.isfinite(res.last_loss) and res.steps == 3

@@ -124,6 +124,10 @@ class TrainConfig:
     view_loss: float = 0.0
     cube_size: int = 32
     cubes_per_step: int = 1
+    #: with the view loss, every ``view_every``-th step (step 0, N, 2N, ...) is made of cubes and the
+    #: others are ordinary batches of ``batch_size`` independent slices, so the 2D training images and
+    #: the axes that cubes cannot be cut from are still seen (1 = every step cubes)
+    view_every: int = 1
     val_fraction: float = 0.2  #: files held out when no source is marked split="val"
     val_patches: int = 24  #: fixed validation patches (pre-generated with seed + 12345)
     #: noise levels of the fixed validation patches, cycled over them (e.g. the levels a quality gate
@@ -294,6 +298,7 @@ class TrainConfig:
             (self.cube_size >= 8, "cube_size must be >= 8"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 = off)"),
             (self.cubes_per_step >= 1, "cubes_per_step must be >= 1"),
+            (self.view_every >= 1, "view_every must be >= 1"),
             (self.checkpoint_every >= 1 and self.val_every >= 1 and self.log_every >= 1, "*_every must be >= 1"),
         ]
         for ok, msg in checks:

@@ -694,10 +694,11 @@ class PatchSampler:
 
     def batch(self, step: int, *, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Mini-batch number ``step`` (deterministic in ``(seed, rank, step)``): ``batch_size``
-        independent samples, or with the view loss (``cfg.view_loss``) ``cfg.cubes_per_step``
-        cubes (:meth:`sample_cube`), their slices concatenated and ``cube_clean`` (C, 1, P, P, P)."""
+        independent samples, or on the view loss's steps (:meth:`is_cube_step`)
+        ``cfg.cubes_per_step`` cubes (:meth:`sample_cube`), their slices concatenated and
+        ``cube_clean`` (C, 1, P, P, P)."""
         rng = np.random.default_rng([int(self.seed), self.rank, int(step)])
-        if self.cfg.view_loss > 0 and not self.selfsup:
+        if self.is_cube_step(step):
             cubes = [self.sample_cube(rng) for _ in range(int(self.cfg.cubes_per_step))]
             out = {k: np.concatenate([c[k] for c in cubes]) for k in cubes[0] if k != "cube_clean"}
             out["cube_clean"] = np.stack([c["cube_clean"] for c in cubes])[:, None]
@@ -707,6 +708,12 @@ class PatchSampler:
         return stack(samples)
 
     # -- cubes for the view loss ---------------------------------------------------------------
+    def is_cube_step(self, step: int) -> bool:
+        """Whether batch ``step`` is made of cubes: the view loss is on (supervised) and ``step``
+        is a multiple of ``cfg.view_every``."""
+        return (self.cfg.view_loss > 0 and not self.selfsup
+                and int(step) % int(getattr(self.cfg, "view_every", 1)) == 0)
+
     def _cube_weights(self) -> np.ndarray:
         """Sampling weights of the images a cube can be cut from: 3D, and every plane within
         ``cfg.slice_max_anisotropy`` (where inference runs three views)."""
