@@ -712,7 +712,7 @@ class PatchSampler:
         """Whether batch ``step`` is made of cubes: the view loss is on (supervised) and ``step``
         is a multiple of ``cfg.view_every``."""
         return (self.cfg.view_loss > 0 and not self.selfsup
-                and int(step) % int(getattr(self.cfg, "view_every", 1)) == 0)
+                and int(step) % int(self.cfg.view_every) == 0)
 
     def _cube_weights(self) -> np.ndarray:
         """Sampling weights of the images a cube can be cut from: 3D, and every plane within
