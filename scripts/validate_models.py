@@ -84,7 +84,9 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
     """The config's validation images, at most ``max_cases`` of them, evenly spaced."""
     images = []
     for src in (s for s in cfg.data if s.split == "val"):
-        images += read_source(resolve_path(src.path, data_dir), frame=src.frame, crop=src.crop, frames=src.frames)
+        masks = [resolve_path(m, data_dir) for m in src.brain_mask] if src.brain_mask else None
+        images += read_source(resolve_path(src.path, data_dir), frame=src.frame, crop=src.crop, frames=src.frames,
+                              brain_mask=masks, coarsen=src.coarsen)
     if len(images) > max_cases:
         idx = np.linspace(0, len(images) - 1, max_cases).round().astype(int)
         images = [images[i] for i in idx]

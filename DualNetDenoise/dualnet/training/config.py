@@ -62,6 +62,15 @@ class DataSource:
             neighbouring (correlated) frames on the same side of the split.
         licence: licence of the data (copied into the model card); filled from the shared
             data README when empty.
+        brain_mask: tissue probability maps of this (3D) scan, on its grid (e.g. FSL FAST grey
+            and white matter partial-volume maps; paths resolved like ``path``): the scan is read
+            skull-stripped, every voxel outside the brain set to exactly 0
+            (:mod:`dualnet.training.skull_strip`). List the scan twice, once with and once
+            without, to train on both kinds of input.
+        coarsen: integer factors (z, y, x) (or (y, x)) by which the clean scan is block-averaged
+            when read, with the Gaussian anti-aliasing of :func:`dualnet.degrade.downsample`, its
+            voxel size multiplied: a coarser clean scan (after ``brain_mask`` and ``crop``), so the
+            network also learns at voxel sizes no source has (e.g. 3 mm CT from a 1 mm scan).
     """
 
     path: str
@@ -70,6 +79,8 @@ class DataSource:
     crop: Optional[List[int]] = None
     frames: Optional[List[int]] = None
     licence: str = ""
+    brain_mask: Optional[List[str]] = None
+    coarsen: Optional[List[int]] = None
 
 
 @dataclass
@@ -307,6 +318,11 @@ class TrainConfig:
         for src in self.data:
             if src.split not in ("train", "val"):
                 raise InputError(f"training config: data source {src.path}: split must be 'train' or 'val'")
+            if src.brain_mask is not None and (isinstance(src.brain_mask, str) or not src.brain_mask):
+                raise InputError(f"training config: data source {src.path}: brain_mask must be a non-empty list of files")
+            if src.coarsen is not None and (isinstance(src.coarsen, (str, int)) or len(src.coarsen) not in (2, 3) or any(
+                    not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in src.coarsen)):
+                raise InputError(f"training config: data source {src.path}: coarsen must be 2 or 3 integers >= 1 (z, y, x)")
         return self
 
     # ------------------------------------------------------------------ dict / TOML

@@ -148,13 +148,25 @@ def resolve_path(path: Union[str, Path], data_dir: Optional[Union[str, Path]]) -
 
 
 def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Optional[Sequence[int]] = None,
-                frames: Optional[Sequence[int]] = None) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
+                frames: Optional[Sequence[int]] = None, brain_mask: Optional[Sequence[Union[str, Path]]] = None,
+                coarsen: Optional[Sequence[int]] = None) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
     """Read one source into ``[(array float32, spacing_zyx, name), ...]``.
 
     A folder of PNG/JPG/TIFF frames gives one 2D image per frame (restricted to frame numbers in
     ``frames = [first, last]`` inclusive); any other folder is read as a DICOM series.
+    ``brain_mask``: tissue probability map files of a 3D scan, on its grid; the scan is returned
+    skull-stripped (:mod:`dualnet.training.skull_strip`, applied before ``crop``) and its name
+    gets ``" (skull-stripped)"``. ``coarsen``: integer factors (z, y, x) by which each image is
+    then block-averaged (:func:`dualnet.degrade.downsample`), its spacing multiplied and its name
+    suffixed ``" (coarsened AxBxC)"``.
     """
+    if coarsen:
+        return [_coarsened(a, sp, name, coarsen)
+                for a, sp, name in read_source(path, frame=frame, crop=crop, frames=frames, brain_mask=brain_mask)]
     from ..io import read_volume
+
+    if brain_mask:
+        return [_skull_stripped(path, brain_mask, frame, crop)]
 
     p = Path(path)
     if not p.exists():
@@ -183,6 +195,37 @@ def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Op
     v = read_volume(p, frame=frame)
     a = _crop(np.asarray(v.array, dtype=np.float32), crop, str(p))
     return [(a, tuple(v.spacing_zyx), str(p))]
+
+
+def _coarsened(arr: np.ndarray, spacing_zyx: Sequence[float], name: str, factors: Sequence[int]
+               ) -> Tuple[np.ndarray, Tuple[float, ...], str]:
+    from ..degrade import downsample
+
+    f = tuple(int(v) for v in factors)
+    if arr.ndim == 2 and len(f) == 3:  # a (z, y, x) setting on a 2D image: its (y, x)
+        f = f[1:]
+    if len(f) != arr.ndim:
+        raise InputError(f"{name}: coarsen needs {arr.ndim} factors for a {arr.ndim}D image, got {list(factors)}")
+    lr, _ = downsample(arr, f)
+    return lr, tuple(float(s) * k for s, k in zip(spacing_zyx, f)), f"{name} (coarsened {'x'.join(map(str, f))})"
+
+
+def _skull_stripped(path: Union[str, Path], maps: Sequence[Union[str, Path]], frame: Optional[int],
+                    crop: Optional[Sequence[int]]) -> Tuple[np.ndarray, Tuple[float, ...], str]:
+    from ..io import read_volume
+    from .skull_strip import brain_mask_from_maps, strip
+
+    p = Path(path)
+    for q in [p, *(Path(m) for m in maps)]:
+        if not q.exists():
+            raise InputError(f"{q}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
+    v = read_volume(p, frame=frame)
+    arr = np.asarray(v.array, dtype=np.float32)
+    if arr.ndim != 3:
+        raise InputError(f"{p}: brain_mask needs a 3D scan, got shape {arr.shape}")
+    mask = brain_mask_from_maps([np.asarray(read_volume(Path(m)).array, dtype=np.float32) for m in maps])
+    arr = strip(arr, mask, str(p))
+    return _crop(arr, crop, str(p)), tuple(v.spacing_zyx), f"{p} (skull-stripped)"
 
 
 def _as_images(data: Any) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
@@ -243,7 +286,9 @@ def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union
         groups = []
         for src in config.data:
             p = resolve_path(src.path, data_dir)
-            groups.append((src.split, read_source(p, frame=src.frame, crop=src.crop, frames=src.frames)))
+            masks = [resolve_path(m, data_dir) for m in src.brain_mask] if src.brain_mask else None
+            groups.append((src.split, read_source(p, frame=src.frame, crop=src.crop, frames=src.frames,
+                                                  brain_mask=masks, coarsen=src.coarsen)))
     has_val = any(s == "val" for s, _ in groups)
     if not has_val:
         n = len(groups)

@@ -386,6 +386,11 @@ def _data_sources(cfg: TrainConfig, data_dir: Optional[Path], images: Sequence[t
             item["frame"] = src.frame
         if src.crop:
             item["crop"] = list(src.crop)
+        if src.brain_mask:
+            item["brain_mask"] = list(src.brain_mask)
+            item["skull_stripped"] = "outside the brain set to exactly 0 (dualnet.training.skull_strip)"
+        if src.coarsen:
+            item["coarsen"] = list(src.coarsen)
         out.append(item)
     return out
 
