@@ -159,7 +159,8 @@ def test_confidence_head_config_trains_the_head_alone_on_the_parent_model(modali
     assert cfg.modality == base.modality == modality
     assert cfg.confidence_head == "sigma_mlp" and cfg.train_only == ["neb.confidence_head"] and cfg.init_partial
     assert (config_dir().parent / cfg.init_from).exists(), cfg.init_from
-    assert [(d.path, d.split) for d in cfg.data] == [(d.path, d.split) for d in base.data]
+    # the same files on the same side of the split (CT v10 adds coarsened copies of a training file)
+    assert {(d.path, d.split) for d in cfg.data} == {(d.path, d.split) for d in base.data}
     assert cfg.alpha_detach and cfg.lambda_alpha > 0
 
 
