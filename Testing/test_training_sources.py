@@ -107,6 +107,11 @@ def test_read_source_rejects_mismatched_missing_or_2d_maps(tmp_path):
     flat = _write(tmp_path / "flat.nii.gz", image[12:13])
     with pytest.raises(InputError):
         tdata.read_source(flat, brain_mask=[_write(tmp_path / "gm.nii.gz", gm)])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(image[12].astype(np.uint8)), str(frames / "0001.png"))
+    with pytest.raises(InputError, match="3D scan"):
+        tdata.read_source(frames, brain_mask=[str(tmp_path / "gm.nii.gz")])
 
 
 def test_config_loads_brain_mask_and_the_split_and_card_use_it(tmp_path):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "DualNetDenoise"))
 
 from dualnet.degrade import downsample, lr_factors  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
-from dualnet.training.data import read_source, resolve_path  # noqa: E402
+from dualnet.training.data import read_data_source  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sources = []
     for i, src in enumerate(cfg.data):
-        items = read_source(resolve_path(src.path, args.data_dir), frame=src.frame, crop=src.crop, frames=src.frames)
+        items = read_data_source(src, args.data_dir)  # skull-stripped / coarsened as the config says
         arrays = {}
         for j, (arr, spacing_zyx, name) in enumerate(items):
             f = lr_factors(arr.ndim, cfg.lr_factor, getattr(cfg, "anisotropy", None))
@@ -48,8 +48,8 @@ def main() -> None:
             arrays[f"spacing_{j}"] = np.asarray(spacing_zyx, float) * np.asarray(f, float)
         name = f"{i:02d}_{src.split}.npz"
         np.savez_compressed(out / name, **arrays)
-        sources.append(dataclasses.replace(src, path=name, frame=None, crop=None, frames=None,
-                                           licence=src.licence or f"from {src.path}"))
+        sources.append(dataclasses.replace(src, path=name, frame=None, crop=None, frames=None, brain_mask=None,
+                                           coarsen=None, licence=src.licence or f"from {src.path}"))
         print(f"{src.path} ({src.split}): {len(items)} image(s) -> {name}, "
               f"LR shape {arrays['image_0'].shape}, {(out / name).stat().st_size / 2**20:.1f} MiB")
     packed = cfg.replace(data=sources, lr_factor=1)

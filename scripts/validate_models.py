@@ -46,7 +46,7 @@ from dualnet.modelfile import load_model, read_card, rewrite_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
 from dualnet.orthoviews import parse_views  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
-from dualnet.training.data import read_source, resolve_path  # noqa: E402
+from dualnet.training.data import read_data_source  # noqa: E402
 
 CT_WINDOW_HU = (-160.0, 240.0)
 KEYS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "bias_bg_pct")
@@ -84,9 +84,7 @@ def validation_images(cfg, data_dir: str, max_cases: int) -> list:
     """The config's validation images, at most ``max_cases`` of them, evenly spaced."""
     images = []
     for src in (s for s in cfg.data if s.split == "val"):
-        masks = [resolve_path(m, data_dir) for m in src.brain_mask] if src.brain_mask else None
-        images += read_source(resolve_path(src.path, data_dir), frame=src.frame, crop=src.crop, frames=src.frames,
-                              brain_mask=masks, coarsen=src.coarsen)
+        images += read_data_source(src, data_dir)
     if len(images) > max_cases:
         idx = np.linspace(0, len(images) - 1, max_cases).round().astype(int)
         images = [images[i] for i in idx]

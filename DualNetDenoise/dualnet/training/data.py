@@ -165,14 +165,13 @@ def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Op
                 for a, sp, name in read_source(path, frame=frame, crop=crop, frames=frames, brain_mask=brain_mask)]
     from ..io import read_volume
 
-    if brain_mask:
-        return [_skull_stripped(path, brain_mask, frame, crop)]
-
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
     out = []
     if p.suffix == ".npz":  # packed clean images (scripts/pack_lr_data.py): image_<i>, spacing_<i>
+        if brain_mask:
+            raise InputError(f"{p}: brain_mask needs a 3D scan, not packed images")
         with np.load(p, allow_pickle=False) as z:
             keys = sorted((k for k in z.files if k.startswith("image_")), key=lambda k: int(k.split("_")[1]))
             for k in keys:
@@ -182,6 +181,8 @@ def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Op
     if p.is_dir():
         imgs = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
         if imgs:
+            if brain_mask:
+                raise InputError(f"{p}: brain_mask needs a 3D scan, not a folder of frames")
             if frames:
                 lo, hi = int(frames[0]), int(frames[-1])
                 imgs = [q for q in imgs if (n := _frame_number(q)) is not None and lo <= n <= hi]
@@ -193,8 +194,19 @@ def read_source(path: Union[str, Path], *, frame: Optional[int] = None, crop: Op
                 out.append((a, tuple(v.spacing_zyx), str(q)))
             return out
     v = read_volume(p, frame=frame)
-    a = _crop(np.asarray(v.array, dtype=np.float32), crop, str(p))
-    return [(a, tuple(v.spacing_zyx), str(p))]
+    a = np.asarray(v.array, dtype=np.float32)
+    name = str(p)
+    if brain_mask:
+        a, name = _skull_stripped(a, brain_mask, name), f"{p} (skull-stripped)"
+    return [(_crop(a, crop, str(p)), tuple(v.spacing_zyx), name)]
+
+
+def read_data_source(src: Any, data_dir: Optional[Union[str, Path]]) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
+    """:func:`read_source` of one config ``[[data]]`` entry (a ``DataSource``), its paths resolved
+    against ``data_dir``."""
+    masks = [resolve_path(m, data_dir) for m in src.brain_mask] if src.brain_mask else None
+    return read_source(resolve_path(src.path, data_dir), frame=src.frame, crop=src.crop, frames=src.frames,
+                       brain_mask=masks, coarsen=src.coarsen)
 
 
 def _coarsened(arr: np.ndarray, spacing_zyx: Sequence[float], name: str, factors: Sequence[int]
@@ -210,22 +222,18 @@ def _coarsened(arr: np.ndarray, spacing_zyx: Sequence[float], name: str, factors
     return lr, tuple(float(s) * k for s, k in zip(spacing_zyx, f)), f"{name} (coarsened {'x'.join(map(str, f))})"
 
 
-def _skull_stripped(path: Union[str, Path], maps: Sequence[Union[str, Path]], frame: Optional[int],
-                    crop: Optional[Sequence[int]]) -> Tuple[np.ndarray, Tuple[float, ...], str]:
+def _skull_stripped(arr: np.ndarray, maps: Sequence[Union[str, Path]], name: str) -> np.ndarray:
+    """``arr`` (a 3D scan) with everything outside the brain of its tissue map files set to 0."""
     from ..io import read_volume
     from .skull_strip import brain_mask_from_maps, strip
 
-    p = Path(path)
-    for q in [p, *(Path(m) for m in maps)]:
-        if not q.exists():
-            raise InputError(f"{q}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
-    v = read_volume(p, frame=frame)
-    arr = np.asarray(v.array, dtype=np.float32)
     if arr.ndim != 3:
-        raise InputError(f"{p}: brain_mask needs a 3D scan, got shape {arr.shape}")
+        raise InputError(f"{name}: brain_mask needs a 3D scan, got shape {arr.shape}")
+    for m in maps:
+        if not Path(m).exists():
+            raise InputError(f"{m}: training data not found (set data_dir / --data-dir / DUALNET_SHARED_DATA)")
     mask = brain_mask_from_maps([np.asarray(read_volume(Path(m)).array, dtype=np.float32) for m in maps])
-    arr = strip(arr, mask, str(p))
-    return _crop(arr, crop, str(p)), tuple(v.spacing_zyx), f"{p} (skull-stripped)"
+    return strip(arr, mask, name)
 
 
 def _as_images(data: Any) -> List[Tuple[np.ndarray, Tuple[float, ...], str]]:
@@ -285,10 +293,7 @@ def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union
             raise InputError("training config has no data sources ([[data]] path = ...)")
         groups = []
         for src in config.data:
-            p = resolve_path(src.path, data_dir)
-            masks = [resolve_path(m, data_dir) for m in src.brain_mask] if src.brain_mask else None
-            groups.append((src.split, read_source(p, frame=src.frame, crop=src.crop, frames=src.frames,
-                                                  brain_mask=masks, coarsen=src.coarsen)))
+            groups.append((src.split, read_data_source(src, data_dir)))
     has_val = any(s == "val" for s, _ in groups)
     if not has_val:
         n = len(groups)
