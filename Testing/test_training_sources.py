@@ -1,6 +1,7 @@
 """Derived training sources: skull-stripped (``[[data]] brain_mask``: the mask from tissue maps) and
-coarsened (``[[data]] coarsen``: block-averaged to a larger voxel size) scans through the real
-reader, the config and the model card's record of them.
+coarsened (``[[data]] coarsen``: block-averaged to a larger voxel size) scans, and a source's share of
+the samples (``[[data]] weight``), through the real reader, the config, the patch sampler and the
+model card's record of them.
 
 Real seams: NIfTI files written and read through SimpleITK, the real TOML config loader, the real
 split loader, and the real ADNI T1 with its FSL FAST maps from ``../shared/data``.
@@ -193,3 +194,33 @@ def test_config_and_card_record_coarsen(tmp_path):
     assert sorted(im.array.shape for im in train) == [(24, 16, 16), (24, 32, 32)]
     sources = _data_sources(cfg, tmp_path, train + val, in_memory=False)
     assert sources[1]["coarsen"] == [1, 2, 2] and "coarsen" not in sources[0]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_config_rejects_bad_weight(bad):
+    with pytest.raises(InputError, match="weight"):
+        TrainConfig.from_dict({"modality": "ct", "data": [{"path": "a.nii.gz", "weight": bad}]})
+
+
+def test_weight_scales_a_source_share_of_the_samples_and_the_card_records_it(tmp_path):
+    """Sources are drawn by voxel count times ``weight``: a coarsened copy (a quarter of the voxels)
+    given weight 4 is drawn as often as the scan it came from."""
+    image, _, _, _ = _head()
+    _write(tmp_path / "head.nii.gz", image)
+    toml = tmp_path / "c.toml"
+    toml.write_text('modality = "ct"\ncontext = 1\npatch_size = 8\nmin_foreground = 0.0\n'
+                    '[[data]]\npath = "head.nii.gz"\n'
+                    '[[data]]\npath = "head.nii.gz"\ncoarsen = [1, 2, 2]\nweight = 4.0\n'
+                    '[[data]]\npath = "head.nii.gz"\nsplit = "val"\n')
+    cfg = TrainConfig.from_toml(toml)
+    assert cfg.data[1].weight == 4.0 and cfg.data[0].weight == 1.0
+    train, val = tdata.load_split(cfg, data_dir=tmp_path)
+    sampler = tdata.PatchSampler(train, cfg)
+    np.testing.assert_allclose(sampler.weights, [0.5, 0.5])
+    unweighted = TrainConfig.from_dict({**cfg.to_dict(), "data": [{"path": "head.nii.gz"},
+                                                                  {"path": "head.nii.gz", "coarsen": [1, 2, 2]},
+                                                                  {"path": "head.nii.gz", "split": "val"}]})
+    np.testing.assert_allclose(tdata.PatchSampler(tdata.load_split(unweighted, data_dir=tmp_path)[0],
+                                                  unweighted).weights, [0.8, 0.2])
+    sources = _data_sources(cfg, tmp_path, train + val, in_memory=False)
+    assert sources[1]["weight"] == 4.0 and "weight" not in sources[0]

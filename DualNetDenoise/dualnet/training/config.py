@@ -71,6 +71,9 @@ class DataSource:
             when read, with the Gaussian anti-aliasing of :func:`dualnet.degrade.downsample`, its
             voxel size multiplied: a coarser clean scan (after ``brain_mask`` and ``crop``), so the
             network also learns at voxel sizes no source has (e.g. 3 mm CT from a 1 mm scan).
+        weight: factor on this source's share of the training samples. Sources are drawn in
+            proportion to their voxel count (after ``crop`` and ``coarsen``) times ``weight``, so a
+            coarsened copy, which has few voxels, can be given the share it is meant to have.
     """
 
     path: str
@@ -81,6 +84,7 @@ class DataSource:
     licence: str = ""
     brain_mask: Optional[List[str]] = None
     coarsen: Optional[List[int]] = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -323,6 +327,10 @@ class TrainConfig:
             if src.coarsen is not None and (isinstance(src.coarsen, (str, int)) or len(src.coarsen) not in (2, 3) or any(
                     not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in src.coarsen)):
                 raise InputError(f"training config: data source {src.path}: coarsen must be 2 or 3 integers >= 1 (z, y, x)")
+            if (isinstance(src.weight, bool) or not isinstance(src.weight, (int, float))
+                    or not math.isfinite(src.weight) or src.weight <= 0):
+                raise InputError(f"training config: data source {src.path}: weight must be a finite number > 0, "
+                                 f"got {src.weight!r}")
         return self
 
     # ------------------------------------------------------------------ dict / TOML

@@ -287,23 +287,23 @@ def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union
     val: List[CleanImage] = []
     if data is not None:
         raw = _as_images(data)
-        groups = [("train", [r]) for r in raw]
+        groups = [("train", [r], 1.0) for r in raw]
     else:
         if not config.data:
             raise InputError("training config has no data sources ([[data]] path = ...)")
         groups = []
         for src in config.data:
-            groups.append((src.split, read_data_source(src, data_dir)))
-    has_val = any(s == "val" for s, _ in groups)
+            groups.append((src.split, read_data_source(src, data_dir), float(src.weight)))
+    has_val = any(g[0] == "val" for g in groups)
     if not has_val:
         n = len(groups)
         if n >= 2:
             n_val = max(1, int(round(n * config.val_fraction)))
-            groups = [("train" if i < n - n_val else "val", g) for i, (_, g) in enumerate(groups)]
+            groups = [("train" if i < n - n_val else "val", g, w) for i, (_, g, w) in enumerate(groups)]
     floor = config.modality == "mri" and getattr(config, "clean_floor", "keep") == "remove"
-    for split, items in groups:
+    for split, items, weight in groups:
         for arr, sp, name in items:
-            info: Dict[str, Any] = {"split": split}
+            info: Dict[str, Any] = {"split": split, "weight": weight}
             if floor:
                 arr, info["rician_floor_sigma"] = remove_rician_floor(arr)
             img = make_image(arr, sp, name, config.modality, info)
@@ -533,8 +533,9 @@ class PatchSampler:
         self.use_slab = bool(cfg.dim == 2 and not cfg.sr and
                              (self.context > 1 or (not selfsup and cfg.slab_degrade)))
         self._slab_axis: Optional[int] = None
-        # sampling weights: number of voxels (2D images from 3D volumes count their slices)
-        w = np.array([float(im.array.size) for im in images])
+        # sampling weights: number of voxels (2D images from 3D volumes count their slices) times
+        # the source's ``weight``
+        w = np.array([float(im.array.size) * float(im.source.get("weight", 1.0)) for im in images])
         self.weights = w / w.sum()
 
     # -- geometry ------------------------------------------------------------------------------

@@ -391,6 +391,8 @@ def _data_sources(cfg: TrainConfig, data_dir: Optional[Path], images: Sequence[t
             item["skull_stripped"] = "outside the brain set to exactly 0 (dualnet.training.skull_strip)"
         if src.coarsen:
             item["coarsen"] = list(src.coarsen)
+        if src.weight != 1.0:
+            item["weight"] = float(src.weight)
         out.append(item)
     return out
 
