@@ -21,6 +21,14 @@ def _budget(training: dict) -> tuple:
     return training.get("steps", "?"), minutes
 
 
+def lineage_runs(card: dict) -> list:
+    """``[(steps, minutes), ...]`` of every training run behind a model, oldest first: the runs
+    its ``initialised_from`` lineage records, then its own."""
+    init = card.get("initialised_from") or {}
+    earlier = [*init.get("lineage", []), init.get("training", {})] if init else []
+    return [_budget(t) for t in earlier] + [_budget(card.get("training", {}))]
+
+
 def _design(arch: dict, card: dict) -> str:
     ctx = int(arch.get("context", 1))
     parts = [f"{arch.get('preset')} {'2.5D x' + str(ctx) if ctx > 1 else str(arch.get('dim')) + 'D'}"]
@@ -65,17 +73,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for card_path, card in _cards():
         v = card["metrics"]["validation"]
-        t = card.get("training", {})
         m, s = v["mean"], v["setting"]
         base = "bm4d" if "bm4d" in m else next(k for k in m if k not in ("noisy", "dualnet"))
-        steps, minutes = _budget(t)
-        init = card.get("initialised_from") or {}
-        if init:  # continued training: count the runs it started from too (oldest first)
-            earlier = [_budget(t0) for t0 in [*init.get("lineage", []), init.get("training", {})]]
-            steps = " + ".join(str(s0) for s0, _ in earlier) + f" + {steps}"
-            minutes = " + ".join(f"{m0:.0f}" for _, m0 in earlier) + f" + {minutes:.0f}"
-        else:
-            minutes = f"{minutes:.0f}"
+        runs = lineage_runs(card)  # continued training: the runs it started from count too
+        steps = " + ".join(str(s0) for s0, _ in runs)
+        minutes = " + ".join(f"{m0:.0f}" for _, m0 in runs)
         d, b = m["dualnet"], m[base]
         print(f"| `{card_path.stem}` | {_design(card.get('architecture', {}), card)}, {card.get('parameters', '?')} | "
               f"{steps} steps, {minutes} min CPU | {_data(s['data'])} ({s['cases']}) | "
