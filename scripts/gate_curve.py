@@ -1,4 +1,4 @@
-"""Quality against training time: every shipped version of one modality's model, scored on today's
+"""Quality against training time: every kept version of one modality's model, scored on today's
 held-out cases against BM4D in the same run.
 
 The issue's quality gate asks for the measured curve where a target is missed. The curve is not
@@ -72,6 +72,7 @@ def main() -> None:
                     level, int(cfg.lr_factor), baseline)
     mean = res["mean"]
     win = args.modality == "ct"
+    psnrs = ("psnr", "psnr_fg") + (("psnr_win",) if win else ())  # whole, foreground, CT window
     rows = []
     for label, path in models:
         card = read_card(path)
@@ -80,22 +81,19 @@ def main() -> None:
         rows.append({"version": label, "file": path.name, "parameters": card.get("parameters"),
                      "runs": len(runs), "minutes": round(sum(m for _, m in runs), 1),
                      "steps": sum(int(st) for st, _ in runs if str(st).isdigit()),
-                     **{k: s[k] for k in ("psnr", "psnr_fg", "ssim") + (("psnr_win",) if win else ())},
-                     "minus_bm4d": {k: round(s[k] - b[k], 3) for k in ("psnr", "psnr_fg", "ssim")
-                                    + (("psnr_win",) if win else ())}})
+                     **{k: s[k] for k in psnrs + ("ssim",)},
+                     "minus_bm4d": {k: round(s[k] - b[k], 3) for k in psnrs + ("ssim",)}})
     head = ("| version | parameters | lineage: runs, CPU minutes | PSNR whole / fg" + (" / window" if win else "")
             + " (dB) | SSIM | minus BM4D: whole / fg" + (" / window" if win else "") + " (dB), SSIM |")
     print(f"\n{args.modality}, level {level:g}, {len(images)} held-out cases; BM4D (BM3D on 2D images): "
-          f"{mean[baseline]['psnr']:.2f} / {mean[baseline]['psnr_fg']:.2f}"
-          + (f" / {mean[baseline]['psnr_win']:.2f}" if win else "") + f" dB, SSIM {mean[baseline]['ssim']:.3f}\n")
+          + " / ".join(f"{mean[baseline][k]:.2f}" for k in psnrs) + f" dB, SSIM {mean[baseline]['ssim']:.3f}\n")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        keys = ("psnr", "psnr_fg") + (("psnr_win",) if win else ())
         d = r["minus_bm4d"]
         print(f"| {r['version']} | {r['parameters']} | {r['runs']}, {r['minutes']:.0f} | "
-              + " / ".join(f"{r[k]:.2f}" for k in keys) + f" | {r['ssim']:.3f} | "
-              + " / ".join(f"{d[k]:+.2f}" for k in keys) + f", {d['ssim']:+.3f} |")
+              + " / ".join(f"{r[k]:.2f}" for k in psnrs) + f" | {r['ssim']:.3f} | "
+              + " / ".join(f"{d[k]:+.2f}" for k in psnrs) + f", {d['ssim']:+.3f} |")
     if args.json:
         payload = {"modality": args.modality, "level": level, "cases": len(images), "baseline": mean[baseline],
                    "command": " ".join(["python", "scripts/gate_curve.py"] + sys.argv[1:]),
