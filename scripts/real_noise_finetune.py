@@ -7,8 +7,9 @@ Var(n_r) = sigma^2 / 3. For any denoised f(v2), E|f - r|^2 = |f - s|^2 + sigma^2
 ``MSE(f, r) - sigma^2/3`` estimates the squared error against the unknown truth s without bias
 (sigma^2 is estimated from the repeats as Var(v3 - v4) / 2, per voxel inside the head mask).
 We report its square root (RMSE to truth, estimated) inside the head mask for: the noisy input,
-the shipped MRI model, the same model fine-tuned on volume 2 alone (``dualnet finetune``
-defaults, no clean data), and BM4D with the Rician transform.
+the shipped MRI model, the same model fine-tuned on volume 2 alone (``dualnet finetune --frame 1``
+defaults: no clean data, the Rician sigma from the frames' differences), run with and without
+the SURE guard, and BM4D with the Rician transform.
 
     python scripts/real_noise_finetune.py [--steps 300] [--out out/real_noise]
 """
@@ -89,13 +90,17 @@ def main() -> None:
         cfg = base_cfg.replace(device="cpu", ss_loss=loss)
         if loss == "sure":  # SURE already estimates the MSE to the truth: no pull toward the base
             cfg = cfg.replace(lambda_anchor=0.0, lambda_consistency=0.0, lambda_tv=0.0)
-        name = f"DUAL-NET fine-tuned on volume 2 ({LOSS_NAMES[loss]})"
+        name = f"DUAL-NET fine-tuned on volume 2 ({LOSS_NAMES[loss]}, sigma from the frames)"
         t = time.perf_counter()
         ft = out / f"dualnet_mri_epi_ft_{loss}.safetensors"
-        finetune([(x.array, x.spacing_zyx)], args.model, ft, cfg, out_dir=out / f"ft_run_{loss}")
+        # what `dualnet finetune epi_5reps.nii.gz --frame 1` does: the sigma from the frames
+        finetune([(x.array, x.spacing_zyx)], args.model, ft, cfg, out_dir=out / f"ft_run_{loss}",
+                 sigma=sigma_frames)
         ft_seconds = time.perf_counter() - t
-        run(name, method="dualnet", model=str(ft), device="cpu")
-        rows[name]["finetune_seconds"] = round(ft_seconds, 1)
+        run(name + ", no guard", method="dualnet", model=str(ft), device="cpu", sigma=sigma_frames, guard=False)
+        run(name + " + SURE guard", method="dualnet", model=str(ft), device="cpu", sigma=sigma_frames)
+        for suffix in (", no guard", " + SURE guard"):
+            rows[name + suffix]["finetune_seconds"] = round(ft_seconds, 1)
     run("BM4D + Rician VST, noise estimated from volume 2 alone", method="bm4d")
     run("BM4D + Rician VST, sigma from the frames (the default of `--frame 1`)", method="bm4d", sigma=sigma_frames)
     result = {"data": "real_noise/epi_5reps.nii.gz (neurolabusc/dcm_qa_sag, BSD-2-Clause)",

@@ -69,7 +69,17 @@ def _rician_tables() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         f = cumulative_trapezoid(slope, m, initial=0.0)
         mean, std = moments(f)
     mean = np.maximum.accumulate(mean)  # monotone for the inverse
+    for a in (m, f, nu, mean):  # shared by every caller (cached)
+        a.setflags(write=False)
     return m, f, nu, mean
+
+
+def rician_tables() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The VST's tables for sigma = 1, read-only: ``(m, f(m), nu, E[f(M) | nu])``. ``f`` is
+    increasing on the magnitude grid ``m``; ``E[f(M) | nu]`` is non-decreasing on the grid ``nu``.
+    Beyond the ends both are the identity plus a constant (what :func:`rician_forward` and
+    :func:`rician_inverse` use); the torch twins in :mod:`dualnet.training.losses` read these."""
+    return _rician_tables()
 
 
 def _check_sigma(sigma: float) -> float:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
-from ..cli import _count, _seed  # argparse types shared with the other sub-commands
-from ..errors import CancelledError, DualNetError
+from ..cli import _count, _parse_sigma, _seed, _sigma_from_frames  # shared with the other sub-commands
+from ..errors import CancelledError, DualNetError, InputError
 
 
 def _command_line() -> str:
@@ -60,6 +60,10 @@ def add_train_parsers(subparsers) -> None:
     f.add_argument("--steps", type=_count(1), default=None, help="override the number of optimiser steps")
     f.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the config's)")
     f.add_argument("--frame", type=_count(0), default=None, help="4D inputs: volume index along the 4th axis")
+    f.add_argument("--sigma", default="auto",
+                   help="MRI: the Rician noise sigma in image units, or 'auto' (default): from the differences "
+                        "between the frames for one 4D input with --frame, else estimated from each scan. SURE "
+                        "keeps what is above this noise, so a wrong sigma is learnt")
     f.add_argument("--run-dir", default=None, help="folder for checkpoint/log (default <out stem>_run)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run folder")
     f.add_argument("--progress-json", action="store_true", help="print DUALNET_PROGRESS {json} lines")
@@ -141,13 +145,31 @@ def finetune_main(args: argparse.Namespace) -> int:
         bar, progress = _reporting(args)
         return finetune(list(args.inputs), args.model, args.out, cfg, resume=bool(args.resume),
                         out_dir=args.run_dir, progress_json=bool(args.progress_json), show_bar=bar,
-                        command=_command_line(), frame=args.frame, progress=progress)
+                        command=_command_line(), frame=args.frame, progress=progress,
+                        sigma=_finetune_sigma(args))
 
     res, code = _guarded("fine-tuning", job)
     if res is not None and res.model_path is not None:
         print(f"fine-tuned {res.steps} steps in {res.seconds:.0f} s; self-supervised val loss "
               f"{res.val_loss}; model {res.model_path}", file=sys.stderr if args.progress_json else sys.stdout)
     return code
+
+
+def _finetune_sigma(args: argparse.Namespace) -> Optional[float]:
+    """``--sigma``: a number; with 'auto', the frames' sigma of one 4D MRI input with ``--frame`` (as
+    ``dualnet denoise --frame`` takes it), else None (each scan's own estimate)."""
+    from ..modelfile import read_card
+
+    try:
+        sigma = _parse_sigma(args.sigma)
+    except argparse.ArgumentTypeError as err:
+        raise InputError(str(err)) from None
+    if (sigma is None and args.frame is not None and len(args.inputs) == 1
+            and read_card(args.model).get("modality") == "mri"):
+        sigma, source = _sigma_from_frames(args.inputs[0], args.frame)
+        if sigma is not None:
+            print(f"noise sigma {sigma:.4g} from {source}", file=sys.stderr)
+    return sigma
 
 
 def _line_progress():

@@ -210,6 +210,13 @@ class TrainConfig:
     mask_radius: int = 2  #: neighbour replacement radius (voxels)
     ss_loss: str = "l2"  #: self-supervised loss: masked "l2" | "l1" (Noise2Void), or "sure" (unmasked, Stein's unbiased risk estimate with the estimated noise model)
     sure_eps: float = 1e-3  #: SURE finite-difference step in normalised units
+    #: SURE's domain: "auto" = the modality's noise model where plain SURE is biased (MRI: the Rician
+    #: VST domain, whose optimum is the clean magnitude, not the noise floor), else plain;
+    #: "gaussian" = the plain zero-mean form everywhere (what fine-tuning used before session 27)
+    sure_domain: str = "auto"
+    #: what fine-tuning trains: "all" weights, or "gains" = one gain per convolution filter, the
+    #: rest frozen (:mod:`dualnet.training.gain_tuning`; GainTuning, Mohan et al. 2021)
+    finetune_params: str = "all"
     init_from: str = ""  #: pretraining: start from this model file's weights (same architecture); "" = random init
     #: init_from may differ from the configured DUAL-NET in the ablation switches (use_neb, use_nonlocal)
     #: or the confidence head (confidence_head): the weights both share are copied
@@ -282,6 +289,8 @@ class TrainConfig:
             (self.neb_loss in ("kl", "nll"), "neb_loss must be 'kl' or 'nll'"),
             (self.ss_loss in ("l1", "l2", "sure"), "ss_loss must be 'l1', 'l2' or 'sure'"),
             (self.sure_eps > 0, "sure_eps must be > 0"),
+            (self.sure_domain in ("auto", "gaussian"), "sure_domain must be 'auto' or 'gaussian'"),
+            (self.finetune_params in ("all", "gains"), "finetune_params must be 'all' or 'gains'"),
             (self.level_sampling in ("uniform", "loguniform"), "level_sampling must be 'uniform' or 'loguniform'"),
             (self.level_sampling != "loguniform" or (len(self.levels) == 2 and self.levels[0] > 0),
              "level_sampling = 'loguniform' needs levels = [low, high] with low > 0"),

@@ -655,6 +655,7 @@ class PatchSampler:
                 out["context"] = _context(noisy_n, slab_axis, self.context)
             if img.noise_var is not None:
                 out["var"] = variance_map(out["noisy"], img.noise_var, (offset, scale))
+            out["zero"] = np.float32(offset / scale)  # physical 0 in normalised units (Rician SURE)
             if cfg.noise_map:
                 if "var" not in out:
                     raise InputError("a noise-map model needs the noise model of its fine-tuning data")

@@ -28,10 +28,20 @@ Self-supervised with ``ss_loss = "sure"``: the network sees the whole noisy imag
 so it can keep what is signal) and the data term is Stein's unbiased estimate of the MSE to the
 unknown clean image (``sure_mse``) with the noise variance estimated from the scan itself
 (:func:`dualnet.training.data.noise_variance_model`). The blind-spot branch terms are unchanged.
+
+SURE assumes zero-mean noise, which a magnitude (Rician) image does not have: its mean is above the
+signal (sigma sqrt(pi/2) where there is none), so in the plain form the unbiased optimum is that
+mean, and fine-tuning lifts the background to the noise floor. For MRI (``sure_domain = "auto"``)
+the data term and the blind-spot term are therefore computed in the Rician VST domain
+(:mod:`dualnet.vst`), where the noise is close to unit Gaussian: the noisy image ``y`` maps to
+``z = f(y / sigma)``, the network's estimate ``x`` of the clean magnitude to ``E[f(M) | x / sigma]``
+(what ``z`` averages to when ``x`` is the truth), and the probe perturbs ``z`` (``sure_input``).
+Its optimum is the clean magnitude, the background at 0 included (``rician_sure``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -228,8 +238,7 @@ def floor_output(pred: Tensor, batch: Dict[str, Tensor], cfg) -> Tensor:
     the config asks for a non-negative output (magnitude MRI); ``pred`` itself otherwise."""
     if not getattr(cfg, "nonnegative", False) or "zero" not in batch:
         return pred
-    zero = batch["zero"].to(pred.dtype).reshape((-1,) + (1,) * (pred.dim() - 1))
-    return torch.maximum(pred, zero)
+    return torch.maximum(pred, _zero(batch, pred))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,21 +291,25 @@ def selfsup_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg
     (the random direction) and ``perturbed`` is the output for ``noisy + sure_eps * probe``.
     ``anchor`` (optional): output of the frozen base model, pulled toward with ``lambda_anchor``.
     """
-    pred = out["out"].float()
+    pred = floor_output(out["out"].float(), batch, cfg)  # as inference floors it (``nonnegative``)
     noisy = batch["noisy"]
     if cfg.ss_loss == "sure":
         if perturbed is None:
             raise ValueError("ss_loss = 'sure' needs the output for the perturbed input")
-        terms: Dict[str, Tensor] = {"sure": sure_mse(pred, perturbed.float(), noisy, batch["var"],
-                                                     batch["probe"], cfg.sure_eps)}
+        perturbed = floor_output(perturbed.float(), batch, cfg)
+        if _rician(cfg):
+            terms: Dict[str, Tensor] = {"sure": rician_sure(pred, perturbed, batch, cfg.sure_eps)}
+        else:
+            terms = {"sure": sure_mse(pred, perturbed, noisy, batch["var"], batch["probe"], cfg.sure_eps)}
     else:
         terms = {"n2v": masked_loss(pred, noisy, batch["mask"], cfg.ss_loss)}
     blind, sigma, alpha = out.get("blind"), out.get("sigma"), out.get("alpha")
     if cfg.model == "dualnet" and blind is not None:
         b = blind.float()
         if cfg.lambda_blind > 0:
-            d = b - noisy
-            terms["blind"] = cfg.lambda_blind * ((d * d).mean() if cfg.ss_loss == "l2" else d.abs().mean())
+            d = _blind_residual(b, batch, cfg)
+            squared = cfg.ss_loss == "l2" or (cfg.ss_loss == "sure" and _rician(cfg))  # the Rician form needs the mean
+            terms["blind"] = cfg.lambda_blind * ((d * d).mean() if squared else d.abs().mean())
         if sigma is not None and cfg.lambda_neb > 0:
             terms["neb"] = cfg.lambda_neb * gaussian_nll(noisy - b.detach(), sigma)
         if cfg.lambda_consistency > 0:
@@ -308,6 +321,17 @@ def selfsup_loss(out: Dict[str, Optional[Tensor]], batch: Dict[str, Tensor], cfg
         terms["anchor"] = cfg.lambda_anchor * (pred - anchor.float()).abs().mean()
     total = sum(terms.values())
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _blind_residual(blind: Tensor, batch: Dict[str, Tensor], cfg) -> Tensor:
+    """The blind-spot estimate against the noisy voxel it never sees. Its squared mean is least at
+    the noisy image's mean: for Rician data (:func:`_rician`) it is taken in the VST domain (in
+    noise stds times sigma), so that mean is the clean magnitude's, not the noise floor."""
+    noisy = batch["noisy"]
+    if not (cfg.ss_loss == "sure" and _rician(cfg) and "var" in batch):
+        return blind - noisy
+    zero, sd = _zero(batch, noisy), batch["var"].sqrt()
+    return (rician_vst_mean(blind - zero, sd) - rician_vst(noisy - zero, sd)) * sd
 
 
 def sure_mse(pred: Tensor, pred_eps: Tensor, noisy: Tensor, var: Tensor, probe: Tensor, eps: float) -> Tensor:
@@ -323,6 +347,93 @@ def sure_mse(pred: Tensor, pred_eps: Tensor, noisy: Tensor, var: Tensor, probe: 
     fit = (pred - noisy).pow(2).mean()
     div = (var * probe * (pred_eps - pred)).mean() / eps
     return fit - var.mean() + 2.0 * div
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear ``fp(x)`` on the increasing grid ``xp``, flat below it and with slope 1 above
+    it (the Rician VST tables' ends); differentiable in ``x``."""
+    inside = x.clamp(float(xp[0]), float(xp[-1])).contiguous()
+    i = torch.searchsorted(xp, inside).clamp(1, xp.numel() - 1)
+    x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    y = y0 + (inside - x0) * (y1 - y0) / (x1 - x0)
+    return torch.where(x > xp[-1], fp[-1] + (x - xp[-1]), y)
+
+
+def _rician_tables_t(device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`dualnet.vst.rician_tables` as float32 tensors on ``device`` (sigma = 1): m, f(m), nu,
+    E[f(M) | nu]; made once per device."""
+    return _tables_on(str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _tables_on(device: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .. import vst
+
+    return tuple(torch.as_tensor(a.copy(), device=device, dtype=torch.float32) for a in vst.rician_tables())
+
+
+def rician_vst(y: Tensor, sigma: Tensor) -> Tensor:
+    """The Rician VST ``f(y / sigma)`` of a magnitude (torch twin of :func:`dualnet.vst.rician_forward`):
+    noise std about 1. ``y`` and ``sigma`` in the same units, ``y`` measured from physical 0."""
+    m, f, _, _ = _rician_tables_t(y.device)
+    return _interp((y / sigma).clamp_min(0.0), m, f)
+
+
+def rician_vst_mean(x: Tensor, sigma: Tensor) -> Tensor:
+    """``E[f(M) | nu = x]`` in the VST domain: what :func:`rician_vst` of a noisy magnitude averages
+    to when ``x`` is the clean one (negative ``x`` counts as 0, as the output floor does)."""
+    _, _, nu, mean = _rician_tables_t(x.device)
+    return _interp((x / sigma).clamp_min(0.0), nu, mean)
+
+
+def rician_vst_inverse(z: Tensor, sigma: Tensor) -> Tensor:
+    """The magnitude whose VST is ``z`` (the functional inverse of :func:`rician_vst`, not the
+    unbiased estimate of :func:`dualnet.vst.rician_inverse`)."""
+    m, f, _, _ = _rician_tables_t(z.device)
+    return _interp(z, f, m) * sigma
+
+
+def _rician(cfg) -> bool:
+    """SURE in the Rician VST domain (MRI magnitude, ``sure_domain = "auto"``)."""
+    return cfg.modality == "mri" and getattr(cfg, "sure_domain", "auto") == "auto"
+
+
+def sure_input(batch: Dict[str, Tensor], cfg) -> Tensor:
+    """The perturbed noisy centre ``y + eps b`` whose output SURE's divergence needs (``batch["probe"]``
+    is ``b``); for Rician data the step is taken in the VST domain, ``eps / sigma`` there so it
+    is as large relative to the noise as in the plain form."""
+    noisy, probe = batch["noisy"], batch["probe"]
+    if not _rician(cfg):
+        return noisy + cfg.sure_eps * probe
+    zero, sd = _zero(batch, noisy), batch["var"].sqrt()
+    z = rician_vst(noisy - zero, sd)
+    return zero + rician_vst_inverse(z + (cfg.sure_eps / sd) * probe, sd)
+
+
+def _zero(batch: Dict[str, Tensor], like: Tensor) -> Tensor:
+    """Physical 0 in normalised units, shaped to broadcast over ``like`` (N, C, *S)."""
+    zero = batch.get("zero")
+    if zero is None:
+        return torch.zeros((), device=like.device, dtype=like.dtype)
+    return zero.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
+def rician_sure(pred: Tensor, pred_eps: Tensor, batch: Dict[str, Tensor], eps: float) -> Tensor:
+    """Monte-Carlo SURE in the Rician VST domain, scaled back to normalised units^2.
+
+    With ``z = f(y / sigma)`` (noise std ~1) and ``g(x) = E[f(M) | x / sigma]``: ``mean((g - z)^2) - 1
+    + 2 div_z g``, the divergence from the probe step of :func:`sure_input` (``eps / sigma`` in z).
+    Unbiased for ``mean((g(x) - g(truth))^2)`` as far as the VST noise is Gaussian, so its optimum
+    is the clean magnitude, not the Rician mean; times ``mean(sigma^2)`` to keep the scale of
+    :func:`sure_mse`. ``batch`` holds ``noisy``, ``var`` (sigma^2), ``probe`` and ``zero``.
+    """
+    noisy, var, probe = batch["noisy"], batch["var"], batch["probe"]
+    zero, sd = _zero(batch, noisy), var.sqrt()
+    z = rician_vst(noisy - zero, sd)
+    g = rician_vst_mean(pred - zero, sd)
+    g_eps = rician_vst_mean(pred_eps - zero, sd)
+    div = (probe * (g_eps - g) * sd).mean() / eps
+    return ((g - z).pow(2).mean() - 1.0 + 2.0 * div) * var.mean()
 
 
 def psnr_t(x: Tensor, y: Tensor, data_range: Tensor) -> Tensor:

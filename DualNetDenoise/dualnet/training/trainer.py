@@ -478,7 +478,7 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
     CT -1000..1000 HU, US 0..255) and the masked self-supervised loss (when masking)."""
     import torch
 
-    from .losses import floor_output, psnr_t, selfsup_loss, ssim
+    from .losses import floor_output, psnr_t, selfsup_loss, ssim, sure_input
 
     was_training = model.training
     model.eval()
@@ -489,7 +489,8 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
     with torch.no_grad():
         for i in range(0, n, bs):
             b = {k: torch.as_tensor(v[i:i + bs]).to(device) for k, v in val.items()}
-            with _autocast(cfg, device):
+            sure = selfsup and not masked and "var" in b  # fp32, as in the training steps
+            with contextlib.nullcontext() if sure else _autocast(cfg, device):
                 o = model(tdata.network_input(b))
             pred = floor_output(o["out"].float(), b, cfg)
             if "clean" in b:  # data range 1 = the normalisation window (MRI p0.5-p99.5, CT 2000 HU, US 255)
@@ -512,9 +513,8 @@ def _evaluate(model, val: Dict[str, Any], cfg: TrainConfig, device, selfsup: boo
             elif selfsup and "var" in b:  # SURE: estimated MSE to the clean patches (fixed probe)
                 gen = torch.Generator().manual_seed(int(cfg.seed) + i)
                 b["probe"] = torch.randn(b["noisy"].shape, generator=gen).to(device)
-                with _autocast(cfg, device):
-                    pe = model(tdata.network_input(b, b["noisy"] + cfg.sure_eps * b["probe"]))["out"].float()
-                    anc = anchor_model(tdata.network_input(b))["out"] if anchor_model is not None else None
+                pe = model(tdata.network_input(b, sure_input(b, cfg)))["out"].float()
+                anc = anchor_model(tdata.network_input(b))["out"] if anchor_model is not None else None
                 om = {k: (v.float() if v is not None else None) for k, v in o.items()}
                 loss, _ = selfsup_loss(om, b, cfg, anchor=anc, perturbed=pe)
                 sslosses.append(float(loss) * b["noisy"].shape[0])
@@ -572,7 +572,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
            in_memory: bool = False, protected: Sequence[Union[str, Path]] = ()) -> TrainResult:
     import torch
 
-    from .losses import selfsup_loss, supervised_loss
+    from .losses import selfsup_loss, supervised_loss, sure_input
+    from .gain_tuning import fold_gains, has_gains
 
     t_start = time.time()
     dist_state = _Dist(cfg.device)
@@ -747,15 +748,16 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 torch.manual_seed(step_seed)  # dropout masks depend on the step only
                 batch = _to_device(batch, device)
                 sure = selfsup and not masked and cfg.ss_loss == "sure"
-                with _autocast(cfg, device, training=True):
+                # SURE's divergence is a difference of two outputs for inputs 1e-3 noise stds apart:
+                # in bf16 (8 bits of mantissa) the step itself is rounded away, so SURE runs in fp32
+                with contextlib.nullcontext() if sure else _autocast(cfg, device, training=True):
                     centre = batch["input"] if masked else batch["noisy"]
                     out = ddp_model(tdata.network_input(batch, centre))
                     perturbed = None
                     if sure:  # second pass at y + eps b with the SAME dropout masks
                         batch["probe"] = torch.randn_like(batch["noisy"])
                         torch.manual_seed(step_seed)
-                        perturbed = ddp_model(tdata.network_input(
-                            batch, batch["noisy"] + cfg.sure_eps * batch["probe"]))["out"]
+                        perturbed = ddp_model(tdata.network_input(batch, sure_input(batch, cfg)))["out"]
                     anc = None
                     if anchor_model is not None and cfg.lambda_anchor > 0:
                         with torch.no_grad():
@@ -889,6 +891,8 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             elif average is not None:  # the average is what was validated last
                 export_model = copy.deepcopy(model)
                 average.copy_to(export_model)
+            if has_gains(export_model):  # fine-tuned gains folded into the weights: the base's format
+                export_model = fold_gains(export_model)
             export_model.eval()
             card = _make_card(cfg, export_model, device, seconds, step, best_val, command, data_dir,
                               train_images, val_images, in_memory, card_extra,
@@ -1087,11 +1091,32 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
     return res
 
 
+def _given_noise_model(sigma: Optional[float], modality: str
+                       ) -> Optional[Tuple[Tuple[float, float, float], Dict[str, Any]]]:
+    """The noise model of a given MRI sigma, as :func:`dualnet.training.data.noise_variance_model`
+    returns one; None without one. Refused for CT and ultrasound, whose noise depends on the signal."""
+    if sigma is None:
+        return None
+    if modality != "mri":
+        raise InputError(f"a given noise sigma is for MRI (Rician) only; the {modality} noise model "
+                         "depends on the signal and is estimated from each scan")
+    s = float(sigma)
+    if not np.isfinite(s) or s <= 0:
+        raise InputError(f"the noise sigma must be a positive number, got {sigma}")
+    return tdata.variance_coef("mri", sigma=s), {"modality": "mri", "sigma": s, "method": "given"}
+
+
+#: The base card's inference entries a fine-tuned model keeps (the MC-dropout scale is not one:
+#: it was fitted to the base's errors).
+FINETUNE_KEEPS_INFERENCE = ("orthogonal_views", "view_smoothing", "test_time_augmentation")
+
+
 def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str, Path],
              config: Optional[TrainConfig] = None, *, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelToken] = None, resume: Union[bool, str, Path, None] = None,
              out_dir: Optional[Union[str, Path]] = None, progress_json: bool = False, show_bar: bool = False,
-             command: Optional[str] = None, frame: Optional[int] = None) -> TrainResult:
+             command: Optional[str] = None, frame: Optional[int] = None,
+             sigma: Optional[float] = None) -> TrainResult:
     """Self-supervised fine-tuning of a trained model on real noisy scans (no clean reference).
 
     Args:
@@ -1105,12 +1130,17 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
             ``modality``, ``preset`` and ``dim`` are taken from the base card.
         out_dir: run folder (checkpoint, log, curve); default ``<out_path stem>_run`` beside it.
         frame: 4D inputs: which volume to take.
+        sigma: MRI only: the Rician noise sigma of every input (image units), e.g. from repeated
+            frames (``dualnet finetune --frame``), instead of estimating it from each scan. SURE
+            takes everything above the noise it is told about as signal, and a single-scan
+            estimate can be far off (3x on the ghosted EPI of ``scripts/real_noise_finetune.py``).
 
     Returns:
         :class:`TrainResult`; ``val_loss`` is the masked self-supervised loss on fixed patches.
     """
     from .. import modelfile
     from .config import config_dir
+    from .gain_tuning import add_gains
 
     if config is None:
         config = TrainConfig.from_toml(config_dir() / "finetune.toml")
@@ -1135,7 +1165,9 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                          use_neb=bool(arch.get("use_neb", True)), use_nonlocal=bool(arch.get("use_nonlocal", True)),
                          dropout=float(arch.get("dropout", config.dropout)), lr_factor=1,
                          context=int(arch.get("context", 1)), noise_map=bool(arch.get("noise_map", False)),
-                         dropout_mode=str(arch.get("dropout_mode", "element")))
+                         dropout_mode=str(arch.get("dropout_mode", "element")),
+                         # a magnitude model floored at 0 stays floored (its card's output_floor)
+                         nonnegative=bool(card.get("config", {}).get("nonnegative", False)))
     if isinstance(inputs, (str, Path, np.ndarray)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray)):
         inputs = [inputs]
@@ -1149,23 +1181,27 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     train_images, val_images = tdata.load_split(cfg, items, None)
     masked = cfg.ss_loss != "sure"
     noise_models: List[Dict[str, Any]] = []
+    given = _given_noise_model(sigma, modality)
     if not masked or cfg.noise_map:  # SURE / the noise-map input need each scan's noise model, from the scan itself
         cache: Dict[int, Tuple[Tuple[float, float, float], Dict[str, Any]]] = {}
         for img in list(train_images) + list(val_images):
             key = id(img.array)
             if key not in cache:
-                cache[key] = tdata.noise_variance_model(img.array, modality)
+                cache[key] = given or tdata.noise_variance_model(img.array, modality)
                 noise_models.append({"image": img.name, **cache[key][1]})
             img.noise_var = cache[key][0]
     anchor = copy.deepcopy(base) if cfg.lambda_anchor > 0 else None
+    if cfg.finetune_params == "gains":
+        add_gains(base)
     run_dir = Path(out_dir) if out_dir else out_path.parent / f"{out_path.stem}_run"
     extra = {"finetuned_from": {"path": str(base_path), "name": card.get("name"),
                                 "training": card.get("training", {}), "data_sources": card.get("data_sources", [])},
              "finetune_inputs": [str(x) if isinstance(x, (str, Path)) else "array" for x in inputs][:50]}
     if noise_models:
         extra["finetune_noise_models"] = noise_models[:50]
-    if isinstance(card.get("orthogonal_views"), bool):  # the same network, run as its base is (dualnet.orthoviews)
-        extra["orthogonal_views"] = card["orthogonal_views"]
+    # The same network is run as its base is: views (dualnet.orthoviews), their smoothing
+    # (dualnet.view_smoothing) and test-time augmentation, each chosen on the base's validation.
+    extra.update({k: card[k] for k in FINETUNE_KEEPS_INFERENCE if k in card})
     return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
                   cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
                   card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
