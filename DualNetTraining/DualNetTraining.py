@@ -62,6 +62,7 @@ class DualNetTrainingParameterNode:
     """trainingVolume / dataFolder - volumes to train on (scene and/or folder).
     stage - finetune (noisy scans) or pretrain (clean scans, simulated noise).
     preset - network size for pretraining. steps, device, initModel (base model for fine-tuning),
+    noiseSigma (fine-tuning, MRI: the Rician sigma in image units; 0 = estimated from each scan),
     modelName (name in the models list), resume (continue the last run of that name).
     lossTable, lossChart - live loss plot."""
 
@@ -73,6 +74,7 @@ class DualNetTrainingParameterNode:
     steps: Annotated[int, WithinRange(1, 1000000)] = 500
     device: Annotated[str, Choice(DEVICES)] = "auto"
     initModel: pathlib.Path = pathlib.Path()
+    noiseSigma: Annotated[float, WithinRange(0.0, 1e6)] = 0.0
     modelName: str = "my-dualnet"
     resume: bool = False
     lossTable: vtkMRMLTableNode
@@ -283,7 +285,8 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
                 from dualnet import modelfile
 
                 base = str(modelfile.default_model_path(p.modality))
-            cmd = training.finetune_command(python, inputs, base, outModel, runDir, p.steps, p.device, p.resume)
+            cmd = training.finetune_command(python, inputs, base, outModel, runDir, p.steps, p.device, p.resume,
+                                            sigma=p.noiseSigma if p.noiseSigma > 0 else None)
         else:
             cfg = training.write_pretrain_config(training.configs_dir() / f"pretrain_{p.modality}.toml", inputs,
                                                  pathlib.Path(workdir) / "pretrain.toml", p.preset)

@@ -714,9 +714,10 @@ def test_training_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_nod
         "stage": ["pretrain", "finetune"], "preset": ["tiny", "base"], "steps": [1, 1000000],
         "device": module.DEVICES, "initModel": [tmp_path / "base.safetensors", Path()], "modelName": ["unit test"],
         "resume": [True, False], "lossTable": [scene.AddNewNodeByClass("vtkMRMLTableNode")],
-        "lossChart": [scene.AddNewNodeByClass("vtkMRMLPlotChartNode")],
+        "lossChart": [scene.AddNewNodeByClass("vtkMRMLPlotChartNode")], "noiseSigma": [0.0, 12.5, 1e6],
     }
     invalid = {"steps": [0, 2.5, 1000001], "stage": ["distill"], "preset": ["huge"], "dataFolder": [str(tmp_path)],
+               "noiseSigma": [-1.0, 2e6],
                "lossChart": [mri_node], "trainingVolume": [scene.AddNewNodeByClass("vtkMRMLTableNode")]}
     _check_parameters(p, node, valid, invalid)
 
@@ -1228,6 +1229,14 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
 
     assert read_volume(staged).array.shape == nodes.array_from_node(mri_node).shape  # scene volume staged
     assert cmd[cmd.index("--model") + 1].endswith("dualnet_mri.safetensors")  # shipped base model
+    assert "--sigma" not in cmd  # auto (0): each scan's own estimate
+    p.noiseSigma = 12.5  # a known Rician sigma reaches the core's --sigma, which parses it
+    cmd, _, _ = logic.buildCommand(p)
+    assert cmd[cmd.index("--sigma") + 1] == "12.5"
+    from dualnet.cli import build_parser
+
+    assert build_parser().parse_args(cmd[3:]).sigma == "12.5"
+    p.noiseSigma = 0.0
     p.stage = "pretrain"
     cmd, _, _ = logic.buildCommand(p)
     assert cmd[3] == "train" and Path(cmd[cmd.index("--config") + 1]).is_file()

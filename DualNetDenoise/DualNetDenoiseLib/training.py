@@ -89,11 +89,16 @@ def write_pretrain_config(base_config: Path, data_paths: Sequence[str], out_path
 
 
 def finetune_command(python: str, inputs: Sequence[str], base_model: str, out_model: Path, run_dir: Path,
-                     steps: int, device: str = "auto", resume: bool = False) -> List[str]:
+                     steps: int, device: str = "auto", resume: bool = False,
+                     sigma: Optional[float] = None) -> List[str]:
+    """``dualnet finetune`` for the panel; ``sigma``: the MRI Rician noise sigma (image units), None =
+    estimated from each scan."""
     if not inputs:
         raise ValueError("fine-tuning needs at least one noisy volume (scene volume or folder)")
     cmd = [python, "-m", "dualnet", "finetune", *map(str, inputs), "--model", str(base_model), "--out", str(out_model),
            "--run-dir", str(run_dir), "--steps", str(int(steps)), "--device", device, "--progress-json"]
+    if sigma is not None:
+        cmd += ["--sigma", repr(float(sigma))]
     return cmd + (["--resume"] if resume else [])
 
 
