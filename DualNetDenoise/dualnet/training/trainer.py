@@ -1168,6 +1168,7 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                          dropout_mode=str(arch.get("dropout_mode", "element")),
                          # a magnitude model floored at 0 stays floored (its card's output_floor)
                          nonnegative=bool(card.get("config", {}).get("nonnegative", False)))
+    given = _given_noise_model(sigma, modality)  # a bad sigma is refused before any scan is read
     if isinstance(inputs, (str, Path, np.ndarray)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray)):
         inputs = [inputs]
@@ -1181,7 +1182,6 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     train_images, val_images = tdata.load_split(cfg, items, None)
     masked = cfg.ss_loss != "sure"
     noise_models: List[Dict[str, Any]] = []
-    given = _given_noise_model(sigma, modality)
     if not masked or cfg.noise_map:  # SURE / the noise-map input need each scan's noise model, from the scan itself
         cache: Dict[int, Tuple[Tuple[float, float, float], Dict[str, Any]]] = {}
         for img in list(train_images) + list(val_images):
