@@ -124,7 +124,10 @@ def test_streamed_blend_matches_whole_volume_reference(ct_model, ct_crop, tta, m
             assert got is None, name
             continue
         assert got.dtype == np.float32 and got.shape == ct_crop.shape, name
-        tol = 1e-6 * float(np.abs(want).max())
+        # a few float32 roundings of the largest value: the convolution kernels round differently
+        # on different CPUs (1.06e-6 of the maximum was seen on an AVX2 EPYC); a wrong blend or a
+        # tile counted twice is off by far more
+        tol = 4e-6 * float(np.abs(want).max())
         np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=name)
     assert np.all(res.denoised[:, :, :5] == -3024.0)
     if mc:
