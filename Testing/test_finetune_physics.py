@@ -156,9 +156,11 @@ def test_finetune_cli_takes_the_noise_from_the_frames_of_a_4d_scan(tmp_path, flo
     model = modelfile.read_card(out)["finetune_noise_models"][0]
     assert model["method"] == "given" and 6.5 < model["sigma"] < 8.0, model
     assert "from the differences between" in capfd.readouterr().err
-    code = main(["finetune", str(epi), "--frame", "1", "--model", str(floored_base), "--out",
-                 str(tmp_path / "x.safetensors"), "--sigma", "-3", "--quiet"])
-    assert code != 0 and "--sigma must be positive" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused by the parser, as `dualnet denoise --sigma -3` is
+        main(["finetune", str(epi), "--frame", "1", "--model", str(floored_base), "--out",
+              str(tmp_path / "x.safetensors"), "--sigma", "-3", "--quiet"])
+    assert stop.value.code != 0 and "--sigma must be positive" in capfd.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_gain_tuning_trains_one_gain_per_filter_and_exports_the_base_format(tmp_path, floored_base, mri_crop):

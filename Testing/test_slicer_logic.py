@@ -1235,7 +1235,7 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
     assert cmd[cmd.index("--sigma") + 1] == "12.5"
     from dualnet.cli import build_parser
 
-    assert build_parser().parse_args(cmd[3:]).sigma == "12.5"
+    assert build_parser().parse_args(cmd[3:]).sigma == 12.5
     p.noiseSigma = 0.0
     p.stage = "pretrain"
     cmd, _, _ = logic.buildCommand(p)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 from ..cli import _count, _parse_sigma, _seed, _sigma_from_frames  # shared with the other sub-commands
-from ..errors import CancelledError, DualNetError, InputError
+from ..errors import CancelledError, DualNetError
 
 
 def _command_line() -> str:
@@ -60,7 +60,7 @@ def add_train_parsers(subparsers) -> None:
     f.add_argument("--steps", type=_count(1), default=None, help="override the number of optimiser steps")
     f.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the config's)")
     f.add_argument("--frame", type=_count(0), default=None, help="4D inputs: volume index along the 4th axis")
-    f.add_argument("--sigma", default="auto",
+    f.add_argument("--sigma", type=_parse_sigma, default=None,
                    help="MRI: the Rician noise sigma in image units, or 'auto' (default): from the differences "
                         "between the frames for one 4D input with --frame, else estimated from each scan. SURE "
                         "keeps what is above this noise, so a wrong sigma is learnt")
@@ -160,10 +160,7 @@ def _finetune_sigma(args: argparse.Namespace) -> Optional[float]:
     ``dualnet denoise --frame`` takes it), else None (each scan's own estimate)."""
     from ..modelfile import read_card
 
-    try:
-        sigma = _parse_sigma(args.sigma)
-    except argparse.ArgumentTypeError as err:
-        raise InputError(str(err)) from None
+    sigma = args.sigma  # a number, or None for 'auto' (parsed as `dualnet denoise --sigma` is)
     if (sigma is None and args.frame is not None and len(args.inputs) == 1
             and read_card(args.model).get("modality") == "mri"):
         sigma, source = _sigma_from_frames(args.inputs[0], args.frame)

@@ -647,7 +647,8 @@ class PatchSampler:
             else:
                 crop = _augment(crop, cfg, rng, cfg.dim)
         offset, scale = self._params(img, rng, augment)
-        out: Dict[str, np.ndarray] = {}
+        # physical 0 in normalised units: the output floor, and the Rician SURE of fine-tuning
+        out: Dict[str, np.ndarray] = {"zero": np.float32(offset / scale)}
         if self.selfsup:
             noisy_n = ((crop + offset) / scale).astype(np.float32)
             out["noisy"] = _middle(noisy_n, slab_axis)
@@ -655,7 +656,6 @@ class PatchSampler:
                 out["context"] = _context(noisy_n, slab_axis, self.context)
             if img.noise_var is not None:
                 out["var"] = variance_map(out["noisy"], img.noise_var, (offset, scale))
-            out["zero"] = np.float32(offset / scale)  # physical 0 in normalised units (Rician SURE)
             if cfg.noise_map:
                 if "var" not in out:
                     raise InputError("a noise-map model needs the noise model of its fine-tuning data")
@@ -692,7 +692,6 @@ class PatchSampler:
                 coef = self._map_coef(lev_eff, deg, rng, augment)
                 out["nmap"] = np.sqrt(variance_map(out["noisy"], coef, (offset, scale))).astype(np.float32)
             out["clean"] = ((clean_lr + offset) / scale).astype(np.float32)
-            out["zero"] = np.float32(offset / scale)  # physical 0 in normalised units (output floor)
             out["std"] = (np.asarray(std, dtype=np.float32) / scale).astype(np.float32)
             out["level"] = np.float32(lev)
             if cfg.sr:
