@@ -173,7 +173,7 @@ def test_train_then_denoise_with_estimated_noise_model(tmp_path, mri_crop):
     assert 0.5 < nm["sigma"] / sigma_true < 2.0, nm
     # SURE fine-tuning of a 2.5D noise-map model on the noisy scan alone
     ft_cfg = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(steps=3, patch_size=24, batch_size=2, val_every=3, val_patches=2,
-        log_every=1, device="cpu", threads=2, warmup_steps=1)
+        log_every=1, device="cpu", threads=2, warmup_steps=1, base_check=0)
     ft = finetune([(noisy, (1.0, 1.0, 1.0))], res.model_path, tmp_path / "ft.safetensors", ft_cfg)
     _, ft_card = modelfile.load_model(ft.model_path, "cpu")
     assert ft_card["architecture"] == card["architecture"] and ft_card["stage"] == "finetune"

@@ -32,7 +32,7 @@ def _cfg(**kw) -> TrainConfig:
 
 def _ft_cfg(**kw) -> TrainConfig:
     base = dict(steps=4, patch_size=24, batch_size=2, val_every=4, val_patches=2, log_every=2, warmup_steps=1,
-                device="cpu", threads=2)
+                device="cpu", threads=2, base_check=0)  # the whole-scan check: test_finetune_base_check.py
     base.update(kw)
     return TrainConfig.from_toml(config_dir() / "finetune.toml").replace(**base)
 
@@ -151,7 +151,7 @@ def test_finetune_cli_takes_the_noise_from_the_frames_of_a_4d_scan(tmp_path, flo
     epi = shared_data / "real_noise" / "epi_5reps.nii.gz"
     out = tmp_path / "epi_ft.safetensors"
     code = main(["finetune", str(epi), "--frame", "1", "--model", str(floored_base), "--out", str(out),
-                 "--steps", "2", "--quiet"])
+                 "--steps", "2", "--base-check", "0", "--quiet"])
     assert code == 0, capfd.readouterr()
     model = modelfile.read_card(out)["finetune_noise_models"][0]
     assert model["method"] == "given" and 6.5 < model["sigma"] < 8.0, model

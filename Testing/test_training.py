@@ -348,7 +348,7 @@ def test_corrupt_or_incompatible_checkpoint_raises_model_error(tmp_path, pretrai
 def test_finetune_on_real_noisy_crop_improves_selfsup_loss(tmp_path, pretrained, mri_crop):
     cfg = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(
         steps=20, patch_size=32, batch_size=4, val_every=20, val_patches=4, log_every=5, lambda_anchor=0.0,
-        lr=1e-3, warmup_steps=2, device="cpu", threads=2)
+        lr=1e-3, warmup_steps=2, device="cpu", threads=2, base_check=0)  # the check: test_finetune_base_check.py
     from dualnet import modelfile
 
     base = tmp_path / "base" / "base.safetensors"  # the base model, its card saying it runs in three views

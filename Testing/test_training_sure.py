@@ -305,6 +305,8 @@ def test_sure_finetuning_lowers_the_true_error_on_one_noisy_scan(tmp_path, mri_c
     before, after = rmse(base.model_path), rmse(out)
     assert after < before, (before, after)
     _, card = modelfile.load_model(out, "cpu")
+    # the whole-scan check (dualnet.training.base_check) agrees with the true error: the fine-tuned model stays
+    assert card["finetune_check"]["kept"] == "finetuned" and not res.kept_base, card["finetune_check"]
     models = card["finetune_noise_models"]
     assert models and models[0]["modality"] == "mri" and models[0]["sigma"] > 0
     assert res.val_loss is not None and np.isfinite(res.val_loss)

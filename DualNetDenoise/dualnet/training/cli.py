@@ -64,6 +64,9 @@ def add_train_parsers(subparsers) -> None:
                    help="MRI: the Rician noise sigma in image units, or 'auto' (default): from the differences "
                         "between the frames for one 4D input with --frame, else estimated from each scan. SURE "
                         "keeps what is above this noise, so a wrong sigma is learnt")
+    f.add_argument("--base-check", type=_count(0), default=None, metavar="N",
+                   help="after fine-tuning, keep the model only if SURE over up to N whole scans says it beats "
+                        "the base, else write the base (default: the config's, 2; 0 = no check)")
     f.add_argument("--run-dir", default=None, help="folder for checkpoint/log (default <out stem>_run)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run folder")
     f.add_argument("--progress-json", action="store_true", help="print DUALNET_PROGRESS {json} lines")
@@ -141,7 +144,7 @@ def finetune_main(args: argparse.Namespace) -> int:
 
     def job():
         cfg = load_config(resolve_config(args.config) if args.config else config_dir() / "finetune.toml",
-                          steps=args.steps, device=args.device)
+                          steps=args.steps, device=args.device, base_check=args.base_check)
         bar, progress = _reporting(args)
         return finetune(list(args.inputs), args.model, args.out, cfg, resume=bool(args.resume),
                         out_dir=args.run_dir, progress_json=bool(args.progress_json), show_bar=bar,
@@ -150,8 +153,9 @@ def finetune_main(args: argparse.Namespace) -> int:
 
     res, code = _guarded("fine-tuning", job)
     if res is not None and res.model_path is not None:
+        kept = "the base model (the fine-tuned one was not better on the whole scan)" if res.kept_base else "model"
         print(f"fine-tuned {res.steps} steps in {res.seconds:.0f} s; self-supervised val loss "
-              f"{res.val_loss}; model {res.model_path}", file=sys.stderr if args.progress_json else sys.stdout)
+              f"{res.val_loss}; {kept} {res.model_path}", file=sys.stderr if args.progress_json else sys.stdout)
     return code
 
 

@@ -217,6 +217,10 @@ class TrainConfig:
     #: what fine-tuning trains: "all" weights, or "gains" = one gain per convolution filter, the
     #: rest frozen (:mod:`dualnet.training.gain_tuning`; GainTuning, Mohan et al. 2021)
     finetune_params: str = "all"
+    #: fine-tuning: whole scans (the held-out ones, else the fitted one) on which the fine-tuned model
+    #: must have a lower SURE than its base, or the base is written instead
+    #: (:mod:`dualnet.training.base_check`); 0 = no check
+    base_check: int = 2
     init_from: str = ""  #: pretraining: start from this model file's weights (same architecture); "" = random init
     #: init_from may differ from the configured DUAL-NET in the ablation switches (use_neb, use_nonlocal)
     #: or the confidence head (confidence_head): the weights both share are copied
@@ -291,6 +295,7 @@ class TrainConfig:
             (self.sure_eps > 0, "sure_eps must be > 0"),
             (self.sure_domain in ("auto", "gaussian"), "sure_domain must be 'auto' or 'gaussian'"),
             (self.finetune_params in ("all", "gains"), "finetune_params must be 'all' or 'gains'"),
+            (self.base_check >= 0, "base_check must be >= 0"),
             (self.level_sampling in ("uniform", "loguniform"), "level_sampling must be 'uniform' or 'loguniform'"),
             (self.level_sampling != "loguniform" or (len(self.levels) == 2 and self.levels[0] > 0),
              "level_sampling = 'loguniform' needs levels = [low, high] with low > 0"),

@@ -79,6 +79,8 @@ class TrainResult:
     seconds: float
     stopped_early: bool = False
     card: Dict[str, Any] = field(default_factory=dict)
+    #: fine-tuning: the whole-scan check kept the base model (:mod:`dualnet.training.base_check`)
+    kept_base: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1202,7 +1204,79 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     # The same network is run as its base is: views (dualnet.orthoviews), their smoothing
     # (dualnet.view_smoothing) and test-time augmentation, each chosen on the base's validation.
     extra.update({k: card[k] for k in FINETUNE_KEEPS_INFERENCE if k in card})
-    return _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
-                  cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
-                  card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
-                  protected=protected)
+    res = _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
+                 cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
+                 card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
+                 protected=protected)
+    if res.model_path is not None and cfg.base_check > 0:
+        _check_against_base(res, base_path, cfg, modality, val_images, extra, protected, progress, cancel,
+                            progress_json)
+    return res
+
+
+def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, modality: str, images: Sequence[Any],
+                        extra: Dict[str, Any], protected: Sequence[Path], progress: Optional[ProgressFn],
+                        cancel: Optional[CancelToken], progress_json: bool) -> None:
+    """:mod:`dualnet.training.base_check` on up to ``cfg.base_check`` whole scans (the held-out
+    ones, else the fitted one): the fine-tuned model at ``res.model_path`` stays only if its SURE is
+    lower than its base's; else the base's weights and card are written there, with the check and
+    the fine-tuning run recorded. Updates ``res`` (``card``; ``kept_base``)."""
+    from .. import inference, modelfile
+    from ..sure_guard import GUARD_MODALITIES
+    from . import base_check
+
+    def tell(fraction: float, message: str) -> None:
+        report(progress, fraction, message)
+        if progress_json:
+            print(f"{PROGRESS_PREFIX} {json.dumps({'event': 'check', 'fraction': None, 'message': message})}",
+                  flush=True)
+
+    target = Path(res.model_path)
+    if modality not in GUARD_MODALITIES:
+        check: Dict[str, Any] = {"kept": "finetuned", "reason": f"no Gaussian noise model for {modality!r} (speckle)"}
+    else:
+        scans: List[base_check.Scan] = []
+        for img in images:
+            if len(scans) >= cfg.base_check:
+                break
+            if any(s.array is img.array for s in scans):
+                continue
+            coef = getattr(img, "noise_var", None) or tdata.noise_variance_model(img.array, modality)[0]
+            scans.append(base_check.Scan(img.name, img.array, tuple(float(c) for c in coef),
+                                         tuple(float(v) for v in img.spacing_zyx)))
+        device = "cpu" if cfg.device in ("auto", "cpu") else cfg.device
+
+        def pipeline(path: Path) -> base_check.Pipeline:
+            net, card = modelfile.load_for_inference(path, device)
+
+            def run(data: np.ndarray, scan: base_check.Scan) -> np.ndarray:
+                return inference.denoise_array(data, net, card, device=device, noise_coef=scan.coef,
+                                               modality=modality, guard=False, spacing_zyx=scan.spacing_zyx,
+                                               cancel=cancel).denoised
+            return run
+
+        check = base_check.compare(scans, {"base": pipeline(base_path), "finetuned": pipeline(target)}, modality,
+                                   seed=cfg.seed, progress=lambda f, m: tell(1.0, f"checking against the base: {m}"),
+                                   cancel=cancel)
+    if check["kept"] == "finetuned":
+        card = {**modelfile.read_card(target), "finetune_check": check}
+        modelfile.rewrite_card(target, card)
+        tell(1.0, "kept the fine-tuned model" + _check_text(check))
+    else:
+        net, card = modelfile.load_model(base_path, "cpu")
+        card = {**card, **extra, "finetune_check": check, "finetune_training": res.card.get("training", {}),
+                "finetune_validation": res.card.get("validation", {})}
+        modelfile.save_model(target, net, card, inputs=protected)
+        card = modelfile.read_card(target)
+        tell(1.0, "kept the base model: the fine-tuned one was not better on the whole scan" + _check_text(check))
+    res.card = card
+    res.kept_base = check["kept"] != "finetuned"
+
+
+def _check_text(check: Dict[str, Any]) -> str:
+    """``" (SURE per voxel: base B, fine-tuned F, input I)"`` for the messages, or the reason."""
+    mse = check.get("mse")
+    if not mse:
+        return f" ({check.get('reason', 'not checked')})"
+    return (f" (SURE per voxel: base {mse['base']:.4g}, fine-tuned {mse['finetuned']:.4g}, "
+            f"input {check['mse_input']:.4g})")
