@@ -145,3 +145,27 @@ def test_no_check_when_switched_off_and_a_bad_count_is_refused(tmp_path, base_mo
     assert "finetune_check" not in modelfile.read_card(out) and not res.kept_base
     with pytest.raises(Exception, match="base_check"):
         _ft_cfg(base_check=-1).validate()
+
+
+def test_the_cli_reports_the_check_on_progress_lines_the_training_panel_reads(tmp_path, base_model, noisy_crop, capfd):
+    """``dualnet finetune --progress-json --base-check 1``: the check's lines parse with the panel's
+    own parser (DualNetDenoiseLib.process) and its status text (DualNetDenoiseLib.training), and the
+    last one names the model kept, as the card does."""
+    from DualNetDenoiseLib import training
+    from DualNetDenoiseLib.process import parse_progress_line
+    from dualnet.cli import main
+    from dualnet.io import write_volume
+
+    scan = tmp_path / "scan.nii.gz"
+    write_volume(Volume(noisy_crop, (1.0, 1.0, 1.0)), scan)
+    out = tmp_path / "ft.safetensors"
+    code = main(["finetune", str(scan), "--model", str(base_model), "--out", str(out), "--steps", "2",
+                 "--base-check", "1", "--progress-json"])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    events = [e for e in map(parse_progress_line, captured.out.splitlines()) if e and e.get("event") == "check"]
+    assert len(events) >= 5  # each model's two passes, then the verdict
+    kept = modelfile.read_card(out)["finetune_check"]["kept"]
+    verdict = training.progress_text(events[-1])
+    assert verdict.startswith("kept the base model" if kept == "base" else "kept the fine-tuned model"), verdict
+    assert "SURE per voxel" in verdict

@@ -33,6 +33,7 @@ from dualnet.io import read_frames, read_volume  # noqa: E402
 from dualnet.metrics import foreground_mask  # noqa: E402
 from dualnet.modelfile import default_model_path  # noqa: E402
 from dualnet.training.config import TrainConfig, config_dir  # noqa: E402
+from dualnet.modelfile import read_card  # noqa: E402
 from dualnet.training.trainer import finetune  # noqa: E402
 
 
@@ -99,8 +100,11 @@ def main() -> None:
         ft_seconds = time.perf_counter() - t
         run(name + ", no guard", method="dualnet", model=str(ft), device="cpu", sigma=sigma_frames, guard=False)
         run(name + " + SURE guard", method="dualnet", model=str(ft), device="cpu", sigma=sigma_frames)
+        check = read_card(ft).get("finetune_check", {})  # the whole-scan check: which model was written
         for suffix in (", no guard", " + SURE guard"):
             rows[name + suffix]["finetune_seconds"] = round(ft_seconds, 1)
+            rows[name + suffix]["finetune_check"] = {k: check.get(k) for k in ("kept", "mse", "mse_input", "reason")
+                                                     if k in check}
     run("BM4D + Rician VST, noise estimated from volume 2 alone", method="bm4d")
     run("BM4D + Rician VST, sigma from the frames (the default of `--frame 1`)", method="bm4d", sigma=sigma_frames)
     result = {"data": "real_noise/epi_5reps.nii.gz (neurolabusc/dcm_qa_sag, BSD-2-Clause)",
@@ -112,7 +116,8 @@ def main() -> None:
     print(f"\nreal EPI noise sigma ~ {np.sqrt(sigma2):.2f}; RMSE to truth (estimated, head mask):")
     print("| method | RMSE to truth (est.) | seconds |\n|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['rmse_truth_est']:.3f} | {r['seconds']:.1f} |")
+        kept = r.get("finetune_check", {}).get("kept")
+        print(f"| {name} | {r['rmse_truth_est']:.3f} | {r['seconds']:.1f} |" + (f" kept: {kept}" if kept else ""))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Training runs in a child process through the core's command line, which prints
         --steps N --device D --progress-json [--resume]
 
 Events on the progress lines: ``{"event": "step", "step", "steps", "fraction", "loss", "val_loss",
-"val_psnr", ...}``, ``{"event": "done", "model": ...}``, ``{"event": "cancelled", ...}``.
+"val_psnr", ...}``, ``{"event": "done", "model": ...}``, ``{"event": "cancelled", ...}``, and after
+fine-tuning ``{"event": "check", "message": ...}`` while the fine-tuned model is checked against its base
+over whole scans (the last one says which was kept).
 """
 
 from __future__ import annotations
