@@ -60,6 +60,10 @@ def test_compare_keeps_the_lower_sure_and_the_base_on_a_tie():
     assert worse["kept"] == "base"
     tie = base_check.compare(scans, {"base": _smoother(0.7), "finetuned": _smoother(0.7)}, "mri")
     assert tie["kept"] == "base"
+    # a pipeline that gives NaN (a broken model) is never kept, and the record stays valid JSON
+    broken = base_check.compare(scans, {"base": _smoother(0.0), "finetuned": lambda d, s: d * np.nan}, "mri")
+    assert broken["kept"] == "base" and broken["mse"]["finetuned"] is None
+    json.dumps(broken, allow_nan=False)
     # an MRI scan with nothing 3 sigma above 0: nothing to check, the base stands
     empty = base_check.compare([base_check.Scan("dark", noisy * 0.0 + 1.0, (SIGMA ** 2, 0.0, 0.0))],
                                {"base": _smoother(0.0), "finetuned": _smoother(0.7)}, "mri")

@@ -96,7 +96,9 @@ def scan_sure(scan: Scan, modality: str, runs: Dict[str, Pipeline], seed: int = 
         f = outs[name][mask].astype(np.float64)
         div = np.sum(v * bb * (fp[mask].astype(np.float64) - f) / e)
         mse[name] = float((np.sum((f - yy) ** 2) - np.sum(v) + 2.0 * div) / max(n, 1))
-    return {"voxels": n, "mse_input": float(np.sum(v) / max(n, 1)), "mse": mse}
+    # a result with NaN / inf (a broken model) is never kept; None, so the card stays valid JSON
+    return {"voxels": n, "mse_input": float(np.sum(v) / max(n, 1)),
+            "mse": {k: (x if np.isfinite(x) else None) for k, x in mse.items()}}
 
 
 def compare(scans: Sequence[Scan], runs: Dict[str, Pipeline], modality: str,
@@ -105,7 +107,8 @@ def compare(scans: Sequence[Scan], runs: Dict[str, Pipeline], modality: str,
     """:func:`scan_sure` over ``scans``, pooled per voxel.
 
     Returns ``{"scans": [per scan], "voxels": n, "mse_input": ..., "mse": {name: pooled SURE},
-    "kept": the name with the lowest pooled SURE (ties: the first)}``; with too few voxels to check
+    "kept": the name with the lowest pooled SURE (ties: the first; a result that is not finite anywhere
+    has SURE None and is never kept over a finite one)}``; with too few voxels to check
     (e.g. an MRI scan with no signal 3 stds above its noise) ``kept`` is the first and ``reason`` says why.
     """
     from .. import sure_guard as sg
@@ -121,7 +124,9 @@ def compare(scans: Sequence[Scan], runs: Dict[str, Pipeline], modality: str,
     if n < sg.MIN_VOXELS:
         out.update(kept=names[0], reason=f"only {n} voxels to check (< {sg.MIN_VOXELS})")
         return out
-    pooled = {m: sum(r["mse"][m] * r["voxels"] for r in per_scan) / n for m in names}
+    broken = {m for m in names if any(r["mse"][m] is None for r in per_scan)}
+    pooled = {m: None if m in broken else sum(r["mse"][m] * r["voxels"] for r in per_scan) / n for m in names}
+    rank = {m: (float("inf") if pooled[m] is None else pooled[m], names.index(m)) for m in names}
     out.update(mse_input=sum(r["mse_input"] * r["voxels"] for r in per_scan) / n, mse=pooled,
-               kept=min(names, key=lambda m: (pooled[m], names.index(m))))
+               kept=min(names, key=rank.__getitem__))
     return out
