@@ -20,7 +20,7 @@ from dualnet.api import denoise_volume
 from dualnet.io import Volume
 from dualnet.training import base_check
 from dualnet.training.config import TrainConfig, config_dir
-from dualnet.training.trainer import finetune, pretrain
+from dualnet.training.trainer import _check_text, finetune, pretrain
 
 SIGMA = 5.0
 
@@ -64,6 +64,7 @@ def test_compare_keeps_the_lower_sure_and_the_base_on_a_tie():
     broken = base_check.compare(scans, {"base": _smoother(0.0), "finetuned": lambda d, s: d * np.nan}, "mri")
     assert broken["kept"] == "base" and broken["mse"]["finetuned"] is None
     json.dumps(broken, allow_nan=False)
+    assert "fine-tuned not finite" in _check_text(broken)  # the message the CLI and the panel show
     # an MRI scan with nothing 3 sigma above 0: nothing to check, the base stands
     empty = base_check.compare([base_check.Scan("dark", noisy * 0.0 + 1.0, (SIGMA ** 2, 0.0, 0.0))],
                                {"base": _smoother(0.0), "finetuned": _smoother(0.7)}, "mri")

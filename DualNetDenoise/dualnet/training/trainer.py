@@ -402,6 +402,11 @@ def _data_sources(cfg: TrainConfig, data_dir: Optional[Path], images: Sequence[t
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
+def _print_progress(payload: Dict[str, Any]) -> None:
+    """One ``DUALNET_PROGRESS {json}`` line (``--progress-json``; the Slicer panel reads them)."""
+    print(f"{PROGRESS_PREFIX} {json.dumps(payload, separators=(',', ':'))}", flush=True)
+
+
 class _Run:
     """State of one training run (shared by :func:`pretrain` and :func:`finetune`)."""
 
@@ -423,7 +428,7 @@ class _Run:
     # -- output ---------------------------------------------------------------------------------
     def emit(self, payload: Dict[str, Any]) -> None:
         if self.progress_json:
-            print(f"{PROGRESS_PREFIX} {json.dumps(payload, separators=(',', ':'))}", flush=True)
+            _print_progress(payload)
 
     def write_log(self) -> Path:
         buf = io.StringIO()
@@ -1141,6 +1146,7 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
         :class:`TrainResult`; ``val_loss`` is the masked self-supervised loss on fixed patches.
     """
     from .. import modelfile
+    from ..sure_guard import GUARD_MODALITIES
     from .config import config_dir
     from .gain_tuning import add_gains
 
@@ -1184,7 +1190,9 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     train_images, val_images = tdata.load_split(cfg, items, None)
     masked = cfg.ss_loss != "sure"
     noise_models: List[Dict[str, Any]] = []
-    if not masked or cfg.noise_map:  # SURE / the noise-map input need each scan's noise model, from the scan itself
+    checked = cfg.base_check > 0 and modality in GUARD_MODALITIES  # the whole-scan check after the run
+    # SURE, the noise-map input and the check need each scan's noise model: given, or from the scan itself
+    if not masked or cfg.noise_map or checked:
         cache: Dict[int, Tuple[Tuple[float, float, float], Dict[str, Any]]] = {}
         for img in list(train_images) + list(val_images):
             key = id(img.array)
@@ -1208,7 +1216,7 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                  cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
                  card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
                  protected=protected)
-    if res.model_path is not None and cfg.base_check > 0:
+    if res.model_path is not None and cfg.base_check > 0:  # (ultrasound: recorded as not checked)
         _check_against_base(res, base_path, cfg, modality, val_images, extra, protected, progress, cancel,
                             progress_json)
     return res
@@ -1228,8 +1236,7 @@ def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, mod
     def tell(fraction: float, message: str) -> None:
         report(progress, fraction, message)
         if progress_json:
-            print(f"{PROGRESS_PREFIX} {json.dumps({'event': 'check', 'fraction': None, 'message': message})}",
-                  flush=True)
+            _print_progress({"event": "check", "fraction": None, "message": message})
 
     target = Path(res.model_path)
     if modality not in GUARD_MODALITIES:
@@ -1241,8 +1248,7 @@ def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, mod
                 break
             if any(s.array is img.array for s in scans):
                 continue
-            coef = getattr(img, "noise_var", None) or tdata.noise_variance_model(img.array, modality)[0]
-            scans.append(base_check.Scan(img.name, img.array, tuple(float(c) for c in coef),
+            scans.append(base_check.Scan(img.name, img.array, tuple(float(c) for c in img.noise_var),
                                          tuple(float(v) for v in img.spacing_zyx)))
         device = "cpu" if cfg.device in ("auto", "cpu") else cfg.device
 
@@ -1278,5 +1284,9 @@ def _check_text(check: Dict[str, Any]) -> str:
     mse = check.get("mse")
     if not mse:
         return f" ({check.get('reason', 'not checked')})"
-    return (f" (SURE per voxel: base {mse['base']:.4g}, fine-tuned {mse['finetuned']:.4g}, "
-            f"input {check['mse_input']:.4g})")
+
+    def num(x: Optional[float]) -> str:
+        return "not finite" if x is None else f"{x:.4g}"
+
+    return (f" (SURE per voxel: base {num(mse['base'])}, fine-tuned {num(mse['finetuned'])}, "
+            f"input {num(check['mse_input'])})")
