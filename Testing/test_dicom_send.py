@@ -85,3 +85,22 @@ def test_parse_node():
     for bad in ("PACS", "PACS@host", "@host:104", "A" * 17 + "@h:104", "P@h:0", "P@h:70000", "P\\X@h:104"):
         with pytest.raises(InputError):
             parse_node(bad)
+
+
+def test_a_reject_read_as_an_abort_is_still_named_a_refusal():
+    """pynetdicom reads a node that rejects and closes at once as aborted (a race seen under load on
+    2 cores); the A-ASSOCIATE-RJ PDU the reactor received still names it a refusal, with its reason."""
+    from types import SimpleNamespace
+
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    from dualnet.dicom_send import _note_rejection, _why_no_association
+
+    pdu = A_ASSOCIATE_RJ()
+    pdu.decode(bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x01, 0x01, 0x07]))  # permanent, service-user, called AE
+    aborted = SimpleNamespace(is_rejected=False, is_aborted=True)
+    seen: list = []
+    _note_rejection(SimpleNamespace(pdu=pdu), seen)
+    assert _why_no_association(aborted, seen).startswith("refused the association (Rejected (Permanent)")
+    assert "Called AE title not recognised" in _why_no_association(aborted, seen)
+    assert _why_no_association(aborted, []).startswith("no association (node unreachable")

@@ -88,6 +88,27 @@ def _quiet_pynetdicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _note_rejection(event, rejections: list) -> None:
+    """pynetdicom handler (reactor thread): keep each A-ASSOCIATE-RJ PDU the node sends.
+
+    pynetdicom can report a refusal as an abort: when the node sends its reject and closes the
+    connection before the requesting thread looks, the association reads as aborted, not rejected.
+    The PDU itself is the evidence that the node answered and refused.
+    """
+    if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+        rejections.append(event.pdu)
+
+
+def _why_no_association(assoc, rejections: list) -> str:
+    """Why no association was made: a refusal (with the node's own reason) or no answer."""
+    if assoc.is_rejected or rejections:
+        if rejections:
+            pdu = rejections[0]
+            return f"refused the association ({pdu.result_str}, {pdu.source_str}: {pdu.reason_str})"
+        return "refused the association"
+    return "no association (node unreachable, or it aborted the request)"
+
+
 def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, calling_ae: str = "DUALNET",
                timeout: float = 30.0) -> List[StoreStatus]:
     """Store ``paths`` on ``node`` in one association; one :class:`StoreStatus` per file, in order.
@@ -98,7 +119,7 @@ def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, callin
     """
     try:
         import pydicom
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
     except ImportError:  # pragma: no cover - declared dependency
         raise DualNetError("sending needs pynetdicom: pip install pynetdicom") from None
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -126,11 +147,11 @@ def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, callin
     for sop in contexts:
         ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     with _quiet_pynetdicom():
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        rejections: list = []
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
+                             evt_handlers=[(evt.EVT_PDU_RECV, _note_rejection, [rejections])])
         if not assoc.is_established:
-            why = "refused the association" if assoc.is_rejected else \
-                "no association (node unreachable, or it aborted the request)"
-            raise SendError(f"{node}: {why}; {len(files)} files kept on disk")
+            raise SendError(f"{node}: {_why_no_association(assoc, rejections)}; {len(files)} files kept on disk")
         results: List[StoreStatus] = []
         try:
             for f, ds in zip(files, datasets):
