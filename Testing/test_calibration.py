@@ -176,3 +176,26 @@ def test_validate_models_refuses_labels_that_would_merge_rows(names, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "--names must be distinct" in res.stderr
+
+
+def test_best_sigma_baseline_keeps_the_best_of_its_sigma_multiples(mri_crop):
+    """`validate_models.py --baseline-sigma-scales`: the oracle row is the scale with the highest
+    whole-image PSNR, and its scores are that run's (real NLM on a real MRI crop with Rician noise)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from validate_models import best_sigma_run, scores
+
+    from dualnet.api import denoise_volume
+    from dualnet.estimate import estimate_noise
+    from dualnet.io import Volume
+    from dualnet.noise import add_noise
+
+    ref = mri_crop[14:26].astype(np.float32)
+    noisy = Volume(add_noise(ref, "mri", 0.05, 3).astype(np.float32), (1.0, 1.0, 1.0))
+    scales = (0.5, 1.0, 2.0)
+    best = best_sigma_run(noisy, ref, "nlm", "mri", scales)
+    sigma = estimate_noise(noisy.array, "mri").sigma
+    each = {k: scores(ref, denoise_volume(noisy, method="nlm", modality="mri", sigma=k * sigma).volume.array, "mri")
+            for k in scales}
+    top = max(scales, key=lambda k: each[k]["psnr"])
+    assert best["sigma_scale"] == top and best["psnr"] == pytest.approx(each[top]["psnr"], abs=1e-9)
+    assert len({round(v["psnr"], 3) for v in each.values()}) == 3  # the scales really differ

@@ -60,6 +60,16 @@ def _setting(modality: str, level: float) -> str:
     return text.replace(".0%", "%")
 
 
+def _vs_best(mean: dict, base: str) -> str:
+    """DUAL-NET minus the baseline at its best sigma per case (``validate_models.py
+    --baseline-sigma-scales``; an oracle), whole / foreground; "not run" where the card has none."""
+    best = mean.get(f"{base}_best_sigma")
+    if best is None:
+        return "not run"
+    d = mean["dualnet"]
+    return f"{d['psnr'] - best['psnr']:+.2f} / {d['psnr_fg'] - best['psnr_fg']:+.2f}"
+
+
 def _cards():
     for card_path in sorted(WEIGHTS.glob("dualnet_*.json")):
         card = json.loads(card_path.read_text(encoding="utf-8"))
@@ -69,8 +79,9 @@ def _cards():
 
 def main() -> None:
     print("| model | design, params | trained | held-out data (cases) | setting | noisy PSNR / SSIM | "
-          "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D, whole / foreground |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D, whole / foreground | "
+          "DUAL-NET - BM4D at its best sigma, whole / foreground |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for card_path, card in _cards():
         v = card["metrics"]["validation"]
         m, s = v["mean"], v["setting"]
@@ -85,11 +96,11 @@ def main() -> None:
               f"{m['noisy']['psnr']:.2f} / {m['noisy']['ssim']:.3f} | "
               f"{d['psnr']:.2f} / {d['ssim']:.3f} ({d['seconds']:.1f}) | "
               f"{b['psnr']:.2f} / {b['ssim']:.3f} ({b['seconds']:.1f}) | "
-              f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} dB |")
+              f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} dB | {_vs_best(m, base)} |")
     print()
     print("| model | level | noisy PSNR | DUAL-NET PSNR / SSIM | BM4D PSNR / SSIM | DUAL-NET - BM4D whole / fg (dB) "
-          "| CT window [-160, 240] HU: DUAL-NET / BM4D PSNR |")
-    print("|---|---|---|---|---|---|---|")
+          "| DUAL-NET - BM4D at its best sigma, whole / fg (dB) | CT window [-160, 240] HU: DUAL-NET / BM4D PSNR |")
+    print("|---|---|---|---|---|---|---|---|")
     for card_path, card in _cards():
         modality = card["metrics"]["validation"]["setting"]["modality"]
         for lev in card["metrics"].get("validation_levels", []):
@@ -99,7 +110,7 @@ def main() -> None:
             win = (f"{d['psnr_win']:.2f} / {b['psnr_win']:.2f}" if "psnr_win" in d else "")
             print(f"| `{card_path.stem}` | {_setting(modality, lev['level'])} | {m['noisy']['psnr']:.2f} | "
                   f"{d['psnr']:.2f} / {d['ssim']:.3f} | {b['psnr']:.2f} / {b['ssim']:.3f} | "
-                  f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} | {win} |")
+                  f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} | {_vs_best(m, base)} | {win} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from dualnet.api import denoise_volume  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, atomic_write_bytes  # noqa: E402
 from dualnet.metrics import foreground_mask, psnr, ssim  # noqa: E402
-from dualnet.estimate import input_noise_std_map  # noqa: E402
+from dualnet.estimate import estimate_noise, input_noise_std_map  # noqa: E402
 from dualnet.inference import denoise_array  # noqa: E402
 from dualnet.modelfile import load_model, read_card, rewrite_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
@@ -114,8 +114,13 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
               lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None,
-              views: Optional[int] = None, tta: Optional[int] = None) -> dict:
-    """Score every model (and the baseline) on every image at one noise level."""
+              views: Optional[int] = None, tta: Optional[int] = None, baseline_scales: Sequence[float] = ()) -> dict:
+    """Score every model (and the baseline) on every image at one noise level.
+
+    With ``baseline_scales`` the baseline also runs with its noise sigma at each of those multiples
+    of the estimate, and the row ``<baseline>_best_sigma`` keeps, per case, the run with the highest
+    whole-image PSNR: an oracle (it looks at the clean reference) that gives the baseline its best
+    strength, since a classical filter's sigma is also its strength setting."""
     nets = {m: load_model(m, "cpu") for m in models}  # loaded once, used for every case
     rows = []
     for d, name in degraded_cases(images, modality, level, lr_factor):
@@ -148,11 +153,13 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
             if method == "dualnet" and mc_samples > 0:
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
                                                  guard=guard, views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta))
+        if baseline != "none" and baseline_scales:
+            row[f"{baseline}_best_sigma"] = best_sigma_run(noisy, ref, baseline, modality, baseline_scales)
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
                          for label, _, _ in runs), flush=True)
-    labels = ["noisy"] + [r[0] for r in runs]
+    labels = ["noisy"] + [r[0] for r in runs] + ([f"{baseline}_best_sigma"] if baseline != "none" and baseline_scales else [])
     keys = KEYS + (("psnr_win", "ssim_win") if modality == "ct" else ())
     summary = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in keys} for m in labels}
     for m in labels[1:]:
@@ -170,6 +177,20 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     return {"level": level, "mean": summary, "per_case": rows}
 
 
+def best_sigma_run(noisy: Volume, ref: np.ndarray, baseline: str, modality: str, scales: Sequence[float]) -> dict:
+    """The baseline's scores at the multiple of the estimated sigma (of ``scales``) with the highest
+    whole-image PSNR; ``sigma_scale`` says which, ``seconds`` is that run's time."""
+    sigma = float(estimate_noise(noisy.array, modality).sigma)
+    best = None
+    for k in scales:
+        t = time.perf_counter()
+        out = denoise_volume(noisy, method=baseline, modality=modality, sigma=float(k) * sigma).volume.array
+        sc = {**scores(ref, out, modality), "seconds": time.perf_counter() - t, "sigma_scale": float(k)}
+        if best is None or sc["psnr"] > best["psnr"]:
+            best = sc
+    return best
+
+
 def table(results: List[dict], labels: List[str], baseline: str, modality: str) -> str:
     """Markdown table: one row per (level, method)."""
     win = modality == "ct"
@@ -179,7 +200,8 @@ def table(results: List[dict], labels: List[str], baseline: str, modality: str) 
     for res in results:
         mean = res["mean"]
         base = mean.get(baseline, {}).get("psnr")
-        for m in ["noisy"] + labels + ([baseline] if baseline in mean else []):
+        extra = [m for m in (baseline, f"{baseline}_best_sigma") if m in mean]
+        for m in ["noisy"] + labels + extra:
             s = mean[m]
             cells = [f"{res['level']:g}", m, f"{s['psnr']:.2f}", f"{s['ssim']:.3f}", f"{s['psnr_fg']:.2f}", f"{s['ssim_fg']:.3f}"]
             if win:
@@ -209,6 +231,9 @@ def main() -> None:
                     help="score the network without its SURE guard (default: as `dualnet denoise` runs it)")
     ap.add_argument("--views", default="auto", choices=["auto", "1", "3"],
                     help="network slice orientations (default auto, as `dualnet denoise` runs it)")
+    ap.add_argument("--baseline-sigma-scales", type=float, nargs="*", default=(),
+                    help="also run the baseline with its sigma at these multiples of the estimate and keep, per "
+                         "case, the best (row <baseline>_best_sigma; an oracle), e.g. 0.9 1 1.1 1.2 1.3")
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", type=int, choices=(1, 4, 8), nargs="?", const=8, default=None,
                      help="test-time transforms of the network averaged: 1 (none), 4 or 8 (bare: 8; "
@@ -228,13 +253,15 @@ def main() -> None:
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
-                         guard, parse_views(args.views), args.tta) for lev in levels]
+                         guard, parse_views(args.views), args.tta, args.baseline_sigma_scales) for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],
             "data_range": "clean low-resolution max - min" + ("; CT window [-160, 240] HU, range 400" if modality == "ct" else ""),
             "mask": "whole image and foreground (fg)",
             "baseline": f"{args.baseline} with the {modality} transform (sigma estimated)",
+            **({"best_sigma_baseline": f"{args.baseline} at the best of sigma x {args.baseline_sigma_scales} per case "
+                                       "(highest whole-image PSNR; an oracle)"} if args.baseline_sigma_scales else {}),
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, CPU, {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"), "mc_samples": args.mc_samples}
@@ -245,18 +272,22 @@ def main() -> None:
     for model, name in zip(args.models, names):
         per_level = []
         for res in results:
-            mean = {m: res["mean"][m] for m in ("noisy", name, args.baseline) if m in res["mean"]}
+            best = f"{args.baseline}_best_sigma"
+            mean = {m: res["mean"][m] for m in ("noisy", name, args.baseline, best) if m in res["mean"]}
             mean["dualnet"] = mean.pop(name) if name != "dualnet" else mean["dualnet"]
             gain = mean["dualnet"]["psnr"] - mean[args.baseline]["psnr"] if args.baseline in mean else None
             rows = [{("dualnet" if k == name else k): v for k, v in r.items()
-                     if k in ("case", "shape_zyx", "noisy", name, args.baseline)} for r in res["per_case"]]
-            per_level.append({"setting": {**meta, "level": res["level"]}, "mean": mean,
-                              "psnr_gain_vs_baseline_db": None if gain is None else round(gain, 3),
-                              "per_case": rows})
+                     if k in ("case", "shape_zyx", "noisy", name, args.baseline, best)} for r in res["per_case"]]
+            entry = {"setting": {**meta, "level": res["level"]}, "mean": mean,
+                     "psnr_gain_vs_baseline_db": None if gain is None else round(gain, 3), "per_case": rows}
+            if best in mean:
+                entry["psnr_gain_vs_best_sigma_baseline_db"] = round(mean["dualnet"]["psnr"] - mean[best]["psnr"], 3)
+            per_level.append(entry)
         card = read_card(model)
         card.setdefault("metrics", {})["validation"] = per_level[0]
         card["metrics"]["validation_levels"] = [{"level": p["setting"]["level"], "mean": p["mean"],
-                                                 "psnr_gain_vs_baseline_db": p["psnr_gain_vs_baseline_db"]}
+                                                 **{k: p[k] for k in ("psnr_gain_vs_baseline_db",
+                                                                      "psnr_gain_vs_best_sigma_baseline_db") if k in p}}
                                                 for p in per_level]
         print(f"wrote metrics.validation into {rewrite_card(model, card)}")
 
