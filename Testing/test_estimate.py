@@ -53,6 +53,7 @@ def test_rician_sigma_is_not_pulled_up_by_dim_tissue(shared_data, level):
     assert estimate.RAYLEIGH_RATIO_BAND[0] < ratio < estimate.RAYLEIGH_RATIO_BAND[1]
     est = estimate.estimate_noise(noisy, "mri")
     assert est.method == "rician-background" and est.sigma == s
+    assert est.params["background_rayleigh_ratio"] == ratio  # reported by `dualnet estimate`
 
 
 def test_a_background_with_signal_in_it_is_not_read_as_rayleigh(mri_volume):
@@ -65,6 +66,7 @@ def test_a_background_with_signal_in_it_is_not_read_as_rayleigh(mri_volume):
     assert ratio > estimate.RAYLEIGH_RATIO_BAND[1] and s > 1.5 * s_true
     est = estimate.estimate_noise(noisy, "mri")
     assert est.method == "wavelet-mad-foreground" and est.sigma < s
+    assert est.params["background_rayleigh_ratio"] == ratio
 
 
 def test_rician_without_background_falls_back_to_mad(mri_crop):

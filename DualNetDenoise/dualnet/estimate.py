@@ -358,7 +358,8 @@ class NoiseEstimate:
         sigma: absolute noise size: MRI Rician sigma (a.u.), CT noise std at water (HU),
             US relative std of the speckle ``1 / sqrt(L)`` (unitless).
         method: how it was estimated.
-        params: model parameters (e.g. CT ``gain``, ``electronic_sigma`` in HU; MRI ``peak``).
+        params: model parameters (e.g. CT ``gain``, ``electronic_sigma`` in HU; MRI ``peak`` and, where
+            a background was measured, ``background_rayleigh_ratio``: 0.886 for pure Rayleigh noise).
     """
 
     modality: str
@@ -408,8 +409,11 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
 
         fg = a > threshold_otsu(a)
         s_mad = sigma_gaussian_mad(a, mask=fg if mask is None else (fg & np.asarray(mask, bool)))
+        extra: Dict[str, float] = {}
         try:
             s, ratio = rician_background(a)
+            if np.isfinite(ratio):
+                extra["background_rayleigh_ratio"] = ratio
             method = "rician-background"
             rayleigh = RAYLEIGH_RATIO_BAND[0] <= ratio <= RAYLEIGH_RATIO_BAND[1]
             # signal in the background (ghosts, an offset) can only raise its estimate
@@ -419,7 +423,7 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
             s, method = s_mad, "wavelet-mad-foreground"
         peak = _robust_peak(a, s)
         level = s / peak if peak > 0 else float("nan")
-        return NoiseEstimate("mri", float(level), float(s), method, {"peak": peak})
+        return NoiseEstimate("mri", float(level), float(s), method, {"peak": peak, **extra})
     if m == "ct":
         fov = a > CT_PADDING_HU  # leave out-of-field padding (-1024 .. -3024 fill values) out
         if mask is not None:
