@@ -1352,3 +1352,10 @@ def test_status_line_says_when_the_guard_blended():
     assert result_summary({"seconds": 1, "inference_guard": {"weight": 1.0, "reason": "speckle"}}) == "Done in 1 s."
     views = result_summary({"seconds": 1, "inference_views": 3, "inference_guard": {"weight": 1.0}})
     assert views == "Done in 1 s. The network ran along axial, coronal and sagittal slices (averaged)."
+    from dualnet.estimate import background_caution
+
+    caution = background_caution({"method": "rician-background", "sigma": 12.9, "background_rayleigh_ratio": 0.97})
+    warned = result_summary({"seconds": 1, "inference_noise_warning": caution})
+    assert warned == f"Done in 1 s. Warning: {caution}." and "may be too high" in caution
+    assert background_caution({"method": "rician-background", "sigma": 1.0, "background_rayleigh_ratio": 0.886}) is None
+    assert background_caution({"method": "wavelet-mad-foreground", "background_rayleigh_ratio": 0.99}) is None

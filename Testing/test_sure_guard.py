@@ -157,6 +157,36 @@ def test_cli_frame_uses_the_repeats_and_no_guard_is_network_only(tmp_path, epi, 
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_a_ghosted_background_gets_a_warning_from_one_volume(tmp_path, epi, mri_volume, capfd):
+    """One volume of the real EPI (its background holds ghosts): the single-image sigma reads 1.76x the
+    repeats', and `dualnet denoise` warns, naming the way out; a simulated Rician scan (a pure Rayleigh
+    background) gets no warning."""
+    from dualnet.io import Volume, read_volume, write_volume
+
+    path, _ = epi
+    one = tmp_path / "one.nii.gz"
+    write_volume(read_volume(path, frame=1), one)
+    out, info = tmp_path / "o.nii.gz", tmp_path / "info.json"
+    code, _, err = run(["denoise", one, out, "--device", "cpu", "--views", "1", "--info-json", info], capfd)
+    assert code == 0, err
+    res = json.loads(info.read_text())
+    assert res["inference_noise_model"]["method"] == "rician-background"
+    assert res["inference_noise_model"]["background_rayleigh_ratio"] > 0.92
+    assert "dualnet: warning: the image background does not look like pure noise" in err
+    assert "for a 4D series take it from the frames" in res["inference_noise_warning"]
+
+    from dualnet.noise import add_noise
+
+    head = mri_volume.array[40:120:2, ::2, ::2].astype(np.float32)  # keeps the zero background
+    rician = tmp_path / "rician.nii.gz"
+    write_volume(Volume(add_noise(head, "mri", 0.05, 1).astype(np.float32), (2.0, 2.0, 2.0)), rician)
+    code, _, err = run(["denoise", rician, tmp_path / "r.nii.gz", "--device", "cpu", "--views", "1",
+                        "--info-json", info], capfd)
+    assert code == 0, err
+    res = json.loads(info.read_text())
+    assert "noise_warning" not in str(res) and "warning:" not in err
+
+
 def test_no_guard_for_speckle(us_image):
     net, card = load_model(default_model_path("us"), "cpu")
     res = denoise_array(us_image.array[:64, :64], net, card, device="cpu", modality="us", guard=True)

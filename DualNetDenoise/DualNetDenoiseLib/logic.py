@@ -76,8 +76,8 @@ def map_name(input_name: str, kind: str, method: str) -> str:
 
 def result_summary(info: Dict[str, Any]) -> str:
     """The panel's status line after a run: the time, the network's slice orientations when it ran
-    along all three, and what the SURE guard did when it blended the network's result with the
-    input (``info`` of :func:`dualnet.api.denoise_volume`)."""
+    along all three, what the SURE guard did when it blended the network's result with the input,
+    and a doubtful noise estimate (``info`` of :func:`dualnet.api.denoise_volume`)."""
     seconds = info.get("seconds")
     text = f"Done in {seconds} s." if seconds else "Done."
     if info.get("inference_views") == 3:
@@ -87,6 +87,8 @@ def result_summary(info: Dict[str, Any]) -> str:
     if weight is not None and weight < 0.995:
         text += (f" SURE guard: the network's result was blended with the input (weight {weight:.2f}); "
                  "by its estimate the network alone would be worse on this scan.")
+    if info.get("inference_noise_warning"):
+        text += f" Warning: {info['inference_noise_warning']}."
     return text
 
 

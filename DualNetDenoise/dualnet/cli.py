@@ -281,6 +281,8 @@ def cmd_denoise(args) -> int:
     _say_modality(args, choice)
     if sigma_source not in (None, "given") and "sigma" in result.info:
         _note(args, f"noise sigma {result.info['sigma']:.4g} from {sigma_source}")
+    if result.info.get("inference_noise_warning"):
+        _warn(result.info["inference_noise_warning"])
     _info(args, f"wrote {out} ({args.method}, {args.modality}, {result.info.get('seconds', 0):.1f} s)")
     return 0
 

@@ -244,6 +244,24 @@ def _moment_window(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return (shape[0], 7, 7)
 
 
+def background_caution(noise_info: Dict[str, object]) -> Optional[str]:
+    """A warning for an MRI noise sigma taken from a background that is not pure Rayleigh noise.
+
+    ``noise_info`` is an estimate's description (:func:`dualnet.training.data.noise_variance_model`'s
+    info: ``method``, ``sigma``, ``background_rayleigh_ratio``). Ghosts or an offset in the background
+    raise the estimate, so the network may smooth too much; ``None`` when there is nothing to say.
+    """
+    ratio = noise_info.get("background_rayleigh_ratio")
+    if noise_info.get("method") != "rician-background" or not isinstance(ratio, float):
+        return None
+    if RAYLEIGH_RATIO_BAND[0] <= ratio <= RAYLEIGH_RATIO_BAND[1]:
+        return None
+    return (f"the image background does not look like pure noise (moment ratio {ratio:.3f}, "
+            f"{RAYLEIGH_MOMENT_RATIO:.3f} for pure noise: ghosts or an offset), so the estimated noise sigma "
+            f"{float(noise_info.get('sigma', float('nan'))):.4g} may be too high and the result too smooth; "
+            "set the sigma yourself, or for a 4D series take it from the frames (dualnet: --sigma, --frame)")
+
+
 def poisson_gaussian_fit(
     x: np.ndarray, *, mask: Optional[np.ndarray] = None, n_bins: int = 40, min_count: int = 200
 ) -> Tuple[float, float]:

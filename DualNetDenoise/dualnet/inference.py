@@ -208,6 +208,19 @@ def denormalise(array: np.ndarray, params: Dict[str, float]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- tiling
 
+def _add_noise_info(info: Dict[str, Any], noise_info: Optional[Dict[str, Any]]) -> None:
+    """Record the estimated noise model in ``info``, and ``noise_warning`` where the estimate is
+    doubtful (:func:`dualnet.estimate.background_caution`)."""
+    if noise_info is None:
+        return
+    from .estimate import background_caution
+
+    info["noise_model"] = noise_info
+    caution = background_caution(noise_info)
+    if caution:
+        info["noise_warning"] = caution
+
+
 def gaussian_weight(shape: Sequence[int], sigma_scale: float = 0.125,
                     floor: float = 1e-3) -> np.ndarray:
     """Separable Gaussian blending weight over a tile, peak 1 at the centre, >= ``floor``.
@@ -550,8 +563,7 @@ def denoise_array(
         overlap=overlap, tta=n_tta, mc_samples=int(mc_samples),
         passes=n_tta + int(mc_samples), seed=seed, normalisation=dict(norm_params),
         output_floor=floor, fallback=None, oom_retries=0, threads=threads, amp=amp_name)
-    if noise_info is not None:
-        info["noise_model"] = noise_info
+    _add_noise_info(info, noise_info)
 
     was_training = model.training
     try:
@@ -727,8 +739,7 @@ def _three_views(arr: np.ndarray, model: Any, card: Optional[Dict[str, Any]], pr
     info = merge_info(res["infos"], time.perf_counter() - t0)
     if smoothing is not None:
         info["view_smoothing"] = smoothing
-    if noise_info is not None:
-        info["noise_model"] = noise_info
+    _add_noise_info(info, noise_info)
     report(progress, 1.0, "done")
     return InferenceResult(denoised=res["denoised"], uncertainty=res["uncertainty"], sigma_map=res["sigma_map"],
                            alpha_map=res["alpha_map"], info=info)
