@@ -432,3 +432,25 @@ def test_series_without_a_noise_model_tag_falls_back_to_the_intensities(dicom_di
     assert report.ok and report.outcomes[0].modality == "ct"
     assert "from the intensities" in report.outcomes[0].info["modality_note"]
     assert tree_hashes(src) == before
+
+
+def test_dicom_denoise_prints_each_series_noise_warning(shared_data, tmp_path, capsys, monkeypatch):
+    """`denoise --dicom` prints a series' noise warning (the core's `noise_warning`, tested on the
+    real EPI in test_sure_guard.py) with the series folder. Here the core's wording is replaced, since
+    this real series has a masked background that never draws one: the seam under test is the CLI's."""
+    import shutil
+
+    import dualnet.estimate as estimate
+    from dualnet.cli import main
+
+    small_series = tmp_path / "in"
+    small_series.mkdir()
+    for f in sorted((shared_data / "dicom" / "mr_siemens_t1_fl2d_sag").glob("*.dcm"))[:5]:
+        shutil.copy2(f, small_series / f.name)
+
+    monkeypatch.setattr(estimate, "background_caution", lambda info: "TEST CAUTION")
+    code = main(["denoise", str(small_series), str(tmp_path / "out"), "--dicom", "--views", "1", "-q",
+                 "--device", "cpu"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"dualnet: warning: {small_series}: TEST CAUTION" in err

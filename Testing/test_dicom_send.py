@@ -104,3 +104,4 @@ def test_a_reject_read_as_an_abort_is_still_named_a_refusal():
     assert _why_no_association(aborted, seen).startswith("refused the association (Rejected (Permanent)")
     assert "Called AE title not recognised" in _why_no_association(aborted, seen)
     assert _why_no_association(aborted, []).startswith("no association (node unreachable")
+

@@ -370,6 +370,9 @@ def _denoise_dicom(args) -> int:
     )
     for line in report.summary_lines(failed=False):
         _info(args, line)
+    for o in report.outcomes:
+        if o.status == "ok" and (o.info or {}).get("inference_noise_warning"):
+            _warn(f"{o.source.folder}: {o.info['inference_noise_warning']}")
     if args.info_json:
         atomic_write_bytes(args.info_json, json.dumps(report.to_json(), indent=2, default=str).encode("utf-8"))
     failed = [o for o in report.outcomes if o.status != "ok"]
