@@ -431,3 +431,17 @@ def test_batch_dicom_package_missing_while_running(study, tmp_path, batch, monke
     assert line.startswith("batch_denoise: error: missing Python package 'skimage'") and "scikit-image" in line
     rows = read_rows(tmp_path / "out" / "summary.csv")
     assert [r["status"] for r in rows] == ["failed", "skipped"] and "scikit-image" in rows[0]["error"]
+
+
+def test_batch_prints_a_doubtful_noise_estimate(tmp_path, shared_data):
+    """One volume of the real EPI (a ghosted background): the network's noise warning reaches the
+    batch log, and the file is still written."""
+    from dualnet.io import read_volume, write_volume
+
+    d = tmp_path / "in"
+    d.mkdir()
+    write_volume(read_volume(shared_data / "real_noise" / "epi_5reps.nii.gz", frame=1), d / "epi.nii.gz")
+    res = run([d, tmp_path / "out", "--modality", "mri", "--device", "cpu", "--views", "1"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "warning: the image background does not look like pure noise" in res.stderr
+    assert len(list((tmp_path / "out").glob("epi_dualnet*"))) == 1

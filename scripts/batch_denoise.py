@@ -246,8 +246,9 @@ def denoise_all(args, inputs, rows) -> int:
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
             print(f"  modality {info.get('modality')} ({info.get('modality_reason', '')})", flush=True)
-            if info.get("warning"):
-                print(f"  warning: {info['warning']}", file=sys.stderr, flush=True)
+            for key in ("warning", "inference_noise_warning"):  # another modality's model; a doubtful noise estimate
+                if info.get(key):
+                    print(f"  warning: {info[key]}", file=sys.stderr, flush=True)
             row.update(status="ok", modality=info.get("modality", ""), note=info.get("modality_reason", ""),
                        shape_zyx="x".join(map(str, vol.array.shape)),
                        spacing_xyz="x".join(f"{s:g}" for s in vol.spacing),
