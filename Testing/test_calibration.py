@@ -200,3 +200,8 @@ def test_best_sigma_baseline_keeps_the_best_of_its_sigma_multiples(mri_crop):
     top = max(scales, key=lambda k: each[k]["psnr"])
     assert best["sigma_scale"] == top and best["psnr"] == pytest.approx(each[top]["psnr"], abs=1e-9)
     assert len({round(v["psnr"], 3) for v in each.values()}) == 3  # the scales really differ
+    # the baseline as validate_models runs it (its own estimate) is the multiple 1, reused, not rerun
+    plain = scores(ref, denoise_volume(noisy, method="nlm", modality="mri").volume.array, "mri")
+    assert plain["psnr"] == pytest.approx(each[1.0]["psnr"], abs=1e-9)
+    reused = best_sigma_run(noisy, ref, "nlm", "mri", scales, at_estimate={**plain, "seconds": 0.0})
+    assert {k: reused[k] for k in ("psnr", "sigma_scale")} == {k: best[k] for k in ("psnr", "sigma_scale")}

@@ -154,7 +154,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
                                                  guard=guard, views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta))
         if baseline != "none" and baseline_scales:
-            row[f"{baseline}_best_sigma"] = best_sigma_run(noisy, ref, baseline, modality, baseline_scales)
+            row[f"{baseline}_best_sigma"] = best_sigma_run(noisy, ref, baseline, modality, baseline_scales,
+                                                           at_estimate=row[baseline])
         rows.append(row)
         print(f"level {level:g} {row['case']}: noisy {row['noisy']['psnr']:.2f} dB | " +
               " | ".join(f"{label} {row[label]['psnr']:.2f} dB ({row[label]['seconds']:.1f} s)"
@@ -177,15 +178,20 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
     return {"level": level, "mean": summary, "per_case": rows}
 
 
-def best_sigma_run(noisy: Volume, ref: np.ndarray, baseline: str, modality: str, scales: Sequence[float]) -> dict:
+def best_sigma_run(noisy: Volume, ref: np.ndarray, baseline: str, modality: str, scales: Sequence[float],
+                   at_estimate: Optional[dict] = None) -> dict:
     """The baseline's scores at the multiple of the estimated sigma (of ``scales``) with the highest
-    whole-image PSNR; ``sigma_scale`` says which, ``seconds`` is that run's time."""
+    whole-image PSNR; ``sigma_scale`` says which, ``seconds`` is that run's time. ``at_estimate``:
+    the scores of the baseline already run with its own estimate (the multiple 1), not run again."""
     sigma = float(estimate_noise(noisy.array, modality).sigma)
     best = None
     for k in scales:
-        t = time.perf_counter()
-        out = denoise_volume(noisy, method=baseline, modality=modality, sigma=float(k) * sigma).volume.array
-        sc = {**scores(ref, out, modality), "seconds": time.perf_counter() - t, "sigma_scale": float(k)}
+        if float(k) == 1.0 and at_estimate is not None:
+            sc = {**at_estimate, "sigma_scale": 1.0}
+        else:
+            t = time.perf_counter()
+            out = denoise_volume(noisy, method=baseline, modality=modality, sigma=float(k) * sigma).volume.array
+            sc = {**scores(ref, out, modality), "seconds": time.perf_counter() - t, "sigma_scale": float(k)}
         if best is None or sc["psnr"] > best["psnr"]:
             best = sc
     return best

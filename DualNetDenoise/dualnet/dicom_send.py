@@ -95,7 +95,9 @@ def _note_rejection(event, rejections: list) -> None:
     connection before the requesting thread looks, the association reads as aborted, not rejected.
     The PDU itself is the evidence that the node answered and refused.
     """
-    if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    if isinstance(event.pdu, A_ASSOCIATE_RJ):
         rejections.append(event.pdu)
 
 

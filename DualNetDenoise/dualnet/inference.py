@@ -206,8 +206,6 @@ def denormalise(array: np.ndarray, params: Dict[str, float]) -> np.ndarray:
     return out
 
 
-# ----------------------------------------------------------------------------- tiling
-
 def _add_noise_info(info: Dict[str, Any], noise_info: Optional[Dict[str, Any]]) -> None:
     """Record the estimated noise model in ``info``, and ``noise_warning`` where the estimate is
     doubtful (:func:`dualnet.estimate.background_caution`)."""
@@ -220,6 +218,8 @@ def _add_noise_info(info: Dict[str, Any], noise_info: Optional[Dict[str, Any]]) 
     if caution:
         info["noise_warning"] = caution
 
+
+# ----------------------------------------------------------------------------- tiling
 
 def gaussian_weight(shape: Sequence[int], sigma_scale: float = 0.125,
                     floor: float = 1e-3) -> np.ndarray:
