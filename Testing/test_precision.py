@@ -16,7 +16,7 @@ import torch
 
 from cli_helpers import run_dualnet
 from dualnet import device, precision
-from dualnet.errors import InputError
+from dualnet.errors import InputError, ModelError
 from dualnet.inference import denoise_array
 from dualnet.io import Volume, write_volume
 from dualnet.modelfile import default_model_path, load_for_inference, save_model
@@ -33,7 +33,7 @@ def amx(monkeypatch):
     monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo": True)
 
 
-def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16_and_one_thread_runs(tmp_path, monkeypatch):
+def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16(tmp_path, monkeypatch):
     flags = {"amx": "fpu avx512f avx512_bf16 amx_tile amx_bf16", "zen4": "fpu avx512f avx512_bf16", "avx2": "fpu avx2"}
     for name, line in flags.items():
         (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {line}\n")
@@ -42,16 +42,13 @@ def test_auto_means_bf16_only_where_the_cpu_has_amx_bf16_and_one_thread_runs(tmp
     assert device.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
 
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
-    monkeypatch.setenv("DUALNET_NUM_THREADS", "1")
-    for has_amx in (True, False):
-        monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo", v=has_amx: v)
-        assert precision.wants_bf16("auto") is has_amx and precision.wants_bf16(None) is has_amx
-        assert precision.wants_bf16("bfloat16") and not precision.wants_bf16("float32")
-    # with two threads ONNX Runtime in fp32 was as fast end to end: auto keeps fp32 there
+    for threads in ("1", "2"):  # session 30: bf16 was faster end to end on two threads too
+        monkeypatch.setenv("DUALNET_NUM_THREADS", threads)
+        for has_amx in (True, False):
+            monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo", v=has_amx: v)
+            assert precision.wants_bf16("auto") is has_amx and precision.wants_bf16(None) is has_amx
+            assert precision.wants_bf16("bfloat16") and not precision.wants_bf16("float32")
     monkeypatch.setattr(device, "cpu_has_amx_bf16", lambda cpuinfo="/proc/cpuinfo": True)
-    assert not precision.wants_bf16("auto", threads=2) and precision.wants_bf16("bfloat16", threads=2)
-    monkeypatch.setenv("DUALNET_NUM_THREADS", "2")
-    assert not precision.wants_bf16("auto") and precision.wants_bf16("auto", threads=1)
     monkeypatch.setenv(precision.PRECISION_ENV, "float32")  # the environment decides what auto means ...
     assert not precision.wants_bf16("auto") and precision.wants_bf16("BFloat16")  # ... not an explicit choice
     monkeypatch.setenv(precision.PRECISION_ENV, "half")
@@ -148,6 +145,40 @@ def test_the_command_runs_bf16_when_asked_and_says_so(tmp_path, mri_crop, capfd,
                                 "--modality", "mri", "--precision", "float32"], capfd)
     assert code != 0 and "--precision applies to the network only" in err
     assert not (tmp_path / "g.nii.gz").exists()
+
+
+def test_a_card_names_the_layers_kept_in_fp32(mri_crop, one_thread):
+    torch.manual_seed(0)
+    net = build_model("tiny", 2, context=3, noise_map=True, use_nonlocal=False).eval()
+    noisy = add_noise(mri_crop[:4, :32, :32].astype(np.float32), "mri", 0.05, rng=3).astype(np.float32)
+    card = {"modality": "mri", "normalisation": {"method": "zscore"}}
+    runs = {}
+    for name, layers in (("default", None), ("none", []), ("inc", ["srb.inc"])):
+        c = dict(card) if layers is None else dict(card, bf16_fp32_layers=layers)
+        seen, handles = _conv_dtypes(net)
+        res = denoise_array(noisy, net, c, device="cpu", modality="mri", views=1, guard=False, precision="bfloat16")
+        for h in handles:
+            h.remove()
+        runs[name] = (res, seen)
+    assert runs["default"][0].info["fp32_layers"] == sorted(net.full_precision_modules())
+    res, seen = runs["none"]
+    assert res.info["fp32_layers"] == [] and set(seen.values()) == {torch.bfloat16}, seen
+    res, seen = runs["inc"]
+    assert res.info["fp32_layers"] == ["srb.inc"]
+    inc_convs = {n for n in seen if n == "srb.inc" or n.startswith("srb.inc.")}
+    assert inc_convs and {n for n, d in seen.items() if d == torch.float32} == inc_convs, seen
+    # the lists give different (all finite) results: the card's entry is what ran
+    assert not np.array_equal(runs["none"][0].denoised, runs["default"][0].denoised)
+    assert all(np.isfinite(r.denoised).all() for r, _ in runs.values())
+    # a malformed entry or a layer the network lacks: a clear error (cards are untrusted input)
+    for bad, match in (("srb.inc", "must be a list of layer names"), ([""], "must be a list of layer names"),
+                       (["srb.nothing"], "'srb.nothing', which this network does not have")):
+        with pytest.raises(ModelError, match=match):
+            denoise_array(noisy, net, dict(card, bf16_fp32_layers=bad), device="cpu", modality="mri", views=1,
+                          guard=False, precision="bfloat16")
+    with pytest.raises(ModelError, match="must be a list"):  # checked even where fp32 runs
+        denoise_array(noisy, net, dict(card, bf16_fp32_layers=3), device="cpu", modality="mri", views=1,
+                      guard=False, precision="float32")
 
 
 def test_a_kept_layer_that_raises_leaves_no_autocast_state_behind():

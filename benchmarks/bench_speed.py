@@ -4,8 +4,8 @@
 start, reading, the noise estimate, the network and writing all count. ``dualnet`` is the default
 (three orthogonal views on these near-isotropic volumes, SURE guard on); ``dualnet --views 1`` the
 fast setting (CT: ``dualnet --views 1 --no-tta``; ultrasound: ``dualnet --no-tta``). The default's arithmetic is the host's
-(``--precision auto``: bf16 with the intensity layers in fp32 where the CPU has AMX bf16 and
-inference runs on one thread, else fp32 in ONNX Runtime; these runs use every core, so fp32); ``--fp32`` also times ``--precision float32``.
+(``--precision auto``: bf16 where the CPU has AMX bf16, with the intensity layers or the card's list in
+fp32, else fp32 in ONNX Runtime); ``--fp32`` also times ``--precision float32``.
 
 Volumes (z, y, x), written once to a temporary folder as NIfTI:
 

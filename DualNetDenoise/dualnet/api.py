@@ -122,9 +122,9 @@ def denoise_volume(
         neb_maps: also return the noise branch's noise-std and confidence maps (network only; no
             extra pass: they come from the same inference).
         precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: the network's CPU arithmetic
-            (:mod:`dualnet.precision`; auto = bf16 with the intensity layers in fp32 where the CPU
-            has AMX bf16 and inference runs on one thread, else fp32). ``info["inference_precision"]``
-            says which ran.
+            (:mod:`dualnet.precision`; auto = bf16 where the CPU has AMX bf16, with the intensity
+            layers, or those the card names, in fp32; else fp32). ``info["inference_precision"]``
+            says which ran, ``info["inference_fp32_layers"]`` which layers stayed in fp32 in bf16.
 
     Returns:
         A :class:`DenoiseResult`; the input volume is not modified.

@@ -546,10 +546,10 @@ def cmd_demo(args) -> int:
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (:mod:`dualnet.precision`), as ``dualnet denoise`` and the batch script take it."""
     parser.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                        help="network arithmetic on the CPU: auto (default) = bf16 with the layers that read or "
-                             "write intensities in fp32 where the CPU has AMX bf16 tiles and inference runs on one "
-                             "thread (DUALNET_NUM_THREADS=1; within 0.003 dB on the validation cases, about 1.4x faster), else "
-                             "float32; float32 = full precision everywhere; bfloat16 = bf16 on any CPU")
+                        help="network arithmetic on the CPU: auto (default) = bf16 where the CPU has AMX bf16 tiles, "
+                             "with the layers that read or write intensities (or those the model card names) in fp32 "
+                             "(within 0.02 dB on the validation cases, 1.2-1.4x faster), else float32; "
+                             "float32 = full precision everywhere; bfloat16 = bf16 on any CPU")
 
 
 def add_tta_options(parser: argparse.ArgumentParser) -> None:

@@ -384,7 +384,7 @@ def _network(name: str, description: Optional[str] = None) -> MethodSpec:
 
             stamp["inference"] = INFERENCE_VERSION
             device = str(ctx.options.get("device", ctx.device) or "auto").lower()
-            # on the CPU the host and thread count decide (dualnet.precision); a GPU keeps its own autocast
+            # on the CPU the host decides (dualnet.precision); a GPU keeps its own autocast
             stamp["bf16"] = wants_bf16("auto") and device in ("auto", "cpu")
         return stamp
 

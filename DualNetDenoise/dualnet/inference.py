@@ -475,19 +475,21 @@ def denoise_array(
             trained on all three slice orientations and the volume is near-isotropic, else 1.
         spacing_zyx: voxel spacing in mm, (z, y, x), for that choice (None = isotropic).
         precision: ``"auto" | "float32" | "bfloat16"`` of the CPU passes (:mod:`dualnet.precision`):
-            auto = bf16 with the intensity layers in fp32 for a PyTorch DUAL-NET where the CPU has
-            AMX bf16 and inference runs on one thread, else fp32 (ONNX Runtime where the model ships
-            its graphs).
-            ``info["precision"]`` says which ran; Monte-Carlo dropout passes run in fp32.
+            auto = bf16 for a PyTorch DUAL-NET where the CPU has AMX bf16, with the intensity layers
+            (or the card's ``bf16_fp32_layers``) in fp32, else fp32 (ONNX Runtime where the model
+            ships its graphs).
+            ``info["precision"]`` says which ran (in bf16 ``info["fp32_layers"]`` the layers kept in
+            fp32); Monte-Carlo dropout passes run in fp32.
         _neb: internal (orthogonal views): the first view records its NEB maps there, the others
             read them instead of running the NEB (:class:`_SharedNeb`).
         _views: internal: the number of views this one is part of (the guard checks its share).
     """
     from .onnx_backend import GraphNet, forward_for
-    from .precision import check_precision, resolve
+    from .precision import card_fp32_layers, check_precision, fp32_modules, resolve
 
     t0 = time.perf_counter()
     precision = check_precision(precision)
+    fp32_layers = card_fp32_layers(card)  # a malformed card fails before any work
     asked = (device or "auto").strip().lower().split(":")[0]
     if isinstance(model, GraphNet) or asked not in ("auto", "cpu"):  # before any work: graphs and GPUs
         resolve(precision, model, "cpu" if asked == "auto" else asked)  # refuse an explicit bf16
@@ -571,9 +573,10 @@ def denoise_array(
             try:
                 if not graph_only:
                     _to_device(model, dev, dim)
-                info["precision"] = resolve(precision, model, dev, threads)
+                info["precision"] = resolve(precision, model, dev)
                 if info["precision"] == "bfloat16":  # PyTorch under CPU autocast
-                    fast = _torch_forward(model, dev, dim, restore, bf16=True)
+                    info["fp32_layers"] = sorted(fp32_modules(model, fp32_layers))
+                    fast = _torch_forward(model, dev, dim, restore, bf16=True, fp32_layers=fp32_layers)
                     info["backend"] = "torch"
                 else:  # ONNX Runtime where the model ships the graph
                     fast = forward_for(model, dev, threads, graph="restore" if restore else "forward")
@@ -1078,11 +1081,12 @@ def _tensor(x: np.ndarray, dev: Any, dim: int) -> Any:
     return t.contiguous(memory_format=torch.channels_last) if dim == 2 and dev.type == "cpu" else t
 
 
-def _torch_forward(model: Any, dev: Any, dim: int, restore: bool, bf16: bool = False
-                   ) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+def _torch_forward(model: Any, dev: Any, dim: int, restore: bool, bf16: bool = False,
+                   fp32_layers: Optional[Sequence[str]] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
     """``model`` (or ``model.restore``) in eval mode as a function of a float32 numpy batch
     (channels-last on the CPU for 2D models, autocast on CUDA, ``bf16``: CPU bf16 with the model's
-    intensity layers in fp32, :func:`dualnet.precision.cpu_bf16`), returning float32 numpy maps."""
+    intensity layers, or the card's ``fp32_layers``, in fp32, :func:`dualnet.precision.cpu_bf16`),
+    returning float32 numpy maps."""
     import torch
 
     from .device import autocast_dtype
@@ -1093,7 +1097,7 @@ def _torch_forward(model: Any, dev: Any, dim: int, restore: bool, bf16: bool = F
 
     def scope() -> Any:
         if bf16:
-            return cpu_bf16(model)
+            return cpu_bf16(model, fp32_layers)
         return torch.autocast(device_type="cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def run(x: np.ndarray) -> Dict[str, np.ndarray]:
