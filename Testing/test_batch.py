@@ -445,3 +445,26 @@ def test_batch_prints_a_doubtful_noise_estimate(tmp_path, shared_data):
     assert res.returncode == 0, res.stderr
     assert "warning: the image background does not look like pure noise" in res.stderr
     assert len(list((tmp_path / "out").glob("epi_dualnet*"))) == 1
+    (row,) = read_rows(tmp_path / "out" / "summary.csv")  # and the summary keeps it beside the file
+    assert row["status"] == "ok" and row["warning"].startswith("the image background does not look like pure noise")
+
+
+def test_batch_dicom_prints_and_keeps_each_series_noise_warning(shared_data, tmp_path, batch, capsys, monkeypatch):
+    """``--dicom``: a series' noise warning is printed with its folder and kept in summary.csv. The
+    core's wording is replaced (this real series has a masked background that never draws one; the
+    wording itself is tested on the real EPI in test_sure_guard.py): the seam under test is the script's."""
+    import shutil
+
+    import dualnet.estimate as estimate
+
+    series = tmp_path / "in" / "t1"
+    series.mkdir(parents=True)
+    for f in sorted((shared_data / "dicom" / "mr_siemens_t1_fl2d_sag").glob("*.dcm"))[:5]:
+        shutil.copy2(f, series / f.name)
+    monkeypatch.setattr(estimate, "background_caution", lambda info: "TEST CAUTION")
+    code = batch.main([str(tmp_path / "in"), str(tmp_path / "out"), "--dicom", "--views", "1", "--device", "cpu"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"warning: {series}: TEST CAUTION" in err
+    (row,) = read_rows(tmp_path / "out" / "summary.csv")
+    assert row["status"] == "ok" and row["warning"] == "TEST CAUTION"

@@ -9,7 +9,7 @@ inside Slicer without a window::
     python scripts/batch_denoise.py STUDY_DIR OUT_DIR --dicom --method bm4d [--send AET@HOST:PORT]
 
 Each input ``name.ext`` gives ``OUT_DIR/name_<method>.nrrd`` (``--format`` to change);
-``OUT_DIR/summary.csv`` lists input, output, status, modality, seconds, noise sigma and any error.
+``OUT_DIR/summary.csv`` lists input, output, status, modality, seconds, noise sigma, any error and any warning.
 ``--modality auto`` (the default) takes each volume's modality from its DICOM Modality tag, else from
 its intensities (air at -1000 HU: CT; an 8-bit 2D image: ultrasound; otherwise MRI); the reason is
 printed and written to the ``note`` column (``dualnet.modality.choose_modality``).
@@ -47,7 +47,7 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", 
 #: the last three are filled by --dicom (source series, new Series Instance UID, skip reason / modality note);
 #: for volume files, note is why the modality was chosen
 CSV_FIELDS = ["input", "output", "status", "method", "modality", "shape_zyx", "spacing_xyz", "sigma", "seconds",
-              "error", "series", "derived_series_uid", "note"]
+              "error", "warning", "series", "derived_series_uid", "note"]
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING_PACKAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -246,10 +246,11 @@ def denoise_all(args, inputs, rows) -> int:
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
             print(f"  modality {info.get('modality')} ({info.get('modality_reason', '')})", flush=True)
-            for key in ("warning", "inference_noise_warning"):  # another modality's model; a doubtful noise estimate
-                if info.get(key):
-                    print(f"  warning: {info[key]}", file=sys.stderr, flush=True)
+            warnings = result_warnings(info)
+            for line in warnings:
+                print(f"  warning: {line}", file=sys.stderr, flush=True)
             row.update(status="ok", modality=info.get("modality", ""), note=info.get("modality_reason", ""),
+                       warning="; ".join(warnings),
                        shape_zyx="x".join(map(str, vol.array.shape)),
                        spacing_xyz="x".join(f"{s:g}" for s in vol.spacing),
                        sigma=info.get("sigma", ""), seconds=f"{time.time() - t0:.2f}")
@@ -263,6 +264,12 @@ def denoise_all(args, inputs, rows) -> int:
             print(f"  failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
     return failed
+
+
+def result_warnings(info: dict) -> list:
+    """The warnings of a result's info: another modality's model (``warning``), a doubtful noise
+    estimate (``inference_noise_warning``); printed under the file and kept in summary.csv."""
+    return [str(info[key]) for key in ("warning", "inference_noise_warning") if info.get(key)]
 
 
 # ----------------------------------------------------------------------------- --dicom
@@ -330,6 +337,9 @@ def finish_dicom(args, report, node) -> int:
     write_summary(csv_path, dicom_rows(report, args))
     for line in report.summary_lines()[len(report.outcomes):]:
         print(line, flush=True)
+    for o in report.outcomes:
+        for line in result_warnings(o.info or {}) if o.status == "ok" else ():
+            print(f"  warning: {o.source.folder}: {line}", file=sys.stderr, flush=True)
     missing = next((o for o in report.outcomes if o.missing_package), None)
     if missing is not None:  # as for volume files: every further series would fail the same way
         raise MissingPackage(series_error(missing))
@@ -372,7 +382,8 @@ def dicom_rows(report, args) -> list:
         rows.append({"input": str(o.source.folder or o.source.files[0].parent), "output": str(d.folder) if d else "",
                      "status": o.status, "method": args.method, "modality": o.modality or args.modality or "",
                      "shape_zyx": derived_shape(o), "sigma": o.info.get("sigma", ""), "seconds": f"{o.seconds:.2f}",
-                     "error": series_error(o), "series": o.source.label(),
+                     "error": series_error(o), "warning": "; ".join(result_warnings(o.info or {})),
+                     "series": o.source.label(),
                      "derived_series_uid": d.series_uid if d else "", "note": o.info.get("modality_note", "")})
     for s in report.skipped:
         if s.dicom:
