@@ -5,13 +5,14 @@
 model ships graphs) everywhere else. In bf16 the layers a network names in
 ``full_precision_modules()`` (those reading or writing image intensities) stay in fp32: rounding the
 intensities to bf16's 8-bit mantissa is as large as the noise of a low-dose CT. A model card may
-name its own list (``bf16_fp32_layers``, :func:`card_fp32_layers`; the MRI card names none: measured
-the same to 0.004 dB). Measured on the Intel Xeon host (AMX), 4 slices of 256^2 per batch
-(docs/design_sweep.md, sessions 19 and 30): on one thread 0.75 s against 1.30 s for ONNX Runtime
-fp32; on two threads 0.27 s (all bf16 0.19-0.22 s) against 0.38 s, which session 30 measured end to
-end (`dualnet denoise`, the MRI 60 x 256 x 256 slab: 15.2 s with the four layers in fp32, 12.7 s
-with none, against 17.3 s for ONNX Runtime), so "auto" no longer keeps fp32 on two threads. Quality:
-0.000 dB on the CT validation cases at 25 % dose, within 0.004 dB on the MRI ones at four levels.
+name its own list (``bf16_fp32_layers``, :func:`card_fp32_layers`; the MRI card names none: all-bf16
+scored -0.005 to +0.021 dB against fp32 on its validation cases at four levels). Measured on the Intel
+Xeon host (AMX), 4 slices of 256^2 per batch (docs/design_sweep.md, sessions 19 and 30): on one
+thread 0.75 s against 1.30 s for ONNX Runtime fp32; on two threads 0.27-0.30 s (all bf16 0.19-0.22 s)
+against 0.38 s, which session 30 measured end to end (`dualnet denoise`, the MRI 60 x 256 x 256 slab:
+15.2 s with the four layers in fp32, 12.7 s with none, against 17.3 s for ONNX Runtime), so "auto" no
+longer keeps fp32 on two threads. Quality with the four layers in fp32: 0.000 dB on the CT validation
+cases at 25 % dose, within 0.003 dB on the MRI ones at four levels.
 On CPUs with AVX-512 BF16 but no AMX bf16 inference was not measured, so "auto" keeps fp32 there.
 ``$DUALNET_PRECISION`` (``float32`` / ``bfloat16``) decides what "auto" means for a whole process
 (the test suite pins ``float32``). CUDA keeps its own autocast (:func:`dualnet.device.autocast_dtype`).
