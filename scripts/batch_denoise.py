@@ -338,8 +338,9 @@ def finish_dicom(args, report, node) -> int:
     for line in report.summary_lines()[len(report.outcomes):]:
         print(line, flush=True)
     for o in report.outcomes:
-        for line in result_warnings(o.info or {}) if o.status == "ok" else ():
-            print(f"  warning: {o.source.folder}: {line}", file=sys.stderr, flush=True)
+        if o.status == "ok":
+            for line in result_warnings(o.info or {}):
+                print(f"  warning: {o.source.folder}: {line}", file=sys.stderr, flush=True)
     missing = next((o for o in report.outcomes if o.missing_package), None)
     if missing is not None:  # as for volume files: every further series would fail the same way
         raise MissingPackage(series_error(missing))
