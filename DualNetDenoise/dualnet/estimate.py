@@ -145,6 +145,12 @@ RAYLEIGH_MOMENT_RATIO = float(np.sqrt(np.pi / 4.0))
 RAYLEIGH_RATIO_BAND = (0.85, 0.92)
 
 
+def looks_rayleigh(ratio: float) -> bool:
+    """Whether :func:`rician_background`'s moment ``ratio`` is within :data:`RAYLEIGH_RATIO_BAND`
+    (False for NaN: too few background windows to tell)."""
+    return RAYLEIGH_RATIO_BAND[0] <= ratio <= RAYLEIGH_RATIO_BAND[1]
+
+
 def sigma_rician_background(x: np.ndarray, *, min_fraction: float = 0.02) -> float:
     """Rician sigma from the background of a magnitude image; same units as ``x``.
 
@@ -252,9 +258,7 @@ def background_caution(noise_info: Dict[str, object]) -> Optional[str]:
     raise the estimate, so the network may smooth too much; ``None`` when there is nothing to say.
     """
     ratio = noise_info.get("background_rayleigh_ratio")
-    if noise_info.get("method") != "rician-background" or not isinstance(ratio, float):
-        return None
-    if RAYLEIGH_RATIO_BAND[0] <= ratio <= RAYLEIGH_RATIO_BAND[1]:
+    if noise_info.get("method") != "rician-background" or not isinstance(ratio, float) or looks_rayleigh(ratio):
         return None
     return (f"the image background does not look like pure noise (moment ratio {ratio:.3f}, "
             f"{RAYLEIGH_MOMENT_RATIO:.3f} for pure noise: ghosts or an offset), so the estimated noise sigma "
@@ -433,9 +437,8 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
             if np.isfinite(ratio):
                 extra["background_rayleigh_ratio"] = ratio
             method = "rician-background"
-            rayleigh = RAYLEIGH_RATIO_BAND[0] <= ratio <= RAYLEIGH_RATIO_BAND[1]
             # signal in the background (ghosts, an offset) can only raise its estimate
-            if s > 2.0 * s_mad or (not rayleigh and s > s_mad):
+            if s > 2.0 * s_mad or (not looks_rayleigh(ratio) and s > s_mad):
                 s, method = s_mad, "wavelet-mad-foreground"
         except InputError:
             s, method = s_mad, "wavelet-mad-foreground"
