@@ -125,6 +125,21 @@ def test_parameter_counts_ordered(dim):
         assert 30e6 < counts["base"] < 80e6
 
 
+def test_cpu_wide_preset_is_cpu_in_multiples_of_32():
+    """The AMX design-sweep candidate: the "cpu" layout with every SRB width and RDB growth a
+    multiple of 32 (bf16 tile width), and more parameters than "cpu"."""
+    from dualnet.models import PRESETS
+    cpu, wide = PRESETS["cpu"], PRESETS["cpu_wide"]
+    assert {k: v for k, v in wide.items() if k not in ("width", "max_width", "rdb")} == \
+        {k: v for k, v in cpu.items() if k not in ("width", "max_width", "rdb")}
+    kw = dict(context=5, noise_map=True, use_nonlocal=False, confidence_head="sigma_mlp")
+    with torch.device("meta"):
+        net = build_model("cpu_wide", 2, **kw)
+        assert count_parameters(net) > 2 * count_parameters(build_model("cpu", 2, **kw))
+    assert all(w % 32 == 0 for w in net.srb.widths)
+    assert wide["rdb"][1] % 32 == 0
+
+
 def test_unknown_preset_and_dim():
     with pytest.raises(ValueError):
         build_model("huge", 2)

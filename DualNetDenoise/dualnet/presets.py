@@ -27,6 +27,11 @@ PRESETS: Dict[str, dict] = {
     # 2-core CPU design (2.5D + noise map): the budget goes to the SRB's full-resolution width,
     # the NEB stays narrow (its 2*dim rotated copies run at full resolution).
     "cpu": dict(width=24, levels=3, max_width=96, rdb=(2, 16), blocks=1, neb=(8, 2), heads=4),
+    # "cpu" widened to multiples of 32 channels: on a CPU with AMX (bf16 tiles of 32) a training step
+    # costs 1.15x "cpu"'s for 2.4x the parameters, but at the same CPU budget (35 and 115 min, CT) it
+    # scored lower than "cpu", and it costs 1.6x at inference. No model uses it (docs/design_sweep.md,
+    # session 31).
+    "cpu_wide": dict(width=32, levels=3, max_width=128, rdb=(2, 32), blocks=1, neb=(8, 2), heads=4),
 }
 
 
