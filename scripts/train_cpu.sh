@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Train the shipped models on the 2-core CPU, in the background, resumably:
 #   nohup bash scripts/train_cpu.sh [VERSION] > runs/train.log 2>&1 &
-# VERSION current (default): configs/pretrain_<m>.toml (MRI and CT v6, each continuing
-# weights/history/dualnet_<m>_v5; ultrasound v5, continuing weights/history/dualnet_us_v4, trained in an
-# earlier session alone and stopped after 80 of its 130 minutes); v5 / v4 / v3 (MRI, CT):
-# configs/history/pretrain_<m>_<VERSION>.toml (the CT stage 1 of v3 is configs/history/pretrain_ct_v3a.toml).
+# VERSION current (default): configs/pretrain_<m>.toml, each continuing the model its init_from names
+# (the CT v13 continues weights/history/dualnet_ct_v13a, whose from-scratch stage is
+# configs/history/pretrain_ct_v13a.toml); an older VERSION: configs/history/pretrain_<m>_<VERSION>.toml
+# (the CT stage 1 of v3 is configs/history/pretrain_ct_v3a.toml).
 # MRI on one core; CT then ultrasound on the other. Each run has a hard wall-clock budget
 # (time_budget_s in its config), checkpoints every 250 steps and resumes from runs/<VERSION>_<m>/checkpoint.pt
 # when started again (a new budget then applies to the continued run). Exported models:
