@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Diagnostic (not a test): is the whole-scan check after CT fine-tuning misled by the noise estimate?
+
+For each slab of a CT subset of the evaluation study (default ``ct_abdomen``), degraded as
+``dualnet evaluate`` degrades it (same seeds) at ``--level`` (dose fraction): the shipped CT model
+(the base) and the model fine-tuned on the noisy slab with the study's per-case recipe
+(``[methods.dualnet_ft]``: its steps and overrides of ``configs/finetune.toml``) are scored against the
+reference (whole / foreground PSNR, the subset's data range). The check (``dualnet.training.base_check``)
+is run twice: with the noise model the fine-tuning estimated from the slab, as ``dualnet finetune``
+runs it, and with the simulation's own Poisson-Gaussian model. The estimated gain is printed beside
+the simulated one. With ``--denoised-reference`` the source volume is first denoised by the shipped
+model (its own noise estimate), so that the reference carries little noise of its own.
+
+    python scripts/probe_finetune_check.py [--level 0.25] [--subset ct_abdomen] [--denoised-reference]
+
+docs/design_sweep.md, session 32, has a run. Fine-tuning is not bit-reproducible from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "DualNetDenoise"))
+
+from dualnet import api, evaluate, inference, modelfile, noise  # noqa: E402
+from dualnet.degrade import degrade  # noqa: E402
+from dualnet.io import Volume, read_volume, write_volume  # noqa: E402
+from dualnet.training import base_check  # noqa: E402
+from dualnet.training.config import TrainConfig, config_dir  # noqa: E402
+from dualnet.training.data import variance_coef  # noqa: E402
+from dualnet.training.trainer import finetune  # noqa: E402
+
+STUDY = REPO / "DualNetDenoise" / "dualnet" / "configs" / "study.toml"
+
+
+def pipeline(path: Path) -> base_check.Pipeline:
+    """The model at ``path`` run as the check runs it: the card's views, smoothing and TTA, no guard."""
+    net, card = modelfile.load_for_inference(path, "cpu")
+
+    def run(data: np.ndarray, scan: base_check.Scan) -> np.ndarray:
+        return inference.denoise_array(data, net, card, device="cpu", noise_coef=scan.coef, modality="ct",
+                                       guard=False, spacing_zyx=scan.spacing_zyx).denoised
+    return run
+
+
+def denoise(arr: np.ndarray, spacing_zyx, model: Path) -> np.ndarray:
+    """``dualnet denoise`` with ``model`` on a (z, y, x) array."""
+    vol = Volume(np.asarray(arr, dtype=np.float32), tuple(reversed(tuple(spacing_zyx))))
+    return api.denoise_volume(vol, method="dualnet", modality="ct", model=model, seed=0).volume.array
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--level", type=float, default=0.25, help="dose fraction of the full dose")
+    ap.add_argument("--subset", default="ct_abdomen", help="a 3D CT [[subset]] of configs/study.toml")
+    ap.add_argument("--denoised-reference", action="store_true",
+                    help="denoise the source volume with the shipped model before cutting the slabs")
+    args = ap.parse_args()
+
+    cfg = evaluate.load_config(STUDY)
+    subset = dict(next((s for s in cfg["subset"] if s["name"] == args.subset), {}))
+    if subset.get("modality") != "ct" or "image" not in subset:
+        sys.exit(f"{args.subset}: not a 3D CT subset of {STUDY}")
+    data_dir = evaluate.find_data_dir(STUDY)
+    base = api.resolve_model_path(None, "ct")
+    method = cfg.get("methods", {}).get("dualnet_ft", {})
+    recipe = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(
+        steps=int(method.get("steps", 150)), device="cpu", **dict(method.get("overrides", {})))
+    gain, sigma_e = noise.ct_noise_parameters(args.level)
+    simulated = variance_coef("ct", gain=gain, electronic_sigma=sigma_e)
+    data_range = float(subset.get("data_range", 2000.0))
+    work = Path(tempfile.mkdtemp(prefix="dualnet_check_probe_"))
+    if args.denoised_reference:
+        vol = read_volume(data_dir / subset["image"])
+        res = api.denoise_volume(vol, method="dualnet", modality="ct", model=base)
+        subset["image"] = str(work / "denoised_reference.nii.gz")
+        write_volume(res.volume, subset["image"])
+        subset.pop("labels", None)
+
+    print(f"level {args.level}: simulated gain {gain:.3f}, electronic sigma {sigma_e:.1f} HU"
+          f"{'; denoised reference' if args.denoised_reference else ''}")
+    print("| slab | base whole / fg (dB) | fine-tuned whole / fg (dB) | estimated gain | check, estimated model "
+          "| check, simulated model |\n|---|---|---|---|---|---|")
+    for case in evaluate.load_cases(subset, data_dir):
+        seed = evaluate.case_seed(case.subset, case.case_id, args.level, 0)
+        d = degrade(case.clean[0], "ct", args.level, lr_factor=subset.get("lr_factor", 2),
+                    spacing_zyx=case.spacing_zyx, rng=seed)
+        noisy, clean = d.noisy_lr.astype(np.float32), d.clean_lr.astype(np.float32)
+        spacing = tuple(float(v) for v in d.spacing_lr_zyx)
+        out = work / f"{case.case_id}.safetensors"
+        run_cfg = recipe.replace(seed=seed % (2**31 - 1))
+        finetune([(noisy, spacing)], base, out, run_cfg, out_dir=work / f"{case.case_id}_run")
+        card = modelfile.read_card(out)
+        kept_est = card.get("finetune_check", {}).get("kept", "?")
+        estimated_gain = float(card.get("finetune_noise_models", [{}])[0].get("gain", float("nan")))
+        tuned = out
+        if kept_est == "base":  # the check wrote the base there: fine-tune again without it
+            tuned = work / f"{case.case_id}_unchecked.safetensors"
+            finetune([(noisy, spacing)], base, tuned, run_cfg.replace(base_check=0),
+                     out_dir=work / f"{case.case_id}_run2")
+        scores: Dict[str, str] = {}
+        for name, path in (("base", base), ("tuned", tuned)):
+            m = evaluate.image_metrics(clean, denoise(noisy, spacing, path), "ct", data_range)
+            scores[name] = f"{m['psnr_all']:.2f} / {m['psnr_fg']:.2f}"
+        check = base_check.compare([base_check.Scan(case.case_id, noisy, simulated, spacing)],
+                                   {"base": pipeline(base), "finetuned": pipeline(tuned)}, "ct", seed=run_cfg.seed)
+        print(f"| {case.case_id} | {scores['base']} | {scores['tuned']} | {estimated_gain:.3f} | {kept_est} "
+              f"| {check['kept']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
