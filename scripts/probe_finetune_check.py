@@ -29,25 +29,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DualNetDenoise"))
 
-from dualnet import api, evaluate, inference, modelfile, noise  # noqa: E402
+from dualnet import api, evaluate, modelfile, noise  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, read_volume, write_volume  # noqa: E402
 from dualnet.training import base_check  # noqa: E402
-from dualnet.training.config import TrainConfig, config_dir  # noqa: E402
 from dualnet.training.data import variance_coef  # noqa: E402
 from dualnet.training.trainer import finetune  # noqa: E402
 
 STUDY = REPO / "DualNetDenoise" / "dualnet" / "configs" / "study.toml"
-
-
-def pipeline(path: Path) -> base_check.Pipeline:
-    """The model at ``path`` run as the check runs it: the card's views, smoothing and TTA, no guard."""
-    net, card = modelfile.load_for_inference(path, "cpu")
-
-    def run(data: np.ndarray, scan: base_check.Scan) -> np.ndarray:
-        return inference.denoise_array(data, net, card, device="cpu", noise_coef=scan.coef, modality="ct",
-                                       guard=False, spacing_zyx=scan.spacing_zyx).denoised
-    return run
 
 
 def denoise(arr: np.ndarray, spacing_zyx, model: Path) -> np.ndarray:
@@ -70,9 +59,7 @@ def main() -> None:
         sys.exit(f"{args.subset}: not a 3D CT subset of {STUDY}")
     data_dir = evaluate.find_data_dir(STUDY)
     base = api.resolve_model_path(None, "ct")
-    method = cfg.get("methods", {}).get("dualnet_ft", {})
-    recipe = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(
-        steps=int(method.get("steps", 150)), device="cpu", **dict(method.get("overrides", {})))
+    method = dict(cfg.get("methods", {}).get("dualnet_ft", {}))
     gain, sigma_e = noise.ct_noise_parameters(args.level)
     simulated = variance_coef("ct", gain=gain, electronic_sigma=sigma_e)
     data_range = float(subset.get("data_range", 2000.0))
@@ -95,7 +82,9 @@ def main() -> None:
         noisy, clean = d.noisy_lr.astype(np.float32), d.clean_lr.astype(np.float32)
         spacing = tuple(float(v) for v in d.spacing_lr_zyx)
         out = work / f"{case.case_id}.safetensors"
-        run_cfg = recipe.replace(seed=seed % (2**31 - 1))
+        # the study's recipe for this case: its [methods.dualnet_ft] table over configs/finetune.toml
+        run_cfg = evaluate.finetune_config(evaluate.MethodContext(
+            "ct", spacing, args.level, seed, options=method, config_dir=STUDY.parent, device="cpu"))
         finetune([(noisy, spacing)], base, out, run_cfg, out_dir=work / f"{case.case_id}_run")
         card = modelfile.read_card(out)
         kept_est = card.get("finetune_check", {}).get("kept", "?")
@@ -109,8 +98,9 @@ def main() -> None:
         for name, path in (("base", base), ("tuned", tuned)):
             m = evaluate.image_metrics(clean, denoise(noisy, spacing, path), "ct", data_range)
             scores[name] = f"{m['psnr_all']:.2f} / {m['psnr_fg']:.2f}"
-        check = base_check.compare([base_check.Scan(case.case_id, noisy, simulated, spacing)],
-                                   {"base": pipeline(base), "finetuned": pipeline(tuned)}, "ct", seed=run_cfg.seed)
+        runs = {"base": base_check.model_pipeline(base, "ct"), "finetuned": base_check.model_pipeline(tuned, "ct")}
+        check = base_check.compare([base_check.Scan(case.case_id, noisy, simulated, spacing)], runs, "ct",
+                                   seed=run_cfg.seed)
         print(f"| {case.case_id} | {scores['base']} | {scores['tuned']} | {estimated_gain:.3f} | {kept_est} "
               f"| {check['kept']} |", flush=True)
 

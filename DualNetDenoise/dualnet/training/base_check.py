@@ -51,6 +51,21 @@ class Scan:
 Pipeline = Callable[[np.ndarray, Scan], np.ndarray]
 
 
+def model_pipeline(path: Any, modality: str, device: str = "cpu",
+                   cancel: Optional[CancelToken] = None) -> Pipeline:
+    """The model file at ``path`` as a :data:`Pipeline`, run the way ``dualnet denoise`` runs it (its
+    card's views, view smoothing and test-time augmentation) but with no SURE guard, and given the
+    scan's noise model and voxel size."""
+    from .. import inference, modelfile
+
+    net, card = modelfile.load_for_inference(path, device)
+
+    def run(data: np.ndarray, scan: Scan) -> np.ndarray:
+        return inference.denoise_array(data, net, card, device=device, noise_coef=scan.coef, modality=modality,
+                                       guard=False, spacing_zyx=scan.spacing_zyx, cancel=cancel).denoised
+    return run
+
+
 def scan_sure(scan: Scan, modality: str, runs: Dict[str, Pipeline], seed: int = 0,
               progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
     """SURE of each pipeline in ``runs`` (name -> pipeline) on one scan, over the voxels where the

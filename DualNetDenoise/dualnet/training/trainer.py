@@ -1229,7 +1229,7 @@ def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, mod
     ones, else the fitted one): the fine-tuned model at ``res.model_path`` stays only if its SURE is
     lower than its base's; else the base's weights and card are written there, with the check and
     the fine-tuning run recorded. Updates ``res`` (``card``; ``kept_base``)."""
-    from .. import inference, modelfile
+    from .. import modelfile
     from ..sure_guard import GUARD_MODALITIES
     from . import base_check
 
@@ -1251,17 +1251,9 @@ def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, mod
             scans.append(base_check.Scan(img.name, img.array, tuple(float(c) for c in img.noise_var),
                                          tuple(float(v) for v in img.spacing_zyx)))
         device = "cpu" if cfg.device in ("auto", "cpu") else cfg.device
-
-        def pipeline(path: Path) -> base_check.Pipeline:
-            net, card = modelfile.load_for_inference(path, device)
-
-            def run(data: np.ndarray, scan: base_check.Scan) -> np.ndarray:
-                return inference.denoise_array(data, net, card, device=device, noise_coef=scan.coef,
-                                               modality=modality, guard=False, spacing_zyx=scan.spacing_zyx,
-                                               cancel=cancel).denoised
-            return run
-
-        check = base_check.compare(scans, {"base": pipeline(base_path), "finetuned": pipeline(target)}, modality,
+        runs = {name: base_check.model_pipeline(path, modality, device, cancel)
+                for name, path in (("base", base_path), ("finetuned", target))}
+        check = base_check.compare(scans, runs, modality,
                                    seed=cfg.seed, progress=lambda f, m: tell(1.0, f"checking against the base: {m}"),
                                    cancel=cancel)
     if check["kept"] == "finetuned":
