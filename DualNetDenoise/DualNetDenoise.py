@@ -129,7 +129,9 @@ class DualNetDenoiseParameterNode:
     modality - mri / ct / us: noise model and shipped network.
     method - dualnet, bm4d, bm3d, nlm, gaussian, median, diffusion.
     autoNoise - estimate the noise level from the image.
-    noiseLevel - absolute noise sigma in image units (classical methods) when autoNoise is off.
+    noiseLevel - the noise level when autoNoise is off, for every method (the network's noise map and SURE
+        guard too): MRI the Rician sigma (image units), CT the noise std at water (HU), US the relative
+        speckle std 1/sqrt(looks); what `dualnet denoise --sigma` takes.
     modelPath - DUAL-NET model file; empty = shipped model for the modality.
     device - auto / cpu / cuda / mps.
     tta - test-time augmentation (network only): auto (the model's default where one slice orientation
@@ -267,7 +269,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nebMapsCheckBox.enabled = network
         self.ui.noiseMapVolumeSelector.enabled = network and p.nebMaps
         self.ui.confidenceVolumeSelector.enabled = network and p.nebMaps
-        self.ui.noiseLevelSpinBox.enabled = p is not None and not p.autoNoise and not network
+        self.ui.noiseLevelSpinBox.enabled = p is not None and not p.autoNoise
         if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the running denoising (kills the background process)")
@@ -305,7 +307,9 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sigma = float(getattr(est, "sigma", est))
             self._parameterNode.autoNoise = False
             self._parameterNode.noiseLevel = sigma
-            self.ui.statusLabel.text = _("Estimated noise sigma: {sigma:.4g} (image units)").format(sigma=sigma)
+            units = {"ct": _("HU at water"), "us": _("relative speckle std")}
+            unit = units.get(getattr(est, "modality", "mri"), _("image units"))
+            self.ui.statusLabel.text = _("Estimated noise sigma: {sigma:.4g} ({unit})").format(sigma=sigma, unit=unit)
 
     # -- models ---------------------------------------------------------------------------
     def refreshModels(self) -> None:

@@ -2,10 +2,11 @@
 """Slicer CLI module: DUAL-NET denoising of one volume (see DualNetDenoiseCLI.xml).
 
 The command line is parsed from the XML beside this file, exactly as Slicer builds it:
-``[--modality auto] [--model FILE] [--device auto] [--tta auto|off|x4|x8] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE]
+``[--modality auto] [--sigma 0] [--model FILE] [--device auto] [--tta auto|off|x4|x8] [--noGuard] [--views auto|1|3] [--uncertaintyVolume FILE]
 [--noiseMapVolume FILE] [--confidenceVolume FILE] INPUT OUTPUT``.
 ``auto`` (the default) takes the modality from the DICOM Modality tag, else from the intensities
-(``dualnet.modality.choose_modality``); the choice and its reason are printed on stdout.
+(``dualnet.modality.choose_modality``); the choice and its reason are printed on stdout. ``--sigma 0``
+estimates the noise level from the image (``dualnet denoise --sigma`` for what a given one means).
 """
 
 import os
@@ -53,7 +54,8 @@ def denoise(args, progress) -> None:
             written.append(check_output_path(path, inputs, outputs=written))
     volume = read_volume(args.inputVolume)
     result = api.denoise_volume(
-        volume, method="dualnet", modality=args.modality, model=args.model or None, device=args.device,
+        volume, method="dualnet", modality=args.modality, sigma=args.sigma if args.sigma > 0 else None,
+        model=args.model or None, device=args.device,
         tta=parse_tta(args.tta), uncertainty=bool(args.uncertaintyVolume), progress=progress,
         guard=False if args.noGuard else None, views=parse_views(args.views),
         neb_maps=bool(args.noiseMapVolume or args.confidenceVolume))

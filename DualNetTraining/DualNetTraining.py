@@ -62,7 +62,8 @@ class DualNetTrainingParameterNode:
     """trainingVolume / dataFolder - volumes to train on (scene and/or folder).
     stage - finetune (noisy scans) or pretrain (clean scans, simulated noise).
     preset - network size for pretraining. steps, device, initModel (base model for fine-tuning),
-    noiseSigma (fine-tuning, MRI: the Rician sigma in image units; 0 = estimated from each scan),
+    noiseSigma (fine-tuning: the scans' noise level as `dualnet finetune --sigma`, MRI the Rician sigma in image
+        units, CT the noise std at water in HU, US the relative speckle std; 0 = estimated from each scan),
     modelName (name in the models list), resume (continue the last run of that name).
     lossTable, lossChart - live loss plot."""
 

@@ -265,20 +265,24 @@ def test_denoise_cli_no_guard_flag_reaches_the_core(tmp_path, noisy_crop, tiny_m
     assert err[False] < 0.5 * err[True], err
 
 
+def denoised_by_cli(src: Path, out: Path, model: Path, **params) -> np.ndarray:
+    """DualNetDenoiseCLI on ``src`` as MRI with no SURE guard (``params``: more XML parameters), its
+    result checked to lie on the input's grid."""
+    args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+        "inputVolume": src, "outputVolume": out, "model": model, "device": "cpu", "modality": "mri",
+        "noGuard": True, **params})
+    res = run_cli("DualNetDenoiseCLI", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return assert_same_geometry(src, out)[1].array
+
+
 def test_denoise_cli_views_flag_reaches_the_core(tmp_path, noisy_crop, tiny_model):
     """--views 3 runs the network along z, y and x (the untrained model's three views differ, so
     their mean differs from the axial view); the tiny model's card has no training axes, so auto
     is one view."""
     src = write(noisy_crop[:20, :24, :28], tmp_path / "in.nrrd")
-    outs = {}
-    for views in ("auto", "1", "3"):
-        out = tmp_path / f"out_{views}.nrrd"
-        args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
-            "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "modality": "mri",
-            "noGuard": True, "views": views})
-        res = run_cli("DualNetDenoiseCLI", args)
-        assert res.returncode == 0, res.stderr[-2000:]
-        outs[views] = assert_same_geometry(src, out)[1].array
+    outs = {views: denoised_by_cli(src, tmp_path / f"out_{views}.nrrd", tiny_model, views=views)
+            for views in ("auto", "1", "3")}
     np.testing.assert_array_equal(outs["auto"], outs["1"])
     assert float(np.abs(outs["3"] - outs["1"]).max()) > 1e-3
 
@@ -314,6 +318,25 @@ def test_denoise_cli_noise_branch_outputs(tmp_path, noisy_crop, tiny_model):
         "modality": "mri"})
     res = run_cli("DualNetDenoiseCLI", args)
     assert res.returncode != 0 and "clash.nrrd" in res.stderr and not clash.exists()
+
+
+def test_denoise_cli_sigma_is_the_network_noise_level(tmp_path, noisy_crop):
+    """--sigma (0 = estimated) reaches the network as `dualnet denoise --sigma` does: a noise-map model
+    given two levels gives two results; a negative one is refused by the XML's constraints."""
+    torch = pytest.importorskip("torch")
+    from dualnet import modelfile
+    from dualnet.models import build_model
+
+    torch.manual_seed(0)
+    model = modelfile.save_model(tmp_path / "nm.safetensors", build_model("tiny", 2, context=3, noise_map=True),
+                                 {"modality": "mri", "normalisation": {"method": "percentile", "p_low": 0.5,
+                                                                       "p_high": 99.5}})
+    src = write(noisy_crop[:3], tmp_path / "in.nrrd")
+    outs = {sigma: denoised_by_cli(src, tmp_path / f"out{sigma:g}.nrrd", model, sigma=sigma)
+            for sigma in (0.0, 20.0, 200.0)}
+    assert float(np.abs(outs[20.0] - outs[200.0]).max()) > 1e-3
+    with pytest.raises(SystemExit):
+        cliargs.parse_cli_args(xml_path("DualNetDenoiseCLI"), ["--sigma", "-1", "in.nrrd", "out.nrrd"])
 
 
 def test_single_oblique_slice_keeps_geometry(tmp_path, noisy_crop):

@@ -167,3 +167,35 @@ def test_ct_dose_fit_is_not_bent_by_air_below_minus_1000_hu(dose):
     clean[:, (r >= 40) & (r < 44)] = -300.0
     est = estimate.estimate_noise(noise.add_noise(clean, "ct", dose, 1), "ct")
     assert est.level == pytest.approx(dose, rel=0.02)
+
+
+def test_a_given_ct_sigma_sets_the_level_at_water_and_keeps_the_fitted_shape():
+    """``--sigma`` for CT is the noise std at water (HU), for the classical methods and the network alike:
+    the scan's fit keeps how the noise grows with the signal (ratio of the Poisson to the electronic
+    part), the given std sets its level; a fit with no signal dependence becomes white noise."""
+    from dualnet.baselines import _transform
+    from dualnet.training.data import noise_variance_model, variance_at
+
+    gain, e = estimate.scale_ct_noise_to_water(0.8, 8.0, 12.0)
+    assert gain * 1000 + e * e == pytest.approx(144.0) and gain / (e * e) == pytest.approx(0.8 / 64.0)
+    assert estimate.scale_ct_noise_to_water(0.0, 3.0, 12.0) == (0.0, 12.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="water"):
+            estimate.scale_ct_noise_to_water(0.8, 8.0, bad)
+    rng = np.random.default_rng(0)
+    clean = np.full((6, 64, 64), 40.0, np.float32)
+    clean[:, :, :20], clean[:, :, 44:] = -1000.0, 400.0
+    noisy = noise.add_noise(clean, "ct", 0.25, rng=rng).astype(np.float32)
+    coef, info = noise_variance_model(noisy, "ct", sigma=12.0)  # the network's noise model
+    fitted, _ = noise_variance_model(noisy, "ct")
+    assert float(variance_at(np.float32(0.0), coef)) == pytest.approx(144.0, rel=1e-5)
+    assert coef[1] / coef[0] == pytest.approx(fitted[1] / fitted[0], rel=1e-6)  # same shape as the fit
+    assert info["estimated_sigma"] > 20 and info["sigma"] == 12.0
+    classical = _transform(noisy, "ct", 12.0, stabilize=True).info  # BM4D's, counted from -1024 HU
+    assert classical["gain"] * 1024 + classical["electronic_sigma"] ** 2 == pytest.approx(144.0)
+    # MRI and ultrasound: the given level is the whole model (no estimate runs)
+    assert noise_variance_model(noisy, "mri", sigma=3.0)[0] == (9.0, 0.0, 0.0)
+    assert noise_variance_model(noisy, "us", sigma=0.5)[0] == (0.0, 0.0, 0.25)
+    assert _transform(np.abs(noisy) + 1, "us", 0.5, stabilize=True).info["looks"] == pytest.approx(4.0)
+    with pytest.raises(InputError, match="positive"):
+        noise_variance_model(noisy, "mri", sigma=-1.0)

@@ -125,8 +125,11 @@ def test_finetuned_model_keeps_the_base_floor_and_inference_settings(tmp_path, f
     assert "uncertainty_calibration" not in card  # fitted to the base's errors, not the fine-tuned model's
 
 
-def test_a_given_sigma_is_the_noise_model_and_is_refused_where_noise_depends_on_the_signal(
+def test_a_given_sigma_is_the_noise_model_in_each_modality_and_a_bad_one_is_refused(
         tmp_path, floored_base, mri_crop, ct_volume):
+    """MRI: the given Rician sigma is the noise model. CT: the given sigma is the noise std at water
+    (HU); each scan's own fit keeps how the noise grows with the signal. A sigma that is not a
+    positive number is refused before anything is written."""
     noisy = noise.add_rician(mri_crop, 30.0, rng=np.random.default_rng(0)).astype(np.float32)
     out = tmp_path / "ft.safetensors"
     finetune([(noisy, (1.0, 1.0, 1.0))], floored_base, out, _ft_cfg(), sigma=30.0)
@@ -135,12 +138,19 @@ def test_a_given_sigma_is_the_noise_model_and_is_refused_where_noise_depends_on_
     for bad in (0.0, -2.0, float("nan")):
         with pytest.raises(InputError, match="sigma"):
             finetune([(noisy, (1.0, 1.0, 1.0))], floored_base, tmp_path / "bad.safetensors", _ft_cfg(), sigma=bad)
-    ct = pretrain(_cfg(modality="ct", steps=1, val_every=1, checkpoint_every=1),
-                  data=[ct_volume.array[40:60, 20:100, 20:100].astype(np.float32)], out_dir=tmp_path / "ct")
-    with pytest.raises(InputError, match="MRI"):
-        finetune([(ct_volume.array[40:60].astype(np.float32), (1.0, 1.0, 1.0))], ct.model_path,
-                 tmp_path / "ct_ft.safetensors", _ft_cfg(), sigma=10.0)
-    assert not (tmp_path / "ct_ft.safetensors").exists() and not (tmp_path / "bad.safetensors").exists()
+    clean_ct = ct_volume.array[40:60, 20:100, 20:100].astype(np.float32)
+    ct = pretrain(_cfg(modality="ct", steps=1, val_every=1, checkpoint_every=1), data=[clean_ct],
+                  out_dir=tmp_path / "ct")
+    noisy_ct = noise.add_noise(clean_ct, "ct", 0.25, rng=np.random.default_rng(1)).astype(np.float32)
+    estimated = modelfile.read_card(finetune([(noisy_ct, (1.0, 1.0, 1.0))], ct.model_path,
+                                             tmp_path / "ct_auto.safetensors", _ft_cfg()).model_path)
+    given = modelfile.read_card(finetune([(noisy_ct, (1.0, 1.0, 1.0))], ct.model_path,
+                                         tmp_path / "ct_ft.safetensors", _ft_cfg(), sigma=10.0).model_path)
+    est, giv = estimated["finetune_noise_models"][0], given["finetune_noise_models"][0]
+    assert giv["sigma"] == 10.0 and giv["method"].startswith("given std at water") and giv["estimated_sigma"] > 15
+    assert giv["gain"] * 1000.0 + giv["electronic_sigma"] ** 2 == pytest.approx(100.0)  # variance at 0 HU
+    assert giv["gain"] / giv["electronic_sigma"] ** 2 == pytest.approx(est["gain"] / est["electronic_sigma"] ** 2)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_finetune_cli_takes_the_noise_from_the_frames_of_a_4d_scan(tmp_path, floored_base, shared_data, capfd):

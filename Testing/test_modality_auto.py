@@ -46,15 +46,16 @@ def mri_small(tmp_path_factory, mri_crop) -> Path:
                         tmp_path_factory.mktemp("mri") / "t1.nrrd")
 
 
-def tiny_model(folder: Path, modality: str) -> Path:
-    """An untrained tiny 2D DUAL-NET whose card says ``modality``."""
+def tiny_model(folder: Path, modality: str, **arch) -> Path:
+    """An untrained tiny 2D DUAL-NET whose card says ``modality`` (``arch``: :func:`build_model`'s options)."""
     torch = pytest.importorskip("torch")
     from dualnet import modelfile
     from dualnet.models import build_model
 
     torch.manual_seed(0)
     card = {"modality": modality, "normalisation": {"method": "percentile", "p_low": 0.5, "p_high": 99.5}}
-    return modelfile.save_model(folder / f"tiny_{modality}.safetensors", build_model("tiny", 2).eval(), card)
+    name = f"tiny_{modality}{'_'.join(f'_{k}{v}' for k, v in sorted(arch.items()))}.safetensors"
+    return modelfile.save_model(folder / name, build_model("tiny", 2, **arch).eval(), card)
 
 
 # ----------------------------------------------------------------------------- the choice on real scans
@@ -148,9 +149,10 @@ def test_explicit_modality_is_honoured_and_a_card_of_another_modality_warns(tmp_
     assert lines_starting(err, "dualnet: modality ct (")
 
 
-def test_sigma_steers_the_mri_network_and_warns_for_ct(tmp_path, mri_small, ct_slab, capfd):
-    """--sigma is the MRI network's noise level (noise map, SURE guard); the CT network models its
-    signal-dependent noise itself, so there it warns that --sigma is ignored."""
+def test_sigma_steers_the_network_in_every_modality(tmp_path, mri_small, ct_slab, capfd):
+    """--sigma is the network's noise level as it is the classical methods' (noise map, SURE guard):
+    MRI the Rician sigma; CT the noise std at water (HU), the scan's own fit keeping the shape. No
+    warning that it is ignored; a sigma that is not positive is refused for the network too."""
     model = tiny_model(tmp_path, "mri")
     info = tmp_path / "info.json"
     code, _, err = run(["denoise", mri_small, tmp_path / "o.nrrd", "--model", model, "--device", "cpu",
@@ -158,12 +160,25 @@ def test_sigma_steers_the_mri_network_and_warns_for_ct(tmp_path, mri_small, ct_s
     assert code == 0 and not lines_starting(err, "dualnet: warning"), err
     res = json.loads(info.read_text())
     assert res["sigma"] == 20.0 and res["sigma_source"] == "given"
-    ct_model = tiny_model(tmp_path, "ct")
-    code, _, err = run(["denoise", ct_slab, tmp_path / "c.nrrd", "--model", ct_model, "--device", "cpu",
-                        "--sigma", "20"], capfd)
-    assert code == 0, err
-    warnings = lines_starting(err, "dualnet: warning:")
-    assert len(warnings) == 1 and "the ct network estimates its signal-dependent noise" in warnings[0], err
+    ct_model = tiny_model(tmp_path, "ct", context=3, noise_map=True)  # a noise-map model, as the shipped ones
+    outs = {}
+    for sigma in (None, "5", "60"):
+        out, info = tmp_path / f"c{sigma}.nrrd", tmp_path / f"c{sigma}.json"
+        code, _, err = run(["denoise", ct_slab, out, "--model", ct_model, "--device", "cpu", "--info-json", info,
+                            "--no-guard"] + (["--sigma", sigma] if sigma else []), capfd)  # (untrained: the guard
+        # would give the input back whatever the sigma)
+        assert code == 0 and not lines_starting(err, "dualnet: warning"), err
+        res = json.loads(info.read_text())
+        model_info = res["inference_noise_model"]
+        if sigma:
+            assert res["sigma"] == float(sigma) and model_info["sigma"] == float(sigma), res
+            assert model_info["gain"] * 1000 + model_info["electronic_sigma"] ** 2 == pytest.approx(float(sigma) ** 2)
+        else:
+            assert model_info["method"] == "poisson-gaussian-fit", res
+        outs[sigma] = read_volume(out).array
+    assert not np.array_equal(outs["5"], outs["60"])  # the noise map the network sees follows --sigma
+    code, _, err = run(["denoise", ct_slab, tmp_path / "neg.nrrd", "--model", ct_model, "--sigma", "1e9"], capfd)
+    assert code == 2 and "plausible range" in err[0] and not (tmp_path / "neg.nrrd").exists(), err
     code, _, err = run(["denoise", mri_small, tmp_path / "o2.nrrd", "--method", "median", "--sigma", "20"], capfd)
     assert code == 0 and not lines_starting(err, "dualnet: warning"), err
 

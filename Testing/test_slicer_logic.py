@@ -774,6 +774,10 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     p.method = "gaussian"
     p.autoNoise = False
     assert ui.noiseLevelSpinBox.enabled is True
+    p.method = "dualnet"  # the network takes the noise level too (its noise map and SURE guard)
+    assert ui.noiseLevelSpinBox.enabled is True
+    p.autoNoise = True
+    assert ui.noiseLevelSpinBox.enabled is False
     widget.cleanup()
 
 

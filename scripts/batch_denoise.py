@@ -149,7 +149,7 @@ def stem(path: Path) -> str:
 
 
 def parse_args(argv):
-    from dualnet.cli import add_precision_option, add_tta_options
+    from dualnet.cli import SIGMA_MEANING, add_precision_option, add_tta_options
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
@@ -159,8 +159,8 @@ def parse_args(argv):
                         help="noise model; auto (default): from each volume's DICOM Modality tag, else from its "
                              "intensities (air at -1000 HU: ct; 8-bit 2D image: us; otherwise mri)")
     parser.add_argument("--sigma", type=float, default=None,
-                        help="noise sigma in image units (classical methods; the network estimates the noise "
-                             "itself); default estimated")
+                        help=f"the noise level of every volume: {SIGMA_MEANING}; used by the classical methods "
+                             "and the network alike; default estimated from each volume")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     add_precision_option(parser)
@@ -195,9 +195,6 @@ def run(args) -> int:
     if args.output_dir.resolve() == args.input_dir.resolve():
         print("batch_denoise: output folder must differ from the input folder", file=sys.stderr)
         return 2
-    if args.sigma is not None and args.method == "dualnet":
-        print("batch_denoise: warning: --sigma is used by the classical methods only; the network estimates "
-              "the noise itself (--sigma ignored)", file=sys.stderr, flush=True)
     if args.dicom or args.send:
         return run_dicom(args)
     args.format = args.format or ".nrrd"

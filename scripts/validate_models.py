@@ -46,7 +46,7 @@ from dualnet.modelfile import load_model, read_card, rewrite_card  # noqa: E402
 from dualnet.noise import DEFAULT_LEVELS, noise_std_map  # noqa: E402
 from dualnet.orthoviews import parse_views  # noqa: E402
 from dualnet.training.config import load_config  # noqa: E402
-from dualnet.training.data import read_data_source  # noqa: E402
+from dualnet.training.data import noise_variance_model, read_data_source  # noqa: E402
 
 CT_WINDOW_HU = (-160.0, 240.0)
 KEYS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "bias_bg_pct")
@@ -114,8 +114,13 @@ def mc_calibration(net, card, noisy: np.ndarray, ref: np.ndarray, fg: np.ndarray
 
 def run_level(models: List[str], names: List[str], images: list, modality: str, level: float,
               lr_factor: int, baseline: str, mc_samples: int = 0, guard: Optional[bool] = None,
-              views: Optional[int] = None, tta: Optional[int] = None, baseline_scales: Sequence[float] = ()) -> dict:
+              views: Optional[int] = None, tta: Optional[int] = None, baseline_scales: Sequence[float] = (),
+              given_sigma: bool = False) -> dict:
     """Score every model (and the baseline) on every image at one noise level.
+
+    With ``given_sigma`` every method is given the simulation's noise level as a user gives it with
+    ``--sigma`` (MRI the Rician sigma, CT the std at water with the image's own fit for the shape, US
+    the speckle std; ``Degraded.sigma``) instead of estimating it.
 
     With ``baseline_scales`` the baseline also runs with its noise sigma at each of those multiples
     of the estimate, and the row ``<baseline>_best_sigma`` keeps, per case, the run with the highest
@@ -133,15 +138,17 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
         true_std = noise_std_map(ref, modality, level)
         total_std = input_noise_std_map(true_std, ref, modality)
         fg = foreground_mask(ref, modality)
+        sigma = float(d.sigma) if given_sigma else None
+        coef = noise_variance_model(noisy.array, modality, sigma)[0] if given_sigma else None  # as api does
         for label, method, kw in runs:
             t = time.perf_counter()
             if method == "dualnet":  # the core's inference directly, to read the NEB maps too
                 net, card = nets[kw["model"]]
                 res = denoise_array(noisy.array, net, card, device="cpu", modality=modality, guard=guard,
-                                    views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta)
+                                    views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta, noise_coef=coef)
                 out = res.denoised
             else:
-                out = denoise_volume(noisy, method=method, modality=modality, **kw).volume.array
+                out = denoise_volume(noisy, method=method, modality=modality, sigma=sigma, **kw).volume.array
             row[label] = scores(ref, out, modality)
             row[label]["seconds"] = time.perf_counter() - t
             if method == "dualnet":
@@ -240,6 +247,9 @@ def main() -> None:
     ap.add_argument("--baseline-sigma-scales", type=float, nargs="*", default=(),
                     help="also run the baseline with its sigma at these multiples of the estimate and keep, per "
                          "case, the best (row <baseline>_best_sigma; an oracle), e.g. 0.9 1 1.1 1.2 1.3")
+    ap.add_argument("--given-sigma", action="store_true",
+                    help="give every method the simulation's noise level as `--sigma` gives it (MRI Rician sigma, "
+                         "CT std at water, US speckle std) instead of its estimate; a probe: needs --no-write")
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", type=int, choices=(1, 4, 8), nargs="?", const=8, default=None,
                      help="test-time transforms of the network averaged: 1 (none), 4 or 8 (bare: 8; "
@@ -256,16 +266,21 @@ def main() -> None:
     taken = {"noisy", args.baseline}
     if len(set(names)) != len(names) or taken & set(names):
         ap.error(f"--names must be distinct and none of {sorted(taken)} (the table's other rows)")
+    if args.given_sigma and not args.no_write:
+        ap.error("--given-sigma is a probe (the cards record the default runs): add --no-write")
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
-                         guard, parse_views(args.views), args.tta, args.baseline_sigma_scales) for lev in levels]
+                         guard, parse_views(args.views), args.tta, args.baseline_sigma_scales, args.given_sigma)
+               for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
             "data": [s.path for s in cfg.data if s.split == "val"],
             "data_range": "clean low-resolution max - min" + ("; CT window [-160, 240] HU, range 400" if modality == "ct" else ""),
             "mask": "whole image and foreground (fg)",
-            "baseline": f"{args.baseline} with the {modality} transform (sigma estimated)",
+            "baseline": f"{args.baseline} with the {modality} transform "
+                        f"(sigma {'given: the simulation' if args.given_sigma else 'estimated'})",
+            "network_noise_model": "given: the simulation's sigma" if args.given_sigma else "estimated",
             **({"best_sigma_baseline": f"{args.baseline} at the best of sigma x {args.baseline_sigma_scales} per case "
                                        "(highest whole-image PSNR; an oracle)"} if args.baseline_sigma_scales else {}),
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

@@ -324,7 +324,9 @@ class DenoiseLogicBase:
         """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
 
         Args:
-            noiseLevel: absolute noise sigma in the volume's units; None or <= 0 = estimate.
+            noiseLevel: the noise level, as ``dualnet denoise --sigma`` (MRI the Rician sigma in the volume's
+                units, CT the noise std at water in HU, US the relative speckle std), for the classical
+                methods and the network alike; None or <= 0 = estimate.
             model: model file path; None = shipped model for the modality.
             tta: test-time augmentation (network only): 1, 4 or 8 transforms, True = 8, False = 1;
                 None = the model card's default (:func:`dualnet.inference.choose_tta`).

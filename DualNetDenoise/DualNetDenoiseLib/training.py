@@ -93,8 +93,9 @@ def write_pretrain_config(base_config: Path, data_paths: Sequence[str], out_path
 def finetune_command(python: str, inputs: Sequence[str], base_model: str, out_model: Path, run_dir: Path,
                      steps: int, device: str = "auto", resume: bool = False,
                      sigma: Optional[float] = None) -> List[str]:
-    """``dualnet finetune`` for the panel; ``sigma``: the MRI Rician noise sigma (image units), None =
-    estimated from each scan."""
+    """``dualnet finetune`` for the panel; ``sigma``: the scans' noise level as ``dualnet finetune --sigma``
+    takes it (MRI the Rician sigma in image units, CT the noise std at water in HU, US the relative
+    speckle std), None = estimated from each scan."""
     if not inputs:
         raise ValueError("fine-tuning needs at least one noisy volume (scene volume or folder)")
     cmd = [python, "-m", "dualnet", "finetune", *map(str, inputs), "--model", str(base_model), "--out", str(out_model),

@@ -99,9 +99,11 @@ def denoise_volume(
         modality: ``"mri"``, ``"ct"`` or ``"us"``; selects the noise model, transform and model.
             ``"auto"``: from the DICOM Modality in ``volume.metadata``, else from the intensities
             (:func:`dualnet.modality.choose_modality`); ``info`` records the choice and its reason.
-        sigma: noise std in image units (None: estimated). Classical methods use it; for MRI the
-            network uses it too (its noise map and the SURE guard: Rician sigma); the CT and
-            ultrasound networks estimate their signal-dependent noise models themselves.
+        sigma: the noise level, in the units of ``dualnet estimate``'s ``sigma`` (None: estimated):
+            MRI the Rician sigma (image units); CT the noise std at water (HU; the scan's own
+            Poisson-Gaussian fit keeps how it grows with the signal); US the relative speckle std
+            ``1 / sqrt(L)``. The classical methods and the network (its noise map and SURE guard) use it
+            alike (:func:`dualnet.training.data.noise_variance_model`).
         model: DUAL-NET model file (.safetensors with its .json card); None: the shipped model
             for the modality.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"`` (network only).
@@ -143,14 +145,18 @@ def denoise_volume(
     unc_volume = None
     maps: Dict[str, Volume] = {}
     if method == "dualnet":
-        coef = (float(sigma) ** 2, 0.0, 0.0) if (sigma is not None and modality == "mri") else None
+        coef = None
+        if sigma is not None:
+            from .training.data import noise_variance_model
+
+            coef, given_noise = noise_variance_model(arr, modality, sigma)
         out, unc, net_info, neb = _denoise_network(
             arr, modality, model, device, tta, uncertainty, mc_samples, tile, seed, progress, cancel, coef, guard,
             views, volume.spacing_zyx, precision,
         )
-        if coef is not None:
-            info["sigma"] = float(sigma)
         info.update(net_info)
+        if coef is not None:  # as the network's own estimate is recorded
+            info.update(sigma=float(sigma), inference_noise_model=given_noise)
         if unc is not None:
             unc_volume = volume.with_array(unc.astype(np.float32))
         if neb_maps:
@@ -236,7 +242,7 @@ def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigm
             raise InputError(f"{src}: --tile must be whole voxels >= {MIN_TILE}, got {tile!r}")
     if uncertainty and (not isinstance(mc_samples, (int, np.integer)) or mc_samples < 2):
         raise InputError(f"{src}: --uncertainty needs --mc-samples >= 2 (the map is their spread), got {mc_samples!r}")
-    if sigma is None or method == "dualnet":
+    if sigma is None:
         return
     if not np.isfinite(sigma) or sigma <= 0:
         raise InputError(f"{src}: --sigma must be a positive number, got {sigma!r}")

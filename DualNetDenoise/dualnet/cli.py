@@ -35,6 +35,12 @@ LEVEL_HELP = (
     "CT = dose fraction of the full dose (0.25 = 25%%); US = number of looks L of the Gamma speckle (4)"
 )
 
+#: What a given ``--sigma`` means, for every method and sub-command (dualnet.training.data.noise_variance_model)
+SIGMA_MEANING = (
+    "MRI the Rician sigma (image units), CT the noise std at water (HU; the scan's own fit keeps how it "
+    "grows with the signal), US the relative speckle std 1/sqrt(looks)"
+)
+
 
 # ----------------------------------------------------------------------------- arguments
 class OneLineParser(argparse.ArgumentParser):
@@ -314,11 +320,8 @@ def _sigma_from_frames(path: str, frame: int) -> Tuple[Optional[float], Optional
 
 
 def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> None:
-    """Warn about options that will not act as the user may think: --sigma with the network, a
-    --model whose card names another modality than the one chosen."""
-    if args.method == "dualnet" and args.sigma is not None and args.modality in ("ct", "us"):
-        _warn(f"--sigma is used by the classical methods and the MRI network only; the {args.modality} network "
-              "estimates its signal-dependent noise itself (--sigma ignored)")
+    """Warn about options that will not act as the user may think: a --model whose card names another
+    modality than the one chosen."""
     trained = str((card or {}).get("modality") or "").lower()
     if args.model and choice is not None and trained and trained != choice.modality:
         _warn(f"{args.model}: the model's card says it was trained for {trained}, but the image is denoised "
@@ -596,9 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=AUTO, choices=MODALITY_CHOICES, help=MODALITY_HELP)
     p.add_argument("--model", help="DUAL-NET model file (.safetensors with its .json card); default: shipped model")
     p.add_argument("--sigma", type=_parse_sigma, default=None,
-                   help="noise standard deviation in image units, or 'auto' (estimated; for a 4D MRI with --frame, "
-                        "from the differences between its frames): used by the classical methods and the MRI "
-                        "network (noise map and SURE guard); the CT / US networks estimate the noise themselves")
+                   help=f"the noise level: {SIGMA_MEANING}; or 'auto' (default: estimated; for a 4D MRI with "
+                        "--frame, from the differences between its frames). The classical methods and the network "
+                        "(its noise map and SURE guard) use it alike")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="network device; auto = CUDA, then MPS, then CPU")
     add_precision_option(p)

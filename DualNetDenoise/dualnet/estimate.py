@@ -315,6 +315,30 @@ def poisson_gaussian_fit(
     return float(gain), float(np.sqrt(s2))
 
 
+def scale_ct_noise_to_water(gain: float, electronic_sigma: float, sigma_water: float,
+                            offset_hu: float = CT_OFFSET_HU) -> Tuple[float, float]:
+    """A CT Poisson-Gaussian noise model ``var(HU) = gain (HU + offset_hu) + electronic_sigma^2``
+    scaled so that its std at water (0 HU) is ``sigma_water`` (HU), its shape (the ratio of the
+    signal-dependent to the electronic part) kept.
+
+    This is what a given CT ``--sigma`` means everywhere: the noise std a user measures in water or
+    homogeneous soft tissue sets the level; the scan's own fit sets how it grows with the signal. A
+    fit with no signal dependence (``gain <= 0``) becomes white noise of that std.
+
+    Returns:
+        ``(gain, electronic_sigma)`` scaled (gain in HU per count, sigma in HU).
+    """
+    s = float(sigma_water)
+    if not np.isfinite(s) or s <= 0:
+        raise InputError(f"the CT noise std at water must be a positive number of HU, got {sigma_water!r}")
+    g, e = max(float(gain), 0.0), float(electronic_sigma)
+    water = float(np.sqrt(g * offset_hu + e * e))
+    if g <= 0 or not water > 0:
+        return 0.0, s
+    k = s / water
+    return g * k * k, e * k
+
+
 def _wls_affine(xv: np.ndarray, yv: np.ndarray, w: np.ndarray) -> Tuple[float, float]:
     """Weighted least squares ``y = a x + b`` with ``a, b >= 0``."""
     W = np.sum(w)

@@ -86,8 +86,8 @@ def _transform(a: np.ndarray, modality: str, sigma: Optional[float], stabilize: 
         gain, e = estimate.poisson_gaussian_fit(y, mask=~pad if pad.any() else None)
         water = float(np.sqrt(gain * off + e * e))
         if sigma is not None:  # sigma = noise std at water (HU): keep the fitted shape, rescale
-            k = float(sigma) / water if water > 0 else 0.0
-            gain, e, water = gain * k * k, e * k, float(sigma)
+            gain, e = estimate.scale_ct_noise_to_water(gain, e, float(sigma), off)
+            water = float(sigma)
         info = {"gain": gain, "electronic_sigma": e, "sigma": water}
         if not stabilize or gain <= 0:
             std = water if water > 0 else estimate.sigma_gaussian_mad(a)

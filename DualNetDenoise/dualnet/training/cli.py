@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
-from ..cli import _count, _parse_sigma, _seed, _sigma_from_frames  # shared with the other sub-commands
+from ..cli import SIGMA_MEANING, _count, _parse_sigma, _seed, _sigma_from_frames  # shared with the other sub-commands
 from ..errors import CancelledError, DualNetError
 
 
@@ -61,9 +61,10 @@ def add_train_parsers(subparsers) -> None:
     f.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the config's)")
     f.add_argument("--frame", type=_count(0), default=None, help="4D inputs: volume index along the 4th axis")
     f.add_argument("--sigma", type=_parse_sigma, default=None,
-                   help="MRI: the Rician noise sigma in image units, or 'auto' (default): from the differences "
-                        "between the frames for one 4D input with --frame, else estimated from each scan. SURE "
-                        "keeps what is above this noise, so a wrong sigma is learnt")
+                   help=f"the inputs' noise level, as `dualnet denoise --sigma`: {SIGMA_MEANING}; or 'auto' "
+                        "(default): for one 4D MRI input with --frame from the differences between the frames, "
+                        "else estimated from each scan. SURE keeps what is above this noise, so a wrong sigma "
+                        "is learnt")
     f.add_argument("--base-check", type=_count(0), default=None, metavar="N",
                    help="after fine-tuning, keep the model only if SURE over up to N whole scans says it beats "
                         "the base, else write the base (default: the config's, 2; 0 = no check)")

@@ -332,26 +332,49 @@ def remove_rician_floor(arr: np.ndarray) -> Tuple[np.ndarray, float]:
     return np.sqrt(np.maximum(a * a - 2.0 * s2, 0.0)).astype(np.float32), float(np.sqrt(s2))
 
 
-def noise_variance_model(array: np.ndarray, modality: str) -> Tuple[Tuple[float, float, float], Dict[str, Any]]:
-    """Per-voxel noise variance of a NOISY image as a polynomial of its signal, from the data.
+def noise_variance_model(array: np.ndarray, modality: str, sigma: Optional[float] = None
+                         ) -> Tuple[Tuple[float, float, float], Dict[str, Any]]:
+    """Per-voxel noise variance of a NOISY image as a polynomial of its signal: given, or from the data.
 
-    Uses :func:`dualnet.estimate.estimate_noise` on the whole image and returns
-    ``((c0, c1, c2), estimate_info)`` with ``var(s) = c0 + c1 s + c2 s^2`` in physical units^2
+    Returns ``((c0, c1, c2), info)`` with ``var(s) = c0 + c1 s + c2 s^2`` in physical units^2
     (``s`` in physical units: MRI a.u., CT HU, US grey level):
 
     * MRI: Rician ~ Gaussian above the noise floor: ``c0 = sigma^2``.
     * CT: Poisson-Gaussian on ``HU + 1000``: ``var = gain (s + 1000) + sigma_e^2``.
     * US: multiplicative speckle with ``L`` looks: ``var = s^2 / L``.
-    """
-    from ..estimate import estimate_noise
 
+    Args:
+        sigma: the noise level when it is known, in the units of ``dualnet estimate``'s ``sigma`` (and of
+            ``--sigma`` for every method): MRI the Rician sigma (image units); CT the noise std at
+            water, HU (the image's own fit still gives the shape, scaled to it by
+            :func:`dualnet.estimate.scale_ct_noise_to_water`); US the relative speckle std
+            ``1 / sqrt(L)``. None: all from :func:`dualnet.estimate.estimate_noise` on the whole image.
+    """
+    from ..estimate import estimate_noise, scale_ct_noise_to_water
+    from ..noise import CT_FULL_DOSE_PHOTONS, CT_OFFSET_HU
+
+    if sigma is not None:
+        s = float(sigma)
+        if not np.isfinite(s) or s <= 0:
+            raise InputError(f"the noise sigma must be a positive number, got {sigma!r}")
+        if modality == "mri":
+            return variance_coef("mri", sigma=s), {"modality": "mri", "sigma": s, "method": "given"}
+        if modality == "us":
+            return variance_coef("us", looks=1.0 / (s * s)), {"modality": "us", "sigma": s, "level": 1.0 / (s * s),
+                                                               "method": "given"}
     est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
     info = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
             "method": est.method, **{k: float(v) for k, v in est.params.items()}}
-    if est.modality == "ct" and float(est.params.get("gain", 0.0)) <= 0:  # no signal dependence found
-        return (float(est.sigma) ** 2, 0.0, 0.0), info
-    return variance_coef(est.modality, sigma=float(est.sigma), gain=float(est.params.get("gain", 0.0)),
-                         electronic_sigma=float(est.params.get("electronic_sigma", est.sigma)),
+    gain = float(est.params.get("gain", 0.0))
+    electronic = float(est.params.get("electronic_sigma", est.sigma))
+    if est.modality == "ct" and sigma is not None:
+        gain, electronic = scale_ct_noise_to_water(gain, electronic, float(sigma))
+        info.update(sigma=float(sigma), gain=gain, electronic_sigma=electronic,
+                    estimated_sigma=float(est.sigma), method=f"given std at water, shape from {est.method}",
+                    level=CT_OFFSET_HU / (gain * CT_FULL_DOSE_PHOTONS) if gain > 0 else float("inf"))
+    if est.modality == "ct" and gain <= 0:  # no signal dependence found
+        return (electronic ** 2, 0.0, 0.0), info
+    return variance_coef(est.modality, sigma=float(est.sigma), gain=gain, electronic_sigma=electronic,
                          looks=max(float(est.level), 1e-3)), info
 
 
