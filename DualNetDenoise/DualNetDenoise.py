@@ -256,7 +256,10 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         inputID = p.inputVolume.GetID() if (p is not None and p.inputVolume is not None) else None
         if inputID != self._lastInputID:
+            switched = self._lastInputID is not None  # another volume, not the first one (e.g. a loaded scene's)
             self._lastInputID = inputID
+            if switched and not p.autoNoise:
+                p.autoNoise = True  # a noise level belongs to the volume it was set for (its units to its modality)
             if inputID is not None:
                 self.onGuessModality()  # propose a modality for a newly selected volume (user can change it)
         running = self._job is not None and not self._job.done

@@ -335,6 +335,7 @@ def test_denoise_cli_sigma_is_the_network_noise_level(tmp_path, noisy_crop):
     outs = {sigma: denoised_by_cli(src, tmp_path / f"out{sigma:g}.nrrd", model, sigma=sigma)
             for sigma in (0.0, 20.0, 200.0)}
     assert float(np.abs(outs[20.0] - outs[200.0]).max()) > 1e-3
+    assert float(np.abs(outs[0.0] - outs[20.0]).max()) > 1e-3  # 0: the estimated sigma, not 20
     with pytest.raises(SystemExit):
         cliargs.parse_cli_args(xml_path("DualNetDenoiseCLI"), ["--sigma", "-1", "in.nrrd", "out.nrrd"])
 

@@ -180,7 +180,7 @@ def test_a_given_ct_sigma_sets_the_level_at_water_and_keeps_the_fitted_shape():
     assert gain * 1000 + e * e == pytest.approx(144.0) and gain / (e * e) == pytest.approx(0.8 / 64.0)
     assert estimate.scale_ct_noise_to_water(0.0, 3.0, 12.0) == (0.0, 12.0)
     for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(InputError, match="water"):
+        with pytest.raises(InputError, match="positive"):
             estimate.scale_ct_noise_to_water(0.8, 8.0, bad)
     rng = np.random.default_rng(0)
     clean = np.full((6, 64, 64), 40.0, np.float32)
@@ -199,3 +199,38 @@ def test_a_given_ct_sigma_sets_the_level_at_water_and_keeps_the_fitted_shape():
     assert _transform(np.abs(noisy) + 1, "us", 0.5, stabilize=True).info["looks"] == pytest.approx(4.0)
     with pytest.raises(InputError, match="positive"):
         noise_variance_model(noisy, "mri", sigma=-1.0)
+
+
+def test_a_ct_noise_model_with_no_dose_is_strict_json_and_a_given_level_needs_no_fit(monkeypatch):
+    """A CT fit with no signal dependence has no dose: its level is recorded as None (cards and
+    --info-json are strict JSON), estimated or given; a slab too small to fit a shape takes a given
+    std at water as white noise, and without one says why it cannot estimate."""
+    import json
+
+    from dualnet.training.data import noise_variance_model
+
+    flat = np.random.default_rng(1).normal(0.0, 5.0, (4, 32, 32)).astype(np.float32)
+    monkeypatch.setattr(estimate, "estimate_noise", lambda *a, **k: estimate.NoiseEstimate(
+        "ct", float("inf"), 5.0, "poisson-gaussian-fit", {"gain": 0.0, "electronic_sigma": 5.0}))
+    for sigma, var in ((None, 25.0), (12.0, 144.0)):
+        coef, info = noise_variance_model(flat, "ct", sigma)
+        assert coef == pytest.approx((var, 0.0, 0.0)) and info["level"] is None
+        json.dumps(info, allow_nan=False)
+    monkeypatch.undo()
+    tiny = flat[0, :6, :6]
+    assert noise_variance_model(tiny, "ct", 12.0)[0] == (144.0, 0.0, 0.0)
+    with pytest.raises(InputError, match="too few voxels"):
+        noise_variance_model(tiny, "ct")
+
+
+def test_check_sigma_refuses_what_no_image_of_the_modality_could_have():
+    assert estimate.check_sigma(0.5, "us") == 0.5
+    with pytest.raises(InputError, match="relative speckle"):
+        estimate.check_sigma(12.0, "us")  # 1/144 of a look
+    span = np.array([0.0, 1000.0], np.float32)
+    assert estimate.check_sigma(20, "mri", span) == 20.0 and estimate.check_sigma(5e4, "mri") == 5e4
+    with pytest.raises(InputError, match="plausible range"):
+        estimate.check_sigma(5e4, "mri", span)
+    for bad in ("x", None, -1.0, float("inf")):
+        with pytest.raises(InputError, match="positive number"):
+            estimate.check_sigma(bad, "ct")

@@ -152,7 +152,8 @@ def test_explicit_modality_is_honoured_and_a_card_of_another_modality_warns(tmp_
 def test_sigma_steers_the_network_in_every_modality(tmp_path, mri_small, ct_slab, capfd):
     """--sigma is the network's noise level as it is the classical methods' (noise map, SURE guard):
     MRI the Rician sigma; CT the noise std at water (HU), the scan's own fit keeping the shape. No
-    warning that it is ignored; a sigma that is not positive is refused for the network too."""
+    warning that it is ignored, except where nothing would use it; a sigma outside the plausible range
+    is refused for the network too."""
     model = tiny_model(tmp_path, "mri")
     info = tmp_path / "info.json"
     code, _, err = run(["denoise", mri_small, tmp_path / "o.nrrd", "--model", model, "--device", "cpu",
@@ -160,6 +161,12 @@ def test_sigma_steers_the_network_in_every_modality(tmp_path, mri_small, ct_slab
     assert code == 0 and not lines_starting(err, "dualnet: warning"), err
     res = json.loads(info.read_text())
     assert res["sigma"] == 20.0 and res["sigma_source"] == "given"
+    # a model without a noise-map input: the SURE guard takes the given sigma (the input's SURE is sigma^2)
+    assert res["inference_guard"]["mse_input"] == pytest.approx(400.0), res["inference_guard"]
+    code, _, err = run(["denoise", mri_small, tmp_path / "ng.nrrd", "--model", model, "--sigma", "20", "--no-guard"],
+                       capfd)  # nothing would use it: said so
+    warnings = lines_starting(err, "dualnet: warning:")
+    assert code == 0 and len(warnings) == 1 and "--sigma ignored" in warnings[0], err
     ct_model = tiny_model(tmp_path, "ct", context=3, noise_map=True)  # a noise-map model, as the shipped ones
     outs = {}
     for sigma in (None, "5", "60"):
@@ -177,8 +184,9 @@ def test_sigma_steers_the_network_in_every_modality(tmp_path, mri_small, ct_slab
             assert model_info["method"] == "poisson-gaussian-fit", res
         outs[sigma] = read_volume(out).array
     assert not np.array_equal(outs["5"], outs["60"])  # the noise map the network sees follows --sigma
-    code, _, err = run(["denoise", ct_slab, tmp_path / "neg.nrrd", "--model", ct_model, "--sigma", "1e9"], capfd)
-    assert code == 2 and "plausible range" in err[0] and not (tmp_path / "neg.nrrd").exists(), err
+    code, _, err = run(["denoise", ct_slab, tmp_path / "huge.nrrd", "--model", ct_model, "--sigma", "1e9"], capfd)
+    assert code == 2 and "plausible range" in err[0] and "HU at water" in err[0], err
+    assert not (tmp_path / "huge.nrrd").exists()
     code, _, err = run(["denoise", mri_small, tmp_path / "o2.nrrd", "--method", "median", "--sigma", "20"], capfd)
     assert code == 0 and not lines_starting(err, "dualnet: warning"), err
 

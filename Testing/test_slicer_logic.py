@@ -778,6 +778,11 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     assert ui.noiseLevelSpinBox.enabled is True
     p.autoNoise = True
     assert ui.noiseLevelSpinBox.enabled is False
+    p.autoNoise, p.noiseLevel = False, 5.0  # a level set for the T1 ...
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 again")
+    nodes.update_node_from_array(other, mri_crop[8:16].astype(np.int16), np.eye(4))
+    p.inputVolume = other  # ... is not carried to another volume (whose modality, and units, may differ)
+    assert p.autoNoise is True and ui.noiseLevelSpinBox.enabled is False
     widget.cleanup()
 
 

@@ -160,7 +160,8 @@ def parse_args(argv):
                              "intensities (air at -1000 HU: ct; 8-bit 2D image: us; otherwise mri)")
     parser.add_argument("--sigma", type=float, default=None,
                         help=f"the noise level of every volume: {SIGMA_MEANING}; used by the classical methods "
-                             "and the network alike; default estimated from each volume")
+                             "and the network alike, so give it only for a folder of one modality; default "
+                             "estimated from each volume")
     parser.add_argument("--model", default=None, help="DUAL-NET model file; default shipped model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     add_precision_option(parser)

@@ -24,7 +24,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from dualnet import api, evaluate, modelfile, noise  # noqa: E402
 from dualnet.degrade import degrade  # noqa: E402
 from dualnet.io import Volume, read_volume, write_volume  # noqa: E402
 from dualnet.training import base_check  # noqa: E402
+from dualnet.training.config import TrainConfig  # noqa: E402
 from dualnet.training.data import variance_coef  # noqa: E402
 from dualnet.training.trainer import finetune  # noqa: E402
 
@@ -47,7 +48,8 @@ def denoise(arr: np.ndarray, spacing_zyx, model: Path) -> np.ndarray:
     return api.denoise_volume(vol, method="dualnet", modality="ct", model=model, seed=0).volume.array
 
 
-def fit(noisy: np.ndarray, spacing, base: Path, run_cfg, out: Path, sigma=None):
+def fit(noisy: np.ndarray, spacing: Tuple[float, ...], base: Path, run_cfg: TrainConfig, out: Path,
+        sigma: Optional[float] = None) -> Tuple[dict, Path]:
     """Fine-tune ``base`` on one slab as ``dualnet finetune [--sigma]`` does; returns the card (with its
     check) and the fine-tuned model itself (fitted again without the check when it kept the base)."""
     finetune([(noisy, spacing)], base, out, run_cfg, out_dir=out.with_suffix(".run"), sigma=sigma)

@@ -159,7 +159,8 @@ def run_level(models: List[str], names: List[str], images: list, modality: str, 
                 row[label].update(neb_maps(res, true_std, total_std, fg))
             if method == "dualnet" and mc_samples > 0:
                 row[label].update(mc_calibration(net, card, noisy.array, ref, fg, modality, mc_samples,
-                                                 guard=guard, views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta))
+                                                 guard=guard, views=views, spacing_zyx=d.spacing_lr_zyx, tta=tta,
+                                                 noise_coef=coef))
         if baseline != "none" and baseline_scales:
             row[f"{baseline}_best_sigma"] = best_sigma_run(noisy, ref, baseline, modality, baseline_scales,
                                                            at_estimate=row[baseline])
@@ -268,6 +269,8 @@ def main() -> None:
         ap.error(f"--names must be distinct and none of {sorted(taken)} (the table's other rows)")
     if args.given_sigma and not args.no_write:
         ap.error("--given-sigma is a probe (the cards record the default runs): add --no-write")
+    if args.given_sigma and args.baseline_sigma_scales:
+        ap.error("--baseline-sigma-scales scales the baseline's estimate: not with --given-sigma")
     images = validation_images(cfg, args.data_dir, args.max_cases)
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,

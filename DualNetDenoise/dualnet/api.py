@@ -192,10 +192,6 @@ def denoise_volume(
 
 #: Smallest ``tile``: smaller tiles are mostly overlap (minutes for a tiny volume).
 MIN_TILE = 16
-#: Plausible ``sigma`` for classical methods: this fraction of the intensity span (MRI, CT) ...
-SIGMA_SPAN = (1e-6, 10.0)
-#: ... and, for ultrasound, the relative speckle std 1 / sqrt(looks).
-SIGMA_US = (1e-3, 10.0)
 
 
 def _asks_tta(tta: Union[bool, int, None]) -> bool:
@@ -242,19 +238,13 @@ def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigm
             raise InputError(f"{src}: --tile must be whole voxels >= {MIN_TILE}, got {tile!r}")
     if uncertainty and (not isinstance(mc_samples, (int, np.integer)) or mc_samples < 2):
         raise InputError(f"{src}: --uncertainty needs --mc-samples >= 2 (the map is their spread), got {mc_samples!r}")
-    if sigma is None:
-        return
-    if not np.isfinite(sigma) or sigma <= 0:
-        raise InputError(f"{src}: --sigma must be a positive number, got {sigma!r}")
-    if modality == "us":
-        lo, hi, unit = SIGMA_US[0], SIGMA_US[1], "relative speckle std 1/sqrt(looks)"
-    else:
-        span = float(np.max(arr)) - float(np.min(arr))
-        if not span > 0:
-            return
-        lo, hi, unit = SIGMA_SPAN[0] * span, SIGMA_SPAN[1] * span, f"image units; intensity span {span:.4g}"
-    if not lo <= sigma <= hi:
-        raise InputError(f"{src}: --sigma {sigma:g} is outside the plausible range {lo:.3g} to {hi:.3g} ({unit})")
+    if sigma is not None:
+        from .estimate import check_sigma
+
+        try:
+            check_sigma(sigma, modality, arr)
+        except InputError as err:
+            raise InputError(f"{src}: --sigma: {err}") from None
 
 
 def _check_result(out: np.ndarray, src: str, method: str, info: Dict[str, Any], what: str = "result") -> None:
@@ -272,7 +262,8 @@ def _check_result(out: np.ndarray, src: str, method: str, info: Dict[str, Any], 
 
 
 def _estimate_sigma(arr: np.ndarray, modality: str) -> float:
-    """Absolute noise standard deviation in image units, as the classical methods expect."""
+    """The noise level the classical methods take (``estimate_noise(...).sigma``): MRI the Rician sigma
+    (image units), CT the noise std at water (HU), US the relative speckle std 1/sqrt(looks)."""
     from .estimate import estimate_noise
 
     est = estimate_noise(arr, modality)

@@ -320,8 +320,16 @@ def _sigma_from_frames(path: str, frame: int) -> Tuple[Optional[float], Optional
 
 
 def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> None:
-    """Warn about options that will not act as the user may think: a --model whose card names another
-    modality than the one chosen."""
+    """Warn about options that will not act as the user may think: --sigma with a model that has no
+    noise-map input where no SURE guard runs either (nothing would use it), a --model whose card names
+    another modality than the one chosen."""
+    arch = (card or {}).get("architecture") or {}
+    if args.sigma is not None and card is not None and not arch.get("noise_map") and choice is not None:
+        from .sure_guard import GUARD_MODALITIES
+
+        if args.no_guard or choice.modality not in GUARD_MODALITIES or int(arch.get("dim", 2)) != 2:
+            _warn(f"--sigma: {args.model or 'the model'} has no noise-map input and no SURE guard runs here "
+                  "(--no-guard, ultrasound or a 3D model), so nothing uses it (--sigma ignored)")
     trained = str((card or {}).get("modality") or "").lower()
     if args.model and choice is not None and trained and trained != choice.modality:
         _warn(f"{args.model}: the model's card says it was trained for {trained}, but the image is denoised "
@@ -362,7 +370,6 @@ def _denoise_dicom(args) -> int:
             raise InputError(f"{info_path}: --info-json must not be the output or lie in the input folder")
         if not info_path.parent.is_dir():
             raise InputError(f"{info_path}: folder {info_path.parent} does not exist")
-    _warn_ignored_options(args, None, None)
     mode = _progress_mode(args)
     report = denoise_dicom_folder(
         args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,

@@ -315,6 +315,44 @@ def poisson_gaussian_fit(
     return float(gain), float(np.sqrt(s2))
 
 
+#: Plausible given noise levels: this fraction of the image's intensity span (MRI, CT) ...
+SIGMA_SPAN = (1e-6, 10.0)
+#: ... and, for ultrasound, the relative speckle std 1 / sqrt(looks).
+SIGMA_US = (1e-3, 10.0)
+
+
+def check_sigma(sigma: float, modality: str, array: Optional[np.ndarray] = None) -> float:
+    """A given noise level (``--sigma``, in the units :func:`estimate_noise` reports) checked for
+    ``modality``: a positive number, and within the plausible range: US :data:`SIGMA_US` of the
+    relative speckle std; MRI and CT :data:`SIGMA_SPAN` of the intensity span of ``array`` (not checked
+    without one, or for a constant image). Returns it as a float; :class:`InputError` says why not."""
+    try:
+        s = float(sigma)
+    except (TypeError, ValueError):
+        raise InputError(f"the noise sigma must be a positive number, got {sigma!r}") from None
+    if not np.isfinite(s) or s <= 0:
+        raise InputError(f"the noise sigma must be a positive number, got {sigma!r}")
+    if modality == "us":
+        lo, hi, unit = SIGMA_US[0], SIGMA_US[1], "relative speckle std 1/sqrt(looks)"
+    elif array is None or not array.size:
+        return s
+    else:
+        span = float(np.max(array)) - float(np.min(array))
+        if not span > 0:
+            return s
+        what = "HU at water" if modality == "ct" else "image units"
+        lo, hi, unit = SIGMA_SPAN[0] * span, SIGMA_SPAN[1] * span, f"{what}; intensity span {span:.4g}"
+    if not lo <= s <= hi:
+        raise InputError(f"{s:g} is outside the plausible range {lo:.3g} to {hi:.3g} ({unit})")
+    return s
+
+
+def ct_dose(gain: float) -> float:
+    """The dose fraction of the :mod:`dualnet.noise` CT model whose Poisson gain (HU per count) is
+    ``gain``; inf for no signal-dependent noise (``gain <= 0``)."""
+    return CT_OFFSET_HU / (float(gain) * CT_FULL_DOSE_PHOTONS) if gain > 0 else float("inf")
+
+
 def scale_ct_noise_to_water(gain: float, electronic_sigma: float, sigma_water: float,
                             offset_hu: float = CT_OFFSET_HU) -> Tuple[float, float]:
     """A CT Poisson-Gaussian noise model ``var(HU) = gain (HU + offset_hu) + electronic_sigma^2``
@@ -328,9 +366,7 @@ def scale_ct_noise_to_water(gain: float, electronic_sigma: float, sigma_water: f
     Returns:
         ``(gain, electronic_sigma)`` scaled (gain in HU per count, sigma in HU).
     """
-    s = float(sigma_water)
-    if not np.isfinite(s) or s <= 0:
-        raise InputError(f"the CT noise std at water must be a positive number of HU, got {sigma_water!r}")
+    s = check_sigma(sigma_water, "ct")
     g, e = max(float(gain), 0.0), float(electronic_sigma)
     water = float(np.sqrt(g * offset_hu + e * e))
     if g <= 0 or not water > 0:
@@ -478,14 +514,9 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
         y += CT_OFFSET_HU
         del a
         gain, s = poisson_gaussian_fit(y, mask=fov if not fov.all() else None)
-        if gain <= 0:
-            sig = s
-            dose = float("inf")
-        else:
-            sig = float(np.sqrt(gain * CT_OFFSET_HU + s**2))
-            dose = CT_OFFSET_HU / (gain * CT_FULL_DOSE_PHOTONS)
+        sig = s if gain <= 0 else float(np.sqrt(gain * CT_OFFSET_HU + s**2))
         return NoiseEstimate(
-            "ct", float(dose), sig, "poisson-gaussian-fit",
+            "ct", ct_dose(gain), sig, "poisson-gaussian-fit",
             {"gain": float(gain), "electronic_sigma": float(s)},
         )
     L = speckle_looks(a, mask=mask)

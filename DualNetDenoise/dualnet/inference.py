@@ -629,7 +629,7 @@ def denoise_array(
         report(progress, 0.99, "checking the result against the input (SURE guard)")
         info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
                                     modality, dev, tile_shape, batch, overlap, n_tta, seed, cancel, out_floor,
-                                    fast, _neb if restore else None, _views)
+                                    fast, _neb if restore else None, _views, given_coef=noise_coef)
     else:
         info["guard"] = None
     if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
@@ -753,12 +753,15 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
                 modality: Optional[str], dev: Any, tile_shape: Tuple[int, ...], batch: int, overlap: float,
                 tta: int, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float],
                 fast: Optional[Callable[[Any], Dict[str, Any]]] = None,
-                neb: Optional[_SharedNeb] = None, views: int = 1) -> Dict[str, Any]:
+                neb: Optional[_SharedNeb] = None, views: int = 1,
+                given_coef: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
     one more streamed pass of the network over the runs of slices of ``guard_blocks`` with a small
     noise probe added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
     One of ``views`` orthogonal views checks a ``views``-th of the slices a single view checks;
     ``neb``: the view reads another view's NEB maps (the probe goes through the restoration branch).
+    ``coef`` is the network's noise model (None for a model without a noise map); the guard uses it,
+    else the caller's ``given_coef`` (a given ``--sigma``), else an estimate from ``vol``.
     Returns the weight and the estimates (``reason`` when the check could not run)."""
     from . import sure_guard as sg
 
@@ -767,8 +770,8 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
         return {"weight": 1.0, "reason": f"no Gaussian noise model for {modality!r} (speckle)"}
     if dim != 2:
         return {"weight": 1.0, "reason": "3D model: not checked"}
-    var_coef = coef  # the network's noise model; estimated here for a model without a noise map
-    if var_coef is None:
+    var_coef = coef if coef is not None else given_coef
+    if var_coef is None:  # a model without a noise map, and no noise level given
         from .training.data import noise_variance_model
 
         try:

@@ -350,28 +350,35 @@ def noise_variance_model(array: np.ndarray, modality: str, sigma: Optional[float
             :func:`dualnet.estimate.scale_ct_noise_to_water`); US the relative speckle std
             ``1 / sqrt(L)``. None: all from :func:`dualnet.estimate.estimate_noise` on the whole image.
     """
-    from ..estimate import estimate_noise, scale_ct_noise_to_water
-    from ..noise import CT_FULL_DOSE_PHOTONS, CT_OFFSET_HU
+    from ..estimate import check_sigma, ct_dose, estimate_noise, scale_ct_noise_to_water
 
-    if sigma is not None:
-        s = float(sigma)
-        if not np.isfinite(s) or s <= 0:
-            raise InputError(f"the noise sigma must be a positive number, got {sigma!r}")
-        if modality == "mri":
-            return variance_coef("mri", sigma=s), {"modality": "mri", "sigma": s, "method": "given"}
-        if modality == "us":
-            return variance_coef("us", looks=1.0 / (s * s)), {"modality": "us", "sigma": s, "level": 1.0 / (s * s),
-                                                               "method": "given"}
-    est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
-    info = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
-            "method": est.method, **{k: float(v) for k, v in est.params.items()}}
+    given = None if sigma is None else check_sigma(sigma, modality, np.asarray(array))
+    if given is not None and modality == "mri":
+        return variance_coef("mri", sigma=given), {"modality": "mri", "sigma": given, "method": "given"}
+    if given is not None and modality == "us":
+        looks = 1.0 / (given * given)
+        return variance_coef("us", looks=looks), {"modality": "us", "sigma": given, "level": looks, "looks": looks,
+                                                  "method": "given"}
+    try:
+        est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
+    except InputError as err:
+        if given is None:
+            raise
+        # CT too small to fit a shape: the given std at water, as white noise
+        return (given * given, 0.0, 0.0), {"modality": "ct", "sigma": given, "gain": 0.0, "electronic_sigma": given,
+                                           "method": f"given std at water, white (no fit: {err})"}
+    info: Dict[str, Any] = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
+                            "method": est.method, **{k: float(v) for k, v in est.params.items()}}
     gain = float(est.params.get("gain", 0.0))
     electronic = float(est.params.get("electronic_sigma", est.sigma))
-    if est.modality == "ct" and sigma is not None:
-        gain, electronic = scale_ct_noise_to_water(gain, electronic, float(sigma))
-        info.update(sigma=float(sigma), gain=gain, electronic_sigma=electronic,
-                    estimated_sigma=float(est.sigma), method=f"given std at water, shape from {est.method}",
-                    level=CT_OFFSET_HU / (gain * CT_FULL_DOSE_PHOTONS) if gain > 0 else float("inf"))
+    if est.modality == "ct" and given is not None:
+        gain, electronic = scale_ct_noise_to_water(gain, electronic, given)
+        info.update(sigma=given, gain=gain, electronic_sigma=electronic, level=ct_dose(gain),
+                    estimated_sigma=float(est.sigma), estimated_gain=info.get("gain", 0.0),
+                    estimated_electronic_sigma=info.get("electronic_sigma", float(est.sigma)),
+                    method=f"given std at water, shape from {est.method}")
+    if not np.isfinite(info["level"]):  # CT with no signal dependence: no dose (and cards are strict JSON)
+        info["level"] = None
     if est.modality == "ct" and gain <= 0:  # no signal dependence found
         return (electronic ** 2, 0.0, 0.0), info
     return variance_coef(est.modality, sigma=float(est.sigma), gain=gain, electronic_sigma=electronic,

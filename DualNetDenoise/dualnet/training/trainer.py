@@ -1164,8 +1164,10 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
                          dropout_mode=str(arch.get("dropout_mode", "element")),
                          # a magnitude model floored at 0 stays floored (its card's output_floor)
                          nonnegative=bool(card.get("config", {}).get("nonnegative", False)))
-    if sigma is not None and not (np.isfinite(float(sigma)) and float(sigma) > 0):  # before any scan is read
-        raise InputError(f"the noise sigma must be a positive number, got {sigma}")
+    if sigma is not None:  # refused before any scan is read (each scan's own range: noise_variance_model)
+        from ..estimate import check_sigma
+
+        check_sigma(sigma, modality)
     if isinstance(inputs, (str, Path, np.ndarray)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray)):
         inputs = [inputs]
