@@ -251,14 +251,16 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
+        else:
+            self._lastInputID = None
 
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
         inputID = p.inputVolume.GetID() if (p is not None and p.inputVolume is not None) else None
         if inputID != self._lastInputID:
-            switched = self._lastInputID is not None  # another volume, not the first one (e.g. a loaded scene's)
+            switched = self._lastInputID is not None  # another volume (setParameterNode syncs a scene's own input)
             self._lastInputID = inputID
-            if switched and not p.autoNoise:
+            if switched and p is not None and not p.autoNoise:
                 p.autoNoise = True  # a noise level belongs to the volume it was set for (its units to its modality)
             if inputID is not None:
                 self.onGuessModality()  # propose a modality for a newly selected volume (user can change it)

@@ -221,6 +221,8 @@ def test_a_ct_noise_model_with_no_dose_is_strict_json_and_a_given_level_needs_no
     assert noise_variance_model(tiny, "ct", 12.0)[0] == (144.0, 0.0, 0.0)
     with pytest.raises(InputError, match="too few voxels"):
         noise_variance_model(tiny, "ct")
+    with pytest.raises(InputError, match="modality"):  # not taken for a CT slab that is too small
+        noise_variance_model(tiny, "xyz", 12.0)
 
 
 def test_check_sigma_refuses_what_no_image_of_the_modality_could_have():
@@ -231,6 +233,7 @@ def test_check_sigma_refuses_what_no_image_of_the_modality_could_have():
     assert estimate.check_sigma(20, "mri", span) == 20.0 and estimate.check_sigma(5e4, "mri") == 5e4
     with pytest.raises(InputError, match="plausible range"):
         estimate.check_sigma(5e4, "mri", span)
-    for bad in ("x", None, -1.0, float("inf")):
+    for bad in ("x", "0.5", None, True, 10 ** 400, -1.0, float("inf")):
         with pytest.raises(InputError, match="positive number"):
             estimate.check_sigma(bad, "ct")
+    assert estimate.check_sigma(np.float32(2.0), "US") == 2.0 and estimate.check_sigma(3, "ct", [0, 10]) == 3.0

@@ -326,19 +326,23 @@ def check_sigma(sigma: float, modality: str, array: Optional[np.ndarray] = None)
     ``modality``: a positive number, and within the plausible range: US :data:`SIGMA_US` of the
     relative speckle std; MRI and CT :data:`SIGMA_SPAN` of the intensity span of ``array`` (not checked
     without one, or for a constant image). Returns it as a float; :class:`InputError` says why not."""
-    try:
-        s = float(sigma)
-    except (TypeError, ValueError):
-        raise InputError(f"the noise sigma must be a positive number, got {sigma!r}") from None
+    s = float("nan")
+    if not isinstance(sigma, (bool, np.bool_, str, bytes)):
+        try:
+            s = float(sigma)
+        except (TypeError, ValueError, OverflowError):
+            pass
     if not np.isfinite(s) or s <= 0:
         raise InputError(f"the noise sigma must be a positive number, got {sigma!r}")
+    modality = str(modality).lower()
+    array = None if array is None else np.asarray(array)
     if modality == "us":
         lo, hi, unit = SIGMA_US[0], SIGMA_US[1], "relative speckle std 1/sqrt(looks)"
     elif array is None or not array.size:
         return s
     else:
         span = float(np.max(array)) - float(np.min(array))
-        if not span > 0:
+        if not (np.isfinite(span) and span > 0):
             return s
         what = "HU at water" if modality == "ct" else "image units"
         lo, hi, unit = SIGMA_SPAN[0] * span, SIGMA_SPAN[1] * span, f"{what}; intensity span {span:.4g}"

@@ -770,8 +770,10 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
         return {"weight": 1.0, "reason": f"no Gaussian noise model for {modality!r} (speckle)"}
     if dim != 2:
         return {"weight": 1.0, "reason": "3D model: not checked"}
-    var_coef = coef if coef is not None else given_coef
-    if var_coef is None:  # a model without a noise map, and no noise level given
+    var_coef = coef
+    if var_coef is None and given_coef is not None:  # a model without a noise map, a noise level given
+        var_coef, _ = _noise_model(vol, modality, given_coef, None)  # checked as the network's would be
+    if var_coef is None:  # ... and none given
         from .training.data import noise_variance_model
 
         try:

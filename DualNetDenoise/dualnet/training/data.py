@@ -352,6 +352,7 @@ def noise_variance_model(array: np.ndarray, modality: str, sigma: Optional[float
     """
     from ..estimate import check_sigma, ct_dose, estimate_noise, scale_ct_noise_to_water
 
+    modality = str(modality).lower()
     given = None if sigma is None else check_sigma(sigma, modality, np.asarray(array))
     if given is not None and modality == "mri":
         return variance_coef("mri", sigma=given), {"modality": "mri", "sigma": given, "method": "given"}
@@ -362,11 +363,11 @@ def noise_variance_model(array: np.ndarray, modality: str, sigma: Optional[float
     try:
         est = estimate_noise(np.asarray(array, dtype=np.float32), modality)
     except InputError as err:
-        if given is None:
+        if given is None or modality != "ct":
             raise
         # CT too small to fit a shape: the given std at water, as white noise
         return (given * given, 0.0, 0.0), {"modality": "ct", "sigma": given, "gain": 0.0, "electronic_sigma": given,
-                                           "method": f"given std at water, white (no fit: {err})"}
+                                           "level": None, "method": f"given std at water, white (no fit: {err})"}
     info: Dict[str, Any] = {"modality": est.modality, "level": float(est.level), "sigma": float(est.sigma),
                             "method": est.method, **{k: float(v) for k, v in est.params.items()}}
     gain = float(est.params.get("gain", 0.0))
@@ -377,7 +378,7 @@ def noise_variance_model(array: np.ndarray, modality: str, sigma: Optional[float
                     estimated_sigma=float(est.sigma), estimated_gain=info.get("gain", 0.0),
                     estimated_electronic_sigma=info.get("electronic_sigma", float(est.sigma)),
                     method=f"given std at water, shape from {est.method}")
-    if not np.isfinite(info["level"]):  # CT with no signal dependence: no dose (and cards are strict JSON)
+    if not np.isfinite(info["level"]):  # CT with no signal dependence (no dose), an MRI with no peak: None (strict JSON)
         info["level"] = None
     if est.modality == "ct" and gain <= 0:  # no signal dependence found
         return (electronic ** 2, 0.0, 0.0), info
