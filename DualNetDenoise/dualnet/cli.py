@@ -325,9 +325,9 @@ def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityC
     another modality than the one chosen."""
     arch = (card or {}).get("architecture") or {}
     if args.sigma is not None and card is not None and not arch.get("noise_map") and choice is not None:
-        from .sure_guard import GUARD_MODALITIES
+        from .sure_guard import unchecked_reason
 
-        if args.no_guard or choice.modality not in GUARD_MODALITIES or int(arch.get("dim", 2)) != 2:
+        if args.no_guard or unchecked_reason(choice.modality, int(arch.get("dim", 2))) is not None:
             _warn(f"--sigma: {args.model or 'the model'} has no noise-map input and no SURE guard runs here "
                   "(--no-guard, ultrasound or a 3D model), so nothing uses it (--sigma ignored)")
     trained = str((card or {}).get("modality") or "").lower()

@@ -766,10 +766,9 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
     from . import sure_guard as sg
 
     t0 = time.perf_counter()
-    if modality not in sg.GUARD_MODALITIES:
-        return {"weight": 1.0, "reason": f"no Gaussian noise model for {modality!r} (speckle)"}
-    if dim != 2:
-        return {"weight": 1.0, "reason": "3D model: not checked"}
+    reason = sg.unchecked_reason(modality, dim)
+    if reason is not None:
+        return {"weight": 1.0, "reason": reason}
     var_coef = coef
     if var_coef is None and given_coef is not None:  # a model without a noise map, a noise level given
         var_coef, _ = _noise_model(vol, modality, given_coef, None)  # checked as the network's would be

@@ -30,6 +30,17 @@ import numpy as np
 
 #: modalities whose noise SURE's Gaussian model covers
 GUARD_MODALITIES = ("mri", "ct")
+
+
+def unchecked_reason(modality: Optional[str], dim: int) -> Optional[str]:
+    """Why the guard cannot check a network's result (None: it can): speckle is not Gaussian, and a
+    3D model is not run slice by slice as the guard's probe pass is."""
+    if modality not in GUARD_MODALITIES:
+        return f"no Gaussian noise model for {modality!r} (speckle)"
+    if dim != 2:
+        return "3D model: not checked"
+    return None
+
 #: finite-difference step, in noise stds
 EPS = 0.1
 #: the slices checked: this fraction of the volume, at least MIN_SLICES, in BLOCKS runs spread over it
