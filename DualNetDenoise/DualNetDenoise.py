@@ -181,6 +181,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._modelStore = None
         self._lastInputID = None
+        self._importing = False  # a scene is being imported: its parameter values are not the user's edits
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -194,6 +195,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.guessModalityButton.connect("clicked(bool)", self.onGuessModality)
@@ -232,6 +235,16 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneStartImport(self, caller, event) -> None:
+        self._importing = True
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A scene added to the open one (not loaded after a close) may bring this module's settings:
+        its input volume, modality and noise level are kept as saved, as when a scene is opened."""
+        self._importing = False
+        if self._parameterNode:
+            self.setParameterNode(self._parameterNode)  # re-sync the input it was saved with
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
@@ -257,7 +270,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
         inputID = p.inputVolume.GetID() if (p is not None and p.inputVolume is not None) else None
-        if inputID != self._lastInputID:
+        if inputID != self._lastInputID and not self._importing:
             switched = self._lastInputID is not None  # another volume (setParameterNode syncs a scene's own input)
             self._lastInputID = inputID
             if switched and p is not None and not p.autoNoise:

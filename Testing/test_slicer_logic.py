@@ -786,6 +786,43 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     widget.cleanup()
 
 
+def test_denoise_panel_keeps_an_imported_scenes_settings(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """A scene added to the open one (File > Add Data of a .mrml: a real MRML ``Import`` without a
+    close) brings the panel's saved input volume, modality and noise level; the panel must not take
+    the changed input for the user's switch to another volume. Before the fix it reset the noise to
+    auto and guessed the modality again (the saved CT became MRI). Stubbed: the Qt widgets."""
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
+    module.DualNetDenoise(types.SimpleNamespace())
+    widget = module.DualNetDenoiseWidget()
+    widget.setup()
+    saved = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "saved")
+    nodes.update_node_from_array(saved, mri_crop[:8].astype(np.int16), np.eye(4))
+    widget.enter()
+    p = widget._parameterNode
+    p.modality, p.autoNoise, p.noiseLevel = "ct", False, 7.0  # the user's choice for this volume, saved
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    xml = scene.GetSceneXMLString()
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
+    nodes.update_node_from_array(other, mri_crop[8:16].astype(np.int16), np.eye(4))
+    p.inputVolume = other  # a switch by the user: auto noise, modality guessed
+    assert p.autoNoise is True and p.modality == "mri"
+    scene.SetLoadFromXMLString(1)
+    scene.SetSceneXMLString(xml)
+    scene.Import()
+    p = widget._parameterNode
+    assert p.inputVolume is not None and p.inputVolume.GetName() == "saved"
+    assert (p.modality, p.autoNoise, p.noiseLevel) == ("ct", False, 7.0)
+    assert widget.ui.noiseLevelSpinBox.enabled is True
+    newer = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "newer")
+    nodes.update_node_from_array(newer, mri_crop[:8].astype(np.int16), np.eye(4))
+    p.inputVolume = newer  # after the import a switch is a switch again
+    assert p.autoNoise is True and p.modality == "mri"
+    widget.cleanup()
+
+
 def test_training_panel_setup_outside_qt(monkeypatch, scene, tmp_path, fake_ui):
     module = _import_module_file(monkeypatch, scene, "DualNetTraining")
     monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
