@@ -76,6 +76,36 @@ def test_batch_writes_outputs_and_summary(folder, tmp_path, batch):
     assert all(r["status"] == "skipped (exists)" for r in read_rows(out / "summary.csv"))
 
 
+def test_inputs_sharing_a_name_get_their_own_results(folder, tmp_path, batch):
+    """``ct.nrrd`` and ``CT.nii.gz`` (one name on macOS / Windows) both map to ``ct_<method>.nrrd``:
+    the second was skipped as existing, or with --overwrite replaced the first's result while the
+    summary listed both as ok. Each now carries its format in the name; unshared names are unchanged."""
+    from dualnet.io import read_volume, write_volume
+
+    ct = read_volume(folder / "ct.nrrd")
+    write_volume(ct.with_array(ct.array[:, ::-1].copy()), folder / "CT.nii.gz")
+    out = tmp_path / "out"
+    assert batch.main([str(folder), str(out), "--method", "gaussian", "--modality", "ct", "--sigma", "20",
+                       "--overwrite"]) == 0
+    rows = {Path(r["input"]).name: Path(r["output"]).name for r in read_rows(out / "summary.csv")}
+    assert rows == {"ct.nrrd": "ct-nrrd_gaussian.nrrd", "CT.nii.gz": "CT-nii-gz_gaussian.nrrd",
+                    "t1 crop.nii.gz": "t1 crop_gaussian.nrrd"}
+    a, b = (read_volume(out / rows[k]).array for k in ("ct.nrrd", "CT.nii.gz"))
+    np.testing.assert_allclose(a[:, ::-1], b, atol=1e-3)  # each its own input's result
+
+
+def test_summary_csv_never_replaces_an_input(folder, tmp_path, batch, capsys):
+    """``--csv`` naming an input (or a result of the same run) is refused before any work; it was
+    opened for writing as given and replaced the input file."""
+    before = (folder / "ct.nrrd").read_bytes()
+    out = tmp_path / "out"
+    assert batch.main([str(folder), str(out), "--method", "gaussian", "--csv", str(folder / "ct.nrrd")]) == 2
+    assert "output path is the input file" in capsys.readouterr().err
+    assert (folder / "ct.nrrd").read_bytes() == before and not any(out.glob("*_gaussian.nrrd"))
+    assert batch.main([str(folder), str(out), "--method", "gaussian", "--csv", str(out / "ct_gaussian.nrrd")]) == 2
+    assert "two outputs" in capsys.readouterr().err
+
+
 def test_batch_keeps_going_after_a_bad_file(folder, tmp_path):
     (folder / "broken.nrrd").write_bytes(b"NRRD0004\ntype: float\n")  # truncated header
     out = tmp_path / "out"
@@ -400,6 +430,15 @@ def test_batch_dicom_refusals(study, tmp_path, batch, capsys):
     (empty / "notes.txt").write_text("x", encoding="utf-8")
     assert batch.main([str(empty), str(tmp_path / "o5"), "--dicom"]) == 2
     assert "no CT or MR DICOM image series found" in capsys.readouterr().err
+
+
+def test_batch_dicom_summary_never_replaces_a_source_file(study, tmp_path, batch, capsys):
+    root, _ = study
+    source = next(root.rglob("*.dcm"))
+    before = source.read_bytes()
+    assert batch.main([str(root), str(tmp_path / "o"), "--dicom", "--method", "gaussian", "--csv", str(source)]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert source.read_bytes() == before and not any((tmp_path / "o").iterdir())
 
 
 def test_batch_dicom_send_without_pynetdicom_stops_before_any_work(study, tmp_path):

@@ -294,6 +294,25 @@ def test_output_folder_never_overlaps_the_input(dicom_dir, tmp_path, capsys, whe
     assert tree_hashes(tmp_path) == before_all  # nothing written, nothing changed
 
 
+def test_info_json_never_replaces_the_model_card_or_lands_in_the_output(dicom_dir, tmp_path, capsys):
+    """``--dicom --info-json`` was checked against the output and the input folder only: naming the
+    ``--model``'s card replaced it with the run report (the volume path refused the same)."""
+    from dualnet.modelfile import card_path
+
+    src = tmp_path / "src"
+    shutil.copytree(dicom_dir / MR, src)
+    model = tmp_path / "mdl" / "m.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"weights")
+    card = Path(card_path(model))
+    card.write_text('{"name": "m"}', encoding="utf-8")
+    for info in (card, tmp_path / "o" / "run.json"):
+        code, _, err = run_cli(["denoise", src, tmp_path / "o", "--dicom", "--method", "gaussian", "--sigma", SIGMA,
+                                "--model", model, "--info-json", info, "-q"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert card.read_text(encoding="utf-8") == '{"name": "m"}' and not (tmp_path / "o").exists()
+
+
 def test_send_without_dicom_and_bad_node_are_refused(dicom_dir, tmp_path, capsys):
     code, _, err = run_cli(["denoise", dicom_dir / MR, tmp_path / "o.nrrd", "--send", "A@h:104"], capsys)
     assert code == 2 and "--send needs --dicom" in err

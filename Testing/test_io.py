@@ -154,3 +154,64 @@ def test_outputs_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def _copy_series(src, dst, n=None):
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.dcm"))[:n]:
+        shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def test_dicom_folder_off_a_regular_grid_is_refused(shared_data, tmp_path):
+    """The real gantry-tilted GE head CT: ITK stacks its slices on a regular grid up to 49 mm from
+    their ImagePositionPatient; a volume file written from that would misplace them. Refused with
+    the way out (``--dicom`` keeps each slice's position); a noise estimate may still read it."""
+    folder = shared_data / "dicom" / "ct_ge_hispeed_head_tilt"
+    with pytest.raises(InputError, match=r"not on a regular grid \(one lies 48.8 mm .*--dicom"):
+        read_volume(folder)
+    assert read_volume(folder, irregular_ok=True).array.shape == (28, 512, 512)
+    regular = read_volume(shared_data / "dicom" / "mr_siemens_t1_fl2d_sag")  # a straight stack reads as before
+    assert regular.array.shape == (35, 256, 256) and regular.metadata.get("0008|0060") == "MR"
+
+
+def test_dicom_folder_with_one_enhanced_multiframe_file(shared_data):
+    """A folder holding one enhanced MR object: its 96 frames are the slices (was refused as a 4D
+    image whose --frame option was refused in turn)."""
+    vol = read_volume(shared_data / "dicom" / "mr_siemens_xa30_t1w_enhanced")
+    assert vol.array.shape == (96, 128, 128) and vol.metadata.get("0008|0060") == "MR"
+    np.testing.assert_allclose(vol.spacing, (2.0, 2.0, 2.0), rtol=1e-5)
+
+
+def test_dicom_folder_with_several_series_is_refused(shared_data, tmp_path):
+    """Was: the series with the most files, silently (a study folder gave whichever was largest)."""
+    mixed = _copy_series(shared_data / "dicom" / "mr_siemens_t1_fl2d_sag", tmp_path / "mixed", 6)
+    _copy_series(shared_data / "dicom" / "ct_ge_hispeed_head_tilt", mixed, 3)
+    with pytest.raises(InputError, match=r"holds 2 DICOM series \(MR .*6 files\); CT .*\(3 files\)\).*--dicom"):
+        read_volume(mixed)
+
+
+@pytest.mark.parametrize("header, key", [(".mhd", "ElementDataFile = "), (".nhdr", "data file: ")])
+def test_detached_header_never_overwrites_an_inputs_data_file(tmp_path, header, key):
+    """An input header names its data file; a detached output whose data file has that name must not
+    replace it (the check compared with the input's header only)."""
+    vol = _oblique_volume()
+    write_volume(vol, tmp_path / f"x{header}", compress=False)
+    src = tmp_path / f"x{header}"
+    data = [f for f in tmp_path.iterdir() if f != src]
+    assert len(data) == 1 and key.strip(" =:").lower() in src.read_text(encoding="latin-1").lower()
+    before = data[0].read_bytes()
+    other = ".nhdr" if header == ".mhd" else ".mhd"
+    # the other header format, named so that its data file is the input's (x.raw for both)
+    target = tmp_path / f"x{other}"
+    written = None
+    try:
+        written = write_volume(vol.with_array(vol.array * 3), target, inputs=[src], compress=False)
+    except InputError as err:
+        assert "would overwrite an input" in str(err)
+    assert data[0].read_bytes() == before, "the input's data file was replaced"
+    np.testing.assert_array_equal(read_volume(src).array, vol.array.astype(np.float32))
+    if written is not None:  # a differently named data file: both read back
+        np.testing.assert_array_equal(read_volume(written).array, (vol.array * 3).astype(np.float32))

@@ -204,19 +204,49 @@ def run(args) -> int:
     if not inputs:
         print(f"batch_denoise: no volumes found in {args.input_dir}", file=sys.stderr)
         return 2
-    check_dependencies(args.method)
+    names = output_names(inputs, args.output_dir, args.method, args.format)
     csv_path = args.csv or (args.output_dir / "summary.csv")
+    from dualnet.errors import InputError
+    from dualnet.io import check_output_path
+
+    try:  # before any work: the summary must not replace an input or a result
+        check_output_path(csv_path, inputs, outputs=list(names.values()), formats=None)
+    except InputError as err:
+        print(f"batch_denoise: --csv: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    check_dependencies(args.method)
     rows = []
     try:
-        failed = denoise_all(args, inputs, rows)
+        failed = denoise_all(args, inputs, rows, names)
     finally:  # also when a missing package aborts the batch: what was done is listed
-        write_summary(csv_path, rows)
+        write_summary(csv_path, rows, inputs=inputs, outputs=list(names.values()))
     print(json.dumps({"volumes": len(rows), "failed": failed, "csv": str(csv_path)}), flush=True)
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def denoise_all(args, inputs, rows) -> int:
-    """Denoise each input, appending a summary row; returns the number of failures.
+def output_names(inputs, output_dir: Path, method: str, fmt_option: str) -> dict:
+    """``OUT_DIR/<stem>_<method><format>`` for each input. Inputs that share a stem (``scan.nii.gz``,
+    ``scan.nrrd``, a DICOM folder ``scan/``; letter case ignored, as on macOS and Windows) also carry
+    their own format in the name (``scan-nii-gz_...``, ``scan-nrrd_...``, ``scan-dicom_...``), so no
+    result replaces another's."""
+    from collections import Counter
+
+    stems = Counter(stem(src).lower() for src in inputs)
+    names = {}
+    for src in inputs:
+        fmt = fmt_option
+        if fmt == "same":
+            fmt = ".nrrd" if src.is_dir() else next(s for s in VOLUME_SUFFIXES if src.name.lower().endswith(s))
+        base = stem(src)
+        if stems[base.lower()] > 1:
+            kind = "dicom" if src.is_dir() else src.name[len(base):].lstrip(".").lower().replace(".", "-")
+            base = f"{base}-{kind}"
+        names[src] = output_dir / f"{base}_{method}{fmt}"
+    return names
+
+
+def denoise_all(args, inputs, rows, names: dict) -> int:
+    """Denoise each input into ``names[input]``, appending a summary row; returns the number of failures.
 
     A volume that fails (bad file, error in the core) is recorded and the batch goes on; a missing
     Python package stops it (every further volume would fail the same way).
@@ -226,10 +256,7 @@ def denoise_all(args, inputs, rows) -> int:
 
     failed = 0
     for n, src in enumerate(inputs, start=1):
-        fmt = args.format
-        if fmt == "same":
-            fmt = ".nrrd" if src.is_dir() else next(s for s in VOLUME_SUFFIXES if src.name.lower().endswith(s))
-        dst = args.output_dir / f"{stem(src)}_{args.method}{fmt}"
+        dst = names[src]
         row = {"input": str(src), "output": str(dst), "method": args.method,
                "modality": "" if args.modality == "auto" else args.modality}
         print(f"[{n}/{len(inputs)}] {src.name} -> {dst.name}", flush=True)
@@ -313,13 +340,15 @@ def run_dicom(args) -> int:
         print(f"batch_denoise: {usage}", file=sys.stderr)
         return EXIT_USAGE
     from dualnet.errors import InputError
+    from dualnet.io import check_output_path
 
     try:
         node = check_dicom_folders(args)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(args.csv or (args.output_dir / "summary.csv"), [args.input_dir], formats=None)
     except InputError as err:
         print(f"batch_denoise: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     check_dependencies(args.method)
     try:
         report = denoise_dicom(args)
@@ -332,7 +361,7 @@ def run_dicom(args) -> int:
 def finish_dicom(args, report, node) -> int:
     """Summary CSV and lines of a ``--dicom`` run, failures on stderr, then the optional C-STORE."""
     csv_path = args.csv or (args.output_dir / "summary.csv")
-    write_summary(csv_path, dicom_rows(report, args))
+    write_summary(csv_path, dicom_rows(report, args), inputs=[args.input_dir])
     for line in report.summary_lines()[len(report.outcomes):]:
         print(line, flush=True)
     for o in report.outcomes:
@@ -429,12 +458,19 @@ def send_series(files, node) -> int:
     return EXIT_OK
 
 
-def write_summary(csv_path: Path, rows) -> None:
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+def write_summary(csv_path: Path, rows, inputs=(), outputs=()) -> None:
+    """The summary CSV, written atomically and never over one of ``inputs`` (or into an input
+    folder) or ``outputs``."""
+    import io
+
+    from dualnet.io import atomic_write_bytes
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+    atomic_write_bytes(csv_path, text.getvalue().encode("utf-8"), inputs=inputs, outputs=outputs)
 
 
 def main(argv=None) -> int:

@@ -160,8 +160,8 @@ def _note(args, message: str) -> None:
         print(f"dualnet: {message}", file=sys.stderr, flush=True)
 
 
-def _read_input(path: str, frame: Optional[int]):
-    """``read_volume(path, frame=frame)``; refuses ``--frame`` for an image that is not 4D (nothing to choose).
+def _read_input(path: str, frame: Optional[int], irregular_ok: bool = False):
+    """``read_volume(path, frame=frame, irregular_ok=...)``; refuses ``--frame`` for an image that is not 4D (nothing to choose).
 
     Refused like ``--tta`` with a classical method (``api.check_options``): an option that cannot
     apply is an error, not a silent no-op.
@@ -172,7 +172,7 @@ def _read_input(path: str, frame: Optional[int]):
         dim = _image_dimension(path)
         if dim is not None and dim != 4:
             raise InputError(f"{path}: --frame applies to 4D images only; this image is {dim}D")
-    return read_volume(path, frame=frame)
+    return read_volume(path, frame=frame, irregular_ok=irregular_ok)
 
 
 def _image_dimension(path: str) -> Optional[int]:
@@ -363,13 +363,14 @@ def _denoise_dicom(args) -> int:
         from .dicom_send import parse_node
 
         node = parse_node(args.send)
+    src = Path(args.input)
+    info_inputs = [src if src.is_dir() else src.parent] + _model_files(args.model)  # the model's card too
     if args.info_json:
         info_path = Path(args.info_json)
-        src = Path(args.input)
-        if same_path(info_path, args.output) or path_inside(info_path, src if src.is_dir() else src.parent):
-            raise InputError(f"{info_path}: --info-json must not be the output or lie in the input folder")
-        if not info_path.parent.is_dir():
-            raise InputError(f"{info_path}: folder {info_path.parent} does not exist")
+        folders = [f for f in (args.output, args.uncertainty) if f]
+        if any(same_path(info_path, f) or path_inside(info_path, f) for f in folders):
+            raise InputError(f"{info_path}: --info-json must not be or lie in an output folder")
+        check_output_path(info_path, info_inputs, formats=None)  # not an input, not in the input folder
     mode = _progress_mode(args)
     report = denoise_dicom_folder(
         args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
@@ -384,7 +385,8 @@ def _denoise_dicom(args) -> int:
         if o.status == "ok" and (o.info or {}).get("inference_noise_warning"):
             _warn(f"{o.source.folder}: {o.info['inference_noise_warning']}")
     if args.info_json:
-        atomic_write_bytes(args.info_json, json.dumps(report.to_json(), indent=2, default=str).encode("utf-8"))
+        atomic_write_bytes(args.info_json, json.dumps(report.to_json(), indent=2, default=str).encode("utf-8"),
+                           inputs=info_inputs)
     failed = [o for o in report.outcomes if o.status != "ok"]
     for o in failed:
         print(f"dualnet: error: {o.source.folder}: {o.error}", file=sys.stderr)
@@ -503,7 +505,7 @@ def cmd_estimate(args) -> int:
     from .errors import InputError
     from .estimate import estimate_noise
 
-    volume = _read_input(args.input, args.frame)
+    volume = _read_input(args.input, args.frame, irregular_ok=True)  # writes no image: slice positions do not matter
     choice = choose_modality(args.modality, volume.array, volume.metadata)
     args.modality = choice.modality
     try:

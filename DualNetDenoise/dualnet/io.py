@@ -141,23 +141,79 @@ def _ext(path: PathLike) -> str:
     return Path(name).suffix
 
 
-def _read_dicom_series(folder: Path):
+#: Largest distance of a slice from where a regular volume puts it, as a fraction of the slice
+#: spacing, before a DICOM folder is refused (gantry tilt, uneven or missing slices).
+GRID_TOLERANCE = 0.1
+
+
+def _read_dicom_series(folder: Path, irregular_ok: bool = False):
+    """The one DICOM series in ``folder`` as a SimpleITK image (3D, or 2D for one classic slice).
+
+    Refuses a folder with several series (it lists them), and, unless ``irregular_ok``, slices that
+    are not on the regular grid a volume file stores: such a file would misplace them."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     ids = reader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise InputError(f"{folder}: folder holds no DICOM series")
-    # Take the series with the most files, say so if there were several.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len)
+    series = sorted(((sid, reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids), key=lambda t: -len(t[1]))
+    if len(series) > 1:
+        listed = "; ".join(f"{_series_label(files[0])} ({len(files)} files)" for _, files in series)
+        raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({listed}); point to a folder with "
+                         "one series, or use `dualnet denoise --dicom`, which writes every series")
+    files = series[0][1]
+    if len(files) == 1:  # one classic slice, or one enhanced multi-frame object (its frames are the slices)
+        image = sitk.ReadImage(files[0])
+        if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+            size = list(image.GetSize())
+            image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+        return image
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     image = reader.Execute()
+    if not irregular_ok:
+        _check_regular_grid(folder, reader, image, len(files))
     for key in ("0008|0060", "0008|0070", "0018|0015"):
         if reader.HasMetaDataKey(0, key):
             image.SetMetaData(key, reader.GetMetaData(0, key).strip())
     return image
+
+
+def _series_label(first_file: str) -> str:
+    """``modality number "description"`` of a DICOM file, for naming a series in a message."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(first_file)
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        return Path(first_file).name
+    tag = lambda k: r.GetMetaData(k).strip() if r.HasMetaDataKey(k) else ""  # noqa: E731
+    return " ".join(x for x in (tag("0008|0060"), tag("0020|0011"), repr(tag("0008|103e")) if tag("0008|103e") else "")
+                    if x) or Path(first_file).name
+
+
+def _check_regular_grid(folder: Path, reader, image, n: int) -> None:
+    """Refuse slices whose ImagePositionPatient (0020,0032) lies more than :data:`GRID_TOLERANCE`
+    of the slice spacing from ``origin + k * spacing_z * normal`` (a tilted or unevenly spaced series)."""
+    if image.GetDimension() != 3:
+        return
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing_z = float(image.GetSpacing()[2])
+    try:
+        ipp = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(n)])
+    except (RuntimeError, ValueError):
+        return  # positions unreadable: ITK's own geometry is all there is
+    grid = np.asarray(image.GetOrigin(), dtype=float) + np.arange(n)[:, None] * spacing_z * direction[:, 2]
+    worst = float(np.max(np.linalg.norm(ipp - grid, axis=1)))
+    if worst > max(GRID_TOLERANCE * spacing_z, 1e-3):
+        raise InputError(
+            f"{folder}: the slices are not on a regular grid (one lies {worst:.1f} mm from where a volume of "
+            f"{spacing_z:.3g} mm slices puts it: gantry tilt, uneven or missing slices); a volume file would "
+            "misplace them. Use `dualnet denoise --dicom` (each slice keeps its position) or resample the series first")
 
 
 def read_frames(path: PathLike, centre: int, max_frames: int = 9) -> np.ndarray:
@@ -185,14 +241,18 @@ def read_volume(
     frame: Optional[int] = None,
     check_finite: bool = True,
     allow_2d: bool = True,
+    irregular_ok: bool = False,
 ) -> Volume:
     """Read a scalar 2D or 3D image (file or DICOM folder) keeping its geometry.
 
     Args:
-        path: NRRD, NIfTI, MHA/MHD, PNG/TIFF file, or a folder holding one DICOM series.
+        path: NRRD, NIfTI, MHA/MHD, PNG/TIFF file, or a folder holding one DICOM series (classic
+            slices or one enhanced multi-frame file).
         frame: for a 4D file, which volume (0-based) along the 4th axis to take.
         check_finite: reject NaN / Inf voxels.
         allow_2d: accept 2D images (PNG etc.).
+        irregular_ok: read a DICOM folder whose slices are off a regular grid (gantry tilt, uneven
+            gaps) onto ITK's grid anyway, for uses that write no image (a noise estimate).
 
     Raises:
         InputError: one line naming the file and what is wrong with it.
@@ -206,7 +266,7 @@ def read_volume(
     try:
         if p.is_dir():
             with quiet_itk() as log:
-                image = _read_dicom_series(p)
+                image = _read_dicom_series(p, irregular_ok)
         else:
             if p.stat().st_size == 0:
                 raise InputError(f"{p}: file is empty")
@@ -649,9 +709,11 @@ def _write_detached(image, out: Path, compress: bool, inputs: Iterable[PathLike]
     try:
         _sitk_write(image, tmpdir / out.name, out, compress)
         files = sorted(tmpdir.iterdir(), key=lambda f: f.name == out.name)  # the header last
+        protected = [Path(src) for src in inputs if src is not None]
+        protected += [d for src in protected for d in detached_data_files(src)]
         for f in files:
             target = out.parent / f.name
-            if any(src is not None and same_path(target, src) for src in inputs):
+            if any(same_path(target, src) for src in protected):
                 raise InputError(f"{out}: its data file {target.name} would overwrite an input")
         for f in files:
             os.replace(f, out.parent / f.name)
@@ -659,6 +721,30 @@ def _write_detached(image, out: Path, compress: bool, inputs: Iterable[PathLike]
         raise InputError(f"{out}: cannot write ({'disk full' if err.errno == 28 else err.strerror or err})") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def detached_data_files(header: PathLike) -> List[Path]:
+    """The data file(s) a detached header (``.nhdr``, ``.mhd``) names, beside it (``[]`` for any
+    other file, an unreadable header or a data list / pattern it does not spell out one by one)."""
+    h = Path(header)
+    if _ext(h) not in _DETACHED_FORMATS or not h.is_file():
+        return []
+    key = "data file" if _ext(h) == ".nhdr" else "elementdatafile"
+    sep = ":" if key == "data file" else "="
+    try:
+        with open(h, "r", encoding="latin-1") as fh:
+            head = fh.read(65536)
+    except OSError:
+        return []
+    for line in head.splitlines():
+        name, found, value = line.partition(sep)
+        if found and name.strip().lower() in (key, "datafile"):
+            value = value.strip()
+            if not value or value.split()[0].upper() in ("LIST", "LOCAL") or "%" in value:
+                return []
+            data = Path(value)
+            return [data if data.is_absolute() else h.parent / data]
+    return []
 
 
 def _write_failure(error: str, log: str) -> str:
