@@ -229,6 +229,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and not self._job.done:
+            self._job.cancel()  # its nodes are going; their IDs will name the next scene's nodes
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -273,8 +275,14 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if inputID != self._lastInputID and not self._importing:
             switched = self._lastInputID is not None  # another volume (setParameterNode syncs a scene's own input)
             self._lastInputID = inputID
-            if switched and p is not None and not p.autoNoise:
-                p.autoNoise = True  # a noise level belongs to the volume it was set for (its units to its modality)
+            if switched and p is not None:
+                # a noise level belongs to the volume it was set for (its units to its modality), and so do
+                # the result nodes: the next Apply must not overwrite the previous volume's result
+                if not p.autoNoise:
+                    p.autoNoise = True
+                for name in ("outputVolume", "uncertaintyVolume", "noiseMapVolume", "confidenceVolume"):
+                    if getattr(p, name) is not None:
+                        setattr(p, name, None)
             if inputID is not None:
                 self.onGuessModality()  # propose a modality for a newly selected volume (user can change it)
         running = self._job is not None and not self._job.done
@@ -416,6 +424,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Failed: {error}").format(error=job.error)
             if job.error != "cancelled by the user":
                 slicer.util.errorDisplay(_("Denoising failed: {error}").format(error=job.error))
+        elif self._parameterNode is None or job.outputVolume is None or job.outputVolume.GetScene() is None:
+            self.ui.statusLabel.text = ""  # the scene closed meanwhile: nothing to show
         else:
             p = self._parameterNode
             p.outputVolume = job.outputVolume

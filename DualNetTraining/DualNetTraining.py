@@ -146,6 +146,7 @@ class DualNetTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic.running
         self.ui.presetComboBox.enabled = p is not None and p.stage == "pretrain" and not running
         self.ui.initModelPathLineEdit.enabled = p is not None and p.stage == "finetune" and not running
+        self.ui.modelNameLineEdit.enabled = not running  # the run saves under the name it started with
         if running:
             self.ui.startButton.text = _("Cancel")
             self.ui.startButton.enabled = True
@@ -244,15 +245,19 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             p.lossChart = chart
         p.lossTable.Modified()
 
-    def _addPoint(self, p, point) -> None:
-        table = p.lossTable.GetTable()
+    @staticmethod
+    def _addPoint(tableNode, point) -> None:
+        """Append ``point`` to the loss table node (nothing when it was removed, e.g. the scene closed)."""
+        if tableNode is None or tableNode.GetScene() is None:
+            return
+        table = tableNode.GetTable()
         row = table.InsertNextBlankRow()
         nan = float("nan")
         table.SetValue(row, 0, vtk.vtkVariant(float(point.step)))
         table.SetValue(row, 1, vtk.vtkVariant(point.loss if point.loss is not None else nan))
         table.SetValue(row, 2, vtk.vtkVariant(point.val_loss if point.val_loss is not None else nan))
         table.Modified()
-        p.lossTable.Modified()
+        tableNode.Modified()
 
     def buildCommand(self, p):
         """The child command line, the model file and the run folder for the parameters ``p``."""
@@ -313,6 +318,8 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
 
     def _start(self, p, cmd, outModel, onProgress, onOutput, onFinished) -> None:
         self._lossPlot(p)
+        # the run's own name, stage and loss table: the panel's fields may change (or the scene close) meanwhile
+        name, stage, tableNode = p.modelName, p.stage, p.lossTable
         env = dict(os.environ)
         moduleDir = os.path.dirname(os.path.dirname(training.__file__))
         env["PYTHONPATH"] = moduleDir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -321,7 +328,7 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         def progress(payload):
             point = training.point_from_event(payload)
             if point is not None:
-                self._addPoint(p, point)
+                self._addPoint(tableNode, point)
             if onProgress:
                 onProgress(payload)
 
@@ -339,9 +346,9 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             ok = code == 0 and not self.runner.cancelled and outModel.exists()
             if ok:
                 store = ModelStore(user_dir=self.modelsFolder())
-                if store.find(p.modelName) is None:
-                    store.import_model(outModel, name=p.modelName, copy=False, source=f"trained ({p.stage})")
-                message = _("Model '{name}' saved: {path}").format(name=p.modelName, path=outModel)
+                if store.find(name) is None:
+                    store.import_model(outModel, name=name, copy=False, source=f"trained ({stage})")
+                message = _("Model '{name}' saved: {path}").format(name=name, path=outModel)
             else:
                 message = self.runner.failure_message() if not self.runner.cancelled else \
                     _("Training cancelled; tick Resume to continue from the last checkpoint")
@@ -389,7 +396,7 @@ class DualNetTrainingTest(ScriptedLoadableModuleTest):
         self.assertIn("--progress-json", cmd)
         self.assertEqual(cmd[2:4], ["dualnet", "train"])
         logic._lossPlot(p)
-        logic._addPoint(p, training.TrainingPoint(10, 0.5, None, None))
+        logic._addPoint(p.lossTable, training.TrainingPoint(10, 0.5, None, None))
         self.assertEqual(p.lossTable.GetTable().GetNumberOfRows(), 1)
         staged = os.path.dirname(cmd[cmd.index("--config") + 1])
         logic.removeWorkdir()

@@ -230,6 +230,24 @@ def test_input_not_from_dicom_is_left_alone(scene):
     assert not place_in_source_study(scene, node, out)
 
 
+def test_a_result_node_reused_for_a_non_dicom_input_leaves_the_study(scene, loaded_small_ct):
+    """A's result node, in A's study with A's export attributes, reused for a plain input B: it kept
+    A's patient and study, so *Export to DICOM* would have filed B's pixels under patient A."""
+    from DualNetDenoiseLib import nodes
+    from DualNetDenoiseLib.logic import DenoiseLogicBase
+
+    node, study = loaded_small_ct
+    out = DenoiseLogicBase().process(node, None, modality="ct", method="gaussian", noiseLevel=25.0)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(out)
+    assert sh.GetItemParent(item) == study
+    plain = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "plain")
+    nodes.update_node_from_array(plain, nodes.array_from_node(node).astype(np.float32), np.eye(4))
+    DenoiseLogicBase().process(plain, out, modality="ct", method="gaussian", noiseLevel=25.0)
+    assert sh.GetItemByDataNode(out) == item and sh.GetItemParent(item) == sh.GetSceneItemID()
+    assert not [n for n in sh.GetItemAttributeNames(item) if n.startswith("DICOM.")]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_export_full_derived_series_from_the_node(scene, loaded_ct, tmp_path, reverse):
     from DualNetDenoiseLib.dicomexport import export_derived_series

@@ -237,3 +237,21 @@ def test_check_sigma_refuses_what_no_image_of_the_modality_could_have():
         with pytest.raises(InputError, match="positive number"):
             estimate.check_sigma(bad, "ct")
     assert estimate.check_sigma(np.float32(2.0), "US") == 2.0 and estimate.check_sigma(3, "ct", [0, 10]) == 3.0
+
+
+@pytest.mark.parametrize("modality", ["mri", "ct", "us"])
+def test_a_one_slice_volume_is_estimated_as_its_2d_image(modality, shared_data):
+    """A 2D slice stored as a one-slice volume (a NIfTI of 512 x 512 x 1, a Slicer node of a PNG) was
+    refused ("too few voxels") by `dualnet estimate` and the panel's Estimate button for every
+    modality, while denoising squeezed it."""
+    from dualnet.io import read_volume
+
+    path = {"mri": "mri/voxelmorph_brain_t1.nii.gz", "ct": "ct/covid19_ny_sbu_axial/A072894_19001203.nii.gz",
+            "us": "us/images/0001.png"}[modality]
+    arr = read_volume(shared_data / path).array.astype(np.float32)
+    img = arr[arr.shape[0] // 2] if arr.ndim == 3 and arr.shape[0] > 1 else arr.reshape(arr.shape[-2:])
+    if modality == "mri":
+        img = img + np.random.default_rng(0).normal(0, 0.02 * img.max(), img.shape).astype(np.float32)
+    flat = estimate.estimate_noise(img, modality)
+    one = estimate.estimate_noise(img[None], modality)
+    assert float(one.sigma) == pytest.approx(float(flat.sigma)) and float(one.sigma) > 0

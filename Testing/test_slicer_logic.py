@@ -313,6 +313,69 @@ def test_async_job_progress_and_cancel(scene, mri_node):
     assert job3.error and scene.GetNumberOfNodes() == n_before  # ... is removed again on cancel
 
 
+def test_a_background_result_is_discarded_when_its_nodes_left_the_scene(scene, mri_node):
+    """A child-process run whose output node was deleted meanwhile said "Done" and lost the result;
+    one whose input was deleted wrote the output and then failed on the maps; after a scene close
+    the next scene's nodes (which reuse the old IDs) could be written. The result is now discarded
+    with a one-line error, and nothing in the scene is written."""
+    logic = DenoiseLogicBase(pythonExecutable=sys.executable)
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen output")
+    job = logic.process(mri_node, out, method="gaussian", noiseLevel=20.0, waitForCompletion=False)
+    scene.RemoveNode(out)
+    job.wait(timeout=45)
+    assert job.error == "ValueError: the output volume was removed from the scene during the run; the result was discarded"
+    assert not Path(job.workdir).exists()
+
+    job = logic.process(mri_node, None, method="gaussian", noiseLevel=20.0, waitForCompletion=False)
+    scene.Clear(0)  # File > Close scene
+    newer = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "next scene's volume")
+    nodes.update_node_from_array(newer, np.zeros((4, 8, 8), np.float32), np.eye(4))
+    job.wait(timeout=45)
+    assert job.error and "removed from the scene" in job.error
+    assert newer.GetAttribute("DualNet.method") is None and not nodes.array_from_node(newer).any()
+    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    assert [volumes.GetItemAsObject(i).GetName() for i in range(volumes.GetNumberOfItems())] == ["next scene's volume"]
+
+
+def test_results_follow_the_inputs_parent_transform(scene, mri_node):
+    """The output was given the input's IJK-to-RAS but not its parent transform, so it appeared
+    elsewhere than the input (Slicer's CLI runner places outputs under the reference's transform)."""
+    import vtk
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 50.0)
+    transform.SetMatrixTransformToParent(shift)
+    mri_node.SetAndObserveTransformNodeID(transform.GetID())
+    out = DenoiseLogicBase().process(mri_node, None, method="gaussian", noiseLevel=20.0)
+    assert out.GetTransformNodeID() == transform.GetID()
+
+
+def test_start_failure_leaves_no_node_and_no_temporary_folder(scene, mri_node, tmp_path, monkeypatch):
+    """No interpreter to run the worker: the output node created for the run and the staged input
+    were left behind."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    logic = DenoiseLogicBase(pythonExecutable=str(tmp_path / "missing" / "PythonSlicer"))
+    n_before = scene.GetNumberOfNodes()
+    with pytest.raises(OSError):
+        logic.process(mri_node, None, method="gaussian", noiseLevel=20.0, waitForCompletion=False)
+    assert scene.GetNumberOfNodes() == n_before and list(tmp_path.iterdir()) == []
+
+
+def test_classical_results_name_no_model_and_errors_name_the_volume(scene, mri_node):
+    logic = DenoiseLogicBase(pythonExecutable=sys.executable)
+    out = logic.process(mri_node, None, method="gaussian", noiseLevel=20.0, model="/models/knee.safetensors")
+    assert out.GetAttribute("DualNet.model") == ""
+    assert json.loads(out.GetAttribute("DualNet.parameters"))["model"] is None
+    flat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "flat scan")
+    nodes.update_node_from_array(flat, np.full((4, 6, 6), 7.0, np.float32), np.eye(4))
+    job = logic.process(flat, None, method="gaussian", waitForCompletion=False)  # the noise cannot be estimated
+    job.wait(timeout=45)
+    assert job.error and job.error.startswith("flat scan:") and "DualNet-" not in job.error
+
+
 def test_failures_are_reported_and_leave_no_empty_node(scene, mri_node):
     from dualnet.errors import DualNetError
 
@@ -823,6 +886,40 @@ def test_denoise_panel_keeps_an_imported_scenes_settings(monkeypatch, scene, mri
     widget.cleanup()
 
 
+def test_denoise_panel_switch_and_close_never_overwrite_another_volumes_result(monkeypatch, scene, mri_crop,
+                                                                                tmp_path, fake_ui):
+    """Choosing another input kept the previous result node selected, so the next Apply overwrote A's
+    result with B's (under A's name and, for a DICOM input, in A's study). Closing the scene during a
+    background run let the result land in the next scene's nodes. Stubbed: the Qt widgets; the run is
+    the real child process (``gaussian``), driven by polling instead of the panel's QTimer."""
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
+    module.DualNetDenoise(types.SimpleNamespace())
+    widget = module.DualNetDenoiseWidget()
+    widget.setup()
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A")
+    nodes.update_node_from_array(a, mri_crop[:8].astype(np.int16), np.eye(4))
+    widget.enter()
+    p = widget._parameterNode
+    resultA = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A denoised")
+    unc = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A uncertainty")
+    p.outputVolume, p.uncertaintyVolume = resultA, unc  # as after a run on A
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "B")
+    nodes.update_node_from_array(b, mri_crop[8:16].astype(np.int16), np.eye(4))
+    p.inputVolume = b
+    assert p.outputVolume is None and p.uncertaintyVolume is None  # Apply makes new nodes for B
+
+    logic = DenoiseLogicBase(pythonExecutable=sys.executable)
+    widget._job = logic.process(b, None, method="gaussian", noiseLevel=20.0, waitForCompletion=False,
+                                onFinished=widget.onFinished)
+    scene.Clear(0)  # File > Close scene while it runs: the run is cancelled
+    assert widget._job.runner.cancelled
+    widget._job.wait(timeout=45)
+    assert widget._job.error == "cancelled by the user" and widget.ui.statusLabel.text.startswith("Failed")
+    widget.cleanup()
+
+
 def test_training_panel_setup_outside_qt(monkeypatch, scene, tmp_path, fake_ui):
     module = _import_module_file(monkeypatch, scene, "DualNetTraining")
     monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
@@ -1294,8 +1391,8 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
     logic._lossPlot(p)
     from DualNetDenoiseLib.training import TrainingPoint
 
-    logic._addPoint(p, TrainingPoint(10, 0.5, None, None))
-    logic._addPoint(p, TrainingPoint(20, 0.25, 0.3, 31.0))
+    logic._addPoint(p.lossTable, TrainingPoint(10, 0.5, None, None))
+    logic._addPoint(p.lossTable, TrainingPoint(20, 0.25, 0.3, 31.0))
     table = p.lossTable.GetTable()
     assert table.GetNumberOfRows() == 2 and table.GetValue(1, 1).ToDouble() == 0.25
     assert p.lossChart.GetNumberOfPlotSeriesNodes() == 2
@@ -1349,6 +1446,45 @@ def test_training_temporary_folders_are_removed(monkeypatch, scene, mri_node, tm
     with pytest.raises(ZeroDivisionError):
         logic.buildCommand(p)
     assert staged() == []  # a failure while staging leaves nothing behind
+
+
+def test_training_saves_under_the_name_it_started_with(monkeypatch, scene, mri_node, tmp_path):
+    """The run registered its model under whatever the name field read when it ended (the field
+    stayed editable), and a closed scene's reset node gave "my-dualnet" and a loss table of None
+    (every progress line raised). Now the name, stage and table are the run's own, and the name
+    field is disabled while it runs. Stubbed: the child process (writes the model, one progress
+    line) and ``qt.QTimer``; ``ModelStore.import_model`` records its call (the file is a stand-in)."""
+    import io
+
+    from DualNetDenoiseLib.process import format_progress_line
+
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
+    registered = []
+    monkeypatch.setattr(module.ModelStore, "import_model",
+                        lambda self, path, name, copy, source: registered.append((name, Path(path).name, source)))
+
+    class FakeChild:
+        pid = None
+
+        def __init__(self, args, **kwargs):
+            Path(args[args.index("--out") + 1]).write_bytes(b"model")
+            self.stdout = io.StringIO(format_progress_line(0.25, event="step", step=5, steps=20, loss=0.4) + "\n")
+
+        def wait(self):
+            return 0
+
+    logic = module.DualNetTrainingLogic(popen=FakeChild)
+    p = _training_parameters(module, scene, mri_node, modelName="knee-v1")
+    finished = []
+    logic.start(p, onFinished=lambda ok, message: finished.append((ok, message)))
+    table = p.lossTable
+    p.modelName = "knee-v2"  # edited while it runs
+    scene.RemoveNode(table)  # and its loss table is gone (e.g. the scene closed)
+    while not finished:
+        logic.timer.fire()
+    assert finished[0][0] is True and "knee-v1" in finished[0][1]
+    assert registered == [("knee-v1", "knee-v1.safetensors", "trained (finetune)")]
 
 
 def test_training_command_without_tomli_names_it(tmp_path):

@@ -66,10 +66,11 @@ def source_series_attributes(shNode, itemID) -> Dict[str, str]:
 def place_in_source_study(scene, inputVolume, outputVolume, kind: str = "denoised") -> bool:
     """Put ``outputVolume`` in the study of its DICOM-loaded ``inputVolume``, ready for *Export to DICOM*.
 
-    Returns False (and changes nothing) when the input was not loaded from DICOM (the scene has no
-    subject hierarchy, or the input's item has no study parent). Series numbers already used in the
-    study are avoided. Called by the denoise logic after every result; ``kind="uncertainty"`` for
-    an uncertainty map.
+    Returns False when the input was not loaded from DICOM (the scene has no subject hierarchy, or
+    the input's item has no study parent); an output that an earlier result placed in a study (it
+    carries ``DICOM.*`` attributes) is then taken out of it, since it now holds this input's result.
+    Series numbers already used in the study are avoided. Called by the denoise logic after every
+    result; ``kind="uncertainty"`` for an uncertainty map.
     """
     from dualnet.dicom_out import slicer_series_attributes
 
@@ -77,10 +78,9 @@ def place_in_source_study(scene, inputVolume, outputVolume, kind: str = "denoise
         return False  # nothing was loaded through the DICOM module (and none is created here)
     sh = _sh_node(scene)
     in_item = sh.GetItemByDataNode(inputVolume)
-    if not in_item:
-        return False
-    study = sh.GetItemParent(in_item)
+    study = sh.GetItemParent(in_item) if in_item else 0
     if not study or sh.GetItemLevel(study) != STUDY_LEVEL:
+        _leave_study(sh, outputVolume)
         return False
     out_item = sh.GetItemByDataNode(outputVolume) or sh.CreateItem(study, outputVolume)
     sh.SetItemParent(out_item, study)
@@ -97,6 +97,20 @@ def place_in_source_study(scene, inputVolume, outputVolume, kind: str = "denoise
     for name, value in attrs.items():
         sh.SetItemAttribute(out_item, name, value)
     return True
+
+
+def _leave_study(sh, node) -> None:
+    """Move ``node``'s item to the top of the hierarchy and drop its ``DICOM.*`` attributes, if an
+    earlier result placed it in a study (a result of a non-DICOM input belongs to no patient)."""
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        return
+    names = [name for name in sh.GetItemAttributeNames(item) if name.startswith(DICOM_PREFIX)]
+    if not names:
+        return
+    for name in names:
+        sh.RemoveItemAttribute(item, name)
+    sh.SetItemParent(item, sh.GetSceneItemID())
 
 
 def _children(sh, parent) -> list:

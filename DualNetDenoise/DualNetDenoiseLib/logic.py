@@ -209,8 +209,8 @@ class DenoiseLogicBase:
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
         if modality not in ("mri", "ct", "us"):
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
-        if method != "dualnet":  # TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
-            tta, uncertainty, views, nebMaps = None, False, None, False
+        if method != "dualnet":  # the model, TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
+            model, tta, uncertainty, views, nebMaps = None, None, False, None, False
         from dualnet.inference import normalise_tta
 
         tta = normalise_tta(tta)  # an InputError (a ValueError) names the choices
@@ -232,6 +232,7 @@ class DenoiseLogicBase:
         the node to write each into (a new node when missing). Returns kind -> node of the maps written.
         """
         nodes.update_node_from_array(outputVolume, array, ijkToRAS)
+        outputVolume.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())  # where the input is shown
         self._ensureDisplay(outputVolume, inputVolume)
         model = info.get("model") or params.get("model") or ("shipped default" if params["method"] == "dualnet" else "")
         outputVolume.SetAttribute(ATTR_METHOD, params["method"])
@@ -246,6 +247,7 @@ class DenoiseLogicBase:
                 node = self._scene(inputVolume).AddNewNodeByClass(
                     "vtkMRMLScalarVolumeNode", map_name(inputVolume.GetName(), kind, params["method"]))
             nodes.update_node_from_array(node, mapArray, ijkToRAS)
+            node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
             self._ensureDisplay(node, None)
             node.SetAttribute(ATTR_METHOD, params["method"])
             node.SetAttribute(ATTR_SOURCE, inputVolume.GetID() or "")
@@ -364,6 +366,7 @@ class DenoiseLogicBase:
 
             try:
                 volume = nodes.volume_from_node(inputVolume)
+                volume.path = inputVolume.GetName()  # the core's messages name the volume
                 t0 = time.time()
                 out, maps, info = run_denoise(volume, progress=progressCallback, cancel=cancel, **params)
                 info.setdefault("seconds", round(time.time() - t0, 3))
@@ -377,8 +380,13 @@ class DenoiseLogicBase:
                 raise
             self.lastInfo = info
             return outputVolume
-        job = self.startJob(inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes, progressCallback,
-                            onFinished, removeOutputOnFailure=created)
+        try:
+            job = self.startJob(inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes, progressCallback,
+                                onFinished, removeOutputOnFailure=created)
+        except BaseException:  # e.g. no Python to run the worker: no empty "denoised" node left behind
+            if created:
+                self._scene(inputVolume).RemoveNode(outputVolume)
+            raise
         if waitForCompletion:
             job.wait()
             if job.error:
@@ -387,6 +395,18 @@ class DenoiseLogicBase:
                 raise DualNetError(job.error)
             return outputVolume
         return job
+
+    @staticmethod
+    def _checkStillInScene(inputVolume, outputVolume, mapVolumes) -> None:
+        """Refuse to write a background run's result when its nodes left the scene meanwhile (deleted,
+        or the scene closed): a closed scene's node IDs are reused by the next scene's nodes."""
+        scene = inputVolume.GetScene()
+        if scene is None:
+            raise ValueError("the input volume was removed from the scene during the run; the result was discarded")
+        for label, node in [("output", outputVolume)] + [(MAP_NAMES[k], n) for k, n in (mapVolumes or {}).items()]:
+            if node is not None and node.GetScene() is not scene:
+                raise ValueError(f"the {label} volume was removed from the scene during the run; "
+                                 "the result was discarded")
 
     @staticmethod
     def _checkDistinct(inputVolume, outputVolume, mapVolumes) -> None:
@@ -410,16 +430,26 @@ class DenoiseLogicBase:
         ``removeOutputOnFailure``: remove ``outputVolume`` from the scene when the run fails or is
         cancelled (used when the logic created that node itself).
         """
+        workdir = tempfile.mkdtemp(prefix="DualNet-")
+        try:
+            return self._startJobIn(workdir, inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes,
+                                    progressCallback, onFinished, removeOutputOnFailure)
+        except BaseException:  # the child did not start: nothing is left in the temporary folder
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    def _startJobIn(self, workdir, inputVolume, outputVolume, params, ijkToRAS, shape, mapVolumes,
+                    progressCallback, onFinished, removeOutputOnFailure) -> DenoiseJob:
         from dualnet.io import write_volume
 
         from .worker import MAP_KINDS, wanted_maps
 
-        workdir = tempfile.mkdtemp(prefix="DualNet-")
         volume = nodes.volume_from_node(inputVolume)
         inPath = os.path.join(workdir, "input.nrrd")
         write_volume(volume, inPath)
         wanted = wanted_maps(params)
-        job = {**params, "input": inPath, "output": os.path.join(workdir, "output.nrrd"),
+        job = {**params, "input": inPath, "input_name": inputVolume.GetName() or "input volume",
+               "output": os.path.join(workdir, "output.nrrd"),
                **{f"{kind}_output": os.path.join(workdir, f"{kind}.nrrd") if kind in wanted else None
                   for kind in MAP_KINDS},
                "info_output": os.path.join(workdir, "info.json")}
@@ -433,6 +463,7 @@ class DenoiseLogicBase:
         def finish(j: DenoiseJob):
             from dualnet.io import read_volume
 
+            self._checkStillInScene(inputVolume, outputVolume, mapVolumes)
             out = read_volume(j.job["output"], check_finite=False)
             maps = {}
             for kind in wanted:

@@ -117,6 +117,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     params = {k: job[k] for k in DEFAULT_PARAMETERS if k in job}
     _print_progress(0.0, "reading input")
     volume = read_volume(job["input"])
+    volume.path = job.get("input_name") or volume.path  # messages name the scene's volume, not the staged copy
     out, maps, info = run_denoise(volume, progress=_print_progress, **params)
     outputs = [job["output"]] + [job[f"{kind}_output"] for kind in MAP_KINDS if job.get(f"{kind}_output")]
     write_volume(out, job["output"], inputs=[job["input"]])

@@ -484,12 +484,17 @@ def estimate_noise(x: np.ndarray, modality: str, *, mask: Optional[np.ndarray] =
       (dose fraction of the :mod:`dualnet.noise` model), ``sigma`` = std at water.
     - US: :func:`speckle_looks`; ``level = L``, ``sigma = 1 / sqrt(L)``.
 
-    ``float(result)`` gives the level. Arrays (z, y, x) or (y, x).
+    ``float(result)`` gives the level. Arrays (z, y, x) or (y, x); a one-slice volume (1, y, x), as
+    a 2D slice stored in a 3D file or a Slicer node, is estimated as the 2D image it is.
     """
     m = str(modality).lower()
     if m not in MODALITIES:
         raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
     a = _as_array(x)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+        if mask is not None and np.ndim(mask) == 3:
+            mask = np.asarray(mask)[0]
     if m == "mri":
         from skimage.filters import threshold_otsu
 
