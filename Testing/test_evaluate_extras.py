@@ -253,3 +253,27 @@ def test_calibration_sentence_names_the_direction_only_when_there_is_one():
     assert "overestimates the actual RMSE by a factor of about 2.00" in say(0.5)
     assert "it is calibrated" in say(1.0, calibrated=True)
     assert "cannot be assessed" in say(float("nan"))
+
+
+def test_the_cache_key_follows_the_card_not_only_the_weights(tmp_path):
+    """The study's cache was keyed on the weights (and the card's TTA): a card-only change such as
+    ``calibrate_card.py``'s uncertainty scale, or the view entries, reused stale results. A new
+    validation record (no change to inference) keeps the key."""
+    import json
+    import shutil
+
+    from dualnet.evaluate import model_stamp
+    from dualnet.modelfile import card_path, default_model_path
+
+    src = default_model_path("us")
+    model = tmp_path / src.name
+    shutil.copy2(src, model)
+    shutil.copy2(card_path(src), card_path(model))
+    before = model_stamp(model)
+    card = json.loads(card_path(model).read_text(encoding="utf-8"))
+    card["validation"] = {"note": "re-run"}
+    card_path(model).write_text(json.dumps(card), encoding="utf-8")
+    assert model_stamp(model) == before
+    card["uncertainty_calibration"] = {**card.get("uncertainty_calibration", {}), "scale": 2.0}
+    card_path(model).write_text(json.dumps(card), encoding="utf-8")
+    assert model_stamp(model) != before

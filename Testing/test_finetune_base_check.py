@@ -144,6 +144,39 @@ def test_a_finetuned_model_better_than_its_base_is_kept_with_the_check_on_its_ca
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
 
 
+def test_a_cancel_during_the_check_leaves_the_output_as_it_was(tmp_path, base_model, noisy_crop):
+    """The fine-tuned model was written to --out before the whole-scan check: cancelling during the
+    check left an unchecked model there (possibly worse than its base, over an earlier good one)."""
+    from dualnet.errors import CancelledError
+    from dualnet.progress import CancelToken
+
+    out = tmp_path / "ft.safetensors"
+    out.write_bytes(b"an earlier model")
+    token = CancelToken()
+
+    def progress(fraction, message):
+        if "checking against the base" in message:
+            token.cancel()
+
+    with pytest.raises(CancelledError):
+        finetune([(noisy_crop, (1.0, 1.0, 1.0))], base_model, out, _ft_cfg(steps=2), progress=progress,
+                 cancel=token)
+    assert out.read_bytes() == b"an earlier model" and not modelfile.card_path(out).exists()
+    assert (tmp_path / "ft_run" / "ft.unchecked.safetensors").is_file()  # the run's export stays in its folder
+
+
+def test_a_base_with_another_normalisation_is_refused(tmp_path, base_model, noisy_crop):
+    """Fine-tuning normalises patches with the modality's recipe and wrote that on the card: a base
+    normalised otherwise (e.g. z-score) was trained on other intensities, silently."""
+    from dualnet.errors import InputError
+
+    net, card = modelfile.load_model(base_model, "cpu")
+    other = modelfile.save_model(tmp_path / "zscore.safetensors", net, {**card, "normalisation": {"method": "zscore"}})
+    with pytest.raises(InputError, match="normalisation .*zscore"):
+        finetune([(noisy_crop, (1.0, 1.0, 1.0))], other, tmp_path / "ft.safetensors", _ft_cfg(steps=1))
+    assert not (tmp_path / "ft.safetensors").exists()
+
+
 def test_no_check_when_switched_off_and_a_bad_count_is_refused(tmp_path, base_model, noisy_crop):
     out = tmp_path / "ft.safetensors"
     res = finetune([(noisy_crop, (1.0, 1.0, 1.0))], base_model, out, _ft_cfg(base_check=0))

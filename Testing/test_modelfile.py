@@ -108,6 +108,21 @@ def test_missing_or_broken_card(saved, tmp_path):
         load_model(tmp_path / "absent.safetensors")
 
 
+def test_a_huge_number_in_the_card_is_a_one_line_model_error(saved, tmp_path):
+    """An integer of 400 digits (past float range) raised OverflowError, one of 5000 digits (past
+    Python's digit limit) a bare ValueError: tracebacks, not ModelError."""
+    path = _copy(saved, tmp_path)
+    cpath = path.with_suffix(".json")
+    text = cpath.read_text(encoding="utf-8")
+    card = json.loads(text)
+    for digits in (400, 5000):
+        bad = dict(card, normalisation={"method": "percentile", "p_low": 0.5, "p_high": 99.5})
+        raw = json.dumps(bad).replace('"p_high": 99.5', '"p_high": 1' + "0" * digits)
+        cpath.write_text(raw, encoding="utf-8")
+        with pytest.raises(ModelError):
+            load_model(path)
+
+
 def test_truncated_weights_with_matching_hash(saved, tmp_path):
     """A corrupt file whose hash was also 'fixed' still fails cleanly in safetensors."""
     path = _copy(saved, tmp_path)

@@ -1034,6 +1034,28 @@ def test_model_store(tmp_path):
     assert len(store.shipped_models()) == 2 and all(Path(m.path).exists() for m in store.shipped_models())
 
 
+def test_model_store_never_replaces_another_models_files_or_the_index(tmp_path):
+    """"my model" and "my_model" are one file name: the second import replaced the first's weights and
+    card (both entries then loaded the second). A model named "models" replaced the index with its
+    card. Both are refused now, as is the reserved name for a training run's output file."""
+    from DualNetDenoiseLib import training
+    from DualNetDenoiseLib.models import ModelStore
+
+    store = ModelStore(user_dir=tmp_path / "user", shipped_dir=tmp_path / "shipped")
+    first = store.import_model(_fake_model(tmp_path / "a", "mine", "us"), name="my model")
+    before = Path(first.path).read_bytes()
+    with pytest.raises(ValueError, match="already in the models folder"):
+        store.import_model(_fake_model(tmp_path / "b", "other", "ct"), name="my_model")
+    assert Path(first.path).read_bytes() == before and store.find("my model").modality == "us"
+    for reserved in ("models", "Models"):
+        with pytest.raises(ValueError, match="reserved"):
+            store.import_model(_fake_model(tmp_path / "c", "models", "mri"), name=reserved)
+        with pytest.raises(ValueError, match="reserved"):
+            training.model_paths(tmp_path / "user", reserved)
+    assert [m.name for m in store.user_models()] == ["my model"]
+    assert not [f for f in (tmp_path / "user").iterdir() if ".tmp" in f.name]
+
+
 def test_process_runner_progress_output_and_errors(tmp_path):
     from DualNetDenoiseLib.process import ProcessRunner, format_progress_line, parse_progress_line
 

@@ -101,3 +101,22 @@ def test_compare_methods_holm_and_direction():
     assert flipped[0].mean_diff == pytest.approx(-res[0].mean_diff)
     with pytest.raises(InputError):
         stats.compare_methods(table, "bm4d")
+
+
+def test_bootstrap_ci_on_scipy_before_1_15(monkeypatch):
+    """scipy < 1.15 (allowed: scipy>=1.10) has ``random_state``, not ``rng``: the call raised
+    TypeError, which was swallowed, and every Wilcoxon CI came out as [mean, mean] ("degenerate")."""
+    import scipy.stats
+
+    real = scipy.stats.bootstrap
+
+    def old_bootstrap(data, statistic, *, n_resamples=9999, confidence_level=0.95, method="BCa",
+                      random_state=None):
+        return real(data, statistic, n_resamples=n_resamples, confidence_level=confidence_level, method=method,
+                    rng=random_state)
+
+    d = np.array([0.3, -0.1, 0.8, 1.2, 0.05, 0.4, 2.0, 0.6])
+    now = stats._bootstrap_ci(d, 0.95)
+    monkeypatch.setattr(scipy.stats, "bootstrap", old_bootstrap)
+    old = stats._bootstrap_ci(d, 0.95)
+    assert old == now and old[0] < d.mean() < old[1] and old[2] == "bootstrap BCa"

@@ -407,3 +407,44 @@ def test_sigint_to_training_subprocess_leaves_checkpoint(tmp_path, mri_crop):
     assert "checkpoint.pt" in err and "SIGINT" in err
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ck["step"] >= 4
+
+
+def test_an_infinite_gradient_stops_the_run_before_it_reaches_the_weights(tmp_path, monkeypatch):
+    """A finite loss with one infinite gradient element put NaN into every weight at the next step; a
+    checkpoint saved then replaced the last good one, so --resume refused it and the run was lost.
+    The run now stops at that step and the checkpoint on disk stays usable. Stubbed: the gradient
+    clipping call injects the overflow at its 4th call (then runs the real one)."""
+    import torch
+    from scipy import ndimage
+
+    from dualnet import modelfile
+    from dualnet.errors import ModelError
+    from dualnet.models import build_model
+    from dualnet.training.config import TrainConfig, config_dir
+    from dualnet.training.trainer import finetune, load_checkpoint
+
+    torch.manual_seed(0)
+    base = modelfile.save_model(tmp_path / "base.safetensors", build_model("tiny", 2, dropout=0.1).eval(),
+                                {"modality": "mri", "normalisation": {"method": "percentile", "p_low": 0.5,
+                                                                      "p_high": 99.5}})
+    rng = np.random.default_rng(0)
+    noisy = (100 + 100 * ndimage.gaussian_filter(rng.random((12, 48, 48)), 3)
+             + rng.normal(0, 5, (12, 48, 48))).astype(np.float32)
+    cfg = TrainConfig.from_toml(config_dir() / "finetune.toml").replace(
+        steps=6, patch_size=24, batch_size=2, val_every=2, val_patches=2, log_every=1, warmup_steps=1,
+        device="cpu", threads=1, base_check=0, checkpoint_every=2)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip(params, *args, **kwargs):
+        params = list(params)
+        calls.append(1)
+        if len(calls) == 4:
+            params[0].grad.view(-1)[0] = float("inf")
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(ModelError, match="diverged at step 4 .gradient"):
+        finetune([(noisy, (1.0, 1.0, 1.0))], base, tmp_path / "ft.safetensors", cfg)
+    ck = load_checkpoint(tmp_path / "ft_run" / "checkpoint.pt")  # the step-2 checkpoint, intact
+    assert ck["step"] == 2

@@ -159,9 +159,10 @@ class ModelStore:
             raise ValueError(f"a model named '{name}' already exists; choose another name")
         self.user_dir.mkdir(parents=True, exist_ok=True)
         if copy and src.resolve().parent != self.user_dir.resolve():
-            dst = self.user_dir / f"{_safe(name)}{MODEL_SUFFIX}"
-            shutil.copy2(src, dst)
-            shutil.copy2(card_path(src), card_path(dst))
+            dst = self.user_dir / f"{model_file_stem(name)}{MODEL_SUFFIX}"
+            self._check_free(dst)
+            for a, b in ((card_path(src), card_path(dst)), (src, dst)):  # the card first: weights without one are hidden
+                _atomic_copy(a, b)
         else:
             dst = src
         entry = ModelEntry(name, str(dst), card.get("modality"), False,
@@ -175,6 +176,14 @@ class ModelStore:
         models.append(rec)
         self._write_index(models)
         return entry
+
+    def _check_free(self, dst: Path) -> None:
+        """Refuse a model file (or card) that exists or that an index entry uses: two names can
+        map to one file (``my model`` and ``my_model``), and the second import replaced the first."""
+        used = {str((self.user_dir / m["path"]).resolve()).lower() for m in self._read_index()}
+        for f in (dst, card_path(dst)):
+            if f.exists() or str(f.resolve()).lower() in used:
+                raise ValueError(f"{f.name} is already in the models folder {self.user_dir}; choose another name")
 
     def remove_model(self, name: str, delete_files: bool = True) -> bool:
         """Remove a user model from the index (and its files when they are in the user folder)."""
@@ -201,5 +210,30 @@ class ModelStore:
         return len(names)
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+#: File stems a model may not take in the user folder: the index is ``models.json``.
+RESERVED_STEMS = (Path(INDEX_NAME).stem,)
+
+
+def model_file_stem(name: str) -> str:
+    """The file stem of a model called ``name`` in the user folder (letters, digits, ``- _ .``).
+
+    Raises:
+        ValueError: nothing usable is left of the name, or it would be the index's own file name.
+    """
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
+    if not safe:
+        raise ValueError("choose a model name (letters, digits, - _ .)")
+    if safe.lower() in RESERVED_STEMS:
+        raise ValueError(f"the name '{name}' is reserved (the models index is {INDEX_NAME}); choose another name")
+    return safe
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file beside it and a rename."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -54,10 +54,11 @@ def folder_volumes(folder) -> List[str]:
 
 
 def model_paths(user_dir, name: str):
-    """(model file, run folder) for a model name in the per-user folder."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
-    if not safe:
-        raise ValueError("choose a model name (letters, digits, - _ .)")
+    """(model file, run folder) for a model name in the per-user folder (the store's file naming:
+    :func:`models.model_file_stem`, which refuses the index's own name)."""
+    from .models import model_file_stem
+
+    safe = model_file_stem(name)
     user = Path(user_dir)
     return user / f"{safe}.safetensors", user / f"{safe}_run"
 

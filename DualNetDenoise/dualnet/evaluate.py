@@ -242,6 +242,26 @@ def file_digest(path: Path) -> Optional[str]:
     return _DIGESTS[key]
 
 
+#: Card entries that record how a model was made and scored; every other entry can change what its
+#: inference computes (views, smoothing, TTA, output floor, normalisation, uncertainty scale).
+_CARD_RECORDS = ("validation", "metrics", "notes", "reproduce")
+
+
+def model_stamp(path: Path) -> Optional[str]:
+    """Digest of a model's weights and of its card's inference entries (:data:`_CARD_RECORDS` left
+    out): a card-only change, e.g. ``calibrate_card.py``'s uncertainty scale, invalidates the cache."""
+    from .modelfile import read_card
+
+    weights = file_digest(path)
+    if weights is None:
+        return None
+    try:
+        card = {k: v for k, v in read_card(path).items() if k not in _CARD_RECORDS}
+    except ModelError:
+        card = None
+    return _hash([weights, card])
+
+
 def _network_model(name: str, ctx: MethodContext) -> Path:
     """The model file a network method loads: configured, else the shipped one (``dualnet``)."""
     from . import api
@@ -368,14 +388,10 @@ def _network(name: str, description: Optional[str] = None) -> MethodSpec:
             from . import api
 
             base = api.resolve_model_path(_base_model_option(ctx), ctx.modality)
-            stamp = {"base": file_digest(base), "finetune_config": file_digest(_finetune_config_path(ctx))}
+            stamp = {"base": model_stamp(base), "finetune_config": file_digest(_finetune_config_path(ctx))}
         else:
-            from .modelfile import read_card
-
             try:
-                model = _network_model(name, ctx)
-                # the card's inference default: the weights' digest misses it
-                stamp = {"model": file_digest(model), "card_tta": read_card(model).get("test_time_augmentation", 1)}
+                stamp = {"model": model_stamp(_network_model(name, ctx))}  # weights and card
             except ModelError:
                 return None
         if name.startswith("dualnet"):  # what its inference computes (orthogonal views, guard, precision)
@@ -1241,7 +1257,7 @@ def run_robustness(
         info[sname] = {"model": str(model_path), "train_range": list(train), "range_source": src,
                        "reference": ref_name, "reference_status": "ok" if reason is None else f"unavailable: {reason}"}
         conds = robustness_conditions(s, rcfg, train)
-        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), file_digest(model_path),
+        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), model_stamp(model_path),
                        ref_name if ref else None, ref_opts, seeds[0]])
         for case in all_cases[sname][:n_cases]:
             report(progress, _PROGRESS_MAIN + (_PROGRESS_ROBUST - _PROGRESS_MAIN) * done / max(todo, 1),
@@ -1364,7 +1380,7 @@ def run_calibration(
         except ModelError as err:
             out["errors"][sname] = str(err)
             continue
-        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), file_digest(model), mc, seeds[0]])
+        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), model_stamp(model), mc, seeds[0]])
         stds, errs, per_case = [], [], []
         for case in all_cases[sname][:n_cases]:
             check_cancel(cancel)

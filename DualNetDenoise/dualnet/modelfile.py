@@ -71,7 +71,11 @@ def validate_normalisation(norm: Any, where: str = "card") -> Dict[str, Any]:
                          f"{sorted(NORMALISATIONS)}, got {norm!r}")
     for key in NORMALISATIONS[norm["method"]]:
         value = norm.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        try:  # a JSON integer of hundreds of digits does not fit a float: not a finite number either
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
             raise ModelError(f"{where}: normalisation {norm['method']!r} needs a finite number {key!r}, got {value!r}")
     method = norm["method"]
     if method != "zscore":
@@ -219,7 +223,7 @@ def read_card(path: PathLike) -> Dict[str, Any]:
         raise ModelError(f"{cpath}: model card missing (expected beside {Path(path).name})")
     try:
         card = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit
         raise ModelError(f"{cpath}: unreadable model card ({type(err).__name__}: {err})") from None
     _check_card(card, cpath)
     return card

@@ -85,6 +85,10 @@ def _bootstrap_ci(d: np.ndarray, confidence: float):
     if np.ptp(d) == 0:
         m = float(d.mean())
         return m, m, "degenerate (all differences equal)"
+    import inspect
+
+    # scipy >= 1.15 takes ``rng``; the versions before it (scipy >= 1.10 is supported) ``random_state``
+    seed_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -95,15 +99,14 @@ def _bootstrap_ci(d: np.ndarray, confidence: float):
                     confidence_level=confidence,
                     n_resamples=BOOTSTRAP_RESAMPLES,
                     method=method,
-                    rng=np.random.default_rng(BOOTSTRAP_SEED),
+                    **{seed_arg: np.random.default_rng(BOOTSTRAP_SEED)},
                 )
-            except Exception:  # pragma: no cover - scipy refuses BCa on some tiny samples
+            except (ValueError, FloatingPointError):  # pragma: no cover - scipy refuses BCa on some tiny samples
                 continue
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if np.isfinite(lo) and np.isfinite(hi):
             return lo, hi, f"bootstrap {method}"
-    m = float(d.mean())  # pragma: no cover
-    return m, m, "degenerate"
+    return float("nan"), float("nan"), "not available (the bootstrap failed)"  # pragma: no cover
 
 
 def paired_test(

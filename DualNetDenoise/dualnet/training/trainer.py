@@ -685,6 +685,10 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
         def save_checkpoint(step: int) -> Optional[Path]:
             if not is_main:
                 return None
+            # never replace the last good checkpoint with unusable weights (the run can resume from it)
+            from ..modelfile import check_finite_weights
+
+            check_finite_weights(model.state_dict(), f"{ck_path} not updated at step {step}")
             state = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -778,8 +782,12 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                     raise ModelError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # the gradient's norm (clipped to grad_clip when set): a finite loss can still give an
+                # infinite gradient element, and one step with it puts NaN into every weight
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if not torch.isfinite(gnorm):
+                    raise ModelError(f"training diverged at step {step} (gradient {float(gnorm)}); lower lr")
                 opt.step()
                 sched.step()
                 if average is not None:
@@ -1155,6 +1163,11 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     arch = architecture_of(base)
     kind = arch.get("kind", card.get("architecture", {}).get("kind", "dualnet"))
     modality = card.get("modality", config.modality)
+    wanted = tdata.normalisation_spec(modality)  # what fine-tuning feeds the network (and writes on the card)
+    if card.get("normalisation") != wanted:
+        raise InputError(f"{base_path}: its card's intensity normalisation {card.get('normalisation')} is not the "
+                         f"{modality} one fine-tuning uses ({wanted}); the fine-tuned network would see other "
+                         "intensities than it was trained on")
     cfg = config.replace(stage="finetune", model=kind if kind in ("dualnet", "dncnn", "n2v") else "dualnet",
                          modality=modality, preset=arch.get("preset", config.preset),
                          dim=int(arch.get("dim", config.dim)), sr=bool(arch.get("sr", False)),
@@ -1203,23 +1216,27 @@ def finetune(inputs: Any, base_model_path: Union[str, Path], out_path: Union[str
     # The same network is run as its base is: views (dualnet.orthoviews), their smoothing
     # (dualnet.view_smoothing) and test-time augmentation, each chosen on the base's validation.
     extra.update({k: card[k] for k in FINETUNE_KEEPS_INFERENCE if k in card})
+    # With the check against the base, the model is exported into the run folder first and reaches
+    # out_path only once checked: a cancel or crash during the check leaves out_path as it was.
+    staged = run_dir / f"{out_path.stem}.unchecked{out_path.suffix}" if cfg.base_check > 0 else out_path
     res = _train(cfg, base, train_images, val_images, run_dir, selfsup=True, masked=masked, progress=progress,
                  cancel=cancel, resume=resume, progress_json=progress_json, show_bar=show_bar, command=command,
-                 card_extra=extra, export_path=out_path, anchor_model=anchor, data_dir=None, in_memory=True,
+                 card_extra=extra, export_path=staged, anchor_model=anchor, data_dir=None, in_memory=True,
                  protected=protected)
     if res.model_path is not None and cfg.base_check > 0:  # (ultrasound: recorded as not checked)
         _check_against_base(res, base_path, cfg, modality, val_images, extra, protected, progress, cancel,
-                            progress_json)
+                            progress_json, out_path)
     return res
 
 
 def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, modality: str, images: Sequence[Any],
                         extra: Dict[str, Any], protected: Sequence[Path], progress: Optional[ProgressFn],
-                        cancel: Optional[CancelToken], progress_json: bool) -> None:
+                        cancel: Optional[CancelToken], progress_json: bool, out_path: Path) -> None:
     """:mod:`dualnet.training.base_check` on up to ``cfg.base_check`` whole scans (the held-out
-    ones, else the fitted one): the fine-tuned model at ``res.model_path`` stays only if its SURE is
-    lower than its base's; else the base's weights and card are written there, with the check and
-    the fine-tuning run recorded. Updates ``res`` (``card``; ``kept_base``)."""
+    ones, else the fitted one): the fine-tuned model exported at ``res.model_path`` (in the run
+    folder) is written to ``out_path`` only if its SURE is lower than its base's; else the base's
+    weights and card are written there, with the check and the fine-tuning run recorded. Updates
+    ``res`` (``model_path`` = ``out_path``, ``card``, ``kept_base``)."""
     from .. import modelfile
     from ..sure_guard import GUARD_MODALITIES
     from . import base_check
@@ -1248,16 +1265,16 @@ def _check_against_base(res: TrainResult, base_path: Path, cfg: TrainConfig, mod
                                    seed=cfg.seed, progress=lambda f, m: tell(1.0, f"checking against the base: {m}"),
                                    cancel=cancel)
     if check["kept"] == "finetuned":
-        card = {**modelfile.read_card(target), "finetune_check": check}
-        modelfile.rewrite_card(target, card)
+        net, card = modelfile.load_model(target, "cpu")
+        card = {**card, "finetune_check": check}
         tell(1.0, "kept the fine-tuned model" + _check_text(check))
     else:
         net, card = modelfile.load_model(base_path, "cpu")
         card = {**card, **extra, "finetune_check": check, "finetune_training": res.card.get("training", {}),
                 "finetune_validation": res.card.get("validation", {})}
-        modelfile.save_model(target, net, card, inputs=protected)
-        card = modelfile.read_card(target)
         tell(1.0, "kept the base model: the fine-tuned one was not better on the whole scan" + _check_text(check))
+    res.model_path = modelfile.save_model(out_path, net, card, inputs=protected)
+    card = modelfile.read_card(out_path)
     res.card = card
     res.kept_base = check["kept"] != "finetuned"
 
