@@ -255,3 +255,43 @@ def test_a_one_slice_volume_is_estimated_as_its_2d_image(modality, shared_data):
     flat = estimate.estimate_noise(img, modality)
     one = estimate.estimate_noise(img[None], modality)
     assert float(one.sigma) == pytest.approx(float(flat.sigma)) and float(one.sigma) > 0
+
+
+def test_ct_fill_values_do_not_inflate_the_noise_estimate(shared_data):
+    """A real chest CT stores exactly -1024 HU outside its field of view (22 % of these slices).
+    Blocks of one repeated value have zero variance; their bin's 1e24 weight pinned the fit through
+    (0, 0): 59.5 HU at water where the scan's own noise is about 14-16 HU (the Haar detail's robust
+    std in soft tissue, below)."""
+    from dualnet.io import read_volume
+
+    v = read_volume(shared_data / "ct" / "chest_ct.nii.gz").array[60:76].astype(np.float32)
+    assert (v == -1024).mean() > 0.2
+    est = estimate.estimate_noise(v, "ct")
+    mean, det = estimate.haar_blocks(v)
+    tissue = (mean > -50) & (mean < 80)
+    robust = float(np.median(np.abs(det[tissue])) * 1.4826)
+    assert 0.8 * robust < est.sigma < 1.3 * robust, (est.sigma, robust)
+    # a known Poisson-Gaussian model with a constant fill region is still recovered
+    rng = np.random.default_rng(0)
+    clean = np.full((16, 96, 96), 40.0)
+    clean[:, :, :48] = 1000.0
+    noisy = clean + rng.normal(0, 1, clean.shape) * np.sqrt(0.8 * clean + 64.0)
+    noisy[:, :20] = 0.0
+    gain, sigma = estimate.poisson_gaussian_fit(noisy)
+    assert gain == pytest.approx(0.8, rel=0.1) and sigma == pytest.approx(8.0, rel=0.1)
+
+
+def test_classical_methods_take_a_one_slice_volume(shared_data):
+    """(1, y, x) volumes (single-slice NIfTI / DICOM, as the project's own clinical CT slices): the
+    Haar blocks cropped the slice axis to 0 and the CT transform refused them, even given --sigma."""
+    from dualnet import api
+    from dualnet.io import read_volume
+
+    one = read_volume(shared_data / "ct" / "covid19_ny_sbu_axial" / "A072894_19001203.nii.gz")
+    crop = one.with_array(one.array[:, 200:296, 200:296].astype(np.float32))
+    assert crop.array.shape == (1, 96, 96)
+    for sigma in (None, 20.0):
+        out = api.denoise_volume(crop, method="gaussian", modality="ct", sigma=sigma).volume.array
+        assert out.shape == (1, 96, 96) and np.isfinite(out).all()
+    speckle = np.random.default_rng(0).gamma(4.0, 25.0, (1, 96, 96))
+    assert estimate.speckle_looks(speckle) == pytest.approx(4.0, rel=0.3)

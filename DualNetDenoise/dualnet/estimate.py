@@ -36,13 +36,14 @@ def haar_blocks(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
     Returns ``(mean, detail)``: the block mean and the orthonormal diagonal detail coefficient
     (noise std preserved for white noise), both of shape ``floor(shape / 2)``. Odd trailing
-    rows/columns/slices are dropped.
+    rows/columns/slices are dropped. An axis of length 1 (a one-slice volume) is not paired: its
+    blocks are those of the 2D image.
     """
     a = np.asarray(x, dtype=np.float64)
-    a = a[tuple(slice(0, (n // 2) * 2) for n in a.shape)]
+    a = a[_even_crop(a.shape)]
     mean = a
     det = a
-    for axis in range(a.ndim):
+    for axis in _paired_axes(a.shape):
         even = [slice(None)] * a.ndim
         odd = [slice(None)] * a.ndim
         even[axis] = slice(0, None, 2)
@@ -63,14 +64,40 @@ def _block_mask(mask: Optional[np.ndarray], shape: Tuple[int, ...]) -> Optional[
     m = np.asarray(mask, dtype=bool)
     if m.shape != shape:
         raise InputError(f"mask shape {m.shape} differs from image shape {shape}")
-    m = m[tuple(slice(0, (n // 2) * 2) for n in m.shape)]
-    for axis in range(m.ndim):
+    m = m[_even_crop(m.shape)]
+    for axis in _paired_axes(m.shape):
         even = [slice(None)] * m.ndim
         odd = [slice(None)] * m.ndim
         even[axis] = slice(0, None, 2)
         odd[axis] = slice(1, None, 2)
         m = m[tuple(even)] & m[tuple(odd)]
     return m
+
+
+def _paired_axes(shape: Tuple[int, ...]) -> List[int]:
+    """The axes the Haar blocks pair voxels along: all but those of length 1."""
+    return [axis for axis, n in enumerate(shape) if n > 1]
+
+
+def _even_crop(shape: Tuple[int, ...]) -> Tuple[slice, ...]:
+    """Drop the odd trailing row / column / slice of every paired axis."""
+    return tuple(slice(0, (n // 2) * 2) if n > 1 else slice(None) for n in shape)
+
+
+def _constant_blocks(x: np.ndarray) -> np.ndarray:
+    """Blocks (as :func:`haar_blocks`) whose voxels are all equal: no noise to measure there (fill
+    values such as -1024 HU outside a CT's field of view, clipped or masked regions)."""
+    a = np.asarray(x)
+    a = a[_even_crop(a.shape)]
+    lo = hi = a
+    for axis in _paired_axes(a.shape):
+        even = [slice(None)] * a.ndim
+        odd = [slice(None)] * a.ndim
+        even[axis] = slice(0, None, 2)
+        odd[axis] = slice(1, None, 2)
+        lo = np.minimum(lo[tuple(even)], lo[tuple(odd)])
+        hi = np.maximum(hi[tuple(even)], hi[tuple(odd)])
+    return lo == hi
 
 
 def sigma_gaussian_mad(x: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
@@ -271,7 +298,8 @@ def poisson_gaussian_fit(
 ) -> Tuple[float, float]:
     """Fit ``var = gain * max(mean, 0) + sigma^2`` to local (mean, variance) pairs (Foi-style).
 
-    Local means are 2^ndim block means; local variances are robust (MAD) variances of the
+    Local means are 2^ndim block means (blocks of one repeated value left out: no noise there);
+    local variances are robust (MAD) variances of the
     orthonormal diagonal Haar detail pooled over quantile bins of the block mean; the affine
     model is fitted by weighted least squares (weights ``n / var^2``), constrained to
     ``gain >= 0`` and ``sigma^2 >= 0``.
@@ -287,10 +315,13 @@ def poisson_gaussian_fit(
     """
     a = _as_array(x)
     mean, det = haar_blocks(a)
+    # Blocks of one repeated value carry no noise: counted, a bin of them has zero variance and a
+    # weight of 1e24 that pins the fit (a CT's -1024 HU fill outside its field of view read 4x the noise).
+    keep = ~_constant_blocks(a)
     bm = _block_mask(mask, a.shape)
     if bm is not None:
-        mean, det = mean[bm], det[bm]
-    mean, det = mean.ravel(), det.ravel()
+        keep &= bm
+    mean, det = mean[keep], det[keep]
     if mean.size < 2 * min_count:
         raise InputError("too few voxels to fit a Poisson-Gaussian noise model")
     order = np.argsort(mean, kind="stable")
