@@ -295,3 +295,21 @@ def test_classical_methods_take_a_one_slice_volume(shared_data):
         assert out.shape == (1, 96, 96) and np.isfinite(out).all()
     speckle = np.random.default_rng(0).gamma(4.0, 25.0, (1, 96, 96))
     assert estimate.speckle_looks(speckle) == pytest.approx(4.0, rel=0.3)
+
+
+def test_no_measurable_speckle_is_said_and_a_png_frame_round_trips(shared_data, tmp_path):
+    """A real B-mode frame reads as no speckle (128 looks, the estimate's maximum): the network then
+    leaves it almost as it is, which is now said, with the way out (--sigma). Its result could hold
+    values below 0, and a PNG output was refused; the ultrasound card now floors the output at 0."""
+    from dualnet import api
+    from dualnet.io import read_volume, write_volume
+
+    frame = read_volume(shared_data / "us" / "images" / "0001.png")
+    assert estimate.speckle_looks(frame.array.astype(np.float32)) == pytest.approx(estimate.LOOKS_RANGE[1])
+    res = api.denoise_volume(frame, method="dualnet", modality="us", device="cpu", tta=1)
+    assert "no speckle was measured" in res.info["inference_noise_warning"]
+    assert float(res.volume.array.min()) >= 0.0
+    write_volume(res.volume, tmp_path / "out.png", inputs=[frame.path])
+    given = api.denoise_volume(frame, method="dualnet", modality="us", device="cpu", tta=1, sigma=0.5)
+    assert "inference_noise_warning" not in given.info  # the level is the user's
+    assert estimate.speckle_caution({"modality": "us", "method": "log-haar-mad", "looks": 4.0}) is None

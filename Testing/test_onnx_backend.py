@@ -210,7 +210,7 @@ def test_graph_only_loading_and_its_limits(monkeypatch, tmp_path):
     assert isinstance(load_for_inference(path, "cuda")[0], torch.nn.Module)
     us, _ = load_for_inference(default_model_path("us"), "cpu")
     assert isinstance(us, onnx_backend.GraphNet) and not onnx_backend.can_restore(us)  # one view only
-    img = np.zeros((40, 40), np.float32) - 500
+    img = np.random.default_rng(0).normal(-500.0, 20.0, (40, 40)).astype(np.float32)  # noise to estimate
     with pytest.raises(InputError, match="Monte-Carlo dropout needs the PyTorch network"):
         denoise_array(img, net, card, device="cpu", mc_samples=2)
     with pytest.raises(InputError, match="runs on the CPU only"):

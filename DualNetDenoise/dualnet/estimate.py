@@ -293,6 +293,29 @@ def background_caution(noise_info: Dict[str, object]) -> Optional[str]:
             "set the sigma yourself, or for a 4D series take it from the frames (dualnet: --sigma, --frame)")
 
 
+def speckle_caution(noise_info: Dict[str, object]) -> Optional[str]:
+    """A warning for an ultrasound estimate of no measurable speckle (:data:`LOOKS_RANGE`'s maximum).
+
+    Real B-mode frames are log-compressed and their speckle is spatially correlated (grains larger
+    than a pixel): the finest-scale estimate of multiplicative Gamma speckle then reads none, and the
+    network, told so, leaves the frame almost as it is. ``None`` when there is nothing to say."""
+    looks = noise_info.get("looks")
+    if noise_info.get("modality") != "us" or noise_info.get("method") == "given" or not isinstance(looks, float):
+        return None
+    if looks < 0.99 * LOOKS_RANGE[1]:
+        return None
+    return ("no speckle was measured in this image, as on log-compressed B-mode frames whose speckle is "
+            "correlated over several pixels, so the result is close to the input; --sigma sets the speckle level "
+            "(the relative speckle std: 0.5 for L = 4 looks), but the shipped ultrasound model was trained on "
+            "pixel-wise speckle and changes such frames little even then")
+
+
+def estimate_caution(noise_info: Dict[str, object]) -> Optional[str]:
+    """The warning for a doubtful estimated noise model, if any: :func:`background_caution` (MRI),
+    :func:`speckle_caution` (ultrasound)."""
+    return background_caution(noise_info) or speckle_caution(noise_info)
+
+
 def poisson_gaussian_fit(
     x: np.ndarray, *, mask: Optional[np.ndarray] = None, n_bins: int = 40, min_count: int = 200
 ) -> Tuple[float, float]:
@@ -323,7 +346,8 @@ def poisson_gaussian_fit(
         keep &= bm
     mean, det = mean[keep], det[keep]
     if mean.size < 2 * min_count:
-        raise InputError("too few voxels to fit a Poisson-Gaussian noise model")
+        flat = " that vary (the rest is one repeated value)" if not keep.all() else ""
+        raise InputError(f"too few voxels{flat} to fit a Poisson-Gaussian noise model")
     order = np.argsort(mean, kind="stable")
     nb = int(max(2, min(n_bins, mean.size // min_count)))
     groups = np.array_split(order, nb)
@@ -425,11 +449,15 @@ def _wls_affine(xv: np.ndarray, yv: np.ndarray, w: np.ndarray) -> Tuple[float, f
     return float(a), float(b)
 
 
+#: The range of speckle looks :func:`speckle_looks` can tell apart; its maximum means "no measurable speckle".
+LOOKS_RANGE = (0.5, 128.0)
+
+
 @functools.lru_cache(maxsize=4)
 def _log_mad_table(ndim: int) -> Tuple[np.ndarray, np.ndarray]:
     """Monte-Carlo table (fixed seed) of the MAD-based std of the Haar detail of ``ln Gamma(L, 1/L)``
     against ``L``: log-Gamma noise is skewed, so ``MAD / 0.6745`` differs from ``sqrt(psi'(L))``."""
-    looks = np.geomspace(0.5, 128.0, 40)
+    looks = np.geomspace(LOOKS_RANGE[0], LOOKS_RANGE[1], 40)
     rng = np.random.default_rng(12345)
     n = 2**ndim
     vals = np.empty_like(looks)
@@ -459,7 +487,7 @@ def speckle_looks(x: np.ndarray, *, mask: Optional[np.ndarray] = None, floor: Op
     if d.size < 100:
         raise InputError("too few non-zero pixels to estimate speckle looks")
     s = float(np.median(np.abs(d)) * _MAD_TO_SIGMA)
-    looks, vals = _log_mad_table(a.ndim)
+    looks, vals = _log_mad_table(len(_paired_axes(a.shape)))  # the blocks' dimension (a one-slice volume: 2)
     # interp needs increasing x: vals decrease with looks.
     return float(np.exp(np.interp(s, vals[::-1], np.log(looks[::-1]))))
 

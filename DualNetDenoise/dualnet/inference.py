@@ -208,13 +208,13 @@ def denormalise(array: np.ndarray, params: Dict[str, float]) -> np.ndarray:
 
 def _add_noise_info(info: Dict[str, Any], noise_info: Optional[Dict[str, Any]]) -> None:
     """Record the estimated noise model in ``info``, and ``noise_warning`` where the estimate is
-    doubtful (:func:`dualnet.estimate.background_caution`)."""
+    doubtful (:func:`dualnet.estimate.estimate_caution`)."""
     if noise_info is None:
         return
-    from .estimate import background_caution
+    from .estimate import estimate_caution
 
     info["noise_model"] = noise_info
-    caution = background_caution(noise_info)
+    caution = estimate_caution(noise_info)
     if caution:
         info["noise_warning"] = caution
 
