@@ -224,3 +224,20 @@ def test_weight_scales_a_source_share_of_the_samples_and_the_card_records_it(tmp
                                                   unweighted).weights, [0.8, 0.2])
     sources = _data_sources(cfg, tmp_path, train + val, in_memory=False)
     assert sources[1]["weight"] == 4.0 and "weight" not in sources[0]
+
+
+def test_the_val_fraction_fallback_keeps_a_file_and_its_copies_on_one_side(tmp_path):
+    """Without a ``split = "val"`` source, the last entries were held out one by one: with [a, b, b
+    coarsened] the coarsened copy of b was validation while b itself trained. Now files count once,
+    and every entry of a held-out file is validation."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        _write(tmp_path / f"{name}.nii.gz", rng.random((12, 24, 24)).astype(np.float32) * 100 + 50)
+    toml = tmp_path / "c.toml"
+    toml.write_text('modality = "mri"\nval_fraction = 0.3\n'
+                    '[[data]]\npath = "a.nii.gz"\n'
+                    '[[data]]\npath = "b.nii.gz"\n'
+                    '[[data]]\npath = "b.nii.gz"\ncoarsen = [1, 2, 2]\n')
+    train, val = tdata.load_split(TrainConfig.from_toml(toml), data_dir=tmp_path)
+    assert [im.name.split("/")[-1] for im in train] == ["a.nii.gz"]
+    assert sorted(im.name.split("/")[-1] for im in val) == ["b.nii.gz", "b.nii.gz (coarsened 1x2x2)"]

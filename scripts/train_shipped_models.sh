@@ -23,15 +23,12 @@ config_of() {  # run name -> config file
 if [ "$what" = pack ]; then
   . .venv/bin/activate
   rm -rf .gpu
-  for modality in mri ct us; do  # one packed copy of the data per modality, shared by its runs
+  for run in $RUNS; do  # each run packs its own config's data: the baselines train on theirs (as their cards say)
+    modality="${run##*_}"
     f16=""; [ "$modality" = us ] && f16="--float16"
-    python scripts/pack_lr_data.py "$(config_of dualnet_$modality)" --out ".gpu/data_$modality" $f16
-  done
-  for run in $RUNS; do
-    modality="${run##*_}"; kind="${run%%_*}"
+    python scripts/pack_lr_data.py "$(config_of "$run")" --out ".gpu/data_$run" $f16
     mkdir -p ".gpu/$run"
-    # the packed config with this run's model (baseline configs differ from pretrain_* only there)
-    sed "s/^model = \"dualnet\"/model = \"$kind\"/" ".gpu/data_$modality/config.toml" > ".gpu/$run/config.toml"
+    cp ".gpu/data_$run/config.toml" ".gpu/$run/config.toml"
   done
   du -sh .gpu
 elif [ "$what" = train ]; then
@@ -41,7 +38,7 @@ elif [ "$what" = train ]; then
   workers="${WORKERS:-2}"
   for run in $RUNS; do
     [ -f ".gpu/$run/config.toml" ] || continue
-    python -m dualnet.training.cli train --config ".gpu/$run/config.toml" --data-dir ".gpu/data_${run##*_}" \
+    python -m dualnet.training.cli train --config ".gpu/$run/config.toml" --data-dir ".gpu/data_$run" \
       --out "$out/$run" --export "$out/$run/$run.safetensors" --workers "$workers" --quiet \
       ${BUDGET:+--time-budget "$BUDGET"} --device "${DEVICE:-auto}" \
       > "$out/$run.log" 2>&1 &

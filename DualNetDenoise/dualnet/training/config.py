@@ -14,7 +14,8 @@ optimiser steps; ``patience`` counts validation rounds.
 Data sources are files (NIfTI/NRRD/MHA/PNG or DICOM folders) or folders of PNG frames, given
 relative to ``data_dir``. The train/validation split is made per FILE (patient / case level),
 never per slice: each source has ``split = "train"`` or ``"val"``; when no source is marked
-``"val"`` the last ``val_fraction`` of the files (sorted by name) is held out.
+``"val"`` the files listed last are held out (``val_fraction`` of the distinct files; every entry of a
+file listed twice, e.g. a ``coarsen`` copy, goes to the same side).
 """
 
 from __future__ import annotations

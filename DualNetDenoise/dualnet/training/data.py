@@ -279,27 +279,31 @@ def load_split(config: "TrainConfig", data: Any = None, data_dir: Optional[Union
     """Clean images for training and validation, split per source FILE (never per slice).
 
     ``data`` (arrays / ``(array, spacing_zyx)`` / Volumes / paths handed over by the caller)
-    replaces ``config.data``. Without an explicit ``split = "val"`` source, the last
-    ``val_fraction`` of the files is held out (at least one when there are two or more); with a
-    single file the validation set is drawn from that same file (flagged in the source info).
+    replaces ``config.data``. Without an explicit ``split = "val"`` source, the files listed last
+    (in the order given; a file listed several times, e.g. with ``coarsen`` copies, counts once and all
+    its entries go to the same side) are held out, ``val_fraction`` of the distinct files and at least
+    one when there are two or more; with a single file the validation set is drawn from that same file
+    (flagged in the source info).
     """
     train: List[CleanImage] = []
     val: List[CleanImage] = []
     if data is not None:
         raw = _as_images(data)
         groups = [("train", [r], 1.0) for r in raw]
+        keys = [str(i) for i in range(len(groups))]
     else:
         if not config.data:
             raise InputError("training config has no data sources ([[data]] path = ...)")
         groups = []
         for src in config.data:
             groups.append((src.split, read_data_source(src, data_dir), float(src.weight)))
+        keys = [str(src.path) for src in config.data]
     has_val = any(g[0] == "val" for g in groups)
-    if not has_val:
-        n = len(groups)
-        if n >= 2:
-            n_val = max(1, int(round(n * config.val_fraction)))
-            groups = [("train" if i < n - n_val else "val", g, w) for i, (_, g, w) in enumerate(groups)]
+    distinct = list(dict.fromkeys(keys))  # files in the order first listed
+    if not has_val and len(distinct) >= 2:
+        n_val = max(1, int(round(len(distinct) * config.val_fraction)))
+        held = set(distinct[len(distinct) - n_val:])
+        groups = [("val" if k in held else "train", g, w) for k, (_, g, w) in zip(keys, groups)]
     floor = config.modality == "mri" and getattr(config, "clean_floor", "keep") == "remove"
     for split, items, weight in groups:
         for arr, sp, name in items:
