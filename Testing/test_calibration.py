@@ -205,3 +205,17 @@ def test_best_sigma_baseline_keeps_the_best_of_its_sigma_multiples(mri_crop):
     assert plain["psnr"] == pytest.approx(each[1.0]["psnr"], abs=1e-9)
     reused = best_sigma_run(noisy, ref, "nlm", "mri", scales, at_estimate={**plain, "seconds": 0.0})
     assert {k: reused[k] for k in ("psnr", "sigma_scale")} == {k: best[k] for k in ("psnr", "sigma_scale")}
+
+
+def test_untouched_validation_images_are_the_complement_of_the_scored_ones(shared_data):
+    """`validate_models.py --untouched` scores the validation images the evenly spaced selection
+    (what every card and candidate choice used) leaves out: none of them twice, none missing."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from validate_models import load_config, validation_images
+
+    cfg = load_config(ROOT / "DualNetDenoise" / "dualnet" / "configs" / "pretrain_us.toml")
+    scored = [im[2] for im in validation_images(cfg, str(shared_data), 8)]
+    untouched = [im[2] for im in validation_images(cfg, str(shared_data), 8, untouched=True)]
+    everything = [im[2] for im in validation_images(cfg, str(shared_data), 10 ** 6)]
+    assert len(scored) == 8 and not set(scored) & set(untouched)
+    assert sorted(scored + untouched) == sorted(everything) and len(untouched) > 50

@@ -80,15 +80,15 @@ def neb_maps(res, true_std: np.ndarray, total_std: np.ndarray, fg: np.ndarray) -
             "alpha_mean_fg": float(np.mean(alpha[fg])), "alpha_std_fg": float(np.std(alpha[fg]))}
 
 
-def validation_images(cfg, data_dir: str, max_cases: int) -> list:
-    """The config's validation images, at most ``max_cases`` of them, evenly spaced."""
+def validation_images(cfg, data_dir: str, max_cases: int, untouched: bool = False) -> list:
+    """The config's validation images, at most ``max_cases`` of them, evenly spaced; with ``untouched``
+    the others instead: the images no card, selection or default was ever scored on."""
     images = []
     for src in (s for s in cfg.data if s.split == "val"):
         images += read_data_source(src, data_dir)
-    if len(images) > max_cases:
-        idx = np.linspace(0, len(images) - 1, max_cases).round().astype(int)
-        images = [images[i] for i in idx]
-    return images
+    chosen = set(np.linspace(0, len(images) - 1, max_cases).round().astype(int)) if len(images) > max_cases \
+        else set(range(len(images)))
+    return [im for i, im in enumerate(images) if (i in chosen) != untouched]
 
 
 def degraded_cases(images: list, modality: str, level: float, lr_factor: int):
@@ -251,6 +251,9 @@ def main() -> None:
     ap.add_argument("--given-sigma", action="store_true",
                     help="give every method the simulation's noise level as `--sigma` gives it (MRI Rician sigma, "
                          "CT std at water, US speckle std) instead of its estimate; a probe: needs --no-write")
+    ap.add_argument("--untouched", action="store_true",
+                    help="score the validation images the --max-cases selection leaves out instead (no checkpoint, "
+                         "candidate or default was chosen on them: an untouched test set); needs --no-write")
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", type=int, choices=(1, 4, 8), nargs="?", const=8, default=None,
                      help="test-time transforms of the network averaged: 1 (none), 4 or 8 (bare: 8; "
@@ -271,13 +274,19 @@ def main() -> None:
         ap.error("--given-sigma is a probe (the cards record the default runs): add --no-write")
     if args.given_sigma and args.baseline_sigma_scales:
         ap.error("--baseline-sigma-scales scales the baseline's estimate: not with --given-sigma")
-    images = validation_images(cfg, args.data_dir, args.max_cases)
+    if args.untouched and not args.no_write:
+        ap.error("--untouched scores other cases than the cards record: add --no-write")
+    images = validation_images(cfg, args.data_dir, args.max_cases, args.untouched)
+    if not images:
+        ap.error(f"no validation images{' beyond the ' + str(args.max_cases) + ' scored ones' if args.untouched else ''}")
     guard = False if args.no_guard else None
     results = [run_level(args.models, names, images, modality, lev, cfg.lr_factor, args.baseline, args.mc_samples,
                          guard, parse_views(args.views), args.tta, args.baseline_sigma_scales, args.given_sigma)
                for lev in levels]
     print(table(results, names, args.baseline, modality))
     meta = {"modality": modality, "lr_factor": cfg.lr_factor, "cases": len(images),
+            "case_selection": ("untouched: the validation images outside the evenly spaced "
+                               f"{args.max_cases}") if args.untouched else f"at most {args.max_cases}, evenly spaced",
             "data": [s.path for s in cfg.data if s.split == "val"],
             "data_range": "clean low-resolution max - min" + ("; CT window [-160, 240] HU, range 400" if modality == "ct" else ""),
             "mask": "whole image and foreground (fg)",
