@@ -849,20 +849,27 @@ def test_denoise_panel_setup_outside_qt(monkeypatch, scene, mri_crop, tmp_path, 
     widget.cleanup()
 
 
-def test_denoise_panel_keeps_an_imported_scenes_settings(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
-    """A scene added to the open one (File > Add Data of a .mrml: a real MRML ``Import`` without a
-    close) brings the panel's saved input volume, modality and noise level; the panel must not take
-    the changed input for the user's switch to another volume. Before the fix it reset the noise to
-    auto and guessed the modality again (the saved CT became MRI). Stubbed: the Qt widgets."""
+def _denoise_widget(monkeypatch, scene, tmp_path, name: str, array):
+    """The denoise panel set up on ``scene`` (Qt widgets stubbed) and entered with one volume ``name``
+    holding ``array``, which becomes its input."""
     module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
     monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
     module.DualNetDenoise(types.SimpleNamespace())
     widget = module.DualNetDenoiseWidget()
     widget.setup()
-    saved = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "saved")
-    nodes.update_node_from_array(saved, mri_crop[:8].astype(np.int16), np.eye(4))
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    nodes.update_node_from_array(volume, np.asarray(array).astype(np.int16), np.eye(4))
     widget.enter()
+    return widget
+
+
+def test_denoise_panel_keeps_an_imported_scenes_settings(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """A scene added to the open one (File > Add Data of a .mrml: a real MRML ``Import`` without a
+    close) brings the panel's saved input volume, modality and noise level; the panel must not take
+    the changed input for the user's switch to another volume. Before the fix it reset the noise to
+    auto and guessed the modality again (the saved CT became MRI). Stubbed: the Qt widgets."""
+    widget = _denoise_widget(monkeypatch, scene, tmp_path, "saved", mri_crop[:8])
     p = widget._parameterNode
     p.modality, p.autoNoise, p.noiseLevel = "ct", False, 7.0  # the user's choice for this volume, saved
     scene.SetSaveToXMLString(1)
@@ -892,15 +899,7 @@ def test_denoise_panel_switch_and_close_never_overwrite_another_volumes_result(m
     result with B's (under A's name and, for a DICOM input, in A's study). Closing the scene during a
     background run let the result land in the next scene's nodes. Stubbed: the Qt widgets; the run is
     the real child process (``gaussian``), driven by polling instead of the panel's QTimer."""
-    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
-    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setattr(module.dependencies, "device_summary", lambda: "CPU only (stub)")
-    module.DualNetDenoise(types.SimpleNamespace())
-    widget = module.DualNetDenoiseWidget()
-    widget.setup()
-    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A")
-    nodes.update_node_from_array(a, mri_crop[:8].astype(np.int16), np.eye(4))
-    widget.enter()
+    widget = _denoise_widget(monkeypatch, scene, tmp_path, "A", mri_crop[:8])
     p = widget._parameterNode
     resultA = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A denoised")
     unc = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A uncertainty")

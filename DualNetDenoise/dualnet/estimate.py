@@ -41,17 +41,12 @@ def haar_blocks(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """
     a = np.asarray(x, dtype=np.float64)
     a = a[_even_crop(a.shape)]
-    mean = a
-    det = a
-    for axis in _paired_axes(a.shape):
-        even = [slice(None)] * a.ndim
-        odd = [slice(None)] * a.ndim
-        even[axis] = slice(0, None, 2)
-        odd[axis] = slice(1, None, 2)
+    mean = det = a
+    for even, odd in _pairs(a.shape):
         # in place after the first sum / difference: no second half-volume float64 temporary
-        m = np.add(mean[tuple(even)], mean[tuple(odd)])
+        m = np.add(mean[even], mean[odd])
         m *= 0.5
-        d = np.subtract(det[tuple(even)], det[tuple(odd)])
+        d = np.subtract(det[even], det[odd])
         d /= np.sqrt(2.0)
         mean, det = m, d
     return mean, det
@@ -65,18 +60,24 @@ def _block_mask(mask: Optional[np.ndarray], shape: Tuple[int, ...]) -> Optional[
     if m.shape != shape:
         raise InputError(f"mask shape {m.shape} differs from image shape {shape}")
     m = m[_even_crop(m.shape)]
-    for axis in _paired_axes(m.shape):
-        even = [slice(None)] * m.ndim
-        odd = [slice(None)] * m.ndim
-        even[axis] = slice(0, None, 2)
-        odd[axis] = slice(1, None, 2)
-        m = m[tuple(even)] & m[tuple(odd)]
+    for even, odd in _pairs(m.shape):
+        m = m[even] & m[odd]
     return m
 
 
 def _paired_axes(shape: Tuple[int, ...]) -> List[int]:
     """The axes the Haar blocks pair voxels along: all but those of length 1."""
     return [axis for axis, n in enumerate(shape) if n > 1]
+
+
+def _pairs(shape: Tuple[int, ...]) -> List[Tuple[Tuple[slice, ...], Tuple[slice, ...]]]:
+    """Per paired axis, the index of the even and of the odd voxels along it (the others whole)."""
+    out = []
+    for axis in _paired_axes(shape):
+        even, odd = [slice(None)] * len(shape), [slice(None)] * len(shape)
+        even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+        out.append((tuple(even), tuple(odd)))
+    return out
 
 
 def _even_crop(shape: Tuple[int, ...]) -> Tuple[slice, ...]:
@@ -90,13 +91,9 @@ def _constant_blocks(x: np.ndarray) -> np.ndarray:
     a = np.asarray(x)
     a = a[_even_crop(a.shape)]
     lo = hi = a
-    for axis in _paired_axes(a.shape):
-        even = [slice(None)] * a.ndim
-        odd = [slice(None)] * a.ndim
-        even[axis] = slice(0, None, 2)
-        odd[axis] = slice(1, None, 2)
-        lo = np.minimum(lo[tuple(even)], lo[tuple(odd)])
-        hi = np.maximum(hi[tuple(even)], hi[tuple(odd)])
+    for even, odd in _pairs(a.shape):
+        lo = np.minimum(lo[even], lo[odd])
+        hi = np.maximum(hi[even], hi[odd])
     return lo == hi
 
 
