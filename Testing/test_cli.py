@@ -212,3 +212,56 @@ def test_tta_options_parse_and_apply_to_the_network_only(tmp_path, small_mri, ca
     assert not out.exists()
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--no-tta", "-q"], capsys)
     assert code == 0 and out.exists(), err
+
+
+def test_cli_review_session34(tmp_path, us_image, small_mri, shared_data, capsys, monkeypatch):
+    """Five faults of `dualnet` found by a review, each refused or recorded now:
+    a real-valued map written as PNG (rounded to whole numbers: a constant confidence map);
+    --uncertainty with a model without dropout (an all-zero map, exit 0); --sigma recorded as used in
+    --info-json where the warning said it was ignored; a cancel after the result was written left it
+    behind while saying "no output written"; `dualnet dice` on a colour mask (read as grey levels, then
+    "non-integer values")."""
+    from dualnet import cli
+    from dualnet.modelfile import default_model_path
+
+    png = write_volume(us_image.with_array(us_image.array[:64, :64]), tmp_path / "us.png")
+    code, _, err = _run(["denoise", png, tmp_path / "o.png", "--modality", "us", "--confidence",
+                         tmp_path / "c.png", "-q"], capsys)
+    assert code == 2 and "whole numbers" in _one_error_line(err) and not (tmp_path / "o.png").exists()
+
+    dncnn = default_model_path("us").with_name("dncnn_us.safetensors")
+    code, _, err = _run(["denoise", png, tmp_path / "o.nrrd", "--model", dncnn, "--uncertainty",
+                         tmp_path / "u.nrrd", "-q"], capsys)
+    assert code == 2 and "no dropout" in _one_error_line(err) and not (tmp_path / "o.nrrd").exists()
+
+    info = tmp_path / "info.json"
+    code, _, err = _run(["denoise", png, tmp_path / "o.nrrd", "--model", dncnn, "--sigma", "0.5",
+                         "--info-json", info, "-q"], capsys)
+    assert code == 0 and "--sigma ignored" in err
+    import json
+
+    assert json.loads(info.read_text())["sigma_ignored"] is True
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "atomic_write_bytes", interrupted)  # Ctrl-C while the last output is written
+    out = tmp_path / "cancelled.nrrd"
+    code, _, err = _run(["denoise", small_mri, out, "--method", "gaussian", "--sigma", "30",
+                         "--info-json", tmp_path / "i2.json", "-q"], capsys)
+    assert code == 130 and "no output written" in err and not out.exists()
+    monkeypatch.undo()
+
+    masks = shared_data / "us" / "masks"
+    code, _, err = _run(["dice", masks / "0000.png", masks / "0001.png"], capsys)
+    assert code == 2 and "colour image" in _one_error_line(err)
+
+
+def test_evaluate_refuses_an_unknown_method_before_any_work(tmp_path, capsys):
+    from dualnet.modelfile import default_model_path
+
+    config = default_model_path("mri").parents[1] / "configs" / "study_ci.toml"
+    code, _, err = _run(["evaluate", "--config", config, "--out", tmp_path / "ev", "--methods", "gaussian,foo"],
+                        capsys)
+    assert code == 2 and "unknown method(s) 'foo'" in _one_error_line(err)
+    assert not (tmp_path / "ev" / "report.md").exists()

@@ -30,3 +30,19 @@ def test_mc_std_is_scaled_by_the_card_and_bad_scales_are_refused(mri_crop):
         raw_card["uncertainty_calibration"]["scale"] = bad
         with pytest.raises(ModelError, match="uncertainty_calibration"):
             denoise_array(img, net, raw_card, **kw)
+
+
+def test_the_uncertainty_map_follows_the_sure_guards_blend(mri_crop, monkeypatch):
+    """The written result is weight * network + (1 - weight) * input when the guard blends; its
+    MC-dropout spread is weight times the network's. The map described the unblended output.
+    Stubbed: the guard (a fixed weight 0.25; the real one returns it with its estimates)."""
+    from dualnet import inference
+    from dualnet.modelfile import default_model_path, load_model
+
+    net, card = load_model(default_model_path("mri"), "cpu")
+    crop = np.asarray(mri_crop[:8, :32, :32], np.float32)
+    kw = dict(device="cpu", modality="mri", mc_samples=2, seed=3, views=1, noise_coef=(900.0, 0.0, 0.0))
+    free = inference.denoise_array(crop, net, card, guard=False, **kw)
+    monkeypatch.setattr(inference, "_sure_guard", lambda *a, **k: {"weight": 0.25})
+    blended = inference.denoise_array(crop, net, card, guard=True, **kw)
+    np.testing.assert_allclose(blended.uncertainty, 0.25 * free.uncertainty, rtol=1e-5, atol=1e-6)

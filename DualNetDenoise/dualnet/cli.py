@@ -220,8 +220,13 @@ def _parse_sigma(text: str):
     return value
 
 
+#: Output formats that hold whole numbers only (``io.write_volume`` casts to 8 or 16 bits).
+_WHOLE_NUMBER_FORMATS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
 def cmd_denoise(args) -> int:
     from .api import check_options, denoise_volume
+    from .errors import InputError
 
     if args.dicom or args.send:
         return _denoise_dicom(args)
@@ -231,6 +236,10 @@ def cmd_denoise(args) -> int:
     nmap = check_output_path(args.noise_map, inputs, outputs=[out, unc]) if args.noise_map else None
     conf = check_output_path(args.confidence, inputs, outputs=[out, unc, nmap]) if args.confidence else None
     extra = [p for p in (unc, nmap, conf) if p is not None]
+    for path in extra:  # real-valued maps: a PNG / JPEG / BMP would round them to whole numbers
+        if path.name.lower().endswith(_WHOLE_NUMBER_FORMATS):
+            raise InputError(f"{path}: a map of real values cannot be written as {path.suffix} (whole numbers "
+                             "only); use .nrrd, .nii.gz, .mha or .tif")
     neb_maps = nmap is not None or conf is not None
     info_json = (check_output_path(args.info_json, inputs, outputs=[out] + extra, formats=None)
                  if args.info_json else None)
@@ -245,7 +254,10 @@ def cmd_denoise(args) -> int:
                   guard=guard, views=args.views, neb_maps=neb_maps, precision=args.precision)
     card = _verify_model(args.model, args.modality, args.device, bool(args.uncertainty), args.precision) \
         if args.method == "dualnet" else None
-    _warn_ignored_options(args, card, choice)
+    if args.uncertainty and card is not None and float((card.get("architecture") or {}).get("dropout", 1.0)) == 0.0:
+        raise InputError(f"--uncertainty: {args.model or 'the model'} has no dropout, so Monte-Carlo dropout gives "
+                         "no spread (an all-zero map); use a DUAL-NET model")
+    sigma_ignored = _warn_ignored_options(args, card, choice)
     sigma_source = "given" if args.sigma is not None else None
     if args.frame is not None and args.sigma is None and args.modality == "mri":
         args.sigma, sigma_source = _sigma_from_frames(args.input, args.frame)
@@ -274,16 +286,24 @@ def cmd_denoise(args) -> int:
     result.info.update(choice.info())
     if sigma_source is not None and "sigma" in result.info:
         result.info["sigma_source"] = sigma_source
+    if sigma_ignored:  # the warning said so: the record must not say it was used
+        result.info["sigma_ignored"] = True
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
-    write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype)
-    if unc is not None and result.uncertainty is not None:
-        write_volume(result.uncertainty, unc, inputs=inputs, outputs=[out])
-    for path, vol in ((nmap, result.noise_map), (conf, result.confidence)):
-        if path is not None and vol is not None:
-            write_volume(vol, path, inputs=inputs, outputs=[out])
-    if info_json is not None:
-        atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
-                           inputs=inputs, outputs=[out] + extra)
+    written: List[Path] = []
+    try:  # a cancel between the outputs leaves none of them (each is written atomically)
+        written.append(write_volume(result.volume, out, inputs=inputs[:1], force=args.force, dtype=dtype))
+        if unc is not None and result.uncertainty is not None:
+            written.append(write_volume(result.uncertainty, unc, inputs=inputs, outputs=[out]))
+        for path, vol in ((nmap, result.noise_map), (conf, result.confidence)):
+            if path is not None and vol is not None:
+                written.append(write_volume(vol, path, inputs=inputs, outputs=[out]))
+        if info_json is not None:
+            written.append(atomic_write_bytes(info_json, json.dumps(result.info, indent=2, default=str).encode("utf-8"),
+                                              inputs=inputs, outputs=[out] + extra))
+    except (KeyboardInterrupt, DualNetError):
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
     _say_modality(args, choice)
     if sigma_source not in (None, "given") and "sigma" in result.info:
         _note(args, f"noise sigma {result.info['sigma']:.4g} from {sigma_source}")
@@ -319,21 +339,24 @@ def _sigma_from_frames(path: str, frame: int) -> Tuple[Optional[float], Optional
     return sigma, f"the differences between {frames.shape[0]} consecutive frames (repeats)"
 
 
-def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> None:
+def _warn_ignored_options(args, card: Optional[dict], choice: Optional[ModalityChoice]) -> bool:
     """Warn about options that will not act as the user may think: --sigma with a model that has no
     noise-map input where no SURE guard runs either (nothing would use it), a --model whose card names
-    another modality than the one chosen."""
+    another modality than the one chosen. True when --sigma is ignored."""
     arch = (card or {}).get("architecture") or {}
+    ignored = False
     if args.sigma is not None and card is not None and not arch.get("noise_map") and choice is not None:
         from .sure_guard import unchecked_reason
 
         if args.no_guard or unchecked_reason(choice.modality, int(arch.get("dim", 2))) is not None:
+            ignored = True
             _warn(f"--sigma: {args.model or 'the model'} has no noise-map input and no SURE guard runs here "
                   "(--no-guard, ultrasound or a 3D model), so nothing uses it (--sigma ignored)")
     trained = str((card or {}).get("modality") or "").lower()
     if args.model and choice is not None and trained and trained != choice.modality:
         _warn(f"{args.model}: the model's card says it was trained for {trained}, but the image is denoised "
               f"as {choice.modality} ({choice.reason}); the result may be poor: check --modality or --model")
+    return ignored
 
 
 def _model_files(model: Optional[str]) -> List[str]:
@@ -449,6 +472,8 @@ def cmd_dice(args) -> int:
     from .metrics import dice_per_label
 
     out = check_output_path(args.csv, [args.a, args.b], formats=None) if args.csv else None
+    for name in (args.a, args.b):
+        _refuse_colour(name)
     a = read_volume(args.a, check_finite=False)
     b = read_volume(args.b, check_finite=False)
     for vol, name in ((a, args.a), (b, args.b)):
@@ -473,6 +498,27 @@ def cmd_dice(args) -> int:
 
 #: More distinct labels than this suggests an intensity image rather than a label map (a warning).
 MAX_LABELS = 255
+
+
+def _refuse_colour(path: str) -> None:
+    """A colour image is not a label map (reading it would turn its colours into grey levels)."""
+    import SimpleITK as sitk
+
+    from .errors import InputError
+    from .io import quiet_itk
+
+    if Path(path).is_dir() or not Path(path).is_file():
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return  # read_volume says what is wrong
+    if reader.GetNumberOfComponents() > 1:
+        raise InputError(f"{path}: a colour image ({reader.GetNumberOfComponents()} channels), not a label map; "
+                         "give a one-channel image of integer labels")
 
 
 def _check_label_map(vol, name: str, chosen: bool) -> None:

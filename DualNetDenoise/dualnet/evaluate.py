@@ -1446,6 +1446,10 @@ def run_study(
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     method_names = list(methods) if methods else list(study["methods"])
+    unknown = [m for m in (methods or ()) if resolve_method(m, dict(cfg["methods"].get(m, {}))) is None]
+    if unknown:  # a misspelt override, refused before any work (the config's own list reports it per subset)
+        raise InputError(f"unknown method(s) {', '.join(map(repr, unknown))}: use the names of [methods.*] in "
+                         f"{config_path.name} or {', '.join(study['methods'])}")
     seeds = [int(s) for s in study["seeds"]]
     cfg_dir = config_path.resolve().parent
 

@@ -640,6 +640,9 @@ def denoise_array(
     if unc is not None:  # post-hoc sigma-scaling of the MC-dropout std, fitted on validation (card)
         info["uncertainty_scale"] = _uncertainty_scale(card)
         unc *= np.float32(info["uncertainty_scale"])
+        weight = float((info.get("guard") or {}).get("weight", 1.0))
+        if weight < 1.0:  # the result is weight * network + (1 - weight) * input: so is its spread
+            unc *= np.float32(weight)
     info.update(tile=tuple(int(t) for t in (tile_shape[1:] if dim == 2 else tile_shape)),
                 batch=batch, seconds=time.perf_counter() - t0)
     report(progress, 1.0, "done")
