@@ -229,11 +229,8 @@ def model_file_stem(name: str) -> str:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file beside it and a rename."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    """Copy ``src`` to ``dst`` through the core's temporary file beside it and a rename."""
+    from dualnet.io import atomic_path
+
+    with atomic_path(dst) as tmp:
         shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import __version__
 from .errors import CancelledError, DualNetError
-from .io import atomic_write_bytes, check_output_format, check_output_path, read_volume, write_volume
+from .io import (INTEGER_FORMATS, atomic_write_bytes, check_output_format, check_output_path, read_volume,
+                 write_volume)
 from .modality import AUTO, MODALITY_CHOICES, ModalityChoice, choose_modality
 from .precision import PRECISIONS
 
@@ -175,15 +176,14 @@ def _read_input(path: str, frame: Optional[int], irregular_ok: bool = False):
     return read_volume(path, frame=frame, irregular_ok=irregular_ok)
 
 
-def _image_dimension(path: str) -> Optional[int]:
-    """Dimension from the file header (3 for a DICOM folder); None when unreadable (``read_volume`` says why)."""
+def _image_header(path: str):
+    """The SimpleITK reader of a file with its header read, or None for a folder, a missing or an
+    unreadable file (``read_volume`` then says why)."""
     import SimpleITK as sitk
 
     from .io import quiet_itk
 
     p = Path(path)
-    if p.is_dir():
-        return 3
     if not p.is_file():
         return None
     reader = sitk.ImageFileReader()
@@ -191,9 +191,17 @@ def _image_dimension(path: str) -> Optional[int]:
     try:
         with quiet_itk():
             reader.ReadImageInformation()
-        return int(reader.GetDimension())
     except RuntimeError:
         return None
+    return reader
+
+
+def _image_dimension(path: str) -> Optional[int]:
+    """Dimension from the file header (3 for a DICOM folder); None when unreadable (``read_volume`` says why)."""
+    if Path(path).is_dir():
+        return 3
+    reader = _image_header(path)
+    return None if reader is None else int(reader.GetDimension())
 
 
 # ----------------------------------------------------------------------------- denoise
@@ -220,10 +228,6 @@ def _parse_sigma(text: str):
     return value
 
 
-#: Output formats that hold whole numbers only (``io.write_volume`` casts to 8 or 16 bits).
-_WHOLE_NUMBER_FORMATS = (".png", ".jpg", ".jpeg", ".bmp")
-
-
 def cmd_denoise(args) -> int:
     from .api import check_options, denoise_volume
     from .errors import InputError
@@ -236,8 +240,8 @@ def cmd_denoise(args) -> int:
     nmap = check_output_path(args.noise_map, inputs, outputs=[out, unc]) if args.noise_map else None
     conf = check_output_path(args.confidence, inputs, outputs=[out, unc, nmap]) if args.confidence else None
     extra = [p for p in (unc, nmap, conf) if p is not None]
-    for path in extra:  # real-valued maps: a PNG / JPEG / BMP would round them to whole numbers
-        if path.name.lower().endswith(_WHOLE_NUMBER_FORMATS):
+    for path in extra:  # real-valued maps: a PNG would round them to whole numbers
+        if path.name.lower().endswith(INTEGER_FORMATS):
             raise InputError(f"{path}: a map of real values cannot be written as {path.suffix} (whole numbers "
                              "only); use .nrrd, .nii.gz, .mha or .tif")
     neb_maps = nmap is not None or conf is not None
@@ -502,21 +506,10 @@ MAX_LABELS = 255
 
 def _refuse_colour(path: str) -> None:
     """A colour image is not a label map (reading it would turn its colours into grey levels)."""
-    import SimpleITK as sitk
-
     from .errors import InputError
-    from .io import quiet_itk
 
-    if Path(path).is_dir() or not Path(path).is_file():
-        return
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with quiet_itk():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return  # read_volume says what is wrong
-    if reader.GetNumberOfComponents() > 1:
+    reader = _image_header(path)
+    if reader is not None and reader.GetNumberOfComponents() > 1:
         raise InputError(f"{path}: a colour image ({reader.GetNumberOfComponents()} channels), not a label map; "
                          "give a one-channel image of integer labels")
 

@@ -32,7 +32,8 @@ PathLike = Union[str, os.PathLike]
 
 #: Extensions SimpleITK writes, longest first so ".nii.gz" wins over ".gz".
 WRITABLE_EXTENSIONS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff")
-_INTEGER_2D_FORMATS = (".png",)
+#: Formats that hold whole numbers only: a float result is cast to 8 or 16 bits.
+INTEGER_FORMATS = (".png",)
 #: Formats that hold one 2D picture without origin, direction or slice spacing: refused for 3D volumes.
 FLAT_FORMATS = (".png", ".tif", ".tiff")
 #: Formats that keep a volume's geometry (offered when a flat format is refused).
@@ -666,7 +667,7 @@ def write_volume(
     if dtype is not None:
         arr = cast_like(arr, dtype)
     ext = _ext(out)
-    if ext in _INTEGER_2D_FORMATS and not np.issubdtype(arr.dtype, np.integer):
+    if ext in INTEGER_FORMATS and not np.issubdtype(arr.dtype, np.integer):
         if arr.size and float(arr.min()) < 0:
             raise InputError(f"{out}: PNG cannot hold negative values (minimum {float(arr.min()):.4g}); "
                              f"write {', '.join(VOLUME_FORMATS)}")

@@ -32,15 +32,6 @@ import numpy as np
 GUARD_MODALITIES = ("mri", "ct")
 
 
-def unchecked_reason(modality: Optional[str], dim: int) -> Optional[str]:
-    """Why the guard cannot check a network's result (None: it can): speckle is not Gaussian, and a
-    3D model is not run slice by slice as the guard's probe pass is."""
-    if modality not in GUARD_MODALITIES:
-        return f"no Gaussian noise model for {modality!r} (speckle)"
-    if dim != 2:
-        return "3D model: not checked"
-    return None
-
 #: finite-difference step, in noise stds
 EPS = 0.1
 #: the slices checked: this fraction of the volume, at least MIN_SLICES, in BLOCKS runs spread over it
@@ -51,6 +42,16 @@ BLOCKS = 4
 MIN_VOXELS = 2000
 #: MRI: voxels whose denoised value is below this many noise stds are left out (Rician, not Gaussian)
 MRI_MIN_SNR = 3.0
+
+
+def unchecked_reason(modality: Optional[str], dim: int) -> Optional[str]:
+    """Why the guard cannot check a network's result (None: it can): speckle is not Gaussian, and a
+    3D model is not run slice by slice as the guard's probe pass is."""
+    if modality not in GUARD_MODALITIES:
+        return f"no Gaussian noise model for {modality!r} (speckle)"
+    if dim != 2:
+        return "3D model: not checked"
+    return None
 
 
 def guard_blocks(n_slices: int, context: int, n_blocks: int = BLOCKS, fraction: float = FRACTION

@@ -688,10 +688,11 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             # never replace the last good checkpoint with unusable weights (the run can resume from it)
             from ..modelfile import check_finite_weights
 
-            check_finite_weights(model.state_dict(), f"{ck_path} not updated at step {step}")
+            weights = model.state_dict()
+            check_finite_weights(weights, f"{ck_path} not updated at step {step}")
             state = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng_torch": torch.get_rng_state(), "config": json.dumps(cfg.to_dict()), "arch": json.dumps(arch),
                 "log": json.dumps(run.rows), "best_score": float(run.best_score), "best_step": int(run.best_step),
                 "bad_rounds": int(run.bad_rounds), "elapsed": float(run.elapsed_before + time.time() - t_start),
