@@ -654,13 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network device; auto = CUDA, then MPS, then CPU")
     add_precision_option(p)
     p.add_argument("--uncertainty", metavar="PATH",
-                   help="also write the Monte Carlo dropout standard deviation map (image units)")
+                   help="also write the Monte Carlo dropout standard deviation map (image units; a model with dropout; scaled by the SURE guard's blend weight; not as PNG, which holds whole numbers)")
     p.add_argument("--noise-map", metavar="PATH",
-                   help="network: also write its noise branch's per-voxel noise standard deviation (image units)")
+                   help="network: also write its noise branch's per-voxel noise standard deviation (image units; not as PNG)")
     p.add_argument("--confidence", metavar="PATH",
                    help="network: also write its noise branch's confidence map (0..1: how close its blind-spot "
                         "estimate is expected to be to the noise-free image; meaningful for models trained with "
-                        "lambda_alpha > 0, see the model card)")
+                        "lambda_alpha > 0, see the model card; not as PNG)")
     p.add_argument("--mc-samples", type=_count(2), default=8,
                    help="dropout passes for --uncertainty, at least 2 (default 8)")
     add_tta_options(p)
@@ -713,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, progress_json=False)
     p.set_defaults(func=cmd_degrade)
 
-    p = sub.add_parser("dice", help="per-label Dice between two label maps on the same grid")
+    p = sub.add_parser("dice", help="per-label Dice between two label maps on the same grid (one-channel integer images; colour masks are refused)")
     p.add_argument("a", help="reference label map")
     p.add_argument("b", help="test label map (same shape, spacing, origin and direction)")
     p.add_argument("--labels", type=_parse_labels,
