@@ -124,6 +124,17 @@ def test_batch_refuses_bad_folders(folder, tmp_path, batch):
     assert batch.main([str(empty), str(tmp_path / "o")]) == 2
 
 
+def test_network_options_are_refused_for_a_classical_method(folder, tmp_path, batch, capsys):
+    """--model and --views were dropped silently with a classical method; now refused as `dualnet denoise` does."""
+    for extra, name in ((["--model", "m.safetensors"], "--model applies"), (["--views", "3"], "--views applies"),
+                        (["--no-guard", "--device", "cuda"], "--device and --no-guard apply")):
+        with pytest.raises(SystemExit) as exc:
+            batch.parse_args([str(folder), str(tmp_path / "o"), "--method", "gaussian", *extra])
+        assert exc.value.code == 2 and f"{name} to the network only" in capsys.readouterr().err
+    assert batch.parse_args([str(folder), str(tmp_path / "o"), "--method", "gaussian", "--no-tta"]).tta == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_slicer_style_arguments_and_detection(folder, tmp_path, batch):
     """Slicer passes ``-- args``; with only the slicer-core wheel the script is not 'in Slicer'."""
     batch_denoise = batch

@@ -84,6 +84,44 @@ def test_png_in_png_out(tmp_path, us_image, capsys):
     assert read_volume(out_path).array.shape == (128, 128)
 
 
+def test_degraded_ultrasound_png_reads_back_as_ultrasound(tmp_path, us_image, capsys):
+    """Speckle goes above 255; a 16-bit PNG of it was guessed as MRI by ``denoise``'s auto modality."""
+    from dualnet.modality import choose_modality
+
+    src = write_volume(us_image.with_array(us_image.array[:128, :128]), tmp_path / "us.png")
+    noisy, clean_lr = tmp_path / "noisy.png", tmp_path / "clean_lr.png"
+    code, _, err = _run(["degrade", src, noisy, "--modality", "us", "--level", "2", "--seed", "1",
+                         "--clean-lr", clean_lr, "-q"], capsys)
+    assert code == 0, err
+    back = read_volume(noisy)
+    assert back.array.dtype == np.uint8 and back.array.max() == 255
+    assert "saturate at 255" in err and ".nrrd" in err
+    assert choose_modality("auto", back.array, back.metadata).modality == "us"
+    assert read_volume(clean_lr).array.dtype == np.uint8
+    nrrd = tmp_path / "noisy.nrrd"  # a float format keeps the speckle unclipped
+    code, _, err = _run(["degrade", src, nrrd, "--modality", "us", "--level", "2", "--seed", "1", "-q"], capsys)
+    assert code == 0 and "saturate" not in err
+    assert read_volume(nrrd).array.max() > 255
+
+
+def test_network_options_are_refused_for_a_classical_method(tmp_path, small_mri, capsys):
+    """--model, --tile and --device were accepted and silently unused with a classical method."""
+    out = tmp_path / "o.nrrd"
+    for extra, name in ((["--model", "my.safetensors"], "--model applies"), (["--tile", "32"], "--tile applies"),
+                        (["--device", "cuda"], "--device applies"),
+                        (["--tile", "32", "--no-guard"], "--tile and --no-guard apply")):
+        code, _, err = _run(["denoise", small_mri, out, "--method", "median", *extra], capsys)
+        assert code == 2 and f"{name} to the network only, not to median" in _one_error_line(err)
+        assert not out.exists()
+    code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--device", "cpu", "-q"], capsys)
+    assert code == 0, err  # the classical methods run on the CPU: saying so is not an error
+    dicom_out = tmp_path / "series_out"
+    code, _, err = _run(["denoise", tmp_path, dicom_out, "--dicom", "--method", "bm4d", "--model", "m.safetensors"],
+                        capsys)
+    assert code == 2 and "--model applies to the network only, not to bm4d" in _one_error_line(err)
+    assert not dicom_out.exists()
+
+
 def _assert_failed_cleanly(code, err, folder: Path, before: set, name: str):
     assert code != 0
     line = _one_error_line(err)
@@ -205,10 +243,10 @@ def test_tta_options_parse_and_apply_to_the_network_only(tmp_path, small_mri, ca
     capsys.readouterr()
     out = tmp_path / "o.nrrd"
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--tta"], capsys)
-    assert code == 2 and "--tta and --uncertainty apply to the network only" in _one_error_line(err)
+    assert code == 2 and "--tta applies to the network only" in _one_error_line(err)
     assert not out.exists()
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--tta-passes", "4"], capsys)
-    assert code == 2 and "--tta and --uncertainty apply to the network only" in _one_error_line(err)
+    assert code == 2 and "--tta applies to the network only" in _one_error_line(err)
     assert not out.exists()
     code, _, err = _run(["denoise", small_mri, out, "--method", "median", "--no-tta", "-q"], capsys)
     assert code == 0 and out.exists(), err

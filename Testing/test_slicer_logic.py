@@ -135,7 +135,7 @@ def test_process_in_process_gaussian(scene, mri_node):
     before = array_checksum(mri_node)
     logic = DenoiseLogicBase()
     fractions = []
-    out = logic.process(mri_node, None, modality="mri", method="gaussian",
+    out = logic.process(mri_node, None, modality="mri", method="gaussian", device="cuda",  # the panel's choice: unused
                         progressCallback=lambda f, m: fractions.append(f))
     assert out is not mri_node and out.GetName() == "T1 crop denoised (gaussian)"
     assert np.array_equal(nodes.get_ijk_to_ras(out), nodes.get_ijk_to_ras(mri_node))  # bit for bit
@@ -150,6 +150,7 @@ def test_process_in_process_gaussian(scene, mri_node):
     assert out.GetAttribute("DualNet.method") == "gaussian"
     params = json.loads(out.GetAttribute("DualNet.parameters"))
     assert params["modality"] == "mri" and params["method"] == "gaussian" and params["tta"] is None
+    assert params["device"] == "auto"  # network-only, like the model: not passed to a classical method
     assert params["info"]["sigma"] > 0  # estimated by the core, recorded
     assert out.GetAttribute("DualNet.sourceNodeID") == mri_node.GetID()
     assert fractions and fractions[-1] == pytest.approx(1.0)

@@ -149,7 +149,10 @@ def stem(path: Path) -> str:
 
 
 def parse_args(argv):
+    from dualnet.api import refuse_network_options
     from dualnet.cli import SIGMA_MEANING, add_precision_option, add_tta_options
+    from dualnet.errors import InputError
+    from dualnet.orthoviews import parse_views
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volumes (NIfTI, NRRD, MHA, PNG) and/or DICOM series folders")
@@ -182,10 +185,12 @@ def parse_args(argv):
     parser.add_argument("--send", metavar="AET@HOST:PORT", default=None,
                         help="with --dicom: store the written series on this DICOM node (C-STORE)")
     args = parser.parse_args(argv)
-    if args.method != "dualnet" and args.tta is not None and args.tta > 1:  # as `dualnet denoise`: refused, not ignored
-        parser.error(f"--tta / --tta-passes apply to the network only, not to {args.method}")
-    if args.method != "dualnet" and args.precision != "auto":
-        parser.error(f"--precision applies to the network only, not to {args.method}")
+    try:  # as `dualnet denoise`: refused, not ignored
+        refuse_network_options(args.method, model=args.model, device=args.device, tta=args.tta,
+                               guard=False if args.no_guard else None, views=parse_views(args.views),
+                               precision=args.precision)
+    except InputError as err:
+        parser.error(str(err))
     return args
 
 

@@ -209,8 +209,8 @@ class DenoiseLogicBase:
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
         if modality not in ("mri", "ct", "us"):
             raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
-        if method != "dualnet":  # the model, TTA, MC-dropout uncertainty, views and the noise branch's maps are network-only
-            model, tta, uncertainty, views, nebMaps = None, None, False, None, False
+        if method != "dualnet":  # the model, device, TTA, MC-dropout uncertainty, views and the noise maps are network-only
+            model, device, tta, uncertainty, views, nebMaps = None, "auto", None, False, None, False
         from dualnet.inference import normalise_tta
 
         tta = normalise_tta(tta)  # an InputError (a ValueError) names the choices

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -138,7 +138,7 @@ def denoise_volume(
     src = volume.path or "input volume"
     check_options(arr, src, method=method, modality=modality, sigma=sigma, tile=tile,
                   uncertainty=uncertainty, mc_samples=mc_samples, tta=tta, guard=guard, views=views,
-                  neb_maps=neb_maps, precision=precision)
+                  neb_maps=neb_maps, precision=precision, model=model, device=device)
     check_cancel(cancel)
     start = time.perf_counter()
     info: Dict[str, Any] = {"method": method, **choice.info(), "input_shape_zyx": list(arr.shape)}
@@ -206,12 +206,40 @@ def _asks_tta(tta: Union[bool, int, None]) -> bool:
     return n is not None and n > 1
 
 
+def network_only_options(method: str, *, model: Any = None, tile: Any = None, device: str = "auto",
+                         tta: Any = None, uncertainty: bool = False, neb_maps: bool = False,
+                         guard: Optional[bool] = None, views: Optional[int] = None,
+                         precision: str = "auto") -> List[str]:
+    """The network's options that were given a value although ``method`` is a classical one, by their
+    command-line names (empty for ``"dualnet"``). ``tta`` counts when it asks for transforms; ``device``
+    when it names an accelerator (the classical methods run on the CPU)."""
+    if str(method).lower() == "dualnet":
+        return []
+    given = {"--model": model is not None, "--tile": tile is not None,
+             "--device": str(device or "auto").lower() not in ("auto", "cpu"),
+             "--tta": bool(_asks_tta(tta)), "--uncertainty": bool(uncertainty),
+             "--noise-map / --confidence": bool(neb_maps), "--no-guard": guard is False,
+             "--views": views is not None, "--precision": str(precision or "auto").lower() != "auto"}
+    return [name for name, on in given.items() if on]
+
+
+def refuse_network_options(method: str, src: Optional[str] = None, **options: Any) -> None:
+    """Raise :class:`InputError` (prefixed with ``src`` when given) naming the network's options that
+    ``options`` gives a classical ``method`` (:func:`network_only_options`'s keywords)."""
+    given = network_only_options(method, **options)
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        prefix = f"{src}: " if src else ""
+        raise InputError(f"{prefix}{' and '.join(given)} {verb} to the network only, not to {method}")
+
+
 def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigma: Optional[float] = None,
                   tile: Any = None, uncertainty: bool = False, mc_samples: int = 8,
                   tta: Union[bool, int, None] = None,
                   guard: Optional[bool] = None, views: Optional[int] = None, neb_maps: bool = False,
-                  precision: str = "auto") -> None:
-    """Refuse option values that would give no result, a meaningless one or take hours, before any work."""
+                  precision: str = "auto", model: Any = None, device: str = "auto") -> None:
+    """Refuse option values that would give no result, a meaningless one or take hours, before any work;
+    and the network's options given to a classical method (:func:`network_only_options`)."""
     from .precision import check_precision
 
     try:
@@ -219,17 +247,8 @@ def check_options(arr: np.ndarray, src: str, *, method: str, modality: str, sigm
         precision = check_precision(precision)
     except InputError as err:
         raise InputError(f"{src}: {err}") from None
-    if method != "dualnet" and precision != "auto":
-        raise InputError(f"{src}: --precision applies to the network only, not to {method}")
-    if method != "dualnet" and (asks_tta or uncertainty):
-        raise InputError(f"{src}: --tta and --uncertainty apply to the network only, not to {method}")
-    if method != "dualnet" and neb_maps:
-        raise InputError(f"{src}: the noise and confidence maps come from the network's noise branch, "
-                         f"not from {method}")
-    if method != "dualnet" and guard is False:
-        raise InputError(f"{src}: --no-guard applies to the network only, not to {method}")
-    if views is not None and method != "dualnet":
-        raise InputError(f"{src}: --views applies to the network only, not to {method}")
+    refuse_network_options(method, src, model=model, tile=tile, device=device, tta=asks_tta, uncertainty=uncertainty,
+                           neb_maps=neb_maps, guard=guard, views=views, precision=precision)
     if views is not None and views not in VIEW_CHOICES:
         raise InputError(f"{src}: --views must be one of {', '.join(map(str, VIEW_CHOICES))}, got {views!r}")
     if tile is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CancelledError, DualNetError
-from .io import (INTEGER_FORMATS, atomic_write_bytes, check_output_format, check_output_path, read_volume,
+from .io import (INTEGER_FORMATS, atomic_write_bytes, cast_like, check_output_format, check_output_path, read_volume,
                  write_volume)
 from .modality import AUTO, MODALITY_CHOICES, ModalityChoice, choose_modality
 from .precision import PRECISIONS
@@ -255,7 +255,8 @@ def cmd_denoise(args) -> int:
     guard = False if args.no_guard else None
     check_options(volume.array, args.input, method=args.method, modality=args.modality, sigma=args.sigma,
                   tile=args.tile, uncertainty=bool(args.uncertainty), mc_samples=args.mc_samples, tta=args.tta,
-                  guard=guard, views=args.views, neb_maps=neb_maps, precision=args.precision)
+                  guard=guard, views=args.views, neb_maps=neb_maps, precision=args.precision, model=args.model,
+                  device=args.device)
     card = _verify_model(args.model, args.modality, args.device, bool(args.uncertainty), args.precision) \
         if args.method == "dualnet" else None
     if args.uncertainty and card is not None and float((card.get("architecture") or {}).get("dropout", 1.0)) == 0.0:
@@ -385,6 +386,11 @@ def _denoise_dicom(args) -> int:
     if args.noise_map or args.confidence:
         raise InputError("--noise-map / --confidence write image files: not with --dicom (denoise a series "
                          "into an image file to get them)")
+    from .api import refuse_network_options
+
+    refuse_network_options(args.method, model=args.model, tile=args.tile, device=args.device, tta=args.tta,
+                           uncertainty=bool(args.uncertainty), guard=False if args.no_guard else None,
+                           views=args.views, precision=args.precision)  # once here, not once per series
     node = None
     if args.send:
         from .dicom_send import parse_node
@@ -462,12 +468,28 @@ def cmd_degrade(args) -> int:
     noisy, clean_lr = degrade_volume(
         volume, args.modality, level, lr_factor=args.lr_factor, anisotropy=args.anisotropy, seed=args.seed
     )
+    clipped = None
+    if args.modality == "us" and out.name.lower().endswith(INTEGER_FORMATS):
+        noisy, clipped = _as_bmode_bytes(noisy)
     write_volume(noisy, out, inputs=[args.clean], force=args.force)
     if lr_out is not None:
+        if args.modality == "us" and lr_out.name.lower().endswith(INTEGER_FORMATS):
+            clean_lr, _ = _as_bmode_bytes(clean_lr)
         write_volume(clean_lr, lr_out, inputs=[args.clean], outputs=[out])
     _info(args, f"wrote {out}: {args.modality} level {level}, low-resolution factor {args.lr_factor}, "
                 f"spacing {tuple(round(s, 3) for s in noisy.spacing)} mm (x, y, z)")
+    if clipped:
+        _warn(f"{out}: {100 * clipped:.2g} % of the pixels were above 255 and saturate at 255 in the 8-bit PNG "
+              "(as on a scanner's display); write .nrrd or .mha to keep the speckle unclipped")
     return 0
+
+
+def _as_bmode_bytes(volume):
+    """An ultrasound volume as 8-bit grey levels (rounded, clipped to 0..255), the format of a B-mode
+    frame, so that a PNG of it reads back as ultrasound; and the fraction of voxels clipped above 255.
+    A 16-bit PNG of speckle (values above 255) would be taken for MRI by the modality guess."""
+    clipped = float(np.mean(volume.array > 255.5))
+    return volume.with_array(cast_like(volume.array, np.uint8)), clipped
 
 
 # ----------------------------------------------------------------------------- dice
