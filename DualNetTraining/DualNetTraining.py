@@ -61,7 +61,7 @@ class DualNetTraining(ScriptedLoadableModule):
 class DualNetTrainingParameterNode:
     """trainingVolume / dataFolder - volumes to train on (scene and/or folder).
     stage - finetune (noisy scans) or pretrain (clean scans, simulated noise).
-    preset - network size for pretraining. steps, device, initModel (base model for fine-tuning),
+    preset - pretraining: shipped (continue the shipped model) or a network size trained from scratch. steps, device, initModel (base model for fine-tuning),
     noiseSigma (fine-tuning: the scans' noise level as `dualnet finetune --sigma`, MRI the Rician sigma in image
         units, CT the noise std at water in HU, US the relative speckle std; 0 = estimated from each scan),
     modelName (name in the models list), resume (continue the last run of that name).
@@ -71,7 +71,7 @@ class DualNetTrainingParameterNode:
     dataFolder: pathlib.Path = pathlib.Path()
     modality: Annotated[str, Choice(MODALITIES)] = "mri"
     stage: Annotated[str, Choice(list(training.STAGES))] = "finetune"
-    preset: Annotated[str, Choice(list(training.PRESETS))] = "small"
+    preset: Annotated[str, Choice(list(training.PRESETS))] = "shipped"
     steps: Annotated[int, WithinRange(1, 1000000)] = 500
     device: Annotated[str, Choice(DEVICES)] = "auto"
     initModel: pathlib.Path = pathlib.Path()
@@ -264,8 +264,8 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         userDir = self.modelsFolder()
         os.makedirs(userDir, exist_ok=True)
         outModel, runDir = training.model_paths(userDir, p.modelName)
-        if outModel.exists() and not p.resume:
-            raise ValueError(f"a model named '{p.modelName}' exists; choose another name or tick Resume")
+        if not p.resume:
+            self._checkNewName(p.modelName, outModel, runDir)
         if self.running:
             raise RuntimeError("a training run is in progress; cancel it first")
         self.removeWorkdir()  # the staged copy of the previous run
@@ -275,6 +275,20 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         except BaseException:
             self.removeWorkdir()
             raise
+
+    def _checkNewName(self, name, outModel, runDir) -> None:
+        """A new run's name must be free: no model of that name (shipped ones included), no other entry
+        using its file ("knee v1" and "knee_v1" share one), no earlier run's checkpoint to overwrite."""
+        store = ModelStore(user_dir=self.modelsFolder())
+        if store.find(name) is not None:
+            raise ValueError(f"a model named '{name}' exists; choose another name or tick Resume")
+        if (runDir / "checkpoint.pt").exists():
+            raise ValueError(f"an earlier run named '{name}' was stopped before its end ({runDir}); tick Resume to "
+                             "continue it, or choose another name")
+        try:
+            store.check_free(outModel)  # its file, or an entry using it
+        except ValueError as err:
+            raise ValueError(f"{err} or tick Resume") from None
 
     def _buildCommandIn(self, p, workdir, outModel, runDir):
         inputs = training.folder_volumes(p.dataFolder)
@@ -294,8 +308,11 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             cmd = training.finetune_command(python, inputs, base, outModel, runDir, p.steps, p.device, p.resume,
                                             sigma=p.noiseSigma if p.noiseSigma > 0 else None)
         else:
+            from dualnet import modelfile
+
             cfg = training.write_pretrain_config(training.configs_dir() / f"pretrain_{p.modality}.toml", inputs,
-                                                 pathlib.Path(workdir) / "pretrain.toml", p.preset)
+                                                 pathlib.Path(workdir) / "pretrain.toml", p.preset,
+                                                 init_model=modelfile.default_model_path(p.modality))
             cmd = training.pretrain_command(python, cfg, runDir, outModel, p.steps, p.device, p.resume)
         return cmd, outModel, runDir
 
@@ -346,9 +363,16 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
             ok = code == 0 and not self.runner.cancelled and outModel.exists()
             if ok:
                 store = ModelStore(user_dir=self.modelsFolder())
-                if store.find(name) is None:
+                entry = store.find(name)
+                if entry is None:
                     store.import_model(outModel, name=name, copy=False, source=f"trained ({stage})")
-                message = _("Model '{name}' saved: {path}").format(name=name, path=outModel)
+                if entry is None or pathlib.Path(entry.path).resolve() == outModel.resolve():
+                    message = _("Model '{name}' saved: {path}").format(name=name, path=outModel)
+                else:  # a resumed run whose name another model took meanwhile
+                    ok = False
+                    message = _("The model was written to {path}, but the name '{name}' belongs to another model "
+                                "({other}); import it under another name").format(path=outModel, name=name,
+                                                                                  other=entry.path)
             else:
                 message = self.runner.failure_message() if not self.runner.cancelled else \
                     _("Training cancelled; tick Resume to continue from the last checkpoint")
@@ -358,16 +382,21 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         self.timer.connect("timeout()", poll)
         self.timer.start()
 
+    #: seconds a cancelled run gets to write its checkpoint (it stops at the next step) before it is killed
+    CANCEL_GRACE_S = 60.0
+
     def cancel(self) -> None:
+        """Ask the run to stop: it writes its checkpoint and ends (killed if it has not after
+        :attr:`CANCEL_GRACE_S`)."""
         if self.runner is not None:
-            self.runner.cancel()
+            self.runner.cancel(grace_s=self.CANCEL_GRACE_S)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop a running training (module unloaded, application closing) and remove its temporary folder."""
         if self.timer is not None:
             self.timer.stop()
         if self.running:
-            self.runner.cancel()
+            self.runner.cancel(grace_s=max(0.0, timeout - 2.0))  # time to write its checkpoint
             try:
                 self.runner.wait(timeout=timeout)
             except TimeoutError:

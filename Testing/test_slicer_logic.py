@@ -766,16 +766,41 @@ def test_denoise_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node
         assert logic.getParameterNode().tta == now and node.GetParameter("tta") == now
 
 
+@pytest.mark.parametrize("modality", ["mri", "ct", "us"])
+def test_every_pretraining_preset_writes_a_config_that_trains(tmp_path, shared_data, modality):
+    """The panel's pretraining copied the shipped config's own init_from (a cpu-preset model) and blocks
+    into every preset: no modality and no preset could start. Each config is built and initialised, and
+    the shipped preset continues the shipped model (its weights are the network's at step 0)."""
+    from DualNetDenoiseLib import training
+    from dualnet import modelfile
+    from dualnet.training.config import load_config
+
+    vol = {"mri": "mri/voxelmorph_brain_t1.nii.gz", "ct": "ct/totalseg_abdomen_ct.nii.gz",
+           "us": "us/images/0001.png"}[modality]
+    base = training.configs_dir() / f"pretrain_{modality}.toml"
+    shipped = modelfile.default_model_path(modality)
+    for preset in training.PRESETS:
+        cfg = load_config(training.write_pretrain_config(base, [str(shared_data / vol)], tmp_path / f"{preset}.toml",
+                                                         preset, init_model=shipped))
+        assert cfg.time_budget_s in (None, 0, 0.0) and cfg.threads == 0
+        if preset == "shipped":
+            assert Path(cfg.init_from) == shipped.resolve() and cfg.preset == "cpu"
+        else:
+            assert not cfg.init_from and cfg.preset == preset and cfg.lr == training.SCRATCH_LR and not cfg.blocks
+    with pytest.raises(ValueError, match="init_model"):
+        training.write_pretrain_config(base, [str(shared_data / vol)], tmp_path / "x.toml", "shipped")
+
+
 def test_training_parameter_node_with_slicer_wrapper(monkeypatch, scene, mri_node, tmp_path):
     module = _import_module_file(monkeypatch, scene, "DualNetTraining")
     p = module.DualNetTrainingLogic().getParameterNode()
     node = p.parameterNode
     raw = {n: node.GetParameter(n) for n in node.GetParameterNames()}
-    assert raw["stage"] == "finetune" and raw["preset"] == "small" and raw["steps"] == "500"
+    assert raw["stage"] == "finetune" and raw["preset"] == "shipped" and raw["steps"] == "500"
     assert p.dataFolder == Path(".") and p.modelName == "my-dualnet" and p.lossChart is None
     valid = {
         "trainingVolume": [mri_node, None], "dataFolder": [tmp_path, Path()], "modality": module.MODALITIES,
-        "stage": ["pretrain", "finetune"], "preset": ["tiny", "base"], "steps": [1, 1000000],
+        "stage": ["pretrain", "finetune"], "preset": ["tiny", "base", "shipped"], "steps": [1, 1000000],
         "device": module.DEVICES, "initModel": [tmp_path / "base.safetensors", Path()], "modelName": ["unit test"],
         "resume": [True, False], "lossTable": [scene.AddNewNodeByClass("vtkMRMLTableNode")],
         "lossChart": [scene.AddNewNodeByClass("vtkMRMLPlotChartNode")], "noiseSigma": [0.0, 12.5, 1e6],
@@ -1350,8 +1375,8 @@ def test_training_commands_config_and_events(tmp_path, shared_data):
     loaded = load_config(cfg, steps=3, device="cpu")
     assert loaded.preset == "tiny" and len(loaded.data) == 2
     single = tomllib.loads(training.write_pretrain_config(
-        training.configs_dir() / "pretrain_mri.toml", vols[:1], tmp_path / "s.toml").read_text(encoding="utf-8"))
-    assert [d["split"] for d in single["data"]] == ["train", "val"]
+        training.configs_dir() / "pretrain_mri.toml", vols[:1], tmp_path / "s.toml", "small").read_text(encoding="utf-8"))
+    assert [d["split"] for d in single["data"]] == ["train"]  # the core validates on it as "same case as train"
     model, run_dir = training.model_paths(tmp_path, "my model/v2")
     assert model.name == "my_model_v2.safetensors" and run_dir.name == "my_model_v2_run"
     cmd = training.finetune_command("py", vols, "base.safetensors", model, run_dir, 50, "cpu", resume=True)
@@ -1406,7 +1431,7 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
     cmd, _, _ = logic.buildCommand(p)
     assert cmd[3] == "train" and Path(cmd[cmd.index("--config") + 1]).is_file()
     out_model.write_bytes(b"x")
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ValueError, match="already in the models folder"):
         logic.buildCommand(p)
     p.resume = True
     assert "--resume" in logic.buildCommand(p)[0]
@@ -1418,6 +1443,39 @@ def test_training_module_logic_with_gui_seams_mocked(monkeypatch, scene, mri_nod
     table = p.lossTable.GetTable()
     assert table.GetNumberOfRows() == 2 and table.GetValue(1, 1).ToDouble() == 0.25
     assert p.lossChart.GetNumberOfPlotSeriesNodes() == 2
+    logic.removeWorkdir()
+
+
+def test_a_new_training_run_needs_a_free_name(monkeypatch, scene, mri_node, tmp_path):
+    """Review, session 35: a new run under the name of a cancelled one overwrote its checkpoint (only the
+    model file was checked), a shipped model's name or another entry's file ("knee v1" / "knee_v1") was
+    accepted, and the panel then said "saved" for a model it had not registered."""
+    monkeypatch.setenv("DUALNET_MODELS_DIR", str(tmp_path / "models"))
+    module = _import_module_file(monkeypatch, scene, "DualNetTraining")
+    logic = module.DualNetTrainingLogic()
+    p = _training_parameters(module, scene, mri_node, modelName="knee v1")
+    _, out_model, run_dir = logic.buildCommand(p)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"an earlier run")
+    with pytest.raises(ValueError, match="tick Resume"):
+        logic.buildCommand(p)
+    p.resume = True
+    assert "--resume" in logic.buildCommand(p)[0]
+    p.resume = False
+    from DualNetDenoiseLib.models import ModelStore
+
+    store = ModelStore(user_dir=tmp_path / "models")
+    shipped = store.list_models()[0].name
+    p.modelName = shipped
+    with pytest.raises(ValueError, match="exists"):
+        logic.buildCommand(p)
+    (run_dir / "checkpoint.pt").unlink()
+    from dualnet.modelfile import default_model_path
+
+    store.import_model(default_model_path("mri"), name="knee_v1")  # its file is knee_v1.safetensors
+    p.modelName = "knee v1"  # the same file stem
+    with pytest.raises(ValueError, match="already in the models folder"):
+        logic.buildCommand(p)
     logic.removeWorkdir()
 
 

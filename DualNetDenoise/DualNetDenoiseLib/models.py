@@ -160,7 +160,7 @@ class ModelStore:
         self.user_dir.mkdir(parents=True, exist_ok=True)
         if copy and src.resolve().parent != self.user_dir.resolve():
             dst = self.user_dir / f"{model_file_stem(name)}{MODEL_SUFFIX}"
-            self._check_free(dst)
+            self.check_free(dst)
             for a, b in ((card_path(src), card_path(dst)), (src, dst)):  # the card first: weights without one are hidden
                 _atomic_copy(a, b)
         else:
@@ -177,7 +177,7 @@ class ModelStore:
         self._write_index(models)
         return entry
 
-    def _check_free(self, dst: Path) -> None:
+    def check_free(self, dst: Path) -> None:
         """Refuse a model file (or card) that exists or that an index entry uses: two names can
         map to one file (``my model`` and ``my_model``), and the second import replaced the first."""
         used = {str((self.user_dir / m["path"]).resolve()).lower() for m in self._read_index()}

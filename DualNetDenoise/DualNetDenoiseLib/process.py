@@ -142,6 +142,7 @@ class ProcessRunner:
         self.last_progress: Optional[dict] = None
         self.returncode: Optional[int] = None
         self.cancelled = False
+        self._kill_at: Optional[float] = None  # a graceful stop's deadline (time.monotonic())
 
     def start(self) -> "ProcessRunner":
         kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -174,6 +175,9 @@ class ProcessRunner:
             self._dispatch(line)
         if self._reader_done and self.returncode is None:
             self.returncode = self.proc.wait()
+        if self.returncode is None and self._kill_at is not None and time.monotonic() > self._kill_at:
+            self._kill_at = None  # the graceful stop's time is up
+            kill_process_tree(self.proc)
         return self.returncode
 
     def _dispatch(self, line: str) -> None:
@@ -206,12 +210,28 @@ class ProcessRunner:
     def running(self) -> bool:
         return self.proc is not None and self.returncode is None
 
-    def cancel(self) -> None:
-        """Kill the child and its children; :meth:`poll` then returns a non-zero code."""
+    def cancel(self, grace_s: float = 0.0) -> None:
+        """Stop the child and its children; :meth:`poll` then returns a non-zero code.
+
+        ``grace_s`` > 0: ask the child to stop (SIGTERM; CTRL_BREAK on Windows) so that it can finish
+        cleanly (a training run writes its checkpoint), and kill the tree only if it still runs
+        ``grace_s`` seconds later (checked by :meth:`poll`). 0: kill at once."""
         if self.proc is None or self.returncode is not None:
             return
         self.cancelled = True
+        if grace_s > 0 and self._ask_to_stop():
+            self._kill_at = time.monotonic() + grace_s
+            return
         kill_process_tree(self.proc)
+
+    def _ask_to_stop(self) -> bool:
+        """Send the child the polite stop signal; False when it cannot be sent."""
+        sig = getattr(signal, "CTRL_BREAK_EVENT", None) if os.name == "nt" else signal.SIGTERM
+        try:
+            self.proc.send_signal(sig)
+        except (AttributeError, ValueError, OSError):
+            return False
+        return sig is not None
 
     def failure_message(self) -> str:
         """One line describing why the child failed (its DUALNET_ERROR line or its last output)."""

@@ -22,14 +22,19 @@ over whole scans (the last one says which was kept).
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 STAGES = ("finetune", "pretrain")
-PRESETS = ("tiny", "small", "base")
+#: pretraining network: "shipped" continues the shipped model of the modality (its architecture and its
+#: config's continuation learning rate); the others are DUAL-NET presets trained from random weights.
+PRESETS = ("shipped", "tiny", "small", "base")
+#: a from-scratch preset's learning rate (the shipped configs' rates are for continuing a model)
+SCRATCH_LR = 1e-3
+#: keys of a shipped config that belong to its own run, not to the user's: its starting model (and the
+#: transplant options), the cpu preset's blocks per scale, its wall-clock stop, threads and device
+_RUN_KEYS = ("init_from", "init_partial", "new_lr_factor", "blocks", "time_budget_s", "threads", "device")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
 
 
@@ -64,31 +69,74 @@ def model_paths(user_dir, name: str):
 
 
 def write_pretrain_config(base_config: Path, data_paths: Sequence[str], out_path: Path,
-                          preset: Optional[str] = None) -> Path:
-    """A pretraining config: ``base_config`` with its ``[[data]]`` tables replaced by ``data_paths``.
+                          preset: Optional[str] = None, init_model: Optional[Path] = None) -> Path:
+    """A pretraining config: ``base_config`` (a shipped ``pretrain_<modality>.toml``) with ``data_paths``
+    as its data and its run's own keys (:data:`_RUN_KEYS`) back at their defaults.
 
-    With two or more volumes the last one is the validation case (split per case, never per
-    slice); with one volume it is used for both (the panel warns that validation is then optimistic).
+    ``preset`` "shipped" (or None) continues ``init_model`` (the shipped model of the modality): its
+    card's architecture, the config's learning rate; "tiny" / "small" / "base" train that preset from
+    random weights at :data:`SCRATCH_LR`. With two or more volumes the last one is the validation case
+    (split per case, never per slice); with one volume the core validates on that same case and says
+    so ("val (same case as train)"). The written config is loaded and its network built and
+    initialised here, so a config that cannot train fails before a run starts.
+
+    Raises:
+        ValueError: no volumes, an unknown preset, "shipped" without ``init_model``, or a config that
+            does not load, build or initialise.
     """
+    from dualnet.errors import DualNetError
+    from dualnet.training.config import DataSource, TrainConfig
+
     if not data_paths:
         raise ValueError("pretraining needs at least one clean volume")
-    text = Path(base_config).read_text(encoding="utf-8")
-    head = re.split(r"^\s*\[\[data\]\]\s*$", text, maxsplit=1, flags=re.M)[0].rstrip() + "\n"
-    if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-        head, n = re.subn(r'^\s*preset\s*=.*$', f'preset = "{preset}"', head, flags=re.M)
-        if n == 0:
-            head += f'preset = "{preset}"\n'
+    preset = preset or "shipped"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset == "shipped" and init_model is None:
+        raise ValueError("the shipped preset continues the shipped model: init_model is needed")
     paths = [str(Path(p).resolve()) for p in data_paths]
-    splits = ["train"] * len(paths)
-    if len(paths) >= 2:
-        splits[-1] = "val"
-    blocks = [f'\n[[data]]\npath = {json.dumps(p)}\nsplit = "{s}"\n' for p, s in zip(paths, splits)]
-    if len(paths) == 1:
-        blocks.append(f'\n[[data]]\npath = {json.dumps(paths[0])}\nsplit = "val"\n')
-    Path(out_path).write_text(head + "".join(blocks), encoding="utf-8")
+    splits = ["train"] * (len(paths) - 1) + ["val" if len(paths) >= 2 else "train"]
+    defaults = TrainConfig()
+    changes = {key: getattr(defaults, key) for key in _RUN_KEYS}
+    changes["data"] = [DataSource(path=p, split=s) for p, s in zip(paths, splits)]
+    try:
+        if preset == "shipped":
+            changes.update(_architecture_fields(Path(init_model)), init_from=str(Path(init_model).resolve()))
+        else:
+            changes.update(preset=preset, lr=SCRATCH_LR)
+        cfg = TrainConfig.from_toml(base_config).replace(**changes)
+    except DualNetError as err:
+        raise ValueError(f"cannot write the pretraining config: {err}") from None
+    cfg.save(out_path)
+    _check_trainable(Path(out_path))
     return Path(out_path)
+
+
+def _architecture_fields(model: Path) -> dict:
+    """The config fields that give a model file's architecture (from its card)."""
+    from dualnet.modelfile import read_card
+
+    arch = dict(read_card(model).get("architecture") or {})
+    fields = {"model": arch.pop("kind", "dualnet")}
+    arch.pop("in_channels", None)  # the input's channels follow from context and noise_map
+    fields.update(arch)
+    fields.setdefault("blocks", [])
+    return fields
+
+
+def _check_trainable(config: Path) -> None:
+    """Load ``config``, build its network and load its ``init_from``, as the training run will."""
+    from dualnet.errors import DualNetError
+    from dualnet.training.config import load_config
+    from dualnet.training.trainer import build_network, load_init_weights
+
+    try:
+        cfg = load_config(config)
+        net = build_network(cfg)
+        if cfg.init_from:
+            load_init_weights(net, cfg.init_from, None, cfg.init_partial)
+    except (DualNetError, ValueError, TypeError) as err:
+        raise ValueError(f"the pretraining config cannot train: {err}") from None
 
 
 def finetune_command(python: str, inputs: Sequence[str], base_model: str, out_model: Path, run_dir: Path,

@@ -262,11 +262,52 @@ class TrainConfig:
             return False
         return True
 
+    def _check_types(self) -> None:
+        """Each field of the type its declaration says (TOML gives "1000" or 1e3 where a number or a
+        whole number is meant), numbers finite; :class:`InputError` naming the field."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if kind == "int":
+                ok = whole
+            elif kind == "float":
+                ok = (whole or isinstance(value, float)) and math.isfinite(value)
+            elif kind in ("bool", "str"):
+                ok = isinstance(value, bool if kind == "bool" else str)
+            elif kind in ("List[int]", "List[float]", "List[str]"):
+                item = {"List[int]": int, "List[float]": (int, float), "List[str]": str}[kind]
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, item) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))
+                    for v in value)
+            else:
+                continue
+            if not ok:
+                what = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+                        "str": "a string", "List[int]": "a list of whole numbers",
+                        "List[float]": "a list of finite numbers", "List[str]": "a list of strings"}[kind]
+                raise InputError(f"training config: {f.name} must be {what}, got {value!r}")
+
     def validate(self) -> "TrainConfig":
         """Check values; raise :class:`InputError` naming the first bad field."""
+        self._check_types()
         if self.config_version > CONFIG_VERSION:
             raise InputError(f"config_version {self.config_version} is newer than this dualnet ({CONFIG_VERSION})")
         checks = [
+            (self.val_patches >= 1, "val_patches must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.time_budget_s >= 0, "time_budget_s must be >= 0 (0 = none)"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (0 <= self.seed < 2 ** 32, "seed must be in 0..2^32-1"),
+            (0.0 <= self.intensity_jitter < 1.0, "intensity_jitter must be in [0, 1)"),
+            (min(self.patience, self.warmup_steps, self.mask_radius, self.num_workers, self.threads) >= 0,
+             "patience, warmup_steps, mask_radius, num_workers and threads must be >= 0"),
+            (min(self.weight_decay, self.grad_clip, self.elastic_alpha, self.blur_fwhm) >= 0,
+             "weight_decay, grad_clip, elastic_alpha and blur_fwhm must be >= 0"),
+            (0.0 <= self.elastic_prob <= 1.0 and 0.0 <= self.min_foreground <= 1.0,
+             "elastic_prob and min_foreground must be in [0, 1]"),
+            *((getattr(self, f.name) >= 0, f"{f.name} must be >= 0 (a loss weight)")
+              for f in dataclasses.fields(self) if f.name.startswith("lambda_")),
             (self.stage in STAGES, f"stage must be one of {STAGES}"),
             (self.model in MODELS, f"model must be one of {MODELS}"),
             (self.modality in MODALITIES, f"modality must be one of {MODALITIES}"),
@@ -375,10 +416,11 @@ class TrainConfig:
             cfg = cls(**raw, data=sources)
         except TypeError as err:
             raise InputError(f"{source}: {err}") from None
-        # normalise types coming from TOML / JSON
-        cfg.levels = [float(v) for v in cfg.levels]
-        cfg.anisotropy = [float(v) for v in cfg.anisotropy]
-        cfg.slice_axes = [int(v) for v in cfg.slice_axes]
+        for name in ("levels", "anisotropy"):  # whole numbers from TOML / JSON as floats (validate checks the rest)
+            value = getattr(cfg, name)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        for v in value):
+                setattr(cfg, name, [float(v) for v in value])
         return cfg.validate()
 
     @classmethod

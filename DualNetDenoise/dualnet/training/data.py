@@ -999,13 +999,16 @@ class BatchStream:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Data workers ignore SIGINT: Ctrl-C is handled once, by the training process (checkpoint)."""
+    """Data workers ignore SIGINT and SIGTERM: a Ctrl-C, or a SIGTERM sent to the whole process group
+    (``timeout``, systemd, Slurm), is handled once, by the training process, which writes its checkpoint;
+    a worker killed by it would end the run with no checkpoint."""
     import signal
 
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except (ValueError, OSError):  # pragma: no cover
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
 
 
 def make_loader(sampler: PatchSampler, start: int, stop: int, num_workers: int, pin_memory: bool = False):

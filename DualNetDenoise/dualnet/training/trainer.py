@@ -48,12 +48,14 @@ import numpy as np
 from ..errors import CancelledError, InputError, ModelError
 from ..progress import CancelToken, ProgressFn, report
 from .config import TrainConfig, default_data_dir
+from .run_fingerprint import fingerprint_changes, run_fingerprint
 from . import data as tdata
 from .weight_average import WeightAverage, maybe_applied
 
 CHECKPOINT_FORMAT = "dualnet-checkpoint"
 #: 2: the checkpoint carries ``sha256``, a digest of all its other entries, checked on resume.
-CHECKPOINT_VERSION = 2
+#: 3: and ``fingerprint``, what the run trains (:mod:`.run_fingerprint`), which a resumed run must match.
+CHECKPOINT_VERSION = 3
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_COLUMNS = ["step", "loss", "mse", "views", "l1", "ssim", "edge", "blind", "neb", "alpha", "sr", "n2v", "consistency", "tv",
                "anchor", "sure", "lr", "val_psnr", "val_psnr_pooled", "val_ssim", "val_loss", "seconds"]
@@ -214,6 +216,8 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         raise ModelError(f"{p}: checkpoint corrupt or edited (its contents do not match its SHA-256)")
     config = _json_entry(ck, "config", p, dict)
     _json_entry(ck, "arch", p, dict)
+    if version >= 3:
+        _json_entry(ck, "fingerprint", p, dict)
     _json_entry(ck, "log", p, list, "[]")
     step, steps = ck["step"], config.get("steps")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -240,7 +244,7 @@ def _json_entry(ck: Dict[str, Any], key: str, path: Path, kind: type, default: s
 
 
 class _SignalStop:
-    """SIGINT / SIGTERM -> a stop flag (main thread only); previous handlers restored on exit."""
+    """SIGINT / SIGTERM (/ SIGBREAK) -> a stop flag (main thread only); previous handlers restored on exit."""
 
     def __init__(self) -> None:
         self.flag = threading.Event()
@@ -249,8 +253,8 @@ class _SignalStop:
         self._old: Dict[int, Any] = {}
 
     def __enter__(self) -> "_SignalStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():  # SIGBREAK: a Windows CTRL_BREAK (the panel)
+            for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])):
                 try:
                     self._old[sig] = signal.signal(sig, self._handler)
                 except (ValueError, OSError):  # pragma: no cover - embedded interpreters
@@ -595,6 +599,9 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             out_dir.mkdir(parents=True, exist_ok=True)
         dist_state.barrier()
         ck_path = out_dir / CHECKPOINT_NAME
+        if not resume and ck_path.exists():  # never replace another run's checkpoint
+            raise InputError(f"{out_dir} holds the checkpoint of an earlier run: resume it (--resume), or start "
+                             "this run in another folder (or delete that one)")
         run = _Run(cfg, out_dir, selfsup=selfsup, masked=masked, progress=progress if is_main else None,
                    cancel=cancel, progress_json=progress_json and is_main, show_bar=show_bar and is_main,
                    command=command)
@@ -623,6 +630,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         arch = architecture_of(model)
+        fingerprint = run_fingerprint(cfg, train_images, val_images, selfsup=selfsup, masked=masked)
         start = 0
         average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -634,6 +642,11 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             ck = load_checkpoint(rp)
             if json.loads(ck["arch"]) != json.loads(json.dumps(arch)):
                 raise ModelError(f"{rp}: checkpoint architecture {ck['arch']} does not match the configured model")
+            changes = fingerprint_changes(json.loads(ck["fingerprint"]), fingerprint) if "fingerprint" in ck else []
+            if changes:
+                raise InputError(f"{rp}: this run trains other settings or data than the checkpoint's run "
+                                 f"({'; '.join(changes[:6])}{'; ...' if len(changes) > 6 else ''}): resume it with "
+                                 "its own config and data, or start a new run in another folder")
             try:
                 model.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
@@ -698,6 +711,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 "bad_rounds": int(run.bad_rounds), "elapsed": float(run.elapsed_before + time.time() - t_start),
                 "best_model": run.best_state or {}, "selfsup": bool(selfsup), "total_steps": int(horizon["total"]),
                 "ema": average.state_dict() if average is not None else {},
+                "fingerprint": json.dumps(fingerprint),
                 "np_rng_note": "batches are drawn from default_rng([seed, rank, step]); no numpy state needed",
             }
             state["sha256"] = checkpoint_digest(state)
@@ -795,13 +809,14 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                     average.update(model, step)
                 lv = float(loss.detach())
                 # ---- time budget: after 40 timed steps, shorten the run (and its cosine) to fit
-                if cfg.time_budget_s > 0 and start == 0 and horizon["total"] == cfg.steps:
-                    if step == 10:
+                # (also after a resume that came before it: the horizon is then still the full run)
+                if cfg.time_budget_s > 0 and start < 50 and horizon["total"] == cfg.steps:
+                    if step == start + 10:
                         t_calib = time.time()
-                    elif step == 50 and t_calib is not None:
+                    elif step == start + 50 and t_calib is not None:
                         rate = (time.time() - t_calib) / 40.0
                         rate *= 1.0 + 0.5 * cfg.val_patches / max(1, cfg.batch_size * cfg.val_every)
-                        left = cfg.time_budget_s - (time.time() - t_start)
+                        left = cfg.time_budget_s - (run.elapsed_before + time.time() - t_start)
                         fit = step + max(1, int(left / max(rate, 1e-6)))
                         horizon["total"] = int(dist_state.max_flag(min(cfg.steps, fit), device))
                         if bar is not None:
@@ -1017,7 +1032,7 @@ def param_groups(model, cfg: TrainConfig, new: Set[str] = frozenset()) -> List[D
             for (decays, is_new), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
-def _load_init(model, path: str, data_dir: Optional[Path], partial: bool = False) -> Dict[str, Any]:
+def load_init_weights(model, path: str, data_dir: Optional[Path], partial: bool = False) -> Dict[str, Any]:
     """Copy the weights of model file ``path`` into ``model``; card summary.
 
     The architectures must match, or with ``partial`` differ only in the transplant switches
@@ -1086,14 +1101,16 @@ def pretrain(config: TrainConfig, *, data: Any = None, progress: Optional[Progre
         model.neb.detach_alpha_features = bool(cfg.alpha_detach)
     extra: Dict[str, Any] = {}
     if cfg.init_from:
-        extra["initialised_from"] = _load_init(model, cfg.init_from, ddir, cfg.init_partial)
+        extra["initialised_from"] = load_init_weights(model, cfg.init_from, ddir, cfg.init_partial)
     masked = cfg.model == "n2v"
     protected = [extra["initialised_from"]["path"]] if cfg.init_from else []
-    if export_path:
-        from .. import modelfile
+    from .. import modelfile
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    modelfile.check_model_output(Path(out_dir) / "model.safetensors", protected)  # before the work, not after
+    if export_path:
         Path(export_path).parent.mkdir(parents=True, exist_ok=True)
-        modelfile.check_model_output(export_path, protected)  # before the work, not after
+        modelfile.check_model_output(export_path, protected)
     res = _train(cfg, model, train_images, val_images, Path(out_dir), selfsup=False, masked=masked,
                  progress=progress, cancel=cancel, resume=resume, progress_json=progress_json,
                  show_bar=show_bar, command=command, card_extra=extra, data_dir=ddir, in_memory=data is not None,
