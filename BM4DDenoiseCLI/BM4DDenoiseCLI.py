@@ -1,7 +1,7 @@
 #!/usr/bin/env python-real
 """Slicer CLI module: BM4D baseline with the modality's variance-stabilising transform.
 
-Command line (parsed from BM4DDenoiseCLI.xml): ``[--modality mri] [--sigma 0] INPUT OUTPUT``;
+Command line (parsed from BM4DDenoiseCLI.xml): ``[--modality auto] [--sigma 0] INPUT OUTPUT``;
 sigma 0 means "estimate from the image". bm4d (non-commercial licence) is imported lazily by
 the core, which says so clearly when it is missing.
 """
@@ -37,12 +37,15 @@ XML = os.path.splitext(os.path.abspath(__file__))[0] + ".xml"
 def denoise(args, progress) -> None:
     """Denoise INPUT into OUTPUT with BM4D and the modality's transform (never over the input)."""
     from dualnet import api
-    from dualnet.io import check_output_path, read_volume, write_volume
+    from DualNetDenoiseLib.cliargs import check_output_volume
+    from dualnet.io import read_volume, write_volume
 
-    check_output_path(args.outputVolume, [args.inputVolume])
+    check_output_volume(args.outputVolume, args.inputVolume)
     volume = read_volume(args.inputVolume)
     result = api.denoise_volume(volume, method="bm4d", modality=args.modality,
                                 sigma=args.sigma if args.sigma > 0 else None, progress=progress)
+    print(f"BM4DDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",
+          flush=True)  # stdout: Slicer reports any stderr output as an error
     write_volume(result.volume, args.outputVolume, inputs=[args.inputVolume])
 
 

@@ -41,6 +41,7 @@ def denoise(args, progress) -> None:
     """Denoise INPUT into OUTPUT with DUAL-NET, optionally writing the MC-dropout std map and the
     noise branch's noise-std and confidence maps."""
     from dualnet import api
+    from DualNetDenoiseLib.cliargs import check_output_volume
     from dualnet.io import check_output_path, read_volume, write_volume
     from dualnet.inference import parse_tta
     from dualnet.orthoviews import parse_views
@@ -48,7 +49,7 @@ def denoise(args, progress) -> None:
     inputs = [args.inputVolume]
     extras = [(args.uncertaintyVolume, "uncertainty"), (args.noiseMapVolume, "noise_map"),
               (args.confidenceVolume, "confidence")]
-    written = [check_output_path(args.outputVolume, inputs)]
+    written = [check_output_volume(args.outputVolume, args.inputVolume)]
     for path, _ in extras:
         if path:
             written.append(check_output_path(path, inputs, outputs=written))
@@ -61,6 +62,8 @@ def denoise(args, progress) -> None:
         neb_maps=bool(args.noiseMapVolume or args.confidenceVolume))
     print(f"DualNetDenoiseCLI: modality {result.info.get('modality')} ({result.info.get('modality_reason', '')})",
           flush=True)  # stdout: Slicer reports any stderr output as an error
+    for line in api.result_warnings(result.info):
+        print(f"DualNetDenoiseCLI: warning: {line}", flush=True)
     write_volume(result.volume, args.outputVolume, inputs=inputs)
     for path, key in extras:
         if path and getattr(result, key) is not None:

@@ -247,6 +247,31 @@ def test_denoise_cli_with_model_and_tta_reaches_the_core(tmp_path, noisy_crop, t
     np.testing.assert_allclose(outs["x8"].array, core.denoised, rtol=1e-4, atol=1e-4 * float(np.abs(core.denoised).max()))
 
 
+def test_bm4d_cli_chooses_the_modality_and_the_network_cli_prints_warnings(tmp_path, shared_data, tiny_model):
+    """The BM4D module defaulted to MRI, whose Rician transform set a CT's air and fat to 0 HU with no
+    word; the network module never printed the core's warnings (a model trained for another modality)."""
+    pytest.importorskip("bm4d", reason="bm4d (optional, non-commercial) not installed")
+    from dualnet.io import read_volume
+
+    ct = read_volume(shared_data / "ct" / "totalseg_abdomen_ct.nii.gz").array[50:58, 35:67, 0:32]  # body and air
+    src = write(ct.astype(np.float32), tmp_path / "ct.nrrd")
+    out = tmp_path / "bm4d.nrrd"
+    args = cliargs.slicer_command_line(xml_path("BM4DDenoiseCLI"), {"inputVolume": src, "outputVolume": out})
+    assert cliargs.parse_cli_args(xml_path("BM4DDenoiseCLI"), args).modality == "auto"
+    res = run_cli("BM4DDenoiseCLI", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "modality ct" in res.stdout
+    air = ct < -900
+    assert air.any() and np.median(read_volume(out).array[air]) < -900  # not clipped to 0 by a Rician VST
+    out = tmp_path / "net.nrrd"
+    args = cliargs.slicer_command_line(xml_path("DualNetDenoiseCLI"), {
+        "inputVolume": src, "outputVolume": out, "model": tiny_model, "device": "cpu", "modality": "ct",
+        "tta": "off", "noGuard": True})
+    res = run_cli("DualNetDenoiseCLI", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "warning: model trained for mri, applied to ct" in res.stdout
+
+
 def test_denoise_cli_no_guard_flag_reaches_the_core(tmp_path, noisy_crop, tiny_model):
     """The untrained model is far worse than its input: guarded (default) the result is pulled back
     towards the input; with --noGuard it is the network's own output."""
@@ -368,8 +393,11 @@ def test_denoise_cli_reports_errors_in_one_line(tmp_path, noisy_crop):
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "missing.safetensors" in res.stderr
     assert not (tmp_path / "o.nrrd").exists()
-    res = run_cli("DualNetDenoiseCLI", [str(src), str(src)])  # output over the input is refused
-    assert res.returncode == 1 and "input" in res.stderr
+    before = src.read_bytes()
+    for name in ("DualNetDenoiseCLI", "BM4DDenoiseCLI"):  # the input node chosen as the output: Slicer's terms
+        res = run_cli(name, [str(src), str(src)])
+        assert res.returncode == 1 and "choose another or a new output volume node" in res.stderr, res.stderr
+    assert src.read_bytes() == before
 
 
 def test_dice_cli(tmp_path, shared_data):

@@ -196,6 +196,52 @@ def test_cuda_matches_cpu(noisy_slab, tiny2d):
     assert np.abs(cpu.denoised - gpu.denoised).max() < 0.02 * span
 
 
+def test_cuda_oom_never_grows_a_tile_past_a_short_axis(monkeypatch):
+    """A 3D model on a 6-slice slab: the halving raised the 6 to MIN_TILE (16), and that tile broke the
+    next pass with a broadcasting error instead of another retry or the CPU fallback (review, session 35)."""
+    import dualnet.device as device_mod
+    import dualnet.inference as inf
+
+    class FakeCuda3D(torch.nn.Module):
+        config = {"kind": "dncnn", "dim": 3, "preset": "tiny"}
+
+        def forward(self, x):
+            return {"out": x.clone(), "sigma": None, "alpha": None, "blind": None}
+
+        def to(self, dev=None, **kwargs):
+            return self
+
+    tried, real_run = [], inf._run
+
+    def fake_run(shape, reader, model, dim, dev, tile_shape, batch, *args, **kwargs):
+        if dev.type == "cuda" and len(tried) < 3:
+            tried.append(tuple(tile_shape))
+            raise torch.cuda.OutOfMemoryError("simulated")
+        tried.append(tuple(tile_shape))
+        return real_run(shape, reader, model, dim, torch.device("cpu"), tile_shape, batch, *args, **kwargs)
+
+    monkeypatch.setattr(device_mod, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(device_mod, "describe", lambda dev: torch.device(dev).type)
+    monkeypatch.setattr(device_mod, "autocast_dtype", lambda dev: None)
+    monkeypatch.setattr(device_mod, "available_memory", lambda dev: 2 ** 30)
+    monkeypatch.setattr(inf, "_run", fake_run)
+    x = np.random.default_rng(0).normal(100, 10, (6, 40, 40)).astype(np.float32)
+    res = denoise_array(x, FakeCuda3D(), {"normalisation": {"method": "zscore"}}, device="cuda", tile=(6, 32, 32),
+                        guard=False)
+    assert all(t[0] <= 6 for t in tried) and tried[-1][1] < 32
+    np.testing.assert_allclose(res.denoised, x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape, kw", [((1, 40), dict(tta=4)), ((1, 24, 24), dict(views=3, tta=4)),
+                                       ((3, 1, 30), dict(tta=8)), ((2, 30, 1), dict(tta=8))])
+def test_tta_on_a_one_voxel_side(shape, kw):
+    """A quarter turn of a tile 1 voxel high gives a negative stride on that axis, which numpy calls
+    contiguous and torch refused (a traceback for `--views 3 --tta x4` on a one-slice volume)."""
+    x = np.random.default_rng(0).normal(100, 10, shape).astype(np.float32)
+    res = denoise_array(x, Identity(), CARD, device="cpu", guard=False, **kw)
+    np.testing.assert_allclose(res.denoised, x, rtol=1e-5, atol=1e-3)
+
+
 def test_cuda_oom_halves_tiles_then_falls_back_to_cpu(monkeypatch):
     """Simulated CUDA: every CUDA run raises OutOfMemoryError -> smaller tiles, then the CPU."""
     import dualnet.device as device_mod

@@ -127,6 +127,21 @@ def test_where_bf16_cannot_run(tmp_path, amx):
         check_options(np.zeros((8, 8), np.float32), "x", method="dualnet", modality="mri", precision="fp8")
 
 
+def test_the_environment_bf16_leaves_networks_that_cannot_run_it_in_fp32(tmp_path, monkeypatch):
+    """$DUALNET_PRECISION says what "auto" means; it made every DnCNN / ONNX / GPU run fail as if the
+    user had asked for bf16 (review, session 35). Asking for it explicitly still fails clearly."""
+    from dualnet.models.baselines import DnCNN
+
+    base = save_model(tmp_path / "dncnn.safetensors", DnCNN(2), {"modality": "mri", "normalisation": {"method": "zscore"}})
+    loaded, card = load_for_inference(base, "cpu")
+    monkeypatch.setenv(precision.PRECISION_ENV, "bfloat16")
+    assert precision.resolve("auto", loaded, torch.device("cpu")) == "float32"
+    res = denoise_array(np.ones((24, 24), np.float32), loaded, card, device="cpu", guard=False)
+    assert res.info["precision"] == "float32"
+    with pytest.raises(InputError, match="needs a DUAL-NET in PyTorch on the CPU"):
+        precision.resolve("bfloat16", loaded, torch.device("cpu"))
+
+
 def test_the_command_runs_bf16_when_asked_and_says_so(tmp_path, mri_crop, capfd, one_thread):
     noisy = add_noise(mri_crop[:4, :40, :40].astype(np.float32), "mri", 0.05, rng=2).astype(np.float32)
     src = tmp_path / "noisy.nii.gz"

@@ -73,9 +73,14 @@ def test_guard_keeps_the_network_where_it_helps(mri_volume):
     ran = []  # slices per forward: the guard's pass runs the network on the checked slices only
     net.onnx_graphs = None  # PyTorch runs it, so the hook sees every forward
     hook = net.register_forward_hook(lambda m, args, out: ran.append(args[0].shape[0]))
+    seen = []
     res = denoise_array(noisy, net, card, device="cpu", modality="mri", noise_coef=(sigma**2, 0.0, 0.0),
-                        views=1)  # one view: its guard's slices are the checked ones
+                        views=1, progress=lambda f, m: seen.append((f, m)))  # one view: its guard's slices checked
     hook.remove()
+    # the guard's pass moves the bar (it sat at 99 % through a quarter of the work or more)
+    start = next(i for i, (_, m) in enumerate(seen) if "SURE guard" in m)
+    assert max(f for f, _ in seen[:start]) <= 0.8 and any(0.8 < f < 0.99 for f, _ in seen[start:])
+    assert all(a <= b + 1e-9 for (a, _), (b, _) in zip(seen, seen[1:]))
     g = res.info["guard"]
     assert sum(ran) == len(clean) + sum(z1 - z0 for z0, z1 in g["slices"])  # not their context slices
     assert g["weight"] == 1.0 and g["mse_network"] < 0.5 * g["mse_input"], g

@@ -277,6 +277,18 @@ class FilterProgress:
                 f"<filter-time>{time.time() - self._t0:.2f}</filter-time></filter-end>")
 
 
+def check_output_volume(output, input_volume):
+    """``dualnet.io.check_output_path`` for a CLI module's output volume, in Slicer's terms: Slicer names
+    its temporary files by node, so choosing the input node as the output gives the input's own path."""
+    from dualnet.errors import InputError
+    from dualnet.io import check_output_path, same_path
+
+    if same_path(output, input_volume):
+        raise InputError("the output volume is the input volume: choose another or a new output volume node "
+                         "(the input is never overwritten)")
+    return check_output_path(output, [input_volume])
+
+
 def run_cli_module(args: argparse.Namespace, prog: str, title: str, body, comment: str = "") -> int:
     """The frame every DualNet CLI module runs in; returns the exit code.
 

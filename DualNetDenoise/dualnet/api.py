@@ -206,6 +206,12 @@ def _asks_tta(tta: Union[bool, int, None]) -> bool:
     return n is not None and n > 1
 
 
+def result_warnings(info: Dict[str, Any]) -> List[str]:
+    """The warnings in a result's ``info`` that every face shows: a model trained for another modality
+    (``warning``), a doubtful noise estimate (``inference_noise_warning``)."""
+    return [str(info[key]) for key in ("warning", "inference_noise_warning") if info.get(key)]
+
+
 def network_only_options(method: str, *, model: Any = None, tile: Any = None, device: str = "auto",
                          tta: Any = None, uncertainty: bool = False, neb_maps: bool = False,
                          guard: Optional[bool] = None, views: Optional[int] = None,
@@ -218,7 +224,7 @@ def network_only_options(method: str, *, model: Any = None, tile: Any = None, de
     given = {"--model": model is not None, "--tile": tile is not None,
              "--device": str(device or "auto").lower() not in ("auto", "cpu"),
              "--tta": bool(_asks_tta(tta)), "--uncertainty": bool(uncertainty),
-             "--noise-map / --confidence": bool(neb_maps), "--no-guard": guard is False,
+             "--noise-map / --confidence (the noise branch's maps)": bool(neb_maps), "--no-guard": guard is False,
              "--views": views is not None, "--precision": str(precision or "auto").lower() != "auto"}
     return [name for name, on in given.items() if on]
 

@@ -30,7 +30,7 @@ import numpy as np
 from .degrade import CT_FLOOR_HU
 from .errors import InputError, ModelError
 from .orthoviews import choose_views
-from .progress import CancelToken, ProgressFn, check_cancel, report
+from .progress import CancelToken, ProgressFn, check_cancel, report, scaled
 
 TileArg = Union[None, int, Sequence[int]]
 
@@ -41,6 +41,8 @@ TileArg = Union[None, int, Sequence[int]]
 #: one view runs, none with three views; CPU bf16 where :mod:`dualnet.precision` says (session 19).
 INFERENCE_VERSION = 4
 MIN_TILE = 16
+#: where the SURE guard's pass starts on the progress bar (it runs a quarter of the slices or more)
+GUARD_PROGRESS_FROM = 0.8
 MAX_TILE_2D = 512
 MAX_TILE_3D_CPU = 96
 MAX_TILE_3D_GPU = 192
@@ -567,6 +569,13 @@ def denoise_array(
         output_floor=floor, fallback=None, oom_retries=0, threads=threads, amp=amp_name)
     _add_noise_info(info, noise_info)
 
+    from .sure_guard import GUARD_MODALITIES, unchecked_reason
+
+    if guard is None:
+        guard = modality in GUARD_MODALITIES
+    # the guard's pass (a quarter of the slices or more) gets its share of the progress bar
+    checks = guard and unchecked_reason(modality, dim) is None
+    main_progress = scaled(progress, 0.0, GUARD_PROGRESS_FROM) if checks else progress
     was_training = model.training
     try:
         while True:
@@ -587,7 +596,7 @@ def denoise_array(
                 if cap is not None and dim == 2:
                     batch = max(1, min(batch, cap // int(np.prod(tile_shape))))
                 outputs = _run(vol.shape, reader, model, dim, dev, tile_shape, batch, overlap, n_tta,
-                               int(mc_samples), seed, progress, cancel, sink, out_floor, fast=fast,
+                               int(mc_samples), seed, main_progress, cancel, sink, out_floor, fast=fast,
                                restore=restore, keys=keys)
                 break
             except Exception as err:  # noqa: BLE001 - only a CUDA out-of-memory error is handled
@@ -597,7 +606,7 @@ def denoise_array(
 
                 torch.cuda.empty_cache()
                 info["oom_retries"] += 1
-                smaller = tuple(max(1 if (dim == 2 and i == 0) else MIN_TILE, t // 2)
+                smaller = tuple(min(t, max(1 if (dim == 2 and i == 0) else MIN_TILE, t // 2))  # never larger
                                 for i, t in enumerate(tile_shape))
                 if batch > 1:
                     batch = max(1, batch // 2)
@@ -621,15 +630,12 @@ def denoise_array(
         _neb.record(outs, norm_params)
     elif restore:  # no maps of its own: the first view's are the result's
         info["neb"] = "the first view's maps"
-    from .sure_guard import GUARD_MODALITIES
-
-    if guard is None:
-        guard = modality in GUARD_MODALITIES
     if guard:
-        report(progress, 0.99, "checking the result against the input (SURE guard)")
+        report(progress, GUARD_PROGRESS_FROM, "checking the result against the input (SURE guard)")
         info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
                                     modality, dev, tile_shape, batch, overlap, n_tta, seed, cancel, out_floor,
-                                    fast, _neb if restore else None, _views, given_coef=noise_coef)
+                                    fast, _neb if restore else None, _views, given_coef=noise_coef,
+                                    progress=scaled(progress, GUARD_PROGRESS_FROM, 0.99))
     else:
         info["guard"] = None
     if floor is not None:  # exactly, in input units (the per-pass floor was in normalised units)
@@ -757,7 +763,8 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
                 tta: int, seed: int, cancel: Optional[CancelToken], out_floor: Optional[float],
                 fast: Optional[Callable[[Any], Dict[str, Any]]] = None,
                 neb: Optional[_SharedNeb] = None, views: int = 1,
-                given_coef: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+                given_coef: Optional[Sequence[float]] = None,
+                progress: Optional[ProgressFn] = None) -> Dict[str, Any]:
     """The SURE guard of :mod:`dualnet.sure_guard` on ``out`` (input units, blended in place):
     one more streamed pass of the network over the runs of slices of ``guard_blocks`` with a small
     noise probe added, each slice's SURE terms summed as soon as it is done (a few slices in memory).
@@ -799,7 +806,7 @@ def _sure_guard(vol: np.ndarray, out: np.ndarray, model: Any, dim: int, context:
     reader = _SliceSource(probed, norm_params, has_fill, coef).reader(context)
     if neb is not None:  # the probe goes through the restoration branch; the NEB maps stay the view's
         reader = _with_neb(reader, neb, zs)
-    _run(probed.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta, 0, seed, None, cancel, add,
+    _run(probed.shape, reader, model, dim, dev, tile_shape, batch, overlap, tta, 0, seed, progress, cancel, add,
          out_floor, only=inner, fast=fast, restore=neb is not None, keys=("out",))
     res = sums.result()
     for y, f in zip(_chunks(vol), _chunks(out)):
@@ -1084,7 +1091,8 @@ def _tensor(x: np.ndarray, dev: Any, dim: int) -> Any:
     """A numpy batch as a tensor on ``dev`` (channels-last for 2D on the CPU: measured faster here)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    # a copy where any stride is negative: numpy calls a flip along a length-1 axis contiguous, torch refuses it
+    t = torch.from_numpy(x.copy() if any(st < 0 for st in x.strides) else np.ascontiguousarray(x)).to(dev)
     return t.contiguous(memory_format=torch.channels_last) if dim == 2 and dev.type == "cpu" else t
 
 

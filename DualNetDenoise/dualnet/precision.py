@@ -80,13 +80,14 @@ def resolve(precision: Optional[str], model: Any, dev: Any) -> str:
 
     Raises:
         InputError: ``"bfloat16"`` asked for a network that cannot run in it (an ONNX graph, a
-            network without named full-precision layers) or off the CPU.
+            network without named full-precision layers) or off the CPU. Where it comes from
+            ``$DUALNET_PRECISION`` (what "auto" means) such a network runs in fp32.
     """
     name = effective(precision)
     if not wants_bf16(name):
         return "float32"
     able = getattr(dev, "type", str(dev)) == "cpu" and supports_bf16(model)
-    if not able and name == "bfloat16":
+    if not able and check_precision(precision) == "bfloat16":  # asked for; $DUALNET_PRECISION only sets "auto"
         raise InputError("precision bfloat16 needs a DUAL-NET in PyTorch on the CPU "
                          "(ONNX graphs, baselines and GPUs run in their own precision)")
     return "bfloat16" if able else "float32"
