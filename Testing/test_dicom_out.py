@@ -105,11 +105,11 @@ def check_derived(out_dir: Path, src_dir: Path, modality: str, *, multiframe: bo
             assert str(ds.get(kw, "")) == str(src0.get(kw, "")), kw
         assert ds.BitsAllocated == 16 and ds.PixelRepresentation == src0.PixelRepresentation
         assert ds.ContributingEquipmentSequence[-1].Manufacturer == "DualNet"
-        refs = ds.ReferencedSeriesSequence[0]
-        assert refs.SeriesInstanceUID == src0.SeriesInstanceUID
-        assert {str(r.ReferencedSOPInstanceUID) for r in refs.ReferencedInstanceSequence} == \
-            {str(h.SOPInstanceUID) for h in src_headers}
         ref = ds.SourceImageSequence[0]
+        (refs,) = ds.ReferencedSeriesSequence  # this instance's own source instance, not the whole series
+        assert refs.SeriesInstanceUID == src0.SeriesInstanceUID
+        assert [str(r.ReferencedSOPInstanceUID) for r in refs.ReferencedInstanceSequence] == \
+            [str(ref.ReferencedSOPInstanceUID)]
         assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
         # geometry of the source instance (or frame) this slice came from
         if multiframe:
@@ -120,10 +120,12 @@ def check_derived(out_dir: Path, src_dir: Path, modality: str, *, multiframe: bo
             iop = (fg.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0].ImageOrientationPatient
             spacing = (fg.get("PixelMeasuresSequence") or shared.PixelMeasuresSequence)[0].PixelSpacing
             assert ref.ReferencedSOPInstanceUID == src0.SOPInstanceUID
+            assert ds.InstanceNumber == k + 1  # frame order
         else:
             k = index[str(ref.ReferencedSOPInstanceUID)]
             h = src_headers[k]
             ipp, iop, spacing = h.ImagePositionPatient, h.ImageOrientationPatient, h.PixelSpacing
+            assert ds.InstanceNumber == h.InstanceNumber  # the source's scroll order, not GDCM's
             assert str(ds.get("SliceThickness", "")) == str(h.get("SliceThickness", ""))
             assert str(ds.get("SliceLocation", "")) == str(h.get("SliceLocation", ""))
         assert np.allclose([float(v) for v in ds.ImagePositionPatient], [float(v) for v in ipp], atol=1e-6)
@@ -201,7 +203,8 @@ def test_single_slice(dicom_dir, tmp_path, capsys, series, override):
                                  *extra], capsys)
     assert code == 0, err
     (ds,) = check_derived(out, src, override or "mri", label=f"single slice {series}")
-    assert ds.InstanceNumber == 1 and ds.Modality == pydicom.dcmread(str(one), stop_before_pixels=True).Modality
+    source = pydicom.dcmread(str(one), stop_before_pixels=True)
+    assert ds.InstanceNumber == source.InstanceNumber and ds.Modality == source.Modality
     assert tree_hashes(src) == before
 
 

@@ -269,3 +269,24 @@ def test_export_full_derived_series_from_the_node(scene, loaded_ct, tmp_path, re
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] and ds.StudyInstanceUID == h.StudyInstanceUID
         assert np.abs(modality_values(ds) - expected[uid_index[uid]]).max() <= 0.5 + 1e-6
     assert tree_hashes(src) == before
+
+
+def test_export_uses_the_nodes_series_tags_or_avoids_the_studys_numbers(scene, loaded_ct, tmp_path):
+    """The full export numbered the series source + 1000 whatever the study held (1002, which another
+    series of this study has), and ignored the number and description the node carries for *Export
+    to DICOM* (set by place_in_source_study, possibly edited by the user)."""
+    from DualNetDenoiseLib.dicomexport import export_derived_series, place_in_source_study
+
+    node, _, files, _ = loaded_ct
+    out, _ = denoised_node(scene, node)
+    plain = export_derived_series(scene, node, out, tmp_path / "plain", fileForInstance=files.get)
+    assert plain.series_number == 2002 and plain.description == "Denoised (gaussian)"  # 1002 is taken
+    assert place_in_source_study(scene, node, out)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(out)
+    sh.SetItemAttribute(item, "DICOM.SeriesNumber", "77")
+    sh.SetItemAttribute(item, "DICOM.SeriesDescription", "Denoised for review")
+    placed = export_derived_series(scene, node, out, tmp_path / "placed", fileForInstance=files.get)
+    assert (placed.series_number, placed.description) == (77, "Denoised for review")
+    ds = pydicom.dcmread(str(placed.files[0]), stop_before_pixels=True)
+    assert ds.SeriesNumber == 77 and ds.SeriesDescription == "Denoised for review"

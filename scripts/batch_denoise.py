@@ -297,9 +297,11 @@ def denoise_all(args, inputs, rows, names: dict) -> int:
 
 
 def result_warnings(info: dict) -> list:
-    """The warnings of a result's info: another modality's model (``warning``), a doubtful noise
-    estimate (``inference_noise_warning``); printed under the file and kept in summary.csv."""
-    return [str(info[key]) for key in ("warning", "inference_noise_warning") if info.get(key)]
+    """The warnings of a result's info (:func:`dualnet.api.result_warnings`); printed under the file and
+    kept in summary.csv."""
+    from dualnet.api import result_warnings as core_warnings
+
+    return core_warnings(info)
 
 
 # ----------------------------------------------------------------------------- --dicom
@@ -360,6 +362,16 @@ def run_dicom(args) -> int:
     except InputError as err:  # no image series found, unusable output folder
         print(f"batch_denoise: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as err:  # the series finished before stay, listed in the summary; nothing sent
+        partial = getattr(err, "partial_report", None)
+        if partial is not None:
+            write_summary(args.csv or (args.output_dir / "summary.csv"), dicom_rows(partial, args),
+                          inputs=[args.input_dir])
+            done = sum(o.status == "ok" for o in partial.outcomes)
+            print(f"batch_denoise: interrupted; {done} series finished before are kept in {args.output_dir} "
+                  "(summary.csv lists them)", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        raise
     return finish_dicom(args, report, node)
 
 

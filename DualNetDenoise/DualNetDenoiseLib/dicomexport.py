@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 #: Subject-hierarchy attribute / UID names (vtkMRMLSubjectHierarchyConstants), spelled out so the
 #: pure parts need no Slicer import.
@@ -84,19 +84,39 @@ def place_in_source_study(scene, inputVolume, outputVolume, kind: str = "denoise
         return False
     out_item = sh.GetItemByDataNode(outputVolume) or sh.CreateItem(study, outputVolume)
     sh.SetItemParent(out_item, study)
-    children = _children(sh, study)
-    used = []
-    for child in children:
-        if child != out_item:
-            try:
-                used.append(int(sh.GetItemAttribute(child, DICOM_PREFIX + "SeriesNumber")))
-            except ValueError:
-                pass
+    used = _used_series_numbers(sh, study, out_item)
     attrs = slicer_series_attributes(source_series_attributes(sh, in_item), provenance_from_node(outputVolume, kind),
                                      used_series_numbers=used, kind=kind)
     for name, value in attrs.items():
         sh.SetItemAttribute(out_item, name, value)
     return True
+
+
+def _used_series_numbers(sh, study, exclude=0) -> List[int]:
+    """The ``DICOM.SeriesNumber`` of every item under ``study`` but ``exclude``."""
+    used = []
+    for child in _children(sh, study):
+        if child != exclude:
+            try:
+                used.append(int(sh.GetItemAttribute(child, DICOM_PREFIX + "SeriesNumber")))
+            except ValueError:
+                pass
+    return used
+
+
+def _export_series_tags(sh, in_item, out_item) -> Tuple[Optional[int], str, List[int]]:
+    """(series number, description, numbers used in the study) for exporting ``out_item``: the
+    number and description :func:`place_in_source_study` (or the user) set on it, if any."""
+    number, description = None, ""
+    if out_item:
+        try:
+            number = int(sh.GetItemAttribute(out_item, DICOM_PREFIX + "SeriesNumber"))
+        except ValueError:
+            number = None
+        description = sh.GetItemAttribute(out_item, DICOM_PREFIX + "SeriesDescription") or ""
+    study = sh.GetItemParent(in_item) if in_item else 0
+    used = _used_series_numbers(sh, study, out_item) if study and sh.GetItemLevel(study) == STUDY_LEVEL else []
+    return number, description, used
 
 
 def _leave_study(sh, node) -> None:
@@ -132,6 +152,10 @@ def export_derived_series(scene, inputVolume, outputVolume, outputFolder, *,
                           rescale: str = "source"):
     """Write ``outputVolume`` as a derived DICOM series of ``inputVolume``'s source instances.
 
+    Its series number and description are the node's ``DICOM.SeriesNumber`` /
+    ``DICOM.SeriesDescription`` (set by :func:`place_in_source_study`) when present; else a new
+    number avoiding those of the source's study.
+
     Args:
         scene: the MRML scene.
         inputVolume: the DICOM-loaded input node (its subject-hierarchy item lists the instance UIDs).
@@ -164,5 +188,7 @@ def export_derived_series(scene, inputVolume, outputVolume, outputFolder, *,
     series = series_from_files(files)
     volume = reorder_to_series(nodes.volume_from_node(outputVolume, squeeze_2d=False), series)
     sources = {str(Path(f).parent) for f in files}
+    number, description, used = _export_series_tags(sh, in_item, sh.GetItemByDataNode(outputVolume))
     return write_derived_series(volume, series, Path(outputFolder), provenance_from_node(outputVolume, kind),
-                                kind=kind, rescale=rescale, inputs=sorted(sources))
+                                kind=kind, series_number=number, description=description or None,
+                                used_series_numbers=used, rescale=rescale, inputs=sorted(sources))

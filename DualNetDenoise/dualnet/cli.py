@@ -375,7 +375,7 @@ def _model_files(model: Optional[str]) -> List[str]:
 
 def _denoise_dicom(args) -> int:
     """``denoise --dicom``: one derived DICOM series per source series; ``--send`` stores them."""
-    from .dicom_out import denoise_dicom_folder, path_inside
+    from .dicom_out import path_inside
     from .errors import InputError
     from .io import atomic_write_bytes, same_path
 
@@ -405,13 +405,17 @@ def _denoise_dicom(args) -> int:
             raise InputError(f"{info_path}: --info-json must not be or lie in an output folder")
         check_output_path(info_path, info_inputs, formats=None)  # not an input, not in the input folder
     mode = _progress_mode(args)
-    report = denoise_dicom_folder(
-        args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
-        device=args.device, tta=args.tta, mc_samples=args.mc_samples, tile=args.tile, seed=args.seed,
-        guard=False if args.no_guard else None, views=args.views, uncertainty_dir=args.uncertainty,
-        precision=args.precision,
-        progress_factory=lambda s: ProgressPrinter(f"denoise ({args.method}) series {s.series_number}", mode),
-    )
+    try:
+        report = _denoise_dicom_series(args, mode)
+    except (CancelledError, KeyboardInterrupt) as err:  # say what is kept; nothing is sent
+        partial = getattr(err, "partial_report", None)
+        done = [o for o in (partial.outcomes if partial is not None else []) if o.status == "ok"]
+        if done:
+            print(f"dualnet: cancelled; the {len(done)} series finished before are kept:", file=sys.stderr)
+            for line in partial.summary_lines(failed=False)[:len(done)]:
+                print(f"  {line}", file=sys.stderr)
+            return 130
+        raise
     for line in report.summary_lines(failed=False):
         _info(args, line)
     for o in report.outcomes:
@@ -441,6 +445,19 @@ def _denoise_dicom(args) -> int:
         if bad:
             return 3
     return code
+
+
+def _denoise_dicom_series(args, mode: str):
+    """:func:`dualnet.dicom_out.denoise_dicom_folder` with the command's options."""
+    from .dicom_out import denoise_dicom_folder
+
+    return denoise_dicom_folder(
+        args.input, args.output, method=args.method, modality=args.modality, sigma=args.sigma, model=args.model,
+        device=args.device, tta=args.tta, mc_samples=args.mc_samples, tile=args.tile, seed=args.seed,
+        guard=False if args.no_guard else None, views=args.views, uncertainty_dir=args.uncertainty,
+        precision=args.precision,
+        progress_factory=lambda s: ProgressPrinter(f"denoise ({args.method}) series {s.series_number}", mode),
+    )
 
 
 # ----------------------------------------------------------------------------- degrade

@@ -15,13 +15,17 @@ result as a **new derived series** with :mod:`pydicom`:
   ``DerivationCodeSequence`` (DCM 113087 "Smoothing", CID 7203 Image Derivation; DCM 113061
   "Standard Deviation" for the uncertainty series), ``SourceImageSequence`` (per instance: the
   source instance and frame it came from, purpose DCM 121322 "Source image for image processing
-  operation"), ``ReferencedSeriesSequence`` (every source instance) and a
+  operation"), ``ReferencedSeriesSequence`` (per instance: its source instance) and a
   ``ContributingEquipmentSequence`` item for DualNet (DCM 109102 "Processing Equipment");
+  ``InstanceNumber`` in the source's order (the source instance's number where unique);
+  ``LossyImageCompression`` ``01`` when the source was lossy compressed (attribute or transfer syntax);
 * geometry copied slice by slice from the source instance (or frame) each slice came from:
   ``ImagePositionPatient``, ``ImageOrientationPatient``, ``PixelSpacing``, ``SliceThickness``,
   ``SpacingBetweenSlices``, ``SliceLocation``; gantry-tilted, oblique and unevenly spaced series
   keep their exact per-slice positions. The slice <-> file mapping is GDCM's sorted file order,
-  the order in which SimpleITK stacked the volume that was denoised;
+  the order in which SimpleITK stacked the volume that was denoised. Images of one series sharing
+  slice positions (echoes, b-values, phases) are split into stacks, each its own derived series
+  (description ``... echo 2``); a series that cannot be split is refused;
 * pixel data in the source's pixel type (16-bit, the source's signedness) with
   ``RescaleSlope`` / ``RescaleIntercept`` chosen so every float result is stored within half a
   rescale step (``rescale="source"``: the source's own step, i.e. 1 HU for CT; ``"max"``: the
@@ -41,6 +45,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -63,7 +68,27 @@ OUTPUT_SOP_CLASS = {
     "1.2.840.10008.5.1.4.1.1.4.1": MR_IMAGE,  # Enhanced MR Image Storage
     "1.2.840.10008.5.1.4.1.1.4.4": MR_IMAGE,  # Legacy Converted Enhanced MR Image Storage
 }
+#: Enhanced and legacy converted (multi-frame) SOP classes: a file of these is its own volume.
+MULTIFRAME_SOP_CLASSES = frozenset(uid for uid, out in OUTPUT_SOP_CLASS.items() if uid != out)
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+#: Transfer syntaxes whose pixel data may have been lossy compressed -> LossyImageCompressionMethod
+#: ("" where the method has no defined term); derived instances then carry LossyImageCompression 01.
+LOSSY_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000 (lossy or lossless: not told apart)
+    "1.2.840.10008.1.2.4.93": "",  # JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # High-Throughput JPEG 2000
+    "1.2.840.10008.1.2.4.111": "",  # JPEG XL JPEG Recompression
+    "1.2.840.10008.1.2.4.112": "ISO_18181_1",  # JPEG XL
+}
+#: Slice positions along the normal closer than this (mm) are one position.
+POSITION_TOLERANCE_MM = 0.01
+#: Attributes that tell apart images sharing slice positions in one series -> name in the stack label.
+STACK_KEYS = (("EchoNumbers", "echo"), ("DiffusionBValue", "b-value"),
+              ("TemporalPositionIdentifier", "temporal position"), ("AcquisitionNumber", "acquisition"),
+              ("TriggerTime", "trigger time"))
 #: DICOM Modality (0008,0060) -> dualnet noise model.
 
 # Coded concepts (code value, scheme, meaning).
@@ -79,6 +104,7 @@ MIN_SLOPE = 2.0 ** -12
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesNumber",
     "SeriesDescription", "NumberOfFrames", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
+    "InstanceNumber", *(keyword for keyword, _ in STACK_KEYS),
 ]
 
 # Attributes never copied from a source instance: pixel-dependent, signatures, acquisition
@@ -147,6 +173,10 @@ class DicomSeries:
         frames: 0-based frame index of each slice in a multi-frame file; None for classic files.
         sop_class_uid: SOP class of the source instances.
         modality: the DICOM Modality (0008,0060) value, e.g. ``"CT"``.
+        stack: which of several stacks of one series this is (e.g. ``"echo 2"``); "" when the
+            series is one stack.
+        refused: why the series cannot be denoised as one volume (e.g. images repeating slice
+            positions); "" when it can. :func:`read_series` raises it.
     """
 
     series_uid: str
@@ -158,6 +188,8 @@ class DicomSeries:
     series_number: Optional[int] = None
     description: str = ""
     folder: Optional[Path] = None
+    stack: str = ""
+    refused: str = ""
 
     @property
     def n_slices(self) -> int:
@@ -170,6 +202,7 @@ class DicomSeries:
     def label(self) -> str:
         number = "?" if self.series_number is None else str(self.series_number)
         desc = f" '{self.description}'" if self.description else ""
+        desc += f" {self.stack}" if self.stack else ""
         kind = "multi-frame file" if self.multiframe else "files"
         n_files = 1 if self.multiframe else len(self.files)
         return f"series {number}{desc} ({self.modality}, {self.n_slices} slices, {n_files} {kind})"
@@ -465,12 +498,16 @@ def _sort_along_normal(headers: Sequence[Tuple[Path, Any]]) -> List[Path]:
 def find_dicom_series(path: PathLike, recursive: bool = True) -> Tuple[List[DicomSeries], List[SkippedObject]]:
     """Every CT / MR image volume under ``path`` (a folder, nested folders, or one file).
 
-    Files are grouped by Series Instance UID; a classic series whose slices have different sizes or
-    orientations is split into one volume per (rows, columns, orientation); a multi-frame file is
-    its own volume. Slices are in GDCM's sorted order when the series lies in one folder (the order
-    SimpleITK stacks them), else sorted along the slice normal. Non-image objects (SR, RT,
-    presentation states, segmentations...) and images of other SOP classes are returned as
-    :class:`SkippedObject`, one per series; non-DICOM files as one non-DICOM entry per folder.
+    Files are grouped by Series Instance UID (a file repeating a SOP Instance UID is skipped); a
+    classic series whose slices have different sizes or orientations is split into one volume per
+    (rows, columns, orientation), and images sharing slice positions into one stack per echo,
+    b-value, temporal position, acquisition or trigger time (:func:`_split_stacks`; a series no
+    such key separates is returned ``refused``). An enhanced / legacy converted file, or one with
+    more than one frame, is its own volume (refused when its frames repeat a position). Slices are
+    in GDCM's sorted order when the series lies in one folder (the order SimpleITK stacks them),
+    else sorted along the slice normal. Non-image objects (SR, RT, presentation states,
+    segmentations...) and images of other SOP classes are returned as :class:`SkippedObject`, one
+    per series; non-DICOM files as one non-DICOM entry per folder.
     """
     root = Path(path)
     if not root.exists():
@@ -519,11 +556,13 @@ def find_dicom_series(path: PathLike, recursive: bool = True) -> Tuple[List[Dico
     for uid, items in groups.items():
         series += _volumes_of_series(uid, items, skipped)
     series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else 1 << 30,
-                               s.series_uid, str(s.files[0]), s.frames[0] or 0))
+                               s.series_uid))  # stable: a series' volumes stay in _volumes_of_series order
     return series, skipped
 
 
 def _volumes_of_series(uid: str, items: List[Tuple[Path, Any]], skipped: List[SkippedObject]) -> List[DicomSeries]:
+    """The image volumes of one series: each multi-frame file, then each classic stack."""
+    items = _drop_duplicates(items, skipped)
     first = items[0][1]
     common = dict(series_uid=uid, study_uid=str(first.get("StudyInstanceUID", "") or ""),
                   sop_class_uid=_sop_class(first), modality=str(first.get("Modality", "") or ""),
@@ -532,31 +571,146 @@ def _volumes_of_series(uid: str, items: List[Tuple[Path, Any]], skipped: List[Sk
     volumes: List[DicomSeries] = []
     classic: Dict[tuple, List[Tuple[Path, Any]]] = {}
     for f, ds in items:
-        frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-        if "NumberOfFrames" in ds:  # multi-frame object (also with a single frame): its own volume
-            volumes.append(DicomSeries(files=[f] * frames, frames=list(range(frames)), folder=f.parent, **common))
+        if _is_multiframe(ds):
+            volumes.append(_multiframe_volume(f, ds, common))
             continue
         iop = ds.get("ImageOrientationPatient")
         iop_key = tuple(round(float(v), 4) for v in iop) if iop else None
         classic.setdefault((ds.get("Rows"), ds.get("Columns"), iop_key), []).append((f, ds))
-    for key, members in classic.items():
-        files = [f for f, _ in members]
-        folders = {f.parent for f in files}
-        ordered = None
-        if len(classic) == 1 and len(folders) == 1:
-            ordered = _gdcm_sorted(next(iter(folders)), uid, files)
-        if ordered is None:
-            ordered = _sort_along_normal(members)
-        folder = Path(os.path.commonpath([str(f.parent) for f in ordered]))
-        volumes.append(DicomSeries(files=ordered, frames=[None] * len(ordered), folder=folder, **common))
+    for members in classic.values():
+        stacks, refused = _split_stacks(members)
+        for stack, part in stacks:
+            files = [f for f, _ in part]
+            folders = {f.parent for f in files}
+            ordered = None
+            if len(classic) == 1 and len(stacks) == 1 and len(folders) == 1:
+                ordered = _gdcm_sorted(next(iter(folders)), uid, files)
+            if ordered is None:
+                ordered = _sort_along_normal(part)
+            folder = Path(os.path.commonpath([str(f.parent) for f in ordered]))
+            volumes.append(DicomSeries(files=ordered, frames=[None] * len(ordered), folder=folder, stack=stack,
+                                       refused=refused, **common))
     return volumes
+
+
+def _drop_duplicates(items: List[Tuple[Path, Any]], skipped: List[SkippedObject]) -> List[Tuple[Path, Any]]:
+    """``items`` without files repeating an earlier file's SOP Instance UID (one skipped entry for them)."""
+    seen: Dict[str, Path] = {}
+    kept, repeats = [], []
+    for f, ds in items:
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if uid and uid in seen:
+            repeats.append((f, seen[uid]))
+            continue
+        if uid:
+            seen[uid] = f
+        kept.append((f, ds))
+    if repeats:
+        where = repeats[0][0] if len(repeats) == 1 else Path(os.path.commonpath([str(f.parent) for f, _ in repeats]))
+        skipped.append(SkippedObject(where, f"same SOP Instance UID as a file already read (e.g. {repeats[0][1]}); "
+                                            "duplicate not read twice", count=len(repeats)))
+    return kept
+
+
+def _is_multiframe(ds) -> bool:
+    """An enhanced / legacy converted instance, or any file with more than one frame."""
+    return _sop_class(ds) in MULTIFRAME_SOP_CLASSES or (_int_or_none(ds.get("NumberOfFrames")) or 1) > 1
+
+
+def _multiframe_volume(f: Path, ds, common: Mapping[str, Any]) -> DicomSeries:
+    """One multi-frame file as a volume, refused when its frames repeat a slice position."""
+    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    series = DicomSeries(files=[f] * frames, frames=list(range(frames)), folder=f.parent, **common)
+    try:
+        positions = slice_positions(series)
+    except InputError:  # no per-frame geometry: reading or writing reports it
+        return series
+    repeats = max(Counter(_position_ids(positions)).values())
+    if repeats > 1:
+        series.refused = (f"multi-frame file {f.name}: its {frames} frames repeat slice positions (up to {repeats} "
+                          "at one position: echoes, b-values or time points in one file); one 3D stack per file "
+                          "is supported")
+    return series
+
+
+def _positions(members: Sequence[Tuple[Path, Any]]) -> Optional[np.ndarray]:
+    """Position of each classic slice along the normal of the first one (None if any lacks geometry)."""
+    iop = members[0][1].get("ImageOrientationPatient")
+    ipps = [ds.get("ImagePositionPatient") for _, ds in members]
+    if not iop or any(not ipp or len(ipp) != 3 for ipp in ipps):
+        return None
+    return np.asarray([[float(v) for v in ipp] for ipp in ipps], dtype=np.float64) @ _normal([float(v) for v in iop])
+
+
+def _position_ids(positions: np.ndarray) -> List[int]:
+    """Index of each slice's position, positions within POSITION_TOLERANCE_MM of a neighbour being one."""
+    order = np.argsort(positions, kind="stable")
+    ids = [0] * len(positions)
+    current = 0
+    for rank in range(1, len(order)):
+        if positions[order[rank]] - positions[order[rank - 1]] > POSITION_TOLERANCE_MM:
+            current += 1
+        ids[order[rank]] = current
+    return ids
+
+
+def _stack_value(ds, keyword: str) -> Optional[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = [value] if isinstance(value, (str, bytes, int, float)) or not hasattr(value, "__iter__") else list(value)
+    texts = []
+    for v in values:
+        try:
+            texts.append(f"{float(v):g}")
+        except (TypeError, ValueError):
+            texts.append(str(v).strip())
+    return "\\".join(texts)
+
+
+def _value_order(value: Optional[str]) -> tuple:
+    try:
+        return (0, float(value.split("\\")[0]), value) if value is not None else (2, 0.0, "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _split_stacks(members: List[Tuple[Path, Any]]) -> Tuple[List[Tuple[str, List[Tuple[Path, Any]]]], str]:
+    """``([(stack label, members)], refusal)`` of one classic volume.
+
+    Images sharing a slice position are split by the first of :data:`STACK_KEYS` whose groups
+    each hold unique positions and are as many as the images at one position, or all of two
+    slices or more (never one stack per slice); with no such key the whole is one refused stack.
+    """
+    positions = _positions(members)
+    if positions is None:
+        return [("", members)], ""
+    ids = _position_ids(positions)
+    repeats = max(Counter(ids).values())
+    if repeats == 1:
+        return [("", members)], ""
+    for keyword, name in STACK_KEYS:
+        groups: Dict[Optional[str], List[int]] = {}
+        for k, (_, ds) in enumerate(members):
+            groups.setdefault(_stack_value(ds, keyword), []).append(k)
+        unique = all(len({ids[k] for k in g}) == len(g) for g in groups.values())
+        stacks_like = len(groups) == repeats or all(len(g) > 1 for g in groups.values())
+        if len(groups) > 1 and unique and stacks_like:
+            return [(f"{name} {value if value is not None else 'none'}", [members[k] for k in groups[value]])
+                    for value in sorted(groups, key=_value_order)], ""
+    keys = ", ".join(k for k, _ in STACK_KEYS)
+    reason = (f"{len(members)} images share {len(set(ids))} slice positions (up to {repeats} at one position: "
+              f"several echoes, b-values, phases or copies in one series) and none of {keys} separates them "
+              "into stacks; not denoised")
+    return [("", members)], reason
 
 
 def series_from_files(files: Sequence[PathLike]) -> DicomSeries:
     """The one image volume made of exactly ``files`` (e.g. the instances Slicer loaded a node from).
 
     Raises:
-        InputError: the files are not one CT / MR volume (several series, orientations or sizes).
+        InputError: the files are not one CT / MR volume (several series, orientations, sizes or
+            stacks), or not one that can be denoised (see ``DicomSeries.refused``).
     """
     paths = [Path(f) for f in files]
     if not paths:
@@ -575,8 +729,10 @@ def series_from_files(files: Sequence[PathLike]) -> DicomSeries:
     skipped: List[SkippedObject] = []
     volumes = _volumes_of_series(uids.pop(), items, skipped)
     if len(volumes) != 1:
-        raise InputError(f"{paths[0].parent}: the files make {len(volumes)} volumes (different sizes, orientations "
-                         "or several multi-frame files); one is needed")
+        raise InputError(f"{paths[0].parent}: the files make {len(volumes)} volumes (different sizes, orientations, "
+                         "echoes, b-values or time points, or several multi-frame files); one is needed")
+    if volumes[0].refused:
+        raise InputError(f"{paths[0].parent}: {volumes[0].refused}")
     return volumes[0]
 
 
@@ -649,12 +805,17 @@ def read_series(series: DicomSeries) -> Volume:
     The array is (z, y, x) with slice ``k`` from ``series.files[k]`` (frame ``series.frames[k]``);
     geometry (spacing, origin, direction) is ITK's, as ``dualnet.io.read_volume`` reads a folder.
     ITK's own warnings (e.g. non-uniform slice spacing of a gantry-tilted CT) are not printed.
+
+    Raises:
+        InputError: a ``refused`` series (with its reason), or one SimpleITK cannot read as stacked.
     """
     import SimpleITK as sitk
 
+    where = series.folder or series.files[0].parent
+    if series.refused:
+        raise InputError(f"{where}: {series.refused}")
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    where = series.folder or series.files[0].parent
     try:
         if series.multiframe:
             image = sitk.ReadImage(str(series.files[0]))
@@ -952,6 +1113,16 @@ def _encode(ds) -> bytes:
     return buf.getvalue()
 
 
+def derived_description(provenance: Provenance, kind: str = "denoised", stack: str = "") -> str:
+    """SeriesDescription of a derived series: ``Denoised (<method>, <model>)`` and the stack, if any
+    (64 characters at most)."""
+    head = provenance.series_description(kind)
+    if not stack:
+        return head
+    stack = stack[:32]
+    return f"{head[:63 - len(stack)]} {stack}"
+
+
 def next_series_number(source_number: Optional[int], used: Iterable[Optional[int]] = (), kind: str = "denoised") -> int:
     """A series number for the derived series: source + 1000 (2000 for uncertainty), bumped by
     1000 until it differs from every number in ``used`` (the study's existing series)."""
@@ -986,7 +1157,8 @@ def write_derived_series(
         kind: ``"denoised"`` or ``"uncertainty"`` (changes the derivation code, description, number).
         series_number: default :func:`next_series_number` of the source's.
         used_series_numbers: series numbers already in the study, avoided.
-        description: SeriesDescription; default ``Denoised (<method>, <model>)``.
+        description: SeriesDescription; default ``Denoised (<method>, <model>)`` and the
+            source's stack (e.g. ``echo 2``) when the series has several.
         rescale: ``"source"`` or ``"max"`` (see :func:`choose_rescale`).
         inputs: further paths that must not overlap ``out_dir`` (the source folder always counts).
 
@@ -1038,12 +1210,12 @@ def write_derived_series(
     series_uid = generate_uid()
     number = series_number if series_number is not None else next_series_number(
         series.series_number, used_series_numbers, kind)
-    desc = description or provenance.series_description(kind)
+    desc = description or derived_description(provenance, kind, series.stack)
     derivation = provenance.description(kind)
     code = CODE_STANDARD_DEVIATION if kind == "uncertainty" else CODE_SMOOTHING
     date, tm, dt = _now()
     for_uid = str(first.get("FrameOfReferenceUID", "") or "") or generate_uid()
-    referenced = _referenced_series(series, headers)
+    instance_numbers = _instance_numbers(series, headers)
     from . import __version__
 
     if kind == "uncertainty":
@@ -1072,7 +1244,7 @@ def write_derived_series(
             ds.SeriesDescription = desc
             ds.SeriesDate, ds.SeriesTime = date, tm
             ds.ContentDate, ds.ContentTime = date, tm
-            ds.InstanceNumber = k + 1
+            ds.InstanceNumber = instance_numbers[k]
             ds.FrameOfReferenceUID = for_uid
             tail = [str(v) for v in list(src.get("ImageType") or [])[2:]]
             if out_class == CT_IMAGE and not tail:
@@ -1087,7 +1259,8 @@ def write_derived_series(
                 ref.ReferencedFrameNumber = frame + 1
             ref.PurposeOfReferenceCodeSequence = DSequence([_code_item(CODE_SOURCE_IMAGE)])
             ds.SourceImageSequence = DSequence([ref])
-            ds.ReferencedSeriesSequence = copy.deepcopy(referenced)
+            ds.ReferencedSeriesSequence = _referenced_series(series.series_uid, src)
+            _keep_lossy_history(ds, src)
             equipment = Dataset()
             equipment.Manufacturer = "DualNet"
             equipment.ManufacturerModelName = "dualnet"
@@ -1146,20 +1319,46 @@ def write_derived_series(
     return DerivedSeries(out, written, series_uid, uids, number, desc, slope, intercept, kind)
 
 
-def _referenced_series(series: DicomSeries, headers: Mapping[str, Any]):
+def _referenced_series(series_uid: str, src):
+    """ReferencedSeriesSequence of one derived instance: the source instance it came from."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DSequence
 
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
     item = Dataset()
-    item.SeriesInstanceUID = series.series_uid
-    instances = []
-    for src in headers.values():
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        instances.append(ref)
-    item.ReferencedInstanceSequence = DSequence(instances)
+    item.SeriesInstanceUID = series_uid
+    item.ReferencedInstanceSequence = DSequence([ref])
     return DSequence([item])
+
+
+def _instance_numbers(series: DicomSeries, headers: Mapping[str, Any]) -> List[int]:
+    """InstanceNumber of each derived slice, in the source's order: the source instance's number
+    when unique in the volume, else its rank by that number; the frame number for a multi-frame file."""
+    if series.multiframe:
+        return [int(frame) + 1 for frame in series.frames]
+    numbers = [_int_or_none(headers[_real(f)].get("InstanceNumber")) for f in series.files]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return [int(v) for v in numbers]
+    order = sorted(range(len(numbers)), key=lambda k: (numbers[k] is None, numbers[k] or 0, k))
+    ranks = [0] * len(numbers)
+    for rank, k in enumerate(order, start=1):
+        ranks[k] = rank
+    return ranks
+
+
+def _keep_lossy_history(ds, src) -> None:
+    """LossyImageCompression 01 when the source was lossy compressed (its attribute, or its transfer
+    syntax: then also the method, unless the source gave a ratio or method, copied with it)."""
+    meta = getattr(src, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    method = LOSSY_TRANSFER_SYNTAXES.get(syntax)
+    if method is None and str(src.get("LossyImageCompression", "") or "").strip() != "01":
+        return
+    ds.LossyImageCompression = "01"
+    if method and "LossyImageCompressionMethod" not in ds and "LossyImageCompressionRatio" not in ds:
+        ds.LossyImageCompressionMethod = method
 
 
 # ----------------------------------------------------------------------------- the whole path
@@ -1233,10 +1432,13 @@ def denoise_dicom_folder(
 
     Returns:
         A :class:`DicomRunReport`: one outcome per image series (a failing series does not stop
-        the others; ``CancelledError`` does) and the skipped non-image objects.
+        the others; ``CancelledError`` does) and the skipped non-image objects. A failed series
+        leaves no files (also not its denoised series when its uncertainty series fails).
 
     Raises:
         InputError: input missing, no image series found, or an output folder that overlaps the input.
+        CancelledError, KeyboardInterrupt: re-raised with ``partial_report``, the report of the
+            series finished before (their files stay; the interrupted series' files are removed).
     """
     from .api import denoise_volume
     from .errors import CancelledError
@@ -1268,6 +1470,7 @@ def denoise_dicom_folder(
     for index, series in enumerate(series_list, start=1):
         start = time.perf_counter()
         label = series.description or (f"series{series.series_number}" if series.series_number is not None else "series")
+        label += f" {series.stack}" if series.stack else ""
         name = f"{index:03d}_{series.modality or 'XX'}_{_slug(label)}"
         names[name] = names.get(name, 0) + 1
         target = out_root if flat else out_root / name
@@ -1294,16 +1497,24 @@ def denoise_dicom_folder(
             outcome.info.update(result.info)
             prov = provenance_from_info(result.info, method, chosen)
             used = used_numbers.setdefault(series.study_uid, set())
-            outcome.derived = write_derived_series(result.volume, series, target, prov, used_series_numbers=used,
-                                                   rescale=rescale, inputs=inputs)
-            used.add(outcome.derived.series_number)
-            if unc_target is not None and result.uncertainty is not None:
-                outcome.uncertainty = write_derived_series(result.uncertainty, series, unc_target, prov,
-                                                           kind="uncertainty", used_series_numbers=used,
-                                                           inputs=inputs + [out_root])
+            target_existed = target.exists()
+            derived = write_derived_series(result.volume, series, target, prov, used_series_numbers=used,
+                                           rescale=rescale, inputs=inputs)
+            try:
+                if unc_target is not None and result.uncertainty is not None:
+                    outcome.uncertainty = write_derived_series(
+                        result.uncertainty, series, unc_target, prov, kind="uncertainty",
+                        used_series_numbers=used | {derived.series_number}, inputs=inputs + [out_root])
+            except BaseException:  # the series failed as a whole: its denoised series goes too
+                _remove_series(derived, remove_folder=not target_existed)
+                raise
+            outcome.derived = derived
+            used.add(derived.series_number)
+            if outcome.uncertainty is not None:
                 used.add(outcome.uncertainty.series_number)
             outcome.status = "ok"
-        except (CancelledError, KeyboardInterrupt):
+        except (CancelledError, KeyboardInterrupt) as err:
+            err.partial_report = report  # type: ignore[union-attr]  # the series finished before, for the caller
             raise
         except DualNetError as err:
             outcome.error = str(err)
@@ -1318,6 +1529,20 @@ def denoise_dicom_folder(
         if log:
             log(outcome.line())
     return report
+
+
+def _remove_series(derived: DerivedSeries, remove_folder: bool) -> None:
+    """Delete a written derived series (and its folder when this run created it)."""
+    for path in derived.files:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    if remove_folder:
+        try:
+            derived.folder.rmdir()
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- Slicer export attributes

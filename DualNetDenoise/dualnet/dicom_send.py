@@ -19,12 +19,24 @@ from .errors import DualNetError, InputError
 
 PathLike = Union[str, os.PathLike]
 
-#: C-STORE status codes that mean "stored" (0x0000 success; B000 / B006 / B007 warnings).
-_STORED = {0x0000: "Success", 0xB000: "Warning: coercion of data elements",
-           0xB006: "Warning: elements discarded", 0xB007: "Warning: data set does not match SOP class"}
+#: C-STORE status codes that mean "stored": 0x0000 success and every DICOM Warning status
+#: (0001, 0107, 0116, Bxxx: PS3.7 C.4); the named ones with their meaning.
+_STORED = {0x0000: "Success", 0x0001: "Warning: requested optional attributes are not supported",
+           0x0107: "Warning: attribute list error", 0x0116: "Warning: attribute value out of range",
+           0xB000: "Warning: coercion of data elements", 0xB006: "Warning: elements discarded",
+           0xB007: "Warning: data set does not match SOP class"}
 _FAILURES = {0xA700: "Refused: out of resources", 0xA900: "Error: data set does not match SOP class",
              0xC000: "Error: cannot understand", 0x0122: "Refused: SOP class not supported",
              0x0124: "Refused: not authorised", 0x0211: "Unrecognised operation", 0x0212: "Mistyped argument"}
+
+
+def stored_message(code: int) -> Optional[str]:
+    """The meaning of a C-STORE status that means "stored" (success or a warning), else None."""
+    if code in _STORED:
+        return _STORED[code]
+    if 0xB000 <= code <= 0xBFFF:
+        return "Warning"
+    return None
 
 
 class SendError(DualNetError):
@@ -111,16 +123,63 @@ def _why_no_association(assoc, rejections: list) -> str:
     return "no association (node unreachable, or it aborted the request)"
 
 
+def _sop_classes(files: Sequence[Path]) -> List[str]:
+    """The SOP classes of ``files`` (headers only), each once, in order.
+
+    Raises:
+        InputError: a file is not readable DICOM.
+    """
+    import pydicom
+
+    classes: List[str] = []
+    for f in files:
+        try:
+            sop = str(pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+        except Exception as err:
+            raise InputError(f"{f}: cannot read DICOM file to send ({type(err).__name__})") from None
+        if sop not in classes:
+            classes.append(sop)
+    return classes
+
+
+def _store_one(assoc, f: Path) -> StoreStatus:
+    """C-STORE of one file, read just before it is sent (one data set in memory at a time)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(f))
+    except Exception as err:
+        return StoreStatus(f, "?", None, False, f"not sent: cannot read the file ({type(err).__name__})")
+    uid = str(ds.get("SOPInstanceUID", "?"))
+    if not assoc.is_established:
+        return StoreStatus(f, uid, None, False, "not sent: association lost")
+    try:
+        status = assoc.send_c_store(ds)
+    except (ValueError, RuntimeError) as err:  # no accepted presentation context
+        return StoreStatus(f, uid, None, False, f"not sent: {err}")
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if code is None:
+        return StoreStatus(f, uid, None, False, "no response (timeout or connection lost)")
+    message = stored_message(code)
+    if message is not None:
+        return StoreStatus(f, uid, code, True, message)
+    message = _FAILURES.get(code) or ("Refused" if code >> 12 == 0xA else "Error" if code >> 12 == 0xC else "Failure")
+    return StoreStatus(f, uid, code, False, message)
+
+
 def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, calling_ae: str = "DUALNET",
                timeout: float = 30.0) -> List[StoreStatus]:
     """Store ``paths`` on ``node`` in one association; one :class:`StoreStatus` per file, in order.
 
+    A success or warning status counts as stored. Headers are read first (for the SOP classes to
+    propose); each file is read whole just before it is sent.
+
     Raises:
+        InputError: a file is not readable DICOM (checked before the association).
         SendError: the node is unreachable, refused or aborted the association (nothing stored
             or status unknown; the files are untouched).
     """
     try:
-        import pydicom
         from pynetdicom import AE, evt
     except ImportError:  # pragma: no cover - declared dependency
         raise DualNetError("sending needs pynetdicom: pip install pynetdicom") from None
@@ -131,21 +190,11 @@ def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, callin
     files = [Path(p) for p in paths]
     if not files:
         return []
-    datasets = []
-    for f in files:
-        try:
-            datasets.append(pydicom.dcmread(str(f)))
-        except Exception as err:
-            raise InputError(f"{f}: cannot read DICOM file to send ({type(err).__name__})") from None
+    contexts = _sop_classes(files)
     ae = AE(ae_title=calling_ae)
     for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         if hasattr(ae, attr):
             setattr(ae, attr, timeout)
-    contexts = []
-    for ds in datasets:
-        sop = str(ds.SOPClassUID)
-        if sop not in contexts:
-            contexts.append(sop)
     for sop in contexts:
         ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     with _quiet_pynetdicom():
@@ -154,28 +203,8 @@ def send_files(paths: Sequence[PathLike], node: Union[DicomNode, str], *, callin
                              evt_handlers=[(evt.EVT_PDU_RECV, _note_rejection, [rejections])])
         if not assoc.is_established:
             raise SendError(f"{node}: {_why_no_association(assoc, rejections)}; {len(files)} files kept on disk")
-        results: List[StoreStatus] = []
         try:
-            for f, ds in zip(files, datasets):
-                uid = str(ds.SOPInstanceUID)
-                if not assoc.is_established:
-                    results.append(StoreStatus(f, uid, None, False, "not sent: association lost"))
-                    continue
-                try:
-                    status = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError) as err:  # no accepted presentation context
-                    results.append(StoreStatus(f, uid, None, False, f"not sent: {err}"))
-                    continue
-                code = int(status.Status) if status is not None and "Status" in status else None
-                if code is None:
-                    results.append(StoreStatus(f, uid, None, False, "no response (timeout or connection lost)"))
-                elif code in _STORED:
-                    results.append(StoreStatus(f, uid, code, True, _STORED[code]))
-                else:
-                    message = _FAILURES.get(code) or ("Refused" if code >> 12 == 0xA else "Error" if code >> 12 == 0xC
-                                                      else "Failure")
-                    results.append(StoreStatus(f, uid, code, False, message))
+            return [_store_one(assoc, f) for f in files]
         finally:
             if assoc.is_established:
                 assoc.release()
-    return results
