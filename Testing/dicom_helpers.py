@@ -198,3 +198,19 @@ def modality_values(ds) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return arr * slope + intercept
+
+
+def interrupt_second_denoising(monkeypatch) -> None:
+    """Make the second ``dualnet.api.denoise_volume`` call raise KeyboardInterrupt (a Ctrl-C during the
+    second series of a ``--dicom`` run); the first runs as usual."""
+    import dualnet.api as api
+
+    real, calls = api.denoise_volume, []
+
+    def second_is_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "denoise_volume", second_is_interrupted)

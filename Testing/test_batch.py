@@ -423,18 +423,10 @@ def test_batch_dicom_sends_to_a_dicom_node(study, tmp_path):
 
 def test_batch_dicom_interrupt_lists_the_series_finished_before(study, tmp_path, batch, monkeypatch, capsys):
     """An interrupt of a --dicom batch left the series finished before in OUT_DIR with no summary.csv."""
-    import dualnet.api as api
+    from dicom_helpers import interrupt_second_denoising
 
     root, _ = study
-    real, calls = api.denoise_volume, []
-
-    def second_is_interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(api, "denoise_volume", second_is_interrupted)
+    interrupt_second_denoising(monkeypatch)
     assert batch.main([str(root), str(tmp_path / "out"), "--dicom", "--method", "gaussian"]) == 130
     assert "1 series finished before are kept" in capsys.readouterr().err
     rows = read_rows(tmp_path / "out" / "summary.csv")

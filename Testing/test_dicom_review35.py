@@ -21,7 +21,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_helpers import dciodvfy, free_port, modality_values, require_tool, start_storescp, stop_process
+from dicom_helpers import (dciodvfy, free_port, interrupt_second_denoising, modality_values, require_tool,
+                           start_storescp, stop_process)
 
 MR = "mr_siemens_t1_fl2d_sag"
 ENH = "mr_siemens_xa30_t1w_enhanced"
@@ -356,7 +357,6 @@ def test_files_are_read_one_at_a_time_when_sending(shared_data, tmp_path):
 def test_the_command_says_which_series_a_cancel_kept(mr_files, tmp_path, monkeypatch, capsys):
     """`dualnet denoise --dicom` said "cancelled; no output written" while the series finished before the
     cancel stayed on disk; it now lists them (and sends nothing)."""
-    import dualnet.api as api
     from dualnet.cli import main
 
     study = tmp_path / "study"
@@ -364,15 +364,7 @@ def test_the_command_says_which_series_a_cancel_kept(mr_files, tmp_path, monkeyp
     for f in mr_files[:3]:
         write_copy(f, study / "a" / f.name)
         write_copy(f, study / "b" / f.name, with_attrs(new_instance=True, SeriesInstanceUID=other_uid, SeriesNumber=9))
-    real, calls = api.denoise_volume, []
-
-    def second_is_interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(api, "denoise_volume", second_is_interrupted)
+    interrupt_second_denoising(monkeypatch)
     code = main(["denoise", str(study), str(tmp_path / "out"), "--dicom", "--method", "gaussian", "--sigma", "25"])
     err = capsys.readouterr().err
     assert code == 130 and "the 1 series finished before are kept" in err and "no output written" not in err
