@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pytest
 
-TOOLS = {"dciodvfy": "dicom3tools", "storescp": "dcmtk"}
+TOOLS = {"dciodvfy": "dicom3tools", "storescp": "dcmtk", "dcmcjpeg": "dcmtk", "dcmdump": "dcmtk"}
 
 
 class DicomValidatorWarning(UserWarning):

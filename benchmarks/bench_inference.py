@@ -131,7 +131,8 @@ def run_one(job: dict) -> dict:
             res = denoise_array(vol, model, CARD, device=job["device"], tile=job.get("tile"),
                                 progress=progress, cancel=token)
             extra.update(tile=res.info["tile"], batch=res.info["batch"], amp=res.info["amp"],
-                         threads=res.info["threads"])
+                         threads=res.info["threads"], precision=res.info.get("precision"),
+                         backend=res.info.get("backend"))
         except CancelledError:  # partial run: peak RSS of the tiling phase, time extrapolated
             elapsed = time.perf_counter() - t0
             extra.update(partial=f"{len(seen)} batches, {100 * seen[-1] / 0.99:.1f} %",
@@ -184,7 +185,9 @@ def main() -> None:
     ap.add_argument("--volumes", nargs="+", default=["cube", "adni", "big"],
                     choices=["cube", "adni", "big"])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"],
-                    help="'small' is the default preset of shipped models")
+                    help="DUAL-NET presets built with default settings (tiling and memory of a preset); the "
+                         "shipped models (preset 'cpu', 2.5D context, noise map, ONNX Runtime) are timed end to "
+                         "end by benchmarks/bench_speed.py")
     ap.add_argument("--modes", nargs="+", default=["2d", "3d"], choices=["2d", "3d"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tile", type=int, default=None, help="tile side (default: automatic)")

@@ -65,8 +65,16 @@ def run_demo(
     from .metrics import foreground_mask, psnr, ssim
     from .render import mid_slice, panels_png
 
+    from .api import classical_methods
+    from .errors import InputError
+    from .io import atomic_write_bytes
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
+    unknown = [m for m in chosen if m != "dualnet" and m not in classical_methods()]
+    if not chosen or unknown:  # before any work or file
+        raise InputError(f"--methods: unknown {unknown or 'none given'}; choose from dualnet, "
+                         f"{', '.join(classical_methods())}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = [m.strip() for m in methods.split(",")] if methods else default_methods()
     clean = read_volume(SAMPLE)
     clean.array = clean.array.astype(np.float32)
     noisy, clean_lr = degrade_volume(clean, "mri", level, lr_factor=lr_factor, seed=seed)
@@ -98,10 +106,10 @@ def run_demo(
     diffs += [(f"{m} - clean", mid_slice(outputs[m] - ref)) for m in chosen]
     panels_png(panels, out_dir / "demo.png", aspect=aspect, diff_panels=diffs,
                title=f"Real T1 MPRAGE, 2 mm, Rician noise {level:.0%} of max: mid-slice")
-    (out_dir / "demo.json").write_text(json.dumps(
+    atomic_write_bytes(out_dir / "demo.json", json.dumps(
         {"sample": SAMPLE.name, "level": level, "lr_factor": lr_factor, "seed": seed,
          "data_range": data_range, "mask": "foreground (Otsu head mask) and whole volume", "results": rows},
-        indent=2), encoding="utf-8")
+        indent=2).encode("utf-8"), inputs=[SAMPLE])
     return _table(rows, out_dir)
 
 

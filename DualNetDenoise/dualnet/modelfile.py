@@ -91,9 +91,16 @@ def validate_normalisation(norm: Any, where: str = "card") -> Dict[str, Any]:
 
 
 def check_finite_weights(state: Dict[str, Any], where: Union[str, Path]) -> None:
-    """ModelError naming ``where`` if any floating-point tensor of ``state`` holds NaN or Inf."""
+    """ModelError naming ``where`` if any floating-point tensor of ``state`` holds NaN or Inf, or any
+    tensor is of a type a network here never has (complex, 8-bit floats: they escaped the check)."""
     import torch
 
+    plain = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    odd = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+           and (v.is_complex() or (v.is_floating_point() and v.dtype not in plain))]
+    if odd:
+        raise ModelError(f"{where}: weights of an unsupported type ({odd[0]}: {state[odd[0]].dtype}); "
+                         "the model is unusable")
     bad = [k for k, v in state.items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -223,8 +230,8 @@ def read_card(path: PathLike) -> Dict[str, Any]:
         raise ModelError(f"{cpath}: model card missing (expected beside {Path(path).name})")
     try:
         card = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit
-        raise ModelError(f"{cpath}: unreadable model card ({type(err).__name__}: {err})") from None
+    except (OSError, ValueError, RecursionError) as err:  # bad JSON or UTF-8, huge integers, deep nesting
+        raise ModelError(f"{cpath}: unreadable model card ({type(err).__name__}: {str(err)[:160]})") from None
     _check_card(card, cpath)
     return card
 
@@ -239,9 +246,49 @@ def _check_card(card: Any, where: Path) -> None:
     arch = card.get("architecture")
     if not isinstance(arch, dict) or any(k not in arch for k in ("kind", "dim")):
         raise ModelError(f"{where}: card architecture missing or incomplete")
+    problem = architecture_problem(arch)
+    if problem:
+        raise ModelError(f"{where}: invalid architecture in card ({problem})")
     if card.get("modality") not in MODALITIES:
         raise ModelError(f"{where}: card modality must be one of {MODALITIES}")
     validate_normalisation(card.get("normalisation"), str(where))
+
+
+#: bounds of a card's architecture entries: a card is untrusted, and a network is built from it before
+#: its weights are compared (a card asking for 200000 blocks per scale or a 2^31-slice context would
+#: take minutes and gigabytes first). Every model made so far is far inside them.
+ARCH_LIMITS = {"context": 15, "in_channels": 8, "blocks": 16}
+ARCH_KINDS = ("dualnet", "dncnn", "n2v")
+
+
+def architecture_problem(arch: Dict[str, Any]) -> str:
+    """Why a card's ``architecture`` cannot be a network this DualNet builds ("" when it can): its kind,
+    preset, dimension, context, channels and blocks per scale checked without PyTorch."""
+    from .presets import PRESETS
+
+    def whole(key: str, low: int, high: int, default: int) -> bool:
+        v = arch.get(key, default)
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    if arch.get("kind") not in ARCH_KINDS:
+        return f"kind must be one of {ARCH_KINDS}, got {arch.get('kind')!r}"
+    if arch.get("dim") not in (2, 3) or isinstance(arch.get("dim"), bool):
+        return f"dim must be 2 or 3, got {arch.get('dim')!r}"
+    if arch.get("kind") == "dualnet" and arch.get("preset") not in PRESETS:
+        return f"unknown preset {arch.get('preset')!r}"
+    if not whole("context", 1, ARCH_LIMITS["context"], 1) or arch.get("context", 1) % 2 == 0:
+        return f"context must be an odd number of slices 1..{ARCH_LIMITS['context']}, got {arch.get('context')!r}"
+    if not whole("in_channels", 1, ARCH_LIMITS["in_channels"], 1):
+        return f"in_channels must be 1..{ARCH_LIMITS['in_channels']}, got {arch.get('in_channels')!r}"
+    blocks = arch.get("blocks")
+    per_scale = [blocks] if isinstance(blocks, int) else blocks if isinstance(blocks, list) else None
+    if blocks is not None and (not per_scale or len(per_scale) > 8 or any(
+            not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= ARCH_LIMITS["blocks"] for b in per_scale)):
+        return f"blocks must be whole numbers 1..{ARCH_LIMITS['blocks']} per scale, got {blocks!r}"
+    for key in ("sr", "use_neb", "use_nonlocal", "noise_map"):
+        if key in arch and not isinstance(arch[key], bool):
+            return f"{key} must be true or false, got {arch[key]!r}"
+    return ""
 
 
 def _build(arch: Dict[str, Any], where: Path) -> Any:
@@ -249,8 +296,8 @@ def _build(arch: Dict[str, Any], where: Path) -> Any:
 
     try:
         return build_from_config(arch)
-    except (KeyError, ValueError, TypeError) as err:
-        raise ModelError(f"{where}: invalid architecture in card ({err})") from None
+    except (KeyError, ValueError, TypeError, RuntimeError, MemoryError) as err:
+        raise ModelError(f"{where}: invalid architecture in card ({str(err)[:160]})") from None
 
 
 def _load_pt(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any] | None]:

@@ -131,10 +131,13 @@ def export_bytes(model: Any, graph: str = "forward", example_hw: Tuple[int, int]
 
 
 class OnnxGraphs:
-    """Checked graph files (name -> path) attached to the network they were exported from."""
+    """Checked graphs (name -> the bytes whose SHA-256 was checked, and the file they came from)
+    attached to the network they were exported from. The sessions are made from those bytes, not
+    from the file read again later (it may have been replaced since)."""
 
-    def __init__(self, paths: Dict[str, Path], model_fingerprint: Optional[str]) -> None:
-        self.paths = {k: Path(v) for k, v in paths.items()}
+    def __init__(self, graphs: Dict[str, Tuple[Path, bytes]], model_fingerprint: Optional[str]) -> None:
+        self.paths = {k: Path(path) for k, (path, _) in graphs.items()}
+        self._data = {k: data for k, (_, data) in graphs.items()}
         self.fingerprint = model_fingerprint
         self._sessions: Dict[Tuple[str, int], Any] = {}
 
@@ -148,20 +151,22 @@ class OnnxGraphs:
             opts.intra_op_num_threads = key[1]
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
-            self._sessions[key] = ort.InferenceSession(self.paths[graph].read_bytes(), opts,
+            self._sessions[key] = ort.InferenceSession(self._data[graph], opts,
                                                        providers=["CPUExecutionProvider"])
         return self._sessions[key]
 
 
-def check_graphs(weights_path: Path, card: Dict[str, Any]) -> Optional[Dict[str, Path]]:
-    """The graph files the card names beside ``weights_path``, each checked against its SHA-256;
-    None without an ``onnx`` entry, or (with a warning) when a file is missing or the graphs were
-    exported from other weights.
+def check_graphs(weights_path: Path, card: Dict[str, Any]) -> Optional[Dict[str, Tuple[Path, bytes]]]:
+    """The graph files the card names beside ``weights_path``, each read once and checked against
+    its SHA-256 (name -> (path, bytes)); None without an ``onnx`` entry, or (with a warning) when a
+    file is missing or the graphs were exported from other weights.
 
     Raises:
         ModelError: the entry is malformed, or a file's SHA-256 differs from the card's.
     """
-    from .modelfile import card_path, sha256_file
+    import hashlib
+
+    from .modelfile import card_path
 
     entry = card.get("onnx")
     if entry is None:
@@ -181,9 +186,10 @@ def check_graphs(weights_path: Path, card: Dict[str, Any]) -> Optional[Dict[str,
         if not path.is_file():
             warnings.warn(f"{path}: ONNX graph named by the card is missing; running the network in PyTorch")
             return None
-        if sha256_file(path).lower() != g["sha256"].lower():
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != g["sha256"].lower():
             raise ModelError(f"{path}: SHA-256 mismatch with its card (file corrupt or tampered)")
-        paths[name] = path
+        paths[name] = (path, data)
     if str(entry.get("weights_sha256", "")).lower() != str(card.get("sha256", "")).lower():
         warnings.warn(f"{where}: its ONNX graphs were exported from other weights; running the network in "
                       "PyTorch (re-export them with scripts/export_onnx.py)")
@@ -207,7 +213,7 @@ class GraphNet:
 
     training = False
 
-    def __init__(self, card: Dict[str, Any], paths: Dict[str, Path]) -> None:
+    def __init__(self, card: Dict[str, Any], paths: Dict[str, Tuple[Path, bytes]]) -> None:
         self.config = dict(card["architecture"])
         self.neb = True if self.config.get("use_neb", True) else None
         self.onnx_graphs = OnnxGraphs(paths, None)
