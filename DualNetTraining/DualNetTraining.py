@@ -197,6 +197,7 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         self.runner = None
         self.timer = None
         self._workdir = None
+        self._runDir = None
 
     def getParameterNode(self):
         return DualNetTrainingParameterNode(super().getParameterNode())
@@ -282,8 +283,11 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
         store = ModelStore(user_dir=self.modelsFolder())
         if store.find(name) is not None:
             raise ValueError(f"a model named '{name}' exists; choose another name or tick Resume")
-        if (runDir / "checkpoint.pt").exists():
-            raise ValueError(f"an earlier run named '{name}' was stopped before its end ({runDir}); tick Resume to "
+        from dualnet.training.trainer import stopped_run_step
+
+        step = stopped_run_step(runDir)
+        if step is not None:
+            raise ValueError(f"an earlier run named '{name}' was stopped at step {step} ({runDir}); tick Resume to "
                              "continue it, or choose another name")
         try:
             store.check_free(outModel)  # its file, or an entry using it
@@ -324,6 +328,7 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
 
     def start(self, p, onProgress=None, onOutput=None, onFinished=None) -> None:
         cmd, outModel, runDir = self.buildCommand(p)
+        self._runDir = runDir
         try:
             self._start(p, cmd, outModel, onProgress, onOutput, onFinished)
         except BaseException:
@@ -386,17 +391,24 @@ class DualNetTrainingLogic(ScriptedLoadableModuleLogic):
     CANCEL_GRACE_S = 60.0
 
     def cancel(self) -> None:
-        """Ask the run to stop: it writes its checkpoint and ends (killed if it has not after
-        :attr:`CANCEL_GRACE_S`)."""
+        """Ask the run to stop (a stop file in its run folder, watched before every step on every
+        platform): it writes its checkpoint and ends; killed if it has not after :attr:`CANCEL_GRACE_S`."""
         if self.runner is not None:
-            self.runner.cancel(grace_s=self.CANCEL_GRACE_S)
+            self.runner.cancel(grace_s=self.CANCEL_GRACE_S, ask=self._askToStop)
+
+    def _askToStop(self) -> None:
+        from dualnet.training.stop_request import request_stop
+
+        if self._runDir is None:
+            raise OSError("no run folder to ask")
+        request_stop(self._runDir)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop a running training (module unloaded, application closing) and remove its temporary folder."""
         if self.timer is not None:
             self.timer.stop()
         if self.running:
-            self.runner.cancel(grace_s=max(0.0, timeout - 2.0))  # time to write its checkpoint
+            self.runner.cancel(grace_s=max(0.0, timeout - 2.0), ask=self._askToStop)  # time to write its checkpoint
             try:
                 self.runner.wait(timeout=timeout)
             except TimeoutError:

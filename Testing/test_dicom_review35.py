@@ -370,3 +370,46 @@ def test_the_command_says_which_series_a_cancel_kept(mr_files, tmp_path, monkeyp
     assert code == 130 and "the 1 series finished before are kept" in err and "no output written" not in err
     (kept,) = list((tmp_path / "out").iterdir())
     assert len(list(kept.glob("*.dcm"))) == 3
+
+
+def test_second_review_of_the_stack_split(mr_files, tmp_path):
+    """Session 35's second review: every image of a series at one position (a single-slice cine) became
+    one derived series per image; stack values were rounded to 6 digits (acquisitions 1234567 and
+    1234568 merged); malformed geometry stopped the discovery of the whole folder."""
+    from dualnet.dicom_out import find_dicom_series
+
+    phases = tmp_path / "cine"
+    for t in range(4):  # one slice position, four trigger times
+        write_copy(mr_files[0], phases / f"{t}.dcm", with_attrs(new_instance=True, TriggerTime=40.0 * t,
+                                                                InstanceNumber=t + 1))
+    (cine,), _ = find_dicom_series(phases)
+    assert cine.n_slices == 4 and not cine.refused and not cine.stack  # one stack, as before session 35
+
+    acquisitions = tmp_path / "acq"
+    for k, acq in enumerate((1234567, 1234568)):
+        for i, f in enumerate(mr_files):
+            write_copy(f, acquisitions / f"{k}_{i}.dcm",
+                       with_attrs(new_instance=True, AcquisitionNumber=acq, InstanceNumber=10 * k + i + 1))
+    series, _ = find_dicom_series(acquisitions)
+    assert [s.stack for s in series] == ["acquisition 1234567", "acquisition 1234568"]
+
+    broken = tmp_path / "broken"
+    write_copy(mr_files[0], broken / "a" / "0.dcm", with_attrs(new_instance=True, ImageOrientationPatient=[1, 0, 0]))
+    for f in mr_files:
+        write_copy(f, broken / "b" / f.name, with_attrs(new_instance=True, SeriesInstanceUID="1.2.3.4.5"))
+    found, _ = find_dicom_series(broken)  # the good series is still found
+    assert any(s.series_uid == "1.2.3.4.5" and s.n_slices == 4 for s in found)
+
+
+def test_an_explicitly_lossless_source_stays_lossless(mr_files, tmp_path):
+    from dualnet.dicom_out import _keep_lossy_history
+
+    src = pydicom.dcmread(str(mr_files[0]))
+    src.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.91"  # JPEG 2000: lossless or lossy
+    out = pydicom.Dataset()
+    src.LossyImageCompression = "00"
+    _keep_lossy_history(out, src)
+    assert "LossyImageCompression" not in out
+    del src.LossyImageCompression
+    _keep_lossy_history(out, src)
+    assert out.LossyImageCompression == "01"

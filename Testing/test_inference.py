@@ -276,3 +276,15 @@ def test_cuda_oom_halves_tiles_then_falls_back_to_cpu(monkeypatch):
     assert tiles_tried[-1][1] < tiles_tried[0][1]  # tiles were halved before giving up
     assert any("out of memory" in m and "CPU" in m for m in messages)
     np.testing.assert_allclose(res.denoised, img, rtol=1e-5, atol=1e-2)
+
+
+def test_progress_never_goes_back_when_no_guard_pass_runs():
+    """A 3D model on MRI: the guard is on by default but runs no pass (3D); the bar went from 0.99 back
+    to 0.8 for its step (review of session 35's change)."""
+    torch.manual_seed(0)
+    net = build_model("tiny", 3).eval()
+    seen = []
+    x = np.random.default_rng(0).normal(100, 10, (8, 24, 24)).astype(np.float32)
+    res = denoise_array(x, net, CARD, device="cpu", modality="mri", progress=lambda f, m: seen.append(f))
+    assert res.info["guard"]["weight"] == 1.0 and "3D" in res.info["guard"]["reason"]
+    assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:])) and seen[-1] == pytest.approx(1.0)

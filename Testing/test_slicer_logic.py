@@ -1455,9 +1455,19 @@ def test_a_new_training_run_needs_a_free_name(monkeypatch, scene, mri_node, tmp_
     logic = module.DualNetTrainingLogic()
     p = _training_parameters(module, scene, mri_node, modelName="knee v1")
     _, out_model, run_dir = logic.buildCommand(p)
-    run_dir.mkdir(parents=True)
-    (run_dir / "checkpoint.pt").write_bytes(b"an earlier run")
-    with pytest.raises(ValueError, match="tick Resume"):
+    from dualnet.errors import CancelledError
+    from dualnet.progress import CancelToken
+    from dualnet.training.config import TrainConfig
+    from dualnet.training.trainer import pretrain
+
+    cfg = TrainConfig(modality="mri", preset="tiny", patch_size=16, batch_size=1, steps=6, val_patches=1,
+                      val_every=100, checkpoint_every=100, log_every=1, device="cpu", threads=1, lr_factor=1,
+                      min_foreground=0.0)
+    token = CancelToken()
+    with pytest.raises(CancelledError):  # an earlier run of that name, stopped at step 2
+        pretrain(cfg, data=[(nodes.array_from_node(mri_node)[:4, :32, :32].astype("float32"), (1.0, 1.0, 1.0))],
+                 out_dir=run_dir, cancel=token, progress=lambda f, m: m.startswith("step 2/") and token.cancel())
+    with pytest.raises(ValueError, match="stopped at step 2.*tick Resume"):
         logic.buildCommand(p)
     p.resume = True
     assert "--resume" in logic.buildCommand(p)[0]
@@ -1469,7 +1479,9 @@ def test_a_new_training_run_needs_a_free_name(monkeypatch, scene, mri_node, tmp_
     p.modelName = shipped
     with pytest.raises(ValueError, match="exists"):
         logic.buildCommand(p)
-    (run_dir / "checkpoint.pt").unlink()
+    import shutil
+
+    shutil.rmtree(run_dir)
     from dualnet.modelfile import default_model_path
 
     store.import_model(default_model_path("mri"), name="knee_v1")  # its file is knee_v1.safetensors

@@ -60,17 +60,42 @@ def test_resume_refuses_other_settings_or_data_and_accepts_more_steps(tmp_path, 
     with pytest.raises(InputError, match="the voxels of 2 of the 2 images"):
         pretrain(cfg, data=other, out_dir=out, resume=True)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step  # nothing trained, nothing replaced
-    res = pretrain(cfg.replace(steps=8, threads=2), data=crop, out_dir=out, resume=True)  # run control: allowed
+    allowed = cfg.replace(steps=8, threads=2, export_best=not cfg.export_best, val_patches=3)  # run control
+    res = pretrain(allowed, data=crop, out_dir=out, resume=True)
     assert res.steps == 8
 
 
-def test_a_fresh_run_never_replaces_a_checkpoint(tmp_path, crop):
+def test_a_fresh_run_never_replaces_a_stopped_runs_checkpoint(tmp_path, crop):
+    from dualnet.training.trainer import stopped_run_step
+
     out = tmp_path / "run"
     _cancelled_run(out, crop, _config())
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(InputError, match="holds the checkpoint of an earlier run"):
+    assert stopped_run_step(out) == 3
+    with pytest.raises(InputError, match="a run stopped at step 3"):
         pretrain(_config(), data=crop, out_dir=out)
     assert (out / "checkpoint.pt").read_bytes() == before
+    pretrain(_config(), data=crop, out_dir=out, resume=True)  # finished now: its model is exported
+    assert stopped_run_step(out) is None
+    assert pretrain(_config(seed=4), data=crop, out_dir=out).steps == 6  # a new run may replace a finished one
+
+
+def test_a_stop_request_file_stops_a_run_with_its_checkpoint(tmp_path, crop):
+    """How the Slicer panel asks its child to stop on every platform (no console for CTRL_BREAK on Windows)."""
+    from dualnet.training.stop_request import STOP_FILE, request_stop
+
+    out = tmp_path / "run"
+    request_stop(out)  # a stale request from an earlier run is not for this one
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(message)
+        if message.startswith("step 2/"):
+            request_stop(out)
+
+    with pytest.raises(CancelledError, match="stop request"):
+        pretrain(_config(steps=50), data=crop, out_dir=out, progress=progress)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not (out / STOP_FILE).exists()
 
 
 def test_continuing_a_model_into_its_own_folder_is_refused_before_any_step(tmp_path, crop):
@@ -127,6 +152,20 @@ def test_a_graceful_cancel_lets_the_run_write_its_checkpoint_and_kills_a_run_tha
     assert runner.wait(timeout=90) == 130 and runner.cancelled
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] >= 3
 
+    from dualnet.training.stop_request import request_stop
+
+    steps.clear()
+    cfg.replace(data=[DataSource(str(tmp_path / "a.nrrd"))]).save(tmp_path / "c.toml")
+    runner = ProcessRunner([sys.executable, "-m", "dualnet", "train", "--config", str(tmp_path / "c.toml"), "--out",
+                            str(tmp_path / "run2"), "--progress-json"], env=env,
+                           on_progress=lambda p: steps.append(p.get("step") or 0)).start()
+    while max(steps, default=0) < 3:
+        assert runner.poll() is None and time.time() - start < 240, runner.lines[-5:]
+        time.sleep(0.05)
+    runner.cancel(grace_s=60, ask=lambda: request_stop(tmp_path / "run2"))  # the panel's way, on any platform
+    assert runner.wait(timeout=90) == 130
+    assert load_checkpoint(tmp_path / "run2" / "checkpoint.pt")["step"] >= 3
+
     stubborn = tmp_path / "stubborn.py"
     stubborn.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\n"
                         "time.sleep(60)\n", encoding="utf-8")
@@ -136,6 +175,7 @@ def test_a_graceful_cancel_lets_the_run_write_its_checkpoint_and_kills_a_run_tha
         time.sleep(0.05)
     began = time.time()
     runner.cancel(grace_s=1.0)
+    runner.cancel(grace_s=60.0)  # a second click keeps the first deadline
     assert runner.wait(timeout=20) != 0 and 1.0 <= time.time() - began < 15  # killed after its grace
 
 

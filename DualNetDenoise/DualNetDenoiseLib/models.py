@@ -53,8 +53,13 @@ def read_card(model_path: Path) -> Dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
+
+
+def _modality(value) -> Optional[str]:
+    """A card's or an index entry's modality if it is one this DualNet knows, else None."""
+    return value if value in ("mri", "ct", "us") else None
 
 
 @dataclass
@@ -94,10 +99,13 @@ class ModelStore:
     def _read_index(self) -> List[dict]:
         try:
             data = json.loads(self.index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return []
         models = data.get("models", []) if isinstance(data, dict) else []
-        return [m for m in models if isinstance(m, dict) and "name" in m and "path" in m]
+        if not isinstance(models, list):
+            return []  # an index edited by hand: one bad entry must not break the whole list
+        return [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)
+                and isinstance(m.get("path"), str) and m["path"]]
 
     def _write_index(self, models: List[dict]) -> None:
         self.user_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,8 @@ class ModelStore:
         out = []
         for f in sorted(self.shipped_dir.glob("*" + MODEL_SUFFIX)):
             card = read_card(f)
-            out.append(ModelEntry(card.get("name", f.stem), str(f), card.get("modality"), True, None, "shipped", card))
+            name = card.get("name") if isinstance(card.get("name"), str) else f.stem
+            out.append(ModelEntry(name, str(f), _modality(card.get("modality")), True, None, "shipped", card))
         return out
 
     def user_models(self) -> List[ModelEntry]:
@@ -124,8 +133,8 @@ class ModelStore:
             if not path.exists():
                 continue  # deleted behind our back: hide it, keep the index as is
             card = read_card(path)
-            out.append(ModelEntry(m["name"], str(path), m.get("modality") or card.get("modality"), False,
-                                  m.get("added"), m.get("source"), card))
+            out.append(ModelEntry(m["name"], str(path), _modality(m.get("modality")) or _modality(card.get("modality")),
+                                  False, m.get("added"), m.get("source"), card))
         return out
 
     def list_models(self, modality: Optional[str] = None) -> List[ModelEntry]:
@@ -165,7 +174,9 @@ class ModelStore:
                 _atomic_copy(a, b)
         else:
             dst = src
-        entry = ModelEntry(name, str(dst), card.get("modality"), False,
+            if self._entry_using(dst) is not None:
+                raise ValueError(f"{dst.name} is already the file of the model '{self._entry_using(dst)}'")
+        entry = ModelEntry(name, str(dst), _modality(card.get("modality")), False,
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), source, card)
         models = self._read_index()
         rec = {k: v for k, v in asdict(entry).items() if k not in ("card", "shipped")}
@@ -192,15 +203,27 @@ class ModelStore:
         if len(keep) == len(models):
             return False
         if delete_files:
+            still_used = {self._resolve(m["path"]) for m in keep}
             for m in models:
-                if m["name"] == name:
-                    path = Path(m["path"]) if Path(m["path"]).is_absolute() else self.user_dir / m["path"]
-                    if path.resolve().parent == self.user_dir.resolve():
-                        for f in (path, card_path(path)):
-                            if f.exists():
-                                f.unlink()
+                path = self._resolve(m["path"])
+                if m["name"] == name and path.parent == self.user_dir.resolve() and path not in still_used:
+                    for f in (path, card_path(path)):  # never a file another entry uses
+                        if f.exists():
+                            f.unlink()
+                    run = path.with_name(f"{path.stem}_run")  # its training run (DualNetTraining), if any
+                    if run.is_dir():
+                        shutil.rmtree(run, ignore_errors=True)
         self._write_index(keep)
         return True
+
+    def _resolve(self, path: str) -> Path:
+        p = Path(path)
+        return (p if p.is_absolute() else self.user_dir / p).resolve()
+
+    def _entry_using(self, path: Path) -> Optional[str]:
+        """The name of the index entry whose file is ``path``, if any."""
+        target = Path(path).resolve()
+        return next((m["name"] for m in self._read_index() if self._resolve(m["path"]) == target), None)
 
     def clear_user_models(self) -> int:
         """Remove every user model; returns how many were removed. Shipped models stay."""

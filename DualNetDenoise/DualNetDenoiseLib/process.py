@@ -210,28 +210,36 @@ class ProcessRunner:
     def running(self) -> bool:
         return self.proc is not None and self.returncode is None
 
-    def cancel(self, grace_s: float = 0.0) -> None:
+    def cancel(self, grace_s: float = 0.0, ask: Optional[Callable[[], None]] = None) -> None:
         """Stop the child and its children; :meth:`poll` then returns a non-zero code.
 
-        ``grace_s`` > 0: ask the child to stop (SIGTERM; CTRL_BREAK on Windows) so that it can finish
-        cleanly (a training run writes its checkpoint), and kill the tree only if it still runs
-        ``grace_s`` seconds later (checked by :meth:`poll`). 0: kill at once."""
+        ``grace_s`` > 0: ask the child to stop so that it can finish cleanly (a training run writes its
+        checkpoint) - with ``ask()`` (e.g. a stop file the child watches), else SIGTERM (POSIX) - and
+        kill the tree only if it still runs ``grace_s`` seconds later (checked by :meth:`poll`; a
+        second cancel keeps the first deadline). 0, or no way to ask (Windows without ``ask``): kill
+        at once."""
         if self.proc is None or self.returncode is not None:
             return
         self.cancelled = True
-        if grace_s > 0 and self._ask_to_stop():
+        if self._kill_at is not None:
+            return  # already asked: the deadline stands
+        if grace_s > 0 and self._ask_to_stop(ask):
             self._kill_at = time.monotonic() + grace_s
             return
         kill_process_tree(self.proc)
 
-    def _ask_to_stop(self) -> bool:
-        """Send the child the polite stop signal; False when it cannot be sent."""
-        sig = getattr(signal, "CTRL_BREAK_EVENT", None) if os.name == "nt" else signal.SIGTERM
+    def _ask_to_stop(self, ask: Optional[Callable[[], None]]) -> bool:
+        """Ask the child to stop (``ask``, else SIGTERM on POSIX); False when it cannot be asked."""
         try:
-            self.proc.send_signal(sig)
+            if ask is not None:
+                ask()
+            elif os.name != "nt":
+                self.proc.send_signal(signal.SIGTERM)
+            else:  # CTRL_BREAK cannot reach a child without a console
+                return False
         except (AttributeError, ValueError, OSError):
             return False
-        return sig is not None
+        return True
 
     def failure_message(self) -> str:
         """One line describing why the child failed (its DUALNET_ERROR line or its last output)."""

@@ -623,10 +623,11 @@ def _multiframe_volume(f: Path, ds, common: Mapping[str, Any]) -> DicomSeries:
     series = DicomSeries(files=[f] * frames, frames=list(range(frames)), folder=f.parent, **common)
     try:
         positions = slice_positions(series)
-    except InputError:  # no per-frame geometry: reading or writing reports it
+    except (InputError, ValueError, TypeError, IndexError):  # no usable per-frame geometry: reading or writing reports it
         return series
-    repeats = max(Counter(_position_ids(positions)).values())
-    if repeats > 1:
+    ids = _position_ids(positions)
+    repeats = max(Counter(ids).values())
+    if repeats > 1 and len(set(ids)) > 1:  # (all frames at one position: a 2D+t series, one stack as before)
         series.refused = (f"multi-frame file {f.name}: its {frames} frames repeat slice positions (up to {repeats} "
                           "at one position: echoes, b-values or time points in one file); one 3D stack per file "
                           "is supported")
@@ -639,7 +640,10 @@ def _positions(members: Sequence[Tuple[Path, Any]]) -> Optional[np.ndarray]:
     ipps = [ds.get("ImagePositionPatient") for _, ds in members]
     if not iop or any(not ipp or len(ipp) != 3 for ipp in ipps):
         return None
-    return np.asarray([[float(v) for v in ipp] for ipp in ipps], dtype=np.float64) @ _normal([float(v) for v in iop])
+    try:
+        return np.asarray([[float(v) for v in ipp] for ipp in ipps], dtype=np.float64) @ _normal([float(v) for v in iop])
+    except (ValueError, TypeError, IndexError):  # malformed geometry: as none (reading the series reports it)
+        return None
 
 
 def _position_ids(positions: np.ndarray) -> List[int]:
@@ -662,7 +666,7 @@ def _stack_value(ds, keyword: str) -> Optional[str]:
     texts = []
     for v in values:
         try:
-            texts.append(f"{float(v):g}")
+            texts.append(repr(float(v)).removesuffix(".0"))  # every digit: 1234567 and 1234568 stay apart
         except (TypeError, ValueError):
             texts.append(str(v).strip())
     return "\\".join(texts)
@@ -687,7 +691,7 @@ def _split_stacks(members: List[Tuple[Path, Any]]) -> Tuple[List[Tuple[str, List
         return [("", members)], ""
     ids = _position_ids(positions)
     repeats = max(Counter(ids).values())
-    if repeats == 1:
+    if repeats == 1 or len(set(ids)) == 1:  # one image per position, or all at one (2D+t): one stack as before
         return [("", members)], ""
     for keyword, name in STACK_KEYS:
         groups: Dict[Optional[str], List[int]] = {}
@@ -1354,7 +1358,8 @@ def _keep_lossy_history(ds, src) -> None:
     meta = getattr(src, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
     method = LOSSY_TRANSFER_SYNTAXES.get(syntax)
-    if method is None and str(src.get("LossyImageCompression", "") or "").strip() != "01":
+    stated = str(src.get("LossyImageCompression", "") or "").strip()
+    if stated == "00" or (method is None and stated != "01"):  # an explicit "00" (lossless JPEG 2000 / -LS) holds
         return
     ds.LossyImageCompression = "01"
     if method and "LossyImageCompressionMethod" not in ds and "LossyImageCompressionRatio" not in ds:

@@ -631,7 +631,8 @@ def denoise_array(
     elif restore:  # no maps of its own: the first view's are the result's
         info["neb"] = "the first view's maps"
     if guard:
-        report(progress, GUARD_PROGRESS_FROM, "checking the result against the input (SURE guard)")
+        if checks:  # (a 3D model or speckle: no pass, and the bar is already at the end of the main pass)
+            report(progress, GUARD_PROGRESS_FROM, "checking the result against the input (SURE guard)")
         info["guard"] = _sure_guard(vol, outs["out"], model, dim, context, norm_params, has_fill, coef,
                                     modality, dev, tile_shape, batch, overlap, n_tta, seed, cancel, out_floor,
                                     fast, _neb if restore else None, _views, given_coef=noise_coef,

@@ -17,10 +17,16 @@ import numpy as np
 
 from .config import TrainConfig
 
-#: config fields a resumed run may change: the run's length, device, threads, reporting and the data
-#: paths (the data itself is compared by content)
+#: config fields a resumed run may change: the run's length, device, threads, reporting, the data
+#: paths (the data itself is compared by content), the starting model (a resume starts from the
+#: checkpoint; the panel's shipped model moves when the extension is updated), what is exported and
+#: how the checkpoint to export is chosen, and the check after fine-tuning
 RUN_CONTROL_FIELDS = ("steps", "device", "num_workers", "threads", "time_budget_s", "checkpoint_every",
-                      "val_every", "log_every", "patience", "data_dir", "data")
+                      "val_every", "log_every", "patience", "data_dir", "data", "init_from", "base_check",
+                      "export_best", "select_on", "val_patches", "amp", "config_version")
+#: relative tolerance of the floats derived from the data (normalisation, noise models): the voxels
+#: themselves are compared by digest; an estimate may differ in its last bits between machines
+FLOAT_RTOL = 1e-6
 
 
 def run_fingerprint(cfg: TrainConfig, train_images: Sequence[Any], val_images: Sequence[Any], *,
@@ -49,17 +55,31 @@ def fingerprint_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
                if old.get(key) != new.get(key)]
     old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
     first = ("stage", "model", "modality")  # the biggest differences first
+    defaults = TrainConfig().to_dict()
     for key in sorted(set(old_cfg) | set(new_cfg), key=lambda k: (k not in first, k)):
-        if old_cfg.get(key) != new_cfg.get(key):
-            changes.append(f"{key} {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+        old_value = old_cfg.get(key, defaults.get(key))  # a field newer than the checkpoint: its default
+        if old_value != new_cfg.get(key, defaults.get(key)):
+            changes.append(f"{key} {old_value!r} -> {new_cfg.get(key)!r}")
     old_im, new_im = old.get("images", []), new.get("images", [])
     if len(old_im) != len(new_im):
         changes.append(f"the images ({len(old_im)} -> {len(new_im)})")
     else:
         for kind in ("digest", "shape", "side", "weight", "params", "noise_var"):
-            n = sum(a.get(kind) != b.get(kind) for a, b in zip(old_im, new_im))
+            n = sum(not _same(a.get(kind), b.get(kind)) for a, b in zip(old_im, new_im))
             if n:
                 what = {"digest": "voxels", "side": "train/validation split", "noise_var": "noise model",
                         "params": "normalisation"}.get(kind, kind)
                 changes.append(f"the {what} of {n} of the {len(new_im)} images")
     return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, numbers (and lists of them) within :data:`FLOAT_RTOL`."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= FLOAT_RTOL * max(abs(float(a)), abs(float(b)), 1e-30)
+        except (TypeError, ValueError):
+            return False
+    return a == b

@@ -49,6 +49,7 @@ from ..errors import CancelledError, InputError, ModelError
 from ..progress import CancelToken, ProgressFn, report
 from .config import TrainConfig, default_data_dir
 from .run_fingerprint import fingerprint_changes, run_fingerprint
+from .stop_request import STOP_FILE, clear_stop, stop_requested
 from . import data as tdata
 from .weight_average import WeightAverage, maybe_applied
 
@@ -187,6 +188,21 @@ def _digest_into(h, obj: Any) -> None:
             _digest_into(h, item)
     else:
         h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
+def stopped_run_step(run_dir: Union[str, Path]) -> Optional[int]:
+    """The step at which the run whose checkpoint is in ``run_dir`` stopped before its end (cancelled,
+    killed by a signal, out of time), or None: no checkpoint, a finished run's (its model was exported:
+    a new run may replace it), or one that cannot be read (nothing to resume)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        ck = load_checkpoint(path)
+    except ModelError:
+        return None
+    step, total = int(ck["step"]), int(ck.get("total_steps", json.loads(ck["config"]).get("steps", 0)))
+    return None if ck.get("finished") or step >= total else step
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
@@ -599,9 +615,11 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             out_dir.mkdir(parents=True, exist_ok=True)
         dist_state.barrier()
         ck_path = out_dir / CHECKPOINT_NAME
-        if not resume and ck_path.exists():  # never replace another run's checkpoint
-            raise InputError(f"{out_dir} holds the checkpoint of an earlier run: resume it (--resume), or start "
-                             "this run in another folder (or delete that one)")
+        if not resume and stopped_run_step(out_dir) is not None:  # never replace a stopped run's checkpoint
+            raise InputError(f"{out_dir} holds the checkpoint of a run stopped at step {stopped_run_step(out_dir)}: "
+                             "resume it (--resume), or start this run in another folder (or delete that one)")
+        if is_main:
+            clear_stop(out_dir)  # a request left by an earlier run is not for this one
         run = _Run(cfg, out_dir, selfsup=selfsup, masked=masked, progress=progress if is_main else None,
                    cancel=cancel, progress_json=progress_json and is_main, show_bar=show_bar and is_main,
                    command=command)
@@ -695,7 +713,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             else:
                 card_input_val = {}
 
-        def save_checkpoint(step: int) -> Optional[Path]:
+        def save_checkpoint(step: int, finished: bool = False) -> Optional[Path]:
             if not is_main:
                 return None
             # never replace the last good checkpoint with unusable weights (the run can resume from it)
@@ -712,6 +730,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                 "best_model": run.best_state or {}, "selfsup": bool(selfsup), "total_steps": int(horizon["total"]),
                 "ema": average.state_dict() if average is not None else {},
                 "fingerprint": json.dumps(fingerprint),
+                "finished": bool(finished),  # the run ended (its model is exported): a new run may replace it
                 "np_rng_note": "batches are drawn from default_rng([seed, rank, step]); no numpy state needed",
             }
             state["sha256"] = checkpoint_digest(state)
@@ -755,14 +774,18 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             t_calib: Optional[float] = None
             while step < horizon["total"]:
                 # ---- stop requests (cancel token, signals), agreed by all ranks
-                flag = 1 if ((cancel is not None and cancel.cancelled) or stopper.flag.is_set()) else 0
+                asked = stop_requested(out_dir)
+                flag = 1 if ((cancel is not None and cancel.cancelled) or stopper.flag.is_set() or asked) else 0
                 flag = dist_state.max_flag(flag, device)
                 if flag:
                     path = save_checkpoint(step)
+                    if is_main:
+                        clear_stop(out_dir)
                     run.emit({"event": "cancelled", "step": step, "steps": horizon["total"], "checkpoint": str(ck_path)})
                     if bar is not None:
                         bar.close()
-                    why = f"signal {stopper.signame}" if stopper.signame else "cancel request"
+                    why = f"signal {stopper.signame}" if stopper.signame else \
+                        f"a stop request ({out_dir / STOP_FILE})" if asked else "cancel request"
                     raise CancelledError(f"training stopped by {why} at step {step}/{horizon['total']}; "
                                          f"checkpoint saved to {path or ck_path} (continue with --resume)")
                 try:
@@ -905,7 +928,7 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
                              val_ssim=run.last_val.get("val_ssim"), val_loss=run.last_val.get("val_loss"),
                              best_step=run.best_step, seconds=seconds, stopped_early=stopped_early)
         if is_main:
-            result.checkpoint_path = save_checkpoint(step)
+            result.checkpoint_path = save_checkpoint(step, finished=True)
             result.log_path = out_dir / "train_log.csv"
             try:
                 result.curve_path = run.plot()
