@@ -104,3 +104,18 @@ def test_removing_a_model_never_deletes_a_file_another_entry_uses(tmp_path):
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"x")
     assert store.remove_model("second") and not Path(first.path).exists() and not run.exists()
+
+
+def test_an_imported_model_keeps_its_onnx_graphs_and_removing_it_removes_them(tmp_path, recwarn):
+    """Imports copied the weights and card only: every load of the copy warned twice that its graphs
+    were missing and ran in PyTorch (review, session 35)."""
+    pytest.importorskip("onnxruntime")
+    from DualNetDenoiseLib.models import ModelStore
+    from dualnet.onnx_backend import GraphNet
+
+    store = ModelStore(user_dir=tmp_path / "user", shipped_dir=tmp_path / "shipped")
+    entry = store.import_model(_copy(tmp_path, "mri"), name="my mri")
+    net, card = load_for_inference(entry.path, "cpu", precision="float32")
+    assert isinstance(net, GraphNet) and not [w for w in recwarn if "ONNX" in str(w.message)]
+    assert sorted(g["file"] for g in card["onnx"]["graphs"].values()) == ["my_mri.onnx", "my_mri.restore.onnx"]
+    assert store.remove_model("my mri") and sorted(p.name for p in (tmp_path / "user").iterdir()) == ["models.json"]

@@ -170,8 +170,7 @@ class ModelStore:
         if copy and src.resolve().parent != self.user_dir.resolve():
             dst = self.user_dir / f"{model_file_stem(name)}{MODEL_SUFFIX}"
             self.check_free(dst)
-            for a, b in ((card_path(src), card_path(dst)), (src, dst)):  # the card first: weights without one are hidden
-                _atomic_copy(a, b)
+            self._copy_with_graphs(src, dst, card)
         else:
             dst = src
             if self._entry_using(dst) is not None:
@@ -187,6 +186,30 @@ class ModelStore:
         models.append(rec)
         self._write_index(models)
         return entry
+
+    def _copy_with_graphs(self, src: Path, dst: Path, card: Dict) -> None:
+        """Copy a model's ONNX graphs (named after ``dst``), its card (naming them) and its weights, in
+        that order: weights without a card are hidden, a card without its graphs warns on every load."""
+        from dualnet.io import atomic_write_bytes
+
+        copied = {}
+        for kind, file in _graph_files(card, kinds=True):
+            if not (src.parent / file).is_file():
+                continue  # the core warns when it loads the card
+            target = dst.with_name(f"{dst.stem}.onnx" if kind == "forward" else f"{dst.stem}.{kind}.onnx")
+            if target.exists():
+                raise ValueError(f"{target.name} is already in the models folder {self.user_dir}; choose another name")
+            copied[kind] = (src.parent / file, target)
+        for a, b in copied.values():
+            _atomic_copy(a, b)
+        if copied:  # the copy's card names the copied graphs (their SHA-256 unchanged)
+            new = json.loads(json.dumps(card))
+            for kind, (_, target) in copied.items():
+                new["onnx"]["graphs"][kind]["file"] = target.name
+            atomic_write_bytes(card_path(dst), (json.dumps(new, indent=1) + "\n").encode("utf-8"))
+        else:
+            _atomic_copy(card_path(src), card_path(dst))
+        _atomic_copy(src, dst)
 
     def check_free(self, dst: Path) -> None:
         """Refuse a model file (or card) that exists or that an index entry uses: two names can
@@ -207,7 +230,8 @@ class ModelStore:
             for m in models:
                 path = self._resolve(m["path"])
                 if m["name"] == name and path.parent == self.user_dir.resolve() and path not in still_used:
-                    for f in (path, card_path(path)):  # never a file another entry uses
+                    names = _graph_files(read_card(path))
+                    for f in [path.parent / n for n in names if Path(n).name == n] + [path, card_path(path)]:
                         if f.exists():
                             f.unlink()
                     run = path.with_name(f"{path.stem}_run")  # its training run (DualNetTraining), if any
@@ -249,6 +273,16 @@ def model_file_stem(name: str) -> str:
     if safe.lower() in RESERVED_STEMS:
         raise ValueError(f"the name '{name}' is reserved (the models index is {INDEX_NAME}); choose another name")
     return safe
+
+
+def _graph_files(card: Dict, kinds: bool = False) -> list:
+    """The ONNX graph file names a card lists (plain names beside its weights), or (kind, name) pairs."""
+    onnx = card.get("onnx")
+    graphs = onnx.get("graphs") if isinstance(onnx, dict) else None
+    pairs = [(k, g["file"]) for k, g in (graphs.items() if isinstance(graphs, dict) else [])
+             if isinstance(g, dict) and isinstance(g.get("file"), str) and Path(g["file"]).name == g["file"]
+             and g["file"].endswith(".onnx")]
+    return pairs if kinds else [name for _, name in pairs]
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
