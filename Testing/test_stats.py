@@ -120,3 +120,36 @@ def test_bootstrap_ci_on_scipy_before_1_15(monkeypatch):
     monkeypatch.setattr(scipy.stats, "bootstrap", old_bootstrap)
     old = stats._bootstrap_ci(d, 0.95)
     assert old == now and old[0] < d.mean() < old[1] and old[2] == "bootstrap BCa"
+
+
+def test_few_cases_always_get_the_paired_t_test():
+    """Review, session 35: at the study's 4 cases Shapiro-Wilk picked Wilcoxon for non-normal differences,
+    whose exact p cannot go below 2/2^4 = 0.125: DUAL-NET 4.63 dB above NLM on every slab read as "not
+    significantly better" (Holm p 0.34), with a bootstrap CI that cannot reach past the extreme differences."""
+    a = np.array([4.29, 4.73, 4.75, 4.74]) + 30.0  # the study's MRI 5 % differences against NLM
+    b = np.full(4, 30.0)
+    res = stats.paired_test(a, b)
+    assert res.test == "paired t" and res.normality_p < 0.05 and res.p < 1e-3
+    assert res.ci_low < 4.29 + 0.0  # the t CI may reach past the smallest difference
+    many = np.r_[np.zeros(9), 5.0]  # from 10 cases on Shapiro-Wilk chooses again
+    assert stats.paired_test(many + 1.0, np.zeros(10)).test == "wilcoxon"
+
+
+def test_report_families_leave_out_variants_and_aliases_and_say_what_was_not_tested():
+    from dualnet import report
+
+    rows = []
+    for case, (dn, ft, bm3d, nlm, dice) in enumerate([(33.0, 33.0, 31.0, 29.0, 0.8), (34.0, 34.0, 31.5, 29.5, None),
+                                                      (33.5, 33.5, 31.2, 29.1, None), (34.2, 34.2, 31.9, 29.9, 0.7)]):
+        for method, v in (("dualnet", dn), ("dualnet_ft", ft), ("bm3d", bm3d), ("bm4d", bm3d), ("nlm", nlm)):
+            row = {"subset": "s", "modality": "us", "case": f"c{case}", "level": 4.0, "method": method, "psnr_fg": v}
+            if dice is not None:
+                row["dice"] = dice
+            rows.append(row)
+    methods = ["dualnet", "dualnet_ft", "bm3d", "bm4d", "nlm"]
+    out, used = report.stats_rows(rows, methods, ["dualnet", "dualnet_ft"], ["psnr_fg", "dice"], 0.05)
+    assert sorted(r["baseline"] for r in out) == ["bm3d", "nlm"]  # not the fine-tuned variant, BM4D = BM3D once
+    assert report.untested_families(rows, used, ["psnr_fg", "dice"], out) == [
+        "- US level 4, dice: 2 case(s) with a value, fewer than 3: not tested (see the results table)."]
+    summary = report.summary_rows(rows, methods)
+    assert summary[0]["n_cases"] == 4 and summary[0]["dice_n"] == 2

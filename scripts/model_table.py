@@ -62,7 +62,8 @@ def _setting(modality: str, level: float) -> str:
 
 def _vs_best(mean: dict, base: str) -> str:
     """DUAL-NET minus the baseline at its best sigma per case (``validate_models.py
-    --baseline-sigma-scales``; an oracle), whole / foreground; "not run" where the card has none."""
+    --baseline-sigma-scales``; an oracle of the whole-image PSNR: the foreground figure is at that same
+    sigma, not at the foreground's own best), whole / foreground; "not run" where the card has none."""
     best = mean.get(f"{base}_best_sigma")
     if best is None:
         return "not run"
@@ -79,8 +80,8 @@ def _cards():
 
 def main() -> None:
     print("| model | design, params | trained | held-out data (cases) | setting | noisy PSNR / SSIM | "
-          "DUAL-NET PSNR / SSIM (s) | BM4D PSNR / SSIM (s) | DUAL-NET - BM4D, whole / foreground | "
-          "DUAL-NET - BM4D at its best sigma, whole / foreground |")
+          "DUAL-NET PSNR / SSIM (s) | BM4D (BM3D for 2D ultrasound) PSNR / SSIM (s) | DUAL-NET - BM4D, whole / "
+          "foreground | DUAL-NET - BM4D at its whole-image-best sigma, whole / foreground |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for card_path, card in _cards():
         v = card["metrics"]["validation"]
@@ -98,8 +99,9 @@ def main() -> None:
               f"{b['psnr']:.2f} / {b['ssim']:.3f} ({b['seconds']:.1f}) | "
               f"{d['psnr'] - b['psnr']:+.2f} / {d['psnr_fg'] - b['psnr_fg']:+.2f} dB | {_vs_best(m, base)} |")
     print()
-    print("| model | level | noisy PSNR | DUAL-NET PSNR / SSIM | BM4D PSNR / SSIM | DUAL-NET - BM4D whole / fg (dB) "
-          "| DUAL-NET - BM4D at its best sigma, whole / fg (dB) | CT window [-160, 240] HU: DUAL-NET / BM4D PSNR |")
+    print("| model | level | noisy PSNR | DUAL-NET PSNR / SSIM | BM4D (BM3D for 2D ultrasound) PSNR / SSIM | "
+          "DUAL-NET - BM4D whole / fg (dB) | DUAL-NET - BM4D at its whole-image-best sigma, whole / fg (dB) | "
+          "CT window [-160, 240] HU: DUAL-NET / BM4D PSNR |")
     print("|---|---|---|---|---|---|---|---|")
     for card_path, card in _cards():
         modality = card["metrics"]["validation"]["setting"]["modality"]

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -711,7 +712,7 @@ def load_cases(subset: Dict[str, Any], data_dir: Path) -> List[Case]:
 # ----------------------------------------------------------------------------- per-case work
 def case_seed(subset: str, case_id: str, level: float, seed: int) -> int:
     """Deterministic noise seed of one (subset, case, level, seed)."""
-    return (zlib.crc32(f"{subset}|{case_id}|{level!r}".encode()) + 1000003 * int(seed)) % (2**31 - 1)
+    return (zlib.crc32(f"{subset}|{case_id}|{float(level)!r}".encode()) + 1000003 * int(seed)) % (2**31 - 1)
 
 
 def _data_range(setting: Any, clean_lr: np.ndarray) -> float:
@@ -762,10 +763,13 @@ def _degrade_case(case: Case, modality: str, level: float, lr_factor: float, see
         noisy.append(np.asarray(d.noisy_lr, dtype=np.float32))
         clean.append(np.asarray(d.clean_lr, dtype=np.float32))
         spacing = tuple(float(s) for s in d.spacing_lr_zyx)
+        # the labels and ROI cropped as degrade cropped the scan (to whole LR voxels), then resampled
+        factors = getattr(d, "factors", None) or (1,) * clean[-1].ndim
+        covered = tuple(slice(0, int(n) * int(round(f))) for n, f in zip(clean[-1].shape, factors))
         if case.labels is not None:
-            labels_lr.append(resample_labels(case.labels[i], clean[-1].shape))
+            labels_lr.append(resample_labels(case.labels[i][covered], clean[-1].shape))
         if case.roi is not None:
-            rois.append(resample_labels(case.roi[i].astype(np.uint8), clean[-1].shape).astype(bool))
+            rois.append(resample_labels(case.roi[i][covered].astype(np.uint8), clean[-1].shape).astype(bool))
         elif modality == "us":
             # The same ROI for every method: the image sector of the clean frame, and when labels
             # exist only the neighbourhood (US_ROI_MARGIN LR pixels) of the labelled structures,
@@ -874,6 +878,28 @@ def _cache_save(path: Path, data: Dict[str, Any]) -> None:
     from .io import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode("utf-8"))
+
+
+#: the modules whose code decides a cached number (inputs, methods, networks, metrics, segmentation);
+#: not the report's rendering, so a report can be re-rendered from the cache
+_COMPUTING_MODULES = ("api.py", "degrade.py", "estimate.py", "evaluate.py", "inference.py", "io.py", "metrics.py",
+                      "modelfile.py", "noise.py", "onnx_backend.py", "orthoviews.py", "precision.py", "presets.py",
+                      "segment.py", "sure_guard.py", "view_smoothing.py", "vst.py", "baselines/*.py", "models/*.py",
+                      "training/data.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_stamp() -> str:
+    """SHA-256 of the source of :data:`_COMPUTING_MODULES`: a cache entry is reused only by the code
+    that computed it (``__version__`` has not changed in 35 sessions of changes)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for pattern in _COMPUTING_MODULES:
+        for f in sorted(root.glob(pattern)):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _input_stamp(data_dir: Path, subset: Dict[str, Any]) -> List[Any]:
@@ -1257,7 +1283,7 @@ def run_robustness(
         info[sname] = {"model": str(model_path), "train_range": list(train), "range_source": src,
                        "reference": ref_name, "reference_status": "ok" if reason is None else f"unavailable: {reason}"}
         conds = robustness_conditions(s, rcfg, train)
-        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), model_stamp(model_path),
+        shash = _hash([CACHE_VERSION, __version__, code_stamp(), s, _input_stamp(data_dir, s), model_stamp(model_path),
                        ref_name if ref else None, ref_opts, seeds[0]])
         for case in all_cases[sname][:n_cases]:
             report(progress, _PROGRESS_MAIN + (_PROGRESS_ROBUST - _PROGRESS_MAIN) * done / max(todo, 1),
@@ -1380,7 +1406,8 @@ def run_calibration(
         except ModelError as err:
             out["errors"][sname] = str(err)
             continue
-        shash = _hash([CACHE_VERSION, __version__, s, _input_stamp(data_dir, s), model_stamp(model), mc, seeds[0]])
+        shash = _hash([CACHE_VERSION, __version__, code_stamp(), s, _input_stamp(data_dir, s), model_stamp(model), mc,
+                       seeds[0]])
         stds, errs, per_case = [], [], []
         for case in all_cases[sname][:n_cases]:
             check_cancel(cancel)
@@ -1477,7 +1504,7 @@ def run_study(
         case_info[sname] = [{"case": c.case_id, "source": c.source} for c in cases]
         lr_factor = float(s.get("lr_factor", 2))
         dr_setting = s.get("data_range", DEFAULT_DATA_RANGE[modality])
-        subset_hash = _hash([CACHE_VERSION, __version__, s, seeds, _input_stamp(data_dir, s)])
+        subset_hash = _hash([CACHE_VERSION, __version__, code_stamp(), s, seeds, _input_stamp(data_dir, s)])
         specs, status[sname] = _method_status(cfg, method_names, modality, cfg_dir, study["device"], descriptions)
 
         degraded_memo: Dict[Tuple[float, str, int], _Degraded] = {}
@@ -1530,6 +1557,9 @@ def run_study(
                                 raise
                             except Exception as err:  # a method that fails is reported, not fatal
                                 status[sname][m] = f"unavailable: failed on {case.case_id} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                                # its cases before the failure go too: a mean over fewer cases than the
+                                # other methods' would sit in the same table
+                                records[:] = [r for r in records if not (r["subset"] == sname and r["method"] == m)]
                                 continue
                             keys = per_item[0].keys()
                             entry = {

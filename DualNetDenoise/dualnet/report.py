@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .stats import MIN_CASES_TEST_CHOICE
+
 METRIC_LABELS = OrderedDict(
     [
         ("psnr_fg", "PSNR fg (dB)"),
@@ -187,6 +189,7 @@ def summary_rows(rows: Sequence[Dict[str, Any]], methods: Sequence[str]) -> List
             for c in cols:
                 v = np.array([float(r.get(c, np.nan)) for r in rs])
                 v = v[np.isfinite(v)]
+                row[f"{c}_n"] = int(v.size)  # Dice: only the cases whose labels hold the structure
                 row[f"{c}_mean"] = float(v.mean()) if v.size else float("nan")
                 row[f"{c}_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
             out.append(row)
@@ -225,6 +228,7 @@ def stats_rows(
                 continue
             ok = {m: v for m, v in table.items()
                   if (np.isfinite(v) & np.isfinite(table[f])).sum() >= MIN_CASES}
+            ok = _family(ok, f, focus)
             if f not in ok or len(ok) < 2:
                 continue
             for res in compare_methods(ok, f, alpha=alpha, reference_first=True):
@@ -235,6 +239,36 @@ def stats_rows(
                 d["focus_worse"] = bool((not better) and res.mean_diff != 0 and res.p_holm < alpha)
                 out.append(d)
     return out, focus_used
+
+
+def _family(table: Dict[str, np.ndarray], f: str, focus: Sequence[str]) -> Dict[str, np.ndarray]:
+    """The methods ``f`` is compared with (and ``f``): not the other methods under test (variants of
+    it, e.g. its per-case fine-tuning, whose identical results only inflated Holm's m), and a method
+    only once where another gives the very same values (BM4D runs BM3D on 2D ultrasound)."""
+    kept: Dict[str, np.ndarray] = {}
+    for m, v in table.items():
+        if m != f and m in focus:
+            continue
+        if m != f and any(k != f and np.array_equal(v, w, equal_nan=True) for k, w in kept.items()):
+            continue
+        kept[m] = v
+    return kept
+
+
+def untested_families(rows: Sequence[Dict[str, Any]], focus_used: Dict[Tuple[str, float], Optional[str]],
+                      metrics: Sequence[str], stats: Sequence[Dict[str, Any]]) -> List[str]:
+    """One sentence per (modality, level, metric) with results but no test: fewer than MIN_CASES cases
+    with a value for the method under test (e.g. Dice where the labels hold the structure)."""
+    tested = {(s["modality"], float(s["level"]), s["metric"]) for s in stats}
+    lines = []
+    for (modality, level), fam in families(rows).items():
+        f = focus_used.get((modality, level))
+        for metric in metrics:
+            n = sum(1 for r in fam if r["method"] == f and np.isfinite(float(r.get(metric, np.nan))))
+            if f is not None and 0 < n < MIN_CASES and (modality, float(level), metric) not in tested:
+                lines.append(f"- {modality.upper()} level {level:g}, {metric}: {n} case(s) with a value, fewer than "
+                             f"{MIN_CASES}: not tested (see the results table).")
+    return lines
 
 
 STATS_COLUMNS = ["modality", "level", "metric", "focus", "baseline", "test", "statistic", "p", "p_holm", "mean_diff",
@@ -786,11 +820,16 @@ def write_report(result) -> Path:
           "are never counted as samples. Slabs of one scan are not independent patients: the p values describe "
           "these cases, not a population.",
           f"- Tests: for each modality, level and metric the method under test is compared with every other method: "
-          f"Shapiro-Wilk on the paired differences (alpha {alpha:g}) picks a paired t-test (t-based 95% CI) or "
-          "a Wilcoxon signed-rank test (BCa bootstrap 95% CI of the mean difference, fixed seed); Holm's correction "
-          "across the baselines of each family; d_z = mean difference / SD of differences. A comparison needs at "
-          f"least {MIN_CASES} cases with a value for both methods (e.g. Dice only counts cases whose labels contain "
-          "the structure).",
+          f"from {MIN_CASES_TEST_CHOICE} cases on, Shapiro-Wilk on the paired differences (alpha {alpha:g}) picks a "
+          "paired t-test (t-based 95% CI) or a Wilcoxon signed-rank test (BCa bootstrap 95% CI of the mean "
+          f"difference, fixed seed); with fewer cases the paired t-test (Shapiro-Wilk has no power there, and "
+          "the exact Wilcoxon p cannot go below 2/2^n: 0.125 at 4 cases). Holm's correction across the "
+          "baselines of each family (not the other methods under test, which are variants of it, and a method "
+          "giving the very same values as another only once: BM4D runs BM3D on 2D ultrasound); d_z = mean "
+          f"difference / SD of differences. A comparison needs at least {MIN_CASES} cases with a value for both "
+          "methods (e.g. Dice only counts cases whose labels contain the structure; families with fewer are listed "
+          "as not tested). SSIM counts the voxels whose whole 7-voxel window lies inside the image: on a "
+          "12-slice slab only its 2 central slices, so `ssim_all` of the thin CT slabs describes their middle.",
           "- Runtimes include each method's first-call overhead (imports) in the first case it runs.", ""]
 
     L += ["## Data and cases", ""]
@@ -829,7 +868,8 @@ def write_report(result) -> Path:
         body = []
         for r in summ:
             if r["modality"] == modality and float(r["level"]) == level:
-                body.append([pretty(r["method"]), str(r["n_cases"])] + [_pm(r[f"{c}_mean"], r[f"{c}_sd"]) for c in show])
+                body.append([pretty(r["method"]), str(r["n_cases"])] + [_pm(r[f"{c}_mean"], r[f"{c}_sd"]) + (
+                    f" (n {r[f'{c}_n']})" if 0 < r.get(f"{c}_n", r["n_cases"]) < r["n_cases"] else "") for c in show])
         if modality in ceilings and "dice" in show:
             c = ceilings[modality]
             body.append(["*clean reference* (Dice ceiling)", str(c["n"])] +
@@ -866,6 +906,9 @@ def write_report(result) -> Path:
         L += _md_table(["metric", "baseline", "test", "statistic", "p", "p (Holm)", "mean diff [95% CI]", "d_z", "n",
                         "Shapiro p"], body)
         L += [""]
+    untested = untested_families(rows, focus_used, stat_metrics, stats)
+    if untested:
+        L += ["Not tested:"] + untested + [""]
 
     L += ["## Where the method under test does not beat a baseline", ""]
     sentences = not_beating_sentences(stats, alpha)
