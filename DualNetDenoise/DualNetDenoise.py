@@ -383,6 +383,17 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         self._job = None
+        try:
+            self._startJob(p)
+        except Exception:  # tryWithErrorDisplay showed the error and re-raises it
+            pass
+        finally:
+            if self._job is None:  # did not start: no progress bar or "Starting..." left on screen
+                self.ui.progressBar.setVisible(False)
+                self.ui.statusLabel.text = ""
+            self._updateGui()
+
+    def _startJob(self, p) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start denoising."), waitCursor=True):
             from dualnet.inference import parse_tta
 
@@ -408,10 +419,6 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 noiseMapVolume=p.noiseMapVolume if p.nebMaps else None,
                 confidenceVolume=p.confidenceVolume if p.nebMaps else None,
             )
-        if self._job is None:  # did not start (the error was shown)
-            self.ui.progressBar.setVisible(False)
-            self.ui.statusLabel.text = ""
-        self._updateGui()
 
     def onProgress(self, fraction, message) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -426,6 +433,10 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Denoising failed: {error}").format(error=job.error))
         elif self._parameterNode is None or job.outputVolume is None or job.outputVolume.GetScene() is None:
             self.ui.statusLabel.text = ""  # the scene closed meanwhile: nothing to show
+        elif job.inputVolume is not None and self._parameterNode.inputVolume is not job.inputVolume:
+            # the input was switched during the run: its result is not bound to the new input's selectors
+            self.ui.statusLabel.text = _("Done: the result of '{input}' is in '{output}'.").format(
+                input=job.inputVolume.GetName(), output=job.outputVolume.GetName())
         else:
             p = self._parameterNode
             p.outputVolume = job.outputVolume
@@ -453,10 +464,13 @@ def showCompareView(inputVolume, outputVolume, uncertaintyVolume=None) -> None:
     if lm is None or inputVolume is None or outputVolume is None:
         return
     lm.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    red = lm.sliceWidget("Red")
     for viewName, volume in (("Red", inputVolume), ("Yellow", outputVolume)):
         widget = lm.sliceWidget(viewName)
         if widget is None:
             continue
+        if viewName == "Yellow" and red is not None:  # the layout keeps an existing Yellow view sagittal
+            widget.mrmlSliceNode().SetOrientation(red.mrmlSliceNode().GetOrientation())
         composite = widget.mrmlSliceCompositeNode()
         composite.SetBackgroundVolumeID(volume.GetID())
         composite.SetForegroundVolumeID(uncertaintyVolume.GetID() if (uncertaintyVolume and viewName == "Yellow") else None)

@@ -467,6 +467,51 @@ def test_dice_on_segmentation_nodes_matches_labelmaps(scene):
     assert sorted(float(r[2]) for r in _table_rows(again)) == pytest.approx(sorted(by_name.values()), abs=1e-9)
 
 
+def test_dice_of_overlapping_segments(scene):
+    """An organ with a lesion inside it (overlapping segments, as in manual work): all segments were
+    exported into one labelmap, where the lesion overwrote the organ; two identical livers read 0.96."""
+    ref = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ref")
+    nodes.update_node_from_array(ref, np.zeros((10, 30, 30), np.float32), np.eye(4))
+    liver = np.zeros((10, 30, 30), np.int16)
+    liver[2:8, 5:25, 5:25] = 1
+    tumour_a, tumour_b = np.zeros_like(liver), np.zeros_like(liver)
+    tumour_a[3:7, 8:14, 8:14] = 1
+    tumour_b[3:7, 10:16, 10:16] = 1
+
+    def segmentation(name, parts):
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(ref)
+        for part, arr in parts:
+            lm = _labelmap(scene, part, arr, np.eye(4))
+            k = node.GetSegmentation().GetNumberOfSegments()
+            assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, node)
+            node.GetSegmentation().GetNthSegment(k).SetName(part)
+            scene.RemoveNode(lm)
+        return node
+
+    a = segmentation("A", [("liver", liver), ("tumour", tumour_a)])
+    b = segmentation("B", [("liver", liver), ("tumour", tumour_b)])
+    rows = {r[1]: r for r in _table_rows(DenoiseLogicBase().computeDice(a, b, referenceVolume=ref))}
+    assert float(rows["liver"][2]) == pytest.approx(1.0) and int(rows["liver"][3]) == int(liver.sum())
+    overlap = np.logical_and(tumour_a, tumour_b).sum()
+    assert float(rows["tumour"][2]) == pytest.approx(2 * overlap / (tumour_a.sum() + tumour_b.sum()))
+
+
+def test_a_reused_output_is_renamed_for_the_method_and_warnings_reach_the_status(scene, mri_node):
+    from DualNetDenoiseLib.logic import result_summary
+
+    logic = DenoiseLogicBase()
+    out = logic.process(mri_node, None, modality="mri", method="gaussian")
+    assert out.GetName() == "T1 crop denoised (gaussian)"
+    assert logic.process(mri_node, out, modality="mri", method="median") is out
+    assert out.GetName() == "T1 crop denoised (median)"  # it said gaussian while holding the median result
+    out.SetName("my result")
+    logic.process(mri_node, out, modality="mri", method="gaussian")
+    assert out.GetName() == "my result"  # a name the user gave stays
+    text = result_summary({"seconds": 2, "warning": "model trained for mri, applied to ct"})
+    assert "Warning: model trained for mri, applied to ct" in text
+
+
 def test_dice_refuses_mixed_inputs(scene):
     a, _ = _two_label_maps()
     lm = _labelmap(scene, "A", a, np.eye(4))
@@ -888,6 +933,62 @@ def _denoise_widget(monkeypatch, scene, tmp_path, name: str, array):
     nodes.update_node_from_array(volume, np.asarray(array).astype(np.int16), np.eye(4))
     widget.enter()
     return widget
+
+
+def test_denoise_panel_switch_during_a_run_keeps_the_results_apart(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """Review, session 35: switching the input from A to B while A ran bound A's result to B's selectors
+    (compare view of B beside A's result), and the next Apply overwrote A's result with B's under A's
+    name. Stubbed: the Qt widgets; the runs are the real child process (``gaussian``)."""
+    widget = _denoise_widget(monkeypatch, scene, tmp_path, "A", mri_crop[:8])
+    widget.logic.pythonExecutable = sys.executable
+    _gui_stubs(monkeypatch)
+    monkeypatch.setattr(sys.modules["DualNetDenoise"], "showCompareView", lambda *a: None, raising=False)
+    p = widget._parameterNode
+    a = p.inputVolume
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "B")
+    nodes.update_node_from_array(b, mri_crop[8:16].astype(np.int16), np.eye(4))
+    p.method, p.autoNoise, p.noiseLevel = "gaussian", False, 20.0
+    widget.onApplyButton()
+    job = widget._job
+    p.inputVolume = b  # the user looks at the next series while A runs
+    job.wait(timeout=60)
+    assert job.outputVolume.GetName() == "A denoised (gaussian)" and p.outputVolume is None
+    assert "the result of 'A'" in widget.ui.statusLabel.text
+    before = nodes.array_from_node(job.outputVolume).copy()
+    p.outputVolume = job.outputVolume  # even when left selected by hand, A's result is not overwritten
+    p.autoNoise, p.noiseLevel = False, 20.0
+    widget.onApplyButton()
+    widget._job.wait(timeout=60)
+    assert p.outputVolume is not job.outputVolume and p.outputVolume.GetName() == "B denoised (gaussian)"
+    assert np.array_equal(nodes.array_from_node(job.outputVolume), before)
+    assert job.outputVolume.GetAttribute("DualNet.sourceNodeID") == a.GetID()
+    widget.cleanup()
+
+
+def test_denoise_panel_a_failed_start_leaves_no_progress_bar(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """tryWithErrorDisplay shows the error and re-raises it, so the panel's "did not start" branch never ran:
+    a 0 % bar and "Starting..." stayed on screen."""
+    widget = _denoise_widget(monkeypatch, scene, tmp_path, "A", mri_crop[:8])
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no interpreter for the worker")
+
+    monkeypatch.setattr(widget.logic, "process", refuse)
+    _gui_stubs(monkeypatch)
+    widget.onApplyButton()
+    assert widget._job is None and widget.ui.statusLabel.text == ""
+    visible = [args[0] for name, args in widget.ui.progressBar.calls if name == "setVisible"]
+    assert visible[-1] is False
+    widget.cleanup()
+
+
+def _gui_stubs(monkeypatch) -> None:
+    """What ``slicer.util.tryWithErrorDisplay`` needs of the application (stubbed: no Qt here)."""
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: True, raising=False)
+    monkeypatch.setattr(slicer.app, "setOverrideCursor", lambda *a: None, raising=False)
+    monkeypatch.setattr(slicer.app, "restoreOverrideCursor", lambda *a: None, raising=False)
+    monkeypatch.setattr(sys.modules["qt"].Qt, "WaitCursor", 0, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda *a, **k: None, raising=False)
 
 
 def test_denoise_panel_keeps_an_imported_scenes_settings(monkeypatch, scene, mri_crop, tmp_path, fake_ui):

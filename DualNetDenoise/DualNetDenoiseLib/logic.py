@@ -87,8 +87,10 @@ def result_summary(info: Dict[str, Any]) -> str:
     if weight is not None and weight < 0.995:
         text += (f" SURE guard: the network's result was blended with the input (weight {weight:.2f}); "
                  "by its estimate the network alone would be worse on this scan.")
-    if info.get("inference_noise_warning"):
-        text += f" Warning: {info['inference_noise_warning']}."
+    from dualnet.api import result_warnings
+
+    for warning in result_warnings(info):  # another modality's model, a doubtful noise estimate
+        text += f" Warning: {warning}."
     return text
 
 
@@ -107,6 +109,7 @@ class DenoiseJob:
     Attributes:
         done: the run ended (success, error or cancel).
         error: one-line message when it failed or was cancelled, else None.
+        inputVolume: the node it denoises.
         outputVolume, uncertaintyVolume, noiseMapVolume, confidenceVolume: nodes filled in when it
             succeeded (the last three only when asked for).
     """
@@ -120,6 +123,7 @@ class DenoiseJob:
         self._finish = finish
         self.onFinished = onFinished
         self.done = False
+        self.inputVolume = None
         self.error: Optional[str] = None
         self.outputVolume = None
         self.uncertaintyVolume = None
@@ -193,13 +197,28 @@ class DenoiseLogicBase:
             raise ValueError("the input volume is not in a MRML scene")
         return scene
 
+    @staticmethod
+    def _ownResult(inputVolume, node):
+        """``node``, or None (a new node is then made) where it holds the result of another input: a
+        selector left on an earlier result (the input switched during a run, or while the panel was
+        hidden) would otherwise have the next run overwrite that result under the other input's name."""
+        source = node.GetAttribute("DualNet.sourceNodeID") if node is not None else None
+        if source and inputVolume is not None and source != inputVolume.GetID():
+            logging.info(f"DualNet: '{node.GetName()}' holds the result of another input; a new node is made")
+            return None
+        return node
+
     def _prepareOutput(self, inputVolume, outputVolume, name: str):
-        """The output node (created when None) and whether it was created here."""
+        """The output node (created when None) and whether it was created here. A reused node named
+        after the method of its last run is renamed for this one."""
         scene = self._scene(inputVolume)
         if outputVolume is not None and (outputVolume is inputVolume or outputVolume.GetID() == inputVolume.GetID()):
             raise ValueError("the output volume must differ from the input volume (inputs are never overwritten)")
         if outputVolume is None:
             return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name), True
+        last = outputVolume.GetAttribute("DualNet.method")
+        if last and outputVolume.GetName() == output_name(inputVolume.GetName(), last):
+            outputVolume.SetName(name)
         return outputVolume, False
 
     @staticmethod
@@ -352,7 +371,9 @@ class DenoiseLogicBase:
 
         params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views, nebMaps)
         given = {"uncertainty": uncertaintyVolume, "noise_map": noiseMapVolume, "confidence": confidenceVolume}
-        mapVolumes = {kind: given[kind] for kind in wanted_maps(params) if given[kind] is not None}
+        mapVolumes = {kind: given[kind] for kind in wanted_maps(params)
+                      if self._ownResult(inputVolume, given[kind]) is not None}
+        outputVolume = self._ownResult(inputVolume, outputVolume)
         self._checkDistinct(inputVolume, outputVolume, mapVolumes)
         if inProcess is None:
             inProcess = waitForCompletion
@@ -485,6 +506,7 @@ class DenoiseLogicBase:
         runner = ProcessRunner([exe, self.workerScript, jobPath], on_progress=onProgress, popen=self.popen, env=env)
         runner.start()
         result = DenoiseJob(self, runner, workdir, job, finish, onFinished)
+        result.inputVolume = inputVolume
         if removeOutputOnFailure:
             result.discardOnFailure = outputVolume
         return result
@@ -542,28 +564,33 @@ class DenoiseLogicBase:
                 if referenceVolume is None:
                     referenceVolume = nodeA.GetNodeReference(nodeA.GetReferenceImageGeometryReferenceRole()) \
                         if hasattr(nodeA, "GetReferenceImageGeometryReferenceRole") else None
-                arrays = []
-                for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
-                    present = [n for n in order if n in byName]
-                    lm = self._labelmapFromSegmentation(node, [byName[n] for n in present], referenceVolume)
-                    temporary.append(lm)
-                    raw = nodes.array_from_node(lm)
-                    labels = np.zeros(raw.shape, dtype=np.int32)
-                    for k, n in enumerate(present, start=1):  # exported values follow the id order
-                        labels[raw == k] = order.index(n) + 1
-                    arrays.append((labels, nodes.get_ijk_to_ras(lm)))
-                if referenceVolume is None and arrays[0][0].shape != arrays[1][0].shape:
-                    raise ValueError("segmentations have different extents; choose a reference volume")
+                from dualnet.metrics import dice as dice_of_masks
+
+                # each segment exported on its own: one labelmap of all segments keeps only the last of
+                # overlapping ones (an organ and a lesion inside it), so the organ's Dice was wrong
                 names = {i + 1: n for i, n in enumerate(order)}
-                volA = self._volume(arrays[0])
-                volB = self._volume(arrays[1])
-                labelList = list(names)
+                dice, counts = {}, {}
+                for label, name in names.items():
+                    masks = []
+                    for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
+                        if name not in byName:
+                            masks.append(None)
+                            continue
+                        lm = self._labelmapFromSegmentation(node, [byName[name]], referenceVolume)
+                        temporary.append(lm)
+                        masks.append((nodes.array_from_node(lm) > 0, nodes.get_ijk_to_ras(lm)))
+                    shapes = {m[0].shape for m in masks if m is not None}
+                    if len(shapes) > 1:
+                        raise ValueError("segmentations have different extents; choose a reference volume")
+                    shape = shapes.pop()
+                    a, b = (m[0] if m is not None else np.zeros(shape, bool) for m in masks)
+                    counts[label] = (int(a.sum()), int(b.sum()))
+                    dice[label] = dice_of_masks(a, b)
             else:
                 volA = nodes.volume_from_node(nodeA, squeeze_2d=False)
                 volB = nodes.volume_from_node(nodeB, squeeze_2d=False)
-                labelList = None
-            dice = _dice_per_label(volA, volB, labelList)
-            counts = {lab: (int((volA.array == lab).sum()), int((volB.array == lab).sum())) for lab in dice}
+                dice = _dice_per_label(volA, volB, None)
+                counts = {lab: (int((volA.array == lab).sum()), int((volB.array == lab).sum())) for lab in dice}
         finally:
             for n in temporary:
                 scene.RemoveNode(n)
