@@ -548,7 +548,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
             install_torch=dependencies.slicer_install_torch,
         )
 
-    def process(self, inputVolume, outputVolume=None, modality="mri", method="dualnet", noiseLevel=None, model=None,
+    def process(self, inputVolume, outputVolume=None, modality="auto", method="dualnet", noiseLevel=None, model=None,
                 device="auto", tta=None, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
                 progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None, nebMaps=False,
                 noiseMapVolume=None, confidenceVolume=None):

@@ -174,7 +174,7 @@ def parse_args(argv):
                              "where SURE estimates that lowers the error)")
     parser.add_argument("--views", default="auto", choices=["auto", "1", "3"],
                         help="network: slice orientations averaged, 1 (z) or 3 (z, y, x; three times the time); "
-                             "auto (default) = 3 for near-isotropic MRI")
+                             "auto (default) = 3 where the model was trained for it (MRI, CT) and the voxels are near-isotropic")
     parser.add_argument("--format", default=None, choices=[".nrrd", ".nii.gz", ".mha", "same"],
                         help="output format (default .nrrd; 'same' keeps the input's, DICOM -> .nrrd)")
     parser.add_argument("--csv", type=Path, default=None, help="summary CSV (default OUT_DIR/summary.csv)")

@@ -226,8 +226,8 @@ class DenoiseLogicBase:
                     nebMaps=False) -> Dict[str, Any]:
         if method not in METHOD_LABELS and method not in available_methods():
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
-        if modality not in ("mri", "ct", "us"):
-            raise ValueError(f"unknown modality '{modality}'; choose mri, ct or us")
+        if modality not in ("auto", "mri", "ct", "us"):
+            raise ValueError(f"unknown modality '{modality}'; choose auto, mri, ct or us")
         if method != "dualnet":  # the model, device, TTA, MC-dropout uncertainty, views and the noise maps are network-only
             model, device, tta, uncertainty, views, nebMaps = None, "auto", None, False, None, False
         from dualnet.inference import normalise_tta
@@ -324,7 +324,7 @@ class DenoiseLogicBase:
         self,
         inputVolume,
         outputVolume=None,
-        modality: str = "mri",
+        modality: str = "auto",
         method: str = "dualnet",
         noiseLevel: Optional[float] = None,
         model: Optional[str] = None,
@@ -345,6 +345,8 @@ class DenoiseLogicBase:
         """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
 
         Args:
+            modality: ``"auto"`` (default: from the node's intensities, as the core chooses it), ``"mri"``,
+                ``"ct"`` or ``"us"``.
             noiseLevel: the noise level, as ``dualnet denoise --sigma`` (MRI the Rician sigma in the volume's
                 units, CT the noise std at water in HU, US the relative speckle std), for the classical
                 methods and the network alike; None or <= 0 = estimate.

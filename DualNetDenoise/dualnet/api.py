@@ -74,7 +74,7 @@ def denoise_volume(
     volume: Volume,
     *,
     method: str = "dualnet",
-    modality: str = "mri",
+    modality: str = "auto",
     sigma: Optional[float] = None,
     model: Optional[Union[str, Path]] = None,
     device: str = "auto",
@@ -120,7 +120,7 @@ def denoise_volume(
             input where SURE estimates it would otherwise be worse); None = on for MRI and CT.
         views: the network run along 1 (z) or 3 (z, y, x; averaged, three times the time)
             orthogonal slice orientations (:mod:`dualnet.orthoviews`); None = 3 where the model was
-            trained for it (MRI) and the voxels are near-isotropic, else 1.
+            trained for it (the card's ``orthogonal_views``: MRI and CT) and the voxels are near-isotropic, else 1.
         neb_maps: also return the noise branch's noise-std and confidence maps (network only; no
             extra pass: they come from the same inference).
         precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: the network's CPU arithmetic
@@ -157,6 +157,11 @@ def denoise_volume(
         info.update(net_info)
         if coef is not None:  # as the network's own estimate is recorded
             info.update(sigma=float(sigma), inference_noise_model=given_noise)
+        else:  # the level the network was given, in --sigma's units, where every face reads it
+            estimated = info.get("inference_noise_model")
+            level = estimated.get("sigma") if isinstance(estimated, dict) else None
+            if isinstance(level, (int, float)) and not isinstance(level, bool) and np.isfinite(level):
+                info.update(sigma=float(level), sigma_estimated=True)
         if unc is not None:
             unc_volume = volume.with_array(unc.astype(np.float32))
         if neb_maps:

@@ -1611,7 +1611,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         "low-resolution reference and write report.md / report.html, CSV tables and figures to --out. "
         "Per-case results are cached in OUT/cache, so an interrupted study resumes.",
     )
-    p.add_argument("--config", required=True, help="study TOML file (e.g. dualnet/configs/study_ci.toml)")
+    p.add_argument("--config", required=True, help="study TOML file (e.g. DualNetDenoise/dualnet/configs/study_ci.toml)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--data-dir", help="folder of the shared scans (default: ../shared/data beside the checkout)")
     p.add_argument("--methods", help="comma-separated methods overriding the config's list")
