@@ -149,6 +149,8 @@ def test_report_families_leave_out_variants_and_aliases_and_say_what_was_not_tes
     methods = ["dualnet", "dualnet_ft", "bm3d", "bm4d", "nlm"]
     out, used = report.stats_rows(rows, methods, ["dualnet", "dualnet_ft"], ["psnr_fg", "dice"], 0.05)
     assert sorted(r["baseline"] for r in out) == ["bm3d", "nlm"]  # not the fine-tuned variant, BM4D = BM3D once
+    fallback, _ = report.stats_rows(rows, methods, ["dualnet", "dualnet_ft", "nlm"], ["psnr_fg"], 0.05)
+    assert "nlm" in {r["baseline"] for r in fallback}  # a later method of the focus list is still a baseline
     assert report.untested_families(rows, used, ["psnr_fg", "dice"], out) == [
         "- US level 4, dice: 2 case(s) with a value, fewer than 3: not tested (see the results table)."]
     summary = report.summary_rows(rows, methods)

@@ -242,12 +242,12 @@ def stats_rows(
 
 
 def _family(table: Dict[str, np.ndarray], f: str, focus: Sequence[str]) -> Dict[str, np.ndarray]:
-    """The methods ``f`` is compared with (and ``f``): not the other methods under test (variants of
-    it, e.g. its per-case fine-tuning, whose identical results only inflated Holm's m), and a method
-    only once where another gives the very same values (BM4D runs BM3D on 2D ultrasound)."""
+    """The methods ``f`` is compared with (and ``f``): not its own variants (``f_...``, e.g. its per-case
+    fine-tuning, whose results equal f's where the base is kept: they only inflated Holm's m), and a
+    method only once where another gives the very same values (BM4D runs BM3D on 2D ultrasound)."""
     kept: Dict[str, np.ndarray] = {}
     for m, v in table.items():
-        if m != f and m in focus:
+        if m != f and m.startswith(f + "_"):
             continue
         if m != f and any(k != f and np.array_equal(v, w, equal_nan=True) for k, w in kept.items()):
             continue
@@ -824,7 +824,7 @@ def write_report(result) -> Path:
           "paired t-test (t-based 95% CI) or a Wilcoxon signed-rank test (BCa bootstrap 95% CI of the mean "
           f"difference, fixed seed); with fewer cases the paired t-test (Shapiro-Wilk has no power there, and "
           "the exact Wilcoxon p cannot go below 2/2^n: 0.125 at 4 cases). Holm's correction across the "
-          "baselines of each family (not the other methods under test, which are variants of it, and a method "
+          "baselines of each family (not the method's own variants such as its per-case fine-tuning, and a method "
           "giving the very same values as another only once: BM4D runs BM3D on 2D ultrasound); d_z = mean "
           f"difference / SD of differences. A comparison needs at least {MIN_CASES} cases with a value for both "
           "methods (e.g. Dice only counts cases whose labels contain the structure; families with fewer are listed "
