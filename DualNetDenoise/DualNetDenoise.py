@@ -385,8 +385,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         try:
             self._startJob(p)
-        except Exception:  # tryWithErrorDisplay showed the error and re-raises it
-            pass
+        except Exception:  # tryWithErrorDisplay showed the error (not in testing mode) and re-raises it
+            logging.exception("DualNet: denoising did not start")
         finally:
             if self._job is None:  # did not start: no progress bar or "Starting..." left on screen
                 self.ui.progressBar.setVisible(False)
@@ -418,6 +418,7 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 nebMaps=p.nebMaps,
                 noiseMapVolume=p.noiseMapVolume if p.nebMaps else None,
                 confidenceVolume=p.confidenceVolume if p.nebMaps else None,
+                newNodesForOtherResults=True,
             )
 
     def onProgress(self, fraction, message) -> None:
@@ -551,7 +552,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
     def process(self, inputVolume, outputVolume=None, modality="auto", method="dualnet", noiseLevel=None, model=None,
                 device="auto", tta=None, uncertainty=False, uncertaintyVolume=None, waitForCompletion=True,
                 progressCallback=None, inProcess=None, onFinished=None, cancel=None, views=None, nebMaps=False,
-                noiseMapVolume=None, confidenceVolume=None):
+                noiseMapVolume=None, confidenceVolume=None, newNodesForOtherResults=False):
         import time
 
         self.setupPythonRequirements(method)  # clear message (or install on consent) before any work
@@ -560,7 +561,7 @@ class DualNetDenoiseLogic(ScriptedLoadableModuleLogic, DenoiseLogicBase):
         result = DenoiseLogicBase.process(
             self, inputVolume, outputVolume, modality, method, noiseLevel, model, device, tta, uncertainty,
             uncertaintyVolume, waitForCompletion, progressCallback, inProcess, onFinished, cancel, views, nebMaps,
-            noiseMapVolume, confidenceVolume)
+            noiseMapVolume, confidenceVolume, newNodesForOtherResults)
         if isinstance(result, DenoiseJob):
             timer = qt.QTimer()
             timer.setInterval(100)

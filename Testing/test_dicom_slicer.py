@@ -231,9 +231,8 @@ def test_input_not_from_dicom_is_left_alone(scene):
 
 
 def test_a_result_node_reused_for_a_non_dicom_input_leaves_the_study(scene, loaded_small_ct):
-    """A's result node, in A's study with A's export attributes, given as the output for a plain input
-    B: it kept A's patient and study, so *Export to DICOM* would have filed B's pixels under patient A.
-    Now B's result goes to a new node outside any study, and A's result is left as it was."""
+    """A's result node, in A's study with A's export attributes, reused for a plain input B: it kept
+    A's patient and study, so *Export to DICOM* would have filed B's pixels under patient A."""
     from DualNetDenoiseLib import nodes
     from DualNetDenoiseLib.logic import DenoiseLogicBase
 
@@ -244,15 +243,28 @@ def test_a_result_node_reused_for_a_non_dicom_input_leaves_the_study(scene, load
     assert sh.GetItemParent(item) == study
     plain = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "plain")
     nodes.update_node_from_array(plain, nodes.array_from_node(node).astype(np.float32), np.eye(4))
+    DenoiseLogicBase().process(plain, out, modality="ct", method="gaussian", noiseLevel=25.0)
+    assert sh.GetItemByDataNode(out) == item and sh.GetItemParent(item) == sh.GetSceneItemID()
+    assert not [n for n in sh.GetItemAttributeNames(item) if n.startswith("DICOM.")]
+
+
+def test_the_panel_makes_a_new_node_for_another_inputs_result(scene, loaded_small_ct):
+    """The panel's run (newNodesForOtherResults): A's result node left selected for input B is not
+    overwritten; B's result goes to a new node outside any study (a script's explicit node is used as given,
+    above)."""
+    from DualNetDenoiseLib import nodes
+    from DualNetDenoiseLib.logic import DenoiseLogicBase
+
+    node, study = loaded_small_ct
+    out = DenoiseLogicBase().process(node, None, modality="ct", method="gaussian", noiseLevel=25.0)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    plain = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "plain")
+    nodes.update_node_from_array(plain, nodes.array_from_node(node).astype(np.float32), np.eye(4))
     before = nodes.array_from_node(out).copy()
-    again = DenoiseLogicBase().process(plain, out, modality="ct", method="gaussian", noiseLevel=25.0)
-    # session 35: a node holding another input's result is never overwritten (a new node is made), so
-    # A's result stays A's, in A's study, and B's result belongs to no patient
+    again = DenoiseLogicBase().process(plain, out, modality="ct", method="gaussian", noiseLevel=25.0,
+                                       newNodesForOtherResults=True)
     assert again is not out and np.array_equal(nodes.array_from_node(out), before)
     assert sh.GetItemParent(sh.GetItemByDataNode(out)) == study
-    new_item = sh.GetItemByDataNode(again)  # (slicer-core makes no item for a plain node: 0)
-    assert new_item == 0 or sh.GetItemParent(new_item) == sh.GetSceneItemID()
-    assert new_item == 0 or not [n for n in sh.GetItemAttributeNames(new_item) if n.startswith("DICOM.")]
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -54,7 +54,10 @@ def provenance_from_node(outputVolume, kind: str = "denoised"):
     model = outputVolume.GetAttribute("DualNet.model")
     if model and model not in ("None", "") and "model" not in info and method == "dualnet":
         info["model"] = model
-    return provenance_from_info(info, method, params.get("modality") or info.get("modality") or "")
+    modality = params.get("modality")
+    if not modality or modality == "auto":  # the modality the core chose
+        modality = info.get("modality") or ""
+    return provenance_from_info(info, method, modality)
 
 
 def source_series_attributes(shNode, itemID) -> Dict[str, str]:

@@ -209,16 +209,12 @@ class DenoiseLogicBase:
         return node
 
     def _prepareOutput(self, inputVolume, outputVolume, name: str):
-        """The output node (created when None) and whether it was created here. A reused node named
-        after the method of its last run is renamed for this one."""
+        """The output node (created when None) and whether it was created here."""
         scene = self._scene(inputVolume)
         if outputVolume is not None and (outputVolume is inputVolume or outputVolume.GetID() == inputVolume.GetID()):
             raise ValueError("the output volume must differ from the input volume (inputs are never overwritten)")
         if outputVolume is None:
             return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name), True
-        last = outputVolume.GetAttribute("DualNet.method")
-        if last and outputVolume.GetName() == output_name(inputVolume.GetName(), last):
-            outputVolume.SetName(name)
         return outputVolume, False
 
     @staticmethod
@@ -250,6 +246,9 @@ class DenoiseLogicBase:
         ``maps``: kind -> array of the extra result maps (``worker.MAP_KINDS``); ``mapVolumes``: kind ->
         the node to write each into (a new node when missing). Returns kind -> node of the maps written.
         """
+        last = outputVolume.GetAttribute(ATTR_METHOD)  # a node named after its last run's method: renamed
+        if last and outputVolume.GetName() == output_name(inputVolume.GetName(), last):
+            outputVolume.SetName(output_name(inputVolume.GetName(), params["method"]))
         nodes.update_node_from_array(outputVolume, array, ijkToRAS)
         outputVolume.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())  # where the input is shown
         self._ensureDisplay(outputVolume, inputVolume)
@@ -341,12 +340,16 @@ class DenoiseLogicBase:
         nebMaps: bool = False,
         noiseMapVolume=None,
         confidenceVolume=None,
+        newNodesForOtherResults: bool = False,
     ):
         """Denoise ``inputVolume`` into ``outputVolume`` (created when None).
 
         Args:
             modality: ``"auto"`` (default: from the node's intensities, as the core chooses it), ``"mri"``,
                 ``"ct"`` or ``"us"``.
+            newNodesForOtherResults: an output or map node holding another input's result is not
+                overwritten: a new node is made (the panel, whose selectors may be left on an earlier
+                input's results). A script's explicit nodes are used as given.
             noiseLevel: the noise level, as ``dualnet denoise --sigma`` (MRI the Rician sigma in the volume's
                 units, CT the noise std at water in HU, US the relative speckle std), for the classical
                 methods and the network alike; None or <= 0 = estimate.
@@ -373,9 +376,10 @@ class DenoiseLogicBase:
 
         params = self._parameters(modality, method, noiseLevel, model, device, tta, uncertainty, views, nebMaps)
         given = {"uncertainty": uncertaintyVolume, "noise_map": noiseMapVolume, "confidence": confidenceVolume}
-        mapVolumes = {kind: given[kind] for kind in wanted_maps(params)
-                      if self._ownResult(inputVolume, given[kind]) is not None}
-        outputVolume = self._ownResult(inputVolume, outputVolume)
+        if newNodesForOtherResults:  # the panel: selectors left on another input's results
+            given = {kind: self._ownResult(inputVolume, node) for kind, node in given.items()}
+            outputVolume = self._ownResult(inputVolume, outputVolume)
+        mapVolumes = {kind: given[kind] for kind in wanted_maps(params) if given[kind] is not None}
         self._checkDistinct(inputVolume, outputVolume, mapVolumes)
         if inProcess is None:
             inProcess = waitForCompletion
@@ -531,6 +535,29 @@ class DenoiseLogicBase:
             raise ValueError(f"cannot export segments of '{segmentationNode.GetName()}' to a labelmap")
         return labelmap
 
+    def _segmentMask(self, segmentationNode, segmentId, referenceVolume):
+        """One segment as a boolean mask on ``referenceVolume``'s grid (None for no segment); its
+        temporary labelmap is removed at once (a hundred segments would otherwise sit in memory)."""
+        if segmentId is None:
+            return None
+        lm = self._labelmapFromSegmentation(segmentationNode, [segmentId], referenceVolume)
+        try:
+            return nodes.array_from_node(lm) > 0
+        finally:
+            lm.GetScene().RemoveNode(lm)
+
+    def _commonGrid(self, nodeA, byNameA, nodeB, byNameB, temporary):
+        """Without a reference volume: the grid of A's segments together, which B's together must share
+        (different extents need a reference volume); a temporary labelmap node to export onto."""
+        grids = []
+        for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
+            lm = self._labelmapFromSegmentation(node, list(byName.values()), None)
+            temporary.append(lm)
+            grids.append((nodes.array_from_node(lm).shape, nodes.get_ijk_to_ras(lm)))
+        if grids[0][0] != grids[1][0] or not np.allclose(grids[0][1], grids[1][1], atol=1e-4):
+            raise ValueError("segmentations have different extents; choose a reference volume")
+        return temporary[-2]
+
     @staticmethod
     def segmentNames(segmentationNode) -> Dict[str, str]:
         """Segment ID -> name of a segmentation node, in segment order."""
@@ -568,24 +595,18 @@ class DenoiseLogicBase:
                         if hasattr(nodeA, "GetReferenceImageGeometryReferenceRole") else None
                 from dualnet.metrics import dice as dice_of_masks
 
+                if referenceVolume is None:
+                    referenceVolume = self._commonGrid(nodeA, byNameA, nodeB, byNameB, temporary)
                 # each segment exported on its own: one labelmap of all segments keeps only the last of
                 # overlapping ones (an organ and a lesion inside it), so the organ's Dice was wrong
                 names = {i + 1: n for i, n in enumerate(order)}
                 dice, counts = {}, {}
                 for label, name in names.items():
-                    masks = []
-                    for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
-                        if name not in byName:
-                            masks.append(None)
-                            continue
-                        lm = self._labelmapFromSegmentation(node, [byName[name]], referenceVolume)
-                        temporary.append(lm)
-                        masks.append((nodes.array_from_node(lm) > 0, nodes.get_ijk_to_ras(lm)))
-                    shapes = {m[0].shape for m in masks if m is not None}
-                    if len(shapes) > 1:
-                        raise ValueError("segmentations have different extents; choose a reference volume")
-                    shape = shapes.pop()
-                    a, b = (m[0] if m is not None else np.zeros(shape, bool) for m in masks)
+                    a, b = (self._segmentMask(node, byName.get(name), referenceVolume)
+                            for node, byName in ((nodeA, byNameA), (nodeB, byNameB)))
+                    shape = (a if a is not None else b).shape
+                    a = a if a is not None else np.zeros(shape, bool)
+                    b = b if b is not None else np.zeros(shape, bool)
                     counts[label] = (int(a.sum()), int(b.sum()))
                     dice[label] = dice_of_masks(a, b)
             else:

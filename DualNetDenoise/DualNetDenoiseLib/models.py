@@ -202,10 +202,13 @@ class ModelStore:
             copied[kind] = (src.parent / file, target)
         for a, b in copied.values():
             _atomic_copy(a, b)
-        if copied:  # the copy's card names the copied graphs (their SHA-256 unchanged)
+        if isinstance(card.get("onnx"), dict):  # the copy's card names the copied graphs (SHA-256 unchanged)
             new = json.loads(json.dumps(card))
-            for kind, (_, target) in copied.items():
-                new["onnx"]["graphs"][kind]["file"] = target.name
+            if copied:
+                new["onnx"]["graphs"] = {kind: dict(new["onnx"]["graphs"][kind], file=target.name)
+                                         for kind, (_, target) in copied.items()}
+            else:  # no graph beside the source: the copy runs in PyTorch, as its source does
+                new.pop("onnx")
             atomic_write_bytes(card_path(dst), (json.dumps(new, indent=1) + "\n").encode("utf-8"))
         else:
             _atomic_copy(card_path(src), card_path(dst))
@@ -230,7 +233,8 @@ class ModelStore:
             for m in models:
                 path = self._resolve(m["path"])
                 if m["name"] == name and path.parent == self.user_dir.resolve() and path not in still_used:
-                    names = _graph_files(read_card(path))
+                    others = {g for k in keep for g in _graph_files(read_card(self._resolve(k["path"])))}
+                    names = [g for g in _graph_files(read_card(path)) if g not in others]
                     for f in [path.parent / n for n in names if Path(n).name == n] + [path, card_path(path)]:
                         if f.exists():
                             f.unlink()

@@ -764,8 +764,9 @@ def _degrade_case(case: Case, modality: str, level: float, lr_factor: float, see
         clean.append(np.asarray(d.clean_lr, dtype=np.float32))
         spacing = tuple(float(s) for s in d.spacing_lr_zyx)
         # the labels and ROI cropped as degrade cropped the scan (to whole LR voxels), then resampled
-        factors = getattr(d, "factors", None) or (1,) * clean[-1].ndim
-        covered = tuple(slice(0, int(n) * int(round(f))) for n, f in zip(clean[-1].shape, factors))
+        factors = getattr(d, "factors", None)  # (a stand-in degrade may not say: no crop then)
+        covered = tuple(slice(0, int(n) * int(round(f))) for n, f in zip(clean[-1].shape, factors)) if factors \
+            else tuple(slice(None) for _ in clean[-1].shape)
         if case.labels is not None:
             labels_lr.append(resample_labels(case.labels[i][covered], clean[-1].shape))
         if case.roi is not None:
@@ -780,7 +781,7 @@ def _degrade_case(case: Case, modality: str, level: float, lr_factor: float, see
 
             roi = foreground_mask(clean[-1], "us")
             if case.labels is not None:
-                near = resample_labels(case.labels[i], clean[-1].shape) > 0
+                near = resample_labels(case.labels[i][covered], clean[-1].shape) > 0
                 roi &= ndimage.binary_dilation(near, iterations=US_ROI_MARGIN) if near.any() else near
             rois.append(roi)
     return _Degraded(noisy, clean, spacing, rois if rois else None, labels_lr if labels_lr else None)
@@ -884,8 +885,8 @@ def _cache_save(path: Path, data: Dict[str, Any]) -> None:
 #: not the report's rendering, so a report can be re-rendered from the cache
 _COMPUTING_MODULES = ("api.py", "degrade.py", "estimate.py", "evaluate.py", "inference.py", "io.py", "metrics.py",
                       "modelfile.py", "noise.py", "onnx_backend.py", "orthoviews.py", "precision.py", "presets.py",
-                      "segment.py", "sure_guard.py", "view_smoothing.py", "vst.py", "baselines/*.py", "models/*.py",
-                      "training/data.py")
+                      "segment.py", "sure_guard.py", "view_smoothing.py", "vst.py", "modality.py", "device.py",
+                      "baselines/*.py", "models/*.py", "training/*.py")
 
 
 @functools.lru_cache(maxsize=1)
@@ -1557,9 +1558,11 @@ def run_study(
                                 raise
                             except Exception as err:  # a method that fails is reported, not fatal
                                 status[sname][m] = f"unavailable: failed on {case.case_id} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                                # its cases before the failure go too: a mean over fewer cases than the
-                                # other methods' would sit in the same table
-                                records[:] = [r for r in records if not (r["subset"] == sname and r["method"] == m)]
+                                # its cases of this level before the failure go too (a mean over fewer cases
+                                # than the other methods' would sit in the same table), and its panel
+                                records[:] = [r for r in records if not (r["subset"] == sname and r["method"] == m
+                                                                          and r["level"] == float(level))]
+                                panels.get(sname, {}).pop(m, None)
                                 continue
                             keys = per_item[0].keys()
                             entry = {
