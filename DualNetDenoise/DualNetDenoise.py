@@ -250,8 +250,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+            first = firstScalarVolume(slicer.mrmlScene)
+            if first is not None:
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -265,6 +265,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lastInputID = current.GetID() if current is not None else None
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            if self._modelStore is not None:  # the model list is not bound to the node: show this scene's model
+                self.refreshModels()
             self._updateGui()
         else:
             self._lastInputID = None
@@ -331,8 +333,8 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             est = estimate_noise(nodes.array_from_node(node, copy=True).astype("float32"), self._parameterNode.modality)
             sigma = float(getattr(est, "sigma", est))
+            self._parameterNode.noiseLevel = sigma  # first: a value the node refuses leaves auto on
             self._parameterNode.autoNoise = False
-            self._parameterNode.noiseLevel = sigma
             units = {"ct": _("HU at water"), "us": _("relative speckle std")}
             unit = units.get(getattr(est, "modality", "mri"), _("image units"))
             self.ui.statusLabel.text = _("Estimated noise sigma: {sigma:.4g} ({unit})").format(sigma=sigma, unit=unit)
@@ -345,9 +347,11 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.addItem(_("Shipped model for the modality"), "")
         for entry in self._modelStore.list_models():
             combo.addItem(entry.label, entry.path)
-        current = self._parameterNode.modelPath if self._parameterNode else ""
-        index = max(0, combo.findData(current))
-        combo.setCurrentIndex(index)
+        current = str(self._parameterNode.modelPath or "") if self._parameterNode else ""
+        if current and combo.findData(current) < 0:  # a scene's model the list lacks: shown, not hidden
+            state = _("not in the models list") if os.path.isfile(current) else _("file not found")
+            combo.addItem(f"{os.path.basename(current)} ({state})", current)
+        combo.setCurrentIndex(max(0, combo.findData(current)))
         combo.blockSignals(wasBlocked)
 
     def onModelSelected(self, index) -> None:
@@ -457,6 +461,18 @@ class DualNetDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
+
+
+def firstScalarVolume(scene):
+    """The first plain one-component scalar volume of ``scene`` (None if there is none): not a label
+    map, vector, DWI or other subclass the input selector does not list."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        image = node.GetImageData() if node is not None else None
+        if node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode" and (
+                image is None or image.GetNumberOfScalarComponents() == 1):
+            return node
+    return None
 
 
 def showCompareView(inputVolume, outputVolume, uncertaintyVolume=None) -> None:

@@ -1734,3 +1734,43 @@ def test_status_line_says_when_the_guard_blended():
     assert warned == f"Done in 1 s. Warning: {caution}." and "may be too high" in caution
     assert background_caution({"method": "rician-background", "sigma": 1.0, "background_rayleigh_ratio": 0.886}) is None
     assert background_caution({"method": "wavelet-mad-foreground", "background_rayleigh_ratio": 0.99}) is None
+
+
+def test_panel_helpers_second_review(monkeypatch, scene, tmp_path, capsys):
+    """Review, session 35: the panel's automatic first input could be a vector (RGB) volume its selector
+    does not list; a worker out of memory ended in a traceback; a child killed by the OOM killer said
+    only 'exited with code -9'."""
+    module = _import_module_file(monkeypatch, scene, "DualNetDenoise")
+    scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "RGB US clip")
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert module.firstScalarVolume(scene) is None
+    plain = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1")
+    assert module.firstScalarVolume(scene) is plain
+
+    from DualNetDenoiseLib import worker
+    from DualNetDenoiseLib.process import ProcessRunner
+
+    job = tmp_path / "job.json"
+    job.write_text("{}", encoding="utf-8")
+
+    def no_memory(_job):
+        raise MemoryError
+
+    monkeypatch.setattr(worker, "run_job", no_memory)
+    assert worker.main([str(job)]) == 1 and "out of memory" in capsys.readouterr().out
+    runner = ProcessRunner([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]).start()
+    assert runner.wait(timeout=30) == -9 and "OOM killer" in runner.failure_message()
+
+
+def test_the_model_list_shows_the_scenes_model(monkeypatch, scene, mri_crop, tmp_path, fake_ui):
+    """The model list is not bound to the parameter node: after a scene load it kept showing the previous
+    model, and a model path the list lacks was shown as the shipped model while that path would run."""
+    widget = _denoise_widget(monkeypatch, scene, tmp_path, "A", mri_crop[:8])
+    added = []
+    monkeypatch.setattr(widget.ui.modelComboBox, "addItem", lambda label, data=None: added.append((label, data)),
+                        raising=False)
+    widget._parameterNode.modelPath = str(tmp_path / "from_another_computer.safetensors")
+    widget.setParameterNode(widget._parameterNode)  # as after a scene load
+    assert added[-1] == ("from_another_computer.safetensors (file not found)",
+                         str(tmp_path / "from_another_computer.safetensors"))
+    widget.cleanup()

@@ -154,6 +154,12 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as err:
         print(f"{ERROR_PREFIX} {type(err).__name__}: {err}", flush=True)
         return 2
+    except MemoryError:
+        print(f"{ERROR_PREFIX} out of memory; try a smaller volume or the CLI's --tile", flush=True)
+        return 1
+    except RuntimeError as err:  # e.g. a PyTorch allocator failure: one line, not a traceback
+        print(f"{ERROR_PREFIX} {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
+        return 1
     return 0
 
 
