@@ -487,7 +487,9 @@ def showCompareView(inputVolume, outputVolume, uncertaintyVolume=None) -> None:
         if widget is None:
             continue
         if viewName == "Yellow" and red is not None:  # the layout keeps an existing Yellow view sagittal
-            widget.mrmlSliceNode().SetOrientation(red.mrmlSliceNode().GetOrientation())
+            yellow = widget.mrmlSliceNode()
+            yellow.GetSliceToRAS().DeepCopy(red.mrmlSliceNode().GetSliceToRAS())  # oblique ones too
+            yellow.UpdateMatrices()
         composite = widget.mrmlSliceCompositeNode()
         composite.SetBackgroundVolumeID(volume.GetID())
         composite.SetForegroundVolumeID(uncertaintyVolume.GetID() if (uncertaintyVolume and viewName == "Yellow") else None)

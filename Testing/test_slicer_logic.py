@@ -1774,3 +1774,28 @@ def test_the_model_list_shows_the_scenes_model(monkeypatch, scene, mri_crop, tmp
     assert added[-1] == ("from_another_computer.safetensors (file not found)",
                          str(tmp_path / "from_another_computer.safetensors"))
     widget.cleanup()
+
+
+def test_dice_leaves_no_nodes_and_ignores_an_empty_reference(scene):
+    """Review of session 35's per-segment Dice: the display and colour nodes each export adds kept the
+    removed labelmaps' voxels alive, and a new (empty) output node given as the reference made each
+    segment use its own box (shifted segments read Dice 1.0)."""
+    ref = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ref")
+    nodes.update_node_from_array(ref, np.zeros((6, 20, 20), np.float32), np.eye(4))
+    a_arr, b_arr = np.zeros((6, 20, 20), np.int16), np.zeros((6, 20, 20), np.int16)
+    a_arr[2:4, 3:8, 3:8] = 1
+    b_arr[2:4, 9:14, 9:14] = 1  # the same box, shifted: Dice 0
+    segs = []
+    for name, arr in (("A", a_arr), ("B", b_arr)):
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(ref)
+        lm = _labelmap(scene, name + "_lm", arr, np.eye(4))
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, node)
+        node.GetSegmentation().GetNthSegment(0).SetName("lesion")
+        scene.RemoveNode(lm)
+        segs.append(node)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new output")
+    before = scene.GetNumberOfNodes()
+    table = DenoiseLogicBase().computeDice(segs[0], segs[1], referenceVolume=empty)
+    assert [float(r[2]) for r in _table_rows(table)] == [0.0]
+    assert scene.GetNumberOfNodes() == before + 1  # the table only

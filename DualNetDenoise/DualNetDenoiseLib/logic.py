@@ -519,7 +519,7 @@ class DenoiseLogicBase:
 
     # -- Dice ----------------------------------------------------------------------------------
     @staticmethod
-    def _labelmapFromSegmentation(segmentationNode, segmentIds: Sequence[str], referenceVolume):
+    def _labelmapFromSegmentation(segmentationNode, segmentIds: Sequence[str], referenceVolume, extent=None):
         import slicer
         import vtk
 
@@ -528,35 +528,47 @@ class DenoiseLogicBase:
         ids = vtk.vtkStringArray()
         for s in segmentIds:
             ids.InsertNextValue(s)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode, ids, labelmap, referenceVolume)
+        args = (segmentationNode, ids, labelmap, referenceVolume) + (() if extent is None else (extent,))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(*args)
         if not ok:
             scene.RemoveNode(labelmap)
             raise ValueError(f"cannot export segments of '{segmentationNode.GetName()}' to a labelmap")
         return labelmap
 
     def _segmentMask(self, segmentationNode, segmentId, referenceVolume):
-        """One segment as a boolean mask on ``referenceVolume``'s grid (None for no segment); its
-        temporary labelmap is removed at once (a hundred segments would otherwise sit in memory)."""
+        """``(mask, ijkToRAS)``: one segment as a boolean mask on ``referenceVolume``'s grid (None for no
+        segment). Its temporary labelmap, and the display and colour nodes the export adds, are removed
+        at once with their image data: a hundred segments would otherwise sit in memory."""
         if segmentId is None:
             return None
         lm = self._labelmapFromSegmentation(segmentationNode, [segmentId], referenceVolume)
         try:
-            return nodes.array_from_node(lm) > 0
+            if lm.GetImageData() is None:  # an empty segment exports no voxels
+                return None
+            return nodes.array_from_node(lm) > 0, nodes.get_ijk_to_ras(lm)
         finally:
-            lm.GetScene().RemoveNode(lm)
+            _drop_labelmap(lm)
 
     def _commonGrid(self, nodeA, byNameA, nodeB, byNameB, temporary):
-        """Without a reference volume: the grid of A's segments together, which B's together must share
-        (different extents need a reference volume); a temporary labelmap node to export onto."""
-        grids = []
+        """Without a reference volume: the grid of A's segments together with its reference geometry,
+        which B's must share (different extents need a reference volume); a temporary labelmap node to
+        export onto."""
+        import slicer
+
+        grids, kept = [], None
+        extent = slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS_AND_REFERENCE_GEOMETRY
         for node, byName in ((nodeA, byNameA), (nodeB, byNameB)):
-            lm = self._labelmapFromSegmentation(node, list(byName.values()), None)
-            temporary.append(lm)
-            grids.append((nodes.array_from_node(lm).shape, nodes.get_ijk_to_ras(lm)))
+            lm = self._labelmapFromSegmentation(node, list(byName.values()), None, extent)
+            image = lm.GetImageData()
+            grids.append((tuple(image.GetDimensions()) if image is not None else None, nodes.get_ijk_to_ras(lm)))
+            if kept is None:
+                kept = lm
+                temporary.append(lm)
+            else:
+                _drop_labelmap(lm)
         if grids[0][0] != grids[1][0] or not np.allclose(grids[0][1], grids[1][1], atol=1e-4):
             raise ValueError("segmentations have different extents; choose a reference volume")
-        return temporary[-2]
+        return kept
 
     @staticmethod
     def segmentNames(segmentationNode) -> Dict[str, str]:
@@ -567,9 +579,11 @@ class DenoiseLogicBase:
     def computeDice(self, nodeA, nodeB, tableNode=None, referenceVolume=None):
         """Per-label Dice between two segmentations or two labelmap volumes, into a table node.
 
-        Segmentation nodes are matched by segment *name* (segments only in one of them are
-        reported with Dice 0) and rasterised on ``referenceVolume`` (default: the first
-        segmentation's reference geometry). Labelmap volumes are compared label by label; their
+        Segmentation nodes are matched by segment *name* (a segment only in one of them reads Dice 0,
+        or 1 where it is empty there too: both agree it is absent) and each segment is rasterised on its
+        own, so overlapping segments are scored as drawn, on ``referenceVolume`` (default: the first
+        segmentation's reference geometry, else the grid both segmentations' segments share; a
+        reference without voxels counts as none). Labelmap volumes are compared label by label; their
         geometry must agree (the core raises otherwise).
 
         Returns:
@@ -595,6 +609,8 @@ class DenoiseLogicBase:
                         if hasattr(nodeA, "GetReferenceImageGeometryReferenceRole") else None
                 from dualnet.metrics import dice as dice_of_masks
 
+                if referenceVolume is not None and referenceVolume.GetImageData() is None:
+                    referenceVolume = None  # e.g. a new, empty output node: each segment's own box otherwise
                 if referenceVolume is None:
                     referenceVolume = self._commonGrid(nodeA, byNameA, nodeB, byNameB, temporary)
                 # each segment exported on its own: one labelmap of all segments keeps only the last of
@@ -602,11 +618,14 @@ class DenoiseLogicBase:
                 names = {i + 1: n for i, n in enumerate(order)}
                 dice, counts = {}, {}
                 for label, name in names.items():
-                    a, b = (self._segmentMask(node, byName.get(name), referenceVolume)
-                            for node, byName in ((nodeA, byNameA), (nodeB, byNameB)))
-                    shape = (a if a is not None else b).shape
-                    a = a if a is not None else np.zeros(shape, bool)
-                    b = b if b is not None else np.zeros(shape, bool)
+                    pair = [self._segmentMask(node, byName.get(name), referenceVolume)
+                            for node, byName in ((nodeA, byNameA), (nodeB, byNameB))]
+                    grids = [g for _, g in filter(None, pair)]
+                    if len(grids) == 2 and not np.allclose(grids[0], grids[1], atol=1e-4):
+                        raise ValueError("the segments were rasterised on different grids; choose a reference volume")
+                    shape = next((m.shape for m, _ in filter(None, pair)), (0,))  # both empty: they agree
+                    a, b = (m if m is not None else np.zeros(shape, bool)
+                            for m in (p[0] if p is not None else None for p in pair))
                     counts[label] = (int(a.sum()), int(b.sum()))
                     dice[label] = dice_of_masks(a, b)
             else:
@@ -634,6 +653,19 @@ class DenoiseLogicBase:
         arr, m = arrayAndMatrix
         spacing, origin, direction = nodes.itk_geometry_from_ijk_to_ras(m)
         return Volume(arr, spacing, origin, direction)
+
+
+def _drop_labelmap(lm) -> None:
+    """Remove a temporary labelmap node with its image data and the display and colour-table nodes the
+    segment export added (a removed node still wired to its display node keeps its voxels alive)."""
+    scene = lm.GetScene()
+    display = lm.GetDisplayNode()
+    color = display.GetColorNode() if display is not None else None
+    lm.SetAndObserveImageData(None)
+    for node in (display, color, lm):
+        if node is not None and scene is not None and node.GetScene() is scene and \
+                not node.GetSingletonTag():  # never a shared default colour table
+            scene.RemoveNode(node)
 
 
 def _dice_per_label(a, b, labels):

@@ -247,11 +247,11 @@ class ProcessRunner:
             return "cancelled by the user"
         if self.error_message:
             return self.error_message
-        if self.returncode is not None and self.returncode < 0:  # killed by a signal
+        tail = [line for line in self.lines if line.strip()][-5:]
+        if self.returncode is not None and self.returncode < 0:  # killed by a signal; its last words too
             name = {9: "SIGKILL", 15: "SIGTERM"}.get(-self.returncode, f"signal {-self.returncode}")
             hint = " (out of memory? the system's OOM killer sends SIGKILL)" if self.returncode == -9 else ""
-            return f"the process was killed by {name}{hint}"
-        tail = [line for line in self.lines if line.strip()][-5:]
+            return f"the process was killed by {name}{hint}" + (": " + " | ".join(tail) if tail else "")
         return f"process exited with code {self.returncode}" + (": " + " | ".join(tail) if tail else "")
 
 

@@ -1557,7 +1557,7 @@ def run_study(
                             except (CancelledError, KeyboardInterrupt, MemoryError):
                                 raise
                             except Exception as err:  # a method that fails is reported, not fatal
-                                status[sname][m] = f"unavailable: failed on {case.case_id} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                                status[sname][m] = f"unavailable: failed on {case.case_id} at level {level} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                                 # its cases of this level before the failure go too (a mean over fewer cases
                                 # than the other methods' would sit in the same table), and its panel
                                 records[:] = [r for r in records if not (r["subset"] == sname and r["method"] == m
