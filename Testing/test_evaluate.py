@@ -284,7 +284,7 @@ def test_unavailable_and_failing_methods_are_reported(synthetic, monkeypatch):
     md = evaluate.run_study(cfg, tmp / "out", data_dir=data).read_text(encoding="utf-8")
     assert "unavailable: package 'bm4d' not installed" in md
     assert "unavailable: model file" in md and "no_such_model.safetensors" in md
-    assert "unavailable: failed on slab0 (RuntimeError: kaputt)" in md
+    assert "unavailable: failed on slab0 at level" in md and "(RuntimeError: kaputt)" in md
     assert "unavailable: unknown method name" in md
     rows = _read_csv(tmp / "out" / "cases.csv")
     assert {r["method"] for r in rows} == {"noisy", "gaussian"}
