@@ -276,7 +276,7 @@ def denoise_all(args, inputs, rows, names: dict) -> int:
             write_volume(result.volume, dst, inputs=[src])
             info = dict(result.info or {})
             print(f"  modality {info.get('modality')} ({info.get('modality_reason', '')})", flush=True)
-            warnings = result_warnings(info)
+            warnings = api.result_warnings(info)
             for line in warnings:
                 print(f"  warning: {line}", file=sys.stderr, flush=True)
             row.update(status="ok", modality=info.get("modality", ""), note=info.get("modality_reason", ""),
@@ -294,14 +294,6 @@ def denoise_all(args, inputs, rows, names: dict) -> int:
             print(f"  failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
     return failed
-
-
-def result_warnings(info: dict) -> list:
-    """The warnings of a result's info (:func:`dualnet.api.result_warnings`); printed under the file and
-    kept in summary.csv."""
-    from dualnet.api import result_warnings as core_warnings
-
-    return core_warnings(info)
 
 
 # ----------------------------------------------------------------------------- --dicom
@@ -377,6 +369,8 @@ def run_dicom(args) -> int:
 
 def finish_dicom(args, report, node) -> int:
     """Summary CSV and lines of a ``--dicom`` run, failures on stderr, then the optional C-STORE."""
+    from dualnet.api import result_warnings
+
     csv_path = args.csv or (args.output_dir / "summary.csv")
     write_summary(csv_path, dicom_rows(report, args), inputs=[args.input_dir])
     for line in report.summary_lines()[len(report.outcomes):]:
@@ -421,6 +415,8 @@ def denoise_kwargs(args) -> dict:
 
 def dicom_rows(report, args) -> list:
     """Summary rows: one per source series (ok or failed), then one per skipped DICOM object."""
+    from dualnet.api import result_warnings
+
     rows = []
     for o in report.outcomes:
         d = o.derived

@@ -222,8 +222,10 @@ class DenoiseLogicBase:
                     nebMaps=False) -> Dict[str, Any]:
         if method not in METHOD_LABELS and method not in available_methods():
             raise ValueError(f"unknown method '{method}'; choose one of {available_methods()}")
-        if modality not in ("auto", "mri", "ct", "us"):
-            raise ValueError(f"unknown modality '{modality}'; choose auto, mri, ct or us")
+        from dualnet.modality import MODALITY_CHOICES
+
+        if modality not in MODALITY_CHOICES:
+            raise ValueError(f"unknown modality '{modality}'; choose {', '.join(MODALITY_CHOICES)}")
         if method != "dualnet":  # the model, device, TTA, MC-dropout uncertainty, views and the noise maps are network-only
             model, device, tta, uncertainty, views, nebMaps = None, "auto", None, False, None, False
         from dualnet.inference import normalise_tta

@@ -59,7 +59,9 @@ def read_card(model_path: Path) -> Dict:
 
 def _modality(value) -> Optional[str]:
     """A card's or an index entry's modality if it is one this DualNet knows, else None."""
-    return value if value in ("mri", "ct", "us") else None
+    from dualnet.modality import MODALITIES
+
+    return value if value in MODALITIES else None
 
 
 @dataclass
@@ -173,8 +175,9 @@ class ModelStore:
             self._copy_with_graphs(src, dst, card)
         else:
             dst = src
-            if self._entry_using(dst) is not None:
-                raise ValueError(f"{dst.name} is already the file of the model '{self._entry_using(dst)}'")
+            owner = self._entry_using(dst)
+            if owner is not None:
+                raise ValueError(f"{dst.name} is already the file of the model '{owner}'")
         entry = ModelEntry(name, str(dst), _modality(card.get("modality")), False,
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), source, card)
         models = self._read_index()

@@ -485,13 +485,10 @@ def cmd_degrade(args) -> int:
     noisy, clean_lr = degrade_volume(
         volume, args.modality, level, lr_factor=args.lr_factor, anisotropy=args.anisotropy, seed=args.seed
     )
-    clipped = None
-    if args.modality == "us" and out.name.lower().endswith(INTEGER_FORMATS):
-        noisy, clipped = _as_bmode_bytes(noisy)
+    noisy, clipped = _as_bmode_bytes(noisy, out, args.modality)
     write_volume(noisy, out, inputs=[args.clean], force=args.force)
     if lr_out is not None:
-        if args.modality == "us" and lr_out.name.lower().endswith(INTEGER_FORMATS):
-            clean_lr, _ = _as_bmode_bytes(clean_lr)
+        clean_lr, _ = _as_bmode_bytes(clean_lr, lr_out, args.modality)
         write_volume(clean_lr, lr_out, inputs=[args.clean], outputs=[out])
     _info(args, f"wrote {out}: {args.modality} level {level}, low-resolution factor {args.lr_factor}, "
                 f"spacing {tuple(round(s, 3) for s in noisy.spacing)} mm (x, y, z)")
@@ -501,10 +498,13 @@ def cmd_degrade(args) -> int:
     return 0
 
 
-def _as_bmode_bytes(volume):
-    """An ultrasound volume as 8-bit grey levels (rounded, clipped to 0..255), the format of a B-mode
-    frame, so that a PNG of it reads back as ultrasound; and the fraction of voxels clipped above 255.
-    A 16-bit PNG of speckle (values above 255) would be taken for MRI by the modality guess."""
+def _as_bmode_bytes(volume, path: Path, modality: str):
+    """An ultrasound volume going into a whole-number format (PNG) as 8-bit grey levels (rounded,
+    clipped to 0..255), the format of a B-mode frame, so that it reads back as ultrasound; and the
+    fraction of voxels clipped above 255. Anything else unchanged (fraction 0). A 16-bit PNG of
+    speckle (values above 255) would be taken for MRI by the modality guess."""
+    if modality != "us" or not path.name.lower().endswith(INTEGER_FORMATS):
+        return volume, 0.0
     clipped = float(np.mean(volume.array > 255.5))
     return volume.with_array(cast_like(volume.array, np.uint8)), clipped
 

@@ -615,8 +615,9 @@ def _train(cfg: TrainConfig, model, train_images, val_images, out_dir: Path, *, 
             out_dir.mkdir(parents=True, exist_ok=True)
         dist_state.barrier()
         ck_path = out_dir / CHECKPOINT_NAME
-        if not resume and stopped_run_step(out_dir) is not None:  # never replace a stopped run's checkpoint
-            raise InputError(f"{out_dir} holds the checkpoint of a run stopped at step {stopped_run_step(out_dir)}: "
+        stopped = None if resume else stopped_run_step(out_dir)
+        if stopped is not None:  # never replace a stopped run's checkpoint
+            raise InputError(f"{out_dir} holds the checkpoint of a run stopped at step {stopped}: "
                              "resume it (--resume), or start this run in another folder (or delete that one)")
         if is_main:
             clear_stop(out_dir)  # a request left by an earlier run is not for this one
